@@ -1,0 +1,40 @@
+/*
+ * This is a PRIVATE header: include "vibrato/distance.h" instead.
+ *
+ * Portable scalar kernels. They are the test oracle for every SIMD variant and the fallback on CPUs
+ * without AVX2/NEON. Four partial sums let the compiler vectorise and shorten the dependency chain.
+ */
+#pragma once
+
+#include "vibrato/common.h"
+
+static float vb_dot_f32_scalar(const float *restrict a, const float *restrict b, size_t d) {
+    float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+    size_t i = 0;
+    for (; i + 4 <= d; i += 4) {
+        s0 += a[i] * b[i];
+        s1 += a[i + 1] * b[i + 1];
+        s2 += a[i + 2] * b[i + 2];
+        s3 += a[i + 3] * b[i + 3];
+    }
+    for (; i < d; i++) s0 += a[i] * b[i];
+    return (s0 + s1) + (s2 + s3);
+}
+
+static float vb_l2sq_f32_scalar(const float *restrict a, const float *restrict b, size_t d) {
+    float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+    size_t i = 0;
+    for (; i + 4 <= d; i += 4) {
+        float t0 = a[i] - b[i], t1 = a[i + 1] - b[i + 1];
+        float t2 = a[i + 2] - b[i + 2], t3 = a[i + 3] - b[i + 3];
+        s0 += t0 * t0;
+        s1 += t1 * t1;
+        s2 += t2 * t2;
+        s3 += t3 * t3;
+    }
+    for (; i < d; i++) {
+        float t = a[i] - b[i];
+        s0 += t * t;
+    }
+    return (s0 + s1) + (s2 + s3);
+}

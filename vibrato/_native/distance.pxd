@@ -1,0 +1,23 @@
+from libc.stdint cimport int64_t, uint32_t
+
+cdef extern from "vibrato/distance.h" nogil:
+    ctypedef float (*vb_pair_fn)(const float *a, const float *b, size_t d)
+    ctypedef void (*vb_ny_fn)(float *out, const float *x, const float *y, size_t d, size_t ny)
+    ctypedef void (*vb_ids_fn)(float *out, const float *x, const float *y, size_t d, const int64_t *ids, size_t n)
+    ctypedef void (*vb_ids32_fn)(float *out, const float *x, const float *y, size_t d, const uint32_t *ids, size_t n)
+    ctypedef struct vb_distance_ops_t:
+        int level
+        vb_pair_fn dot
+        vb_pair_fn l2sq
+        vb_ny_fn dot_ny
+        vb_ny_fn l2sq_ny
+        vb_ids_fn dot_ids
+        vb_ids_fn l2sq_ids
+        vb_ids32_fn dot_ids32
+    const vb_distance_ops_t *vb_distance_ops_for(int level)
+    void vb_distance_matrix(const vb_distance_ops_t *ops, int metric, float *out, const float *x, size_t nq,
+                            const float *y, size_t ny, size_t d)
+    int vb_distance_many(const vb_distance_ops_t *ops, int metric, float *out, const float *x, const float *y,
+                         size_t d, size_t ny, const int64_t *ids, size_t nthreads)
+    int vb_distance_matrix_mt(const vb_distance_ops_t *ops, int metric, float *out, const float *x, size_t nq,
+                              const float *y, size_t ny, size_t d, size_t nthreads)
