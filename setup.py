@@ -29,6 +29,8 @@ if DEBUG:
 link_args = ["-pthread"]
 
 MODULES = ["cpu", "distance", "pq", "hnsw", "segio"]
+# VIBRATO_BUILD_ONLY=hnsw,pq rebuilds just those modules in place (developer convenience).
+ONLY = [m for m in os.environ.get("VIBRATO_BUILD_ONLY", "").split(",") if m]
 
 
 def ext(name):
@@ -42,7 +44,8 @@ def ext(name):
     )
 
 
-extensions = [ext(m) for m in MODULES if os.path.exists(f"vibrato/_native/{m}.pyx")]
+extensions = [ext(m) for m in MODULES
+              if os.path.exists(f"vibrato/_native/{m}.pyx") and (not ONLY or m in ONLY)]
 
 setup(
     ext_modules=cythonize(extensions, compiler_directives=directives, nthreads=os.cpu_count() or 1,
