@@ -1,0 +1,51 @@
+"""The one place SQLite connections are opened and configured (after apsw.bestpractice).
+
+Writer: WAL, synchronous=FULL (an acknowledged commit survives power loss; throughput comes from
+group commit, not from NORMAL), IMMEDIATE transactions, a 30 s busy timeout, journal_size_limit,
+an explicit auto-checkpoint size. Readers: read-only, a busy timeout capped at the read timeout.
+Both: foreign keys on, double-quoted strings off, query-planner optimisation, SQLite's log routed to
+`logging`.
+"""
+import logging
+
+import apsw
+import apsw.bestpractice
+
+log = logging.getLogger("vibrato.catalog")
+
+_logging_configured = False
+
+
+def _route_sqlite_log():
+    global _logging_configured
+    if not _logging_configured:
+        apsw.bestpractice.library_logging()
+        _logging_configured = True
+
+
+def open_writer(path: str, *, busy_timeout_ms: int = 30_000, wal_autocheckpoint_pages: int = 1000,
+                journal_size_limit: int = 64 * 1024 * 1024) -> apsw.Connection:
+    _route_sqlite_log()
+    conn = apsw.Connection(str(path), flags=apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_CREATE)
+    conn.set_busy_timeout(busy_timeout_ms)
+    conn.pragma("journal_mode", "wal")
+    conn.pragma("synchronous", "FULL")
+    conn.pragma("foreign_keys", "ON")
+    conn.pragma("temp_store", "MEMORY")
+    conn.pragma("journal_size_limit", journal_size_limit)
+    conn.pragma("cache_size", -64000)
+    conn.wal_autocheckpoint(wal_autocheckpoint_pages)
+    apsw.bestpractice.connection_dqs(conn)
+    apsw.bestpractice.connection_optimize(conn)
+    conn.transaction_mode = "IMMEDIATE"
+    return conn
+
+
+def open_reader(path: str, *, busy_timeout_ms: int) -> apsw.Connection:
+    _route_sqlite_log()
+    conn = apsw.Connection(str(path), flags=apsw.SQLITE_OPEN_READONLY)
+    conn.set_busy_timeout(max(1, busy_timeout_ms))
+    conn.pragma("foreign_keys", "ON")
+    conn.pragma("temp_store", "MEMORY")
+    apsw.bestpractice.connection_dqs(conn)
+    return conn

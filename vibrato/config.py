@@ -1,0 +1,107 @@
+"""One frozen, typed configuration shared by `serve-v2`, the engine and the admin commands.
+
+Field names match the serve-v2 flags (with dashes as underscores); defaults are the reference's.
+Limits (SPEC D20) are documented here and answered with 400/413 by the server.
+"""
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+MADVISE_MODES = ("normal", "random", "sequential", "willneed")
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_k: int = 1000                 # query/identify k
+    max_ef: int = 4096                # query/identify ef
+    max_batch: int = 10_000           # vectors per /v2/vectors/batch
+    max_identify_frames: int = 4096   # frames per /v2/identify
+    max_tags: int = 64                # tags per vector and per filter clause
+    max_tag_bytes: int = 128          # utf-8 bytes per tag
+    max_source_file_bytes: int = 4096
+    max_idempotency_key_bytes: int = 256
+    max_body_bytes: int = 2 * 1024 * 1024  # the reference's (axum's) default body limit
+
+
+@dataclass(frozen=True)
+class Config:
+    data_dir: Path = Path("vibrato_data")
+    collection: str = "default"
+    dim: int = 128
+    # server
+    host: str = "0.0.0.0"
+    port: int = 8080
+    public_health_metrics: bool = True
+    bootstrap_admin_key: bool = False
+    shutdown_timeout_secs: float = 30.0
+    audit_retention_days: int = 30
+    # background work
+    checkpoint_interval_secs: int = 30
+    compaction_interval_secs: int = 180
+    orphan_ttl_hours: int = 168
+    audio_colocated: bool = True
+    background_io_mb_per_sec: int = 40
+    # catalog
+    catalog_read_timeout_ms: int = 5000
+    sqlite_wal_autocheckpoint_pages: int = 1000
+    sqlite_wal_max_bytes: int = 64 * 1024 * 1024   # TRUNCATE-checkpoint the SQLite WAL above this
+    sqlite_passive_checkpoint_secs: float = 5.0
+    wal_retention_secs: int = 3600                 # keep checkpointed vector blobs this long
+    # quarantine
+    quarantine_max_files: int = 50
+    quarantine_max_bytes: int = 5_368_709_120
+    # tiers and indexes
+    hot_index_shards: int = 8          # hot-tier search parallelism (rounded up to a power of two)
+    hot_exact_rows: int = 16_384       # hot rows scanned exactly; sealed chunks beyond get an HNSW
+    checkpoint_max_rows: int = 50_000  # rows per L0 segment; also triggers an early checkpoint
+    compaction_max_inputs: int = 8
+    l2_merge_max_rows: int = 4_000_000  # L2 archive segments are merged until this size (D24)
+    hnsw_m: int = 16
+    hnsw_ef_construction: int = 200
+    pq_min_rows: int = 256
+    archive_rerank_factor: int = 8     # exact rerank of k * factor ADC candidates (D14)
+    vector_madvise_mode: str = "normal"
+    limits: Limits = field(default_factory=Limits)
+
+    def replace(self, **changes) -> "Config":
+        return dataclasses.replace(self, **changes)
+
+    def __post_init__(self):
+        object.__setattr__(self, "data_dir", Path(self.data_dir))
+        mode = str(self.vector_madvise_mode).strip().lower()
+        if mode not in MADVISE_MODES:
+            raise ValueError(f"--vector-madvise-mode must be one of {', '.join(MADVISE_MODES)}, got {self.vector_madvise_mode!r}")
+        object.__setattr__(self, "vector_madvise_mode", mode)
+        if not 1 <= self.dim <= 4096:
+            raise ValueError(f"--dim must be between 1 and 4096, got {self.dim}")
+        shards = max(1, int(self.hot_index_shards))
+        object.__setattr__(self, "hot_index_shards", 1 << (shards - 1).bit_length())
+        for name in ("checkpoint_interval_secs", "compaction_interval_secs", "catalog_read_timeout_ms",
+                     "quarantine_max_files", "quarantine_max_bytes", "background_io_mb_per_sec"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+
+    # derived paths (the reference's data-dir layout)
+    @property
+    def catalog_path(self) -> Path:
+        return self.data_dir / "catalog.sqlite3"
+
+    @property
+    def segments_dir(self) -> Path:
+        return self.data_dir / "segments"
+
+    @property
+    def quarantine_dir(self) -> Path:
+        return self.data_dir / "quarantine"
+
+    @property
+    def snapshots_dir(self) -> Path:
+        return self.data_dir / "snapshots"
+
+    @property
+    def tmp_dir(self) -> Path:
+        return self.data_dir / "tmp"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.data_dir / "logs"
