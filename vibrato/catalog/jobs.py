@@ -30,11 +30,19 @@ def set_state(conn, table: str, job_id: str, state: str, details: dict | None = 
                      (state, json.dumps(details, sort_keys=True), int(time.time()), job_id))
 
 
+_COLUMNS = {
+    "checkpoint_jobs": ("id", "collection_id", "state", "start_lsn", "end_lsn", "segment_id", "details_json",
+                        "created_at", "updated_at"),
+    "compaction_jobs": ("id", "collection_id", "state", "output_segment_id", "input_segments_json", "details_json",
+                        "created_at", "updated_at"),
+}
+
+
 def inflight(conn, table: str, collection_id: str) -> list[dict]:
     table = _table(table)
-    cur = conn.execute(f"SELECT * FROM {table} WHERE collection_id = ? AND state IN (?, ?) ORDER BY updated_at, id",
-                       (collection_id, *INFLIGHT))
-    names = [d[0] for d in cur.getdescription()]
+    names = _COLUMNS[table]
+    cur = conn.execute(f"SELECT {', '.join(names)} FROM {table} WHERE collection_id = ? AND state IN (?, ?) "
+                       "ORDER BY updated_at, id", (collection_id, *INFLIGHT))
     rows = []
     for r in cur:
         row = dict(zip(names, r))

@@ -1,0 +1,109 @@
+"""Background loops: checkpoint, compaction, and housekeeping.
+
+Three daemon threads, each lowering its own CPU and I/O priority when `audio_colocated`:
+  checkpoint   every checkpoint_interval_secs, or at once when the hot tier reaches
+               checkpoint_max_rows; also builds graphs for sealed hot chunks
+  compaction   every compaction_interval_secs, as many steps as there is work
+  housekeeping every few seconds: prune checkpointed WAL blobs past the retention window, purge old
+               job/segment/audit rows, delete obsolete files, scrub one segment's checksums
+An interval of 0 disables that loop. Errors are logged and counted, never fatal.
+"""
+import logging
+import threading
+import time
+
+from vibrato.engine.throttle import lower_thread_priority
+
+log = logging.getLogger("vibrato.engine")
+
+
+class BackgroundWorkers:
+    def __init__(self, engine):
+        self.engine = engine
+        self._stop = threading.Event()
+        self._wake_checkpoint = threading.Event()
+        self._threads = []
+
+    def start(self):
+        cfg = self.engine.config
+        loops = [("vibrato-bg-checkpoint", self._checkpoint_loop),
+                 ("vibrato-bg-housekeeping", self._housekeeping_loop)]
+        if cfg.compaction_interval_secs > 0:
+            loops.append(("vibrato-bg-compaction", self._compaction_loop))
+        for name, fn in loops:
+            t = threading.Thread(target=self._run, args=(fn,), name=name, daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def stop(self):
+        self._stop.set()
+        self._wake_checkpoint.set()
+        for t in self._threads:
+            t.join()
+
+    def wake_checkpoint(self):
+        self._wake_checkpoint.set()
+
+    def _run(self, fn):
+        if self.engine.config.audio_colocated:
+            lower_thread_priority()
+        fn()
+
+    def _checkpoint_loop(self):
+        eng, cfg = self.engine, self.engine.config
+        interval = cfg.checkpoint_interval_secs
+        next_due = time.monotonic() + interval if interval > 0 else float("inf")
+        while not self._stop.is_set():
+            self._wake_checkpoint.wait(timeout=min(1.0, max(0.0, next_due - time.monotonic())))
+            self._wake_checkpoint.clear()
+            if self._stop.is_set():
+                break
+            self._build_hot_graphs()
+            full = eng.hot.count() >= cfg.checkpoint_max_rows
+            if not full and time.monotonic() < next_due:
+                continue
+            try:
+                while not self._stop.is_set():
+                    res = eng.checkpoint(background=True)
+                    if res["state"] == "idle" or eng.hot.count() < cfg.checkpoint_max_rows:
+                        break
+            except Exception as exc:  # noqa: BLE001
+                log.warning("background checkpoint failed: %s", exc)
+            if interval > 0:
+                next_due = time.monotonic() + interval
+
+    def _build_hot_graphs(self):
+        from vibrato.index import HnswIndex
+
+        eng, cfg = self.engine, self.engine.config
+        with eng._state_lock:
+            todo = eng.hot.sealed_without_index()
+        for ch in todo:
+            if self._stop.is_set():
+                return
+            try:
+                index = HnswIndex(eng.dim, m=cfg.hnsw_m, ef_construction=cfg.hnsw_ef_construction, seed=0)
+                index.add(ch.vectors, threads=1)
+                ch.index = index
+            except Exception as exc:  # noqa: BLE001
+                log.warning("hot chunk graph build failed: %s", exc)
+                return
+
+    def _compaction_loop(self):
+        eng, cfg = self.engine, self.engine.config
+        while not self._stop.wait(timeout=cfg.compaction_interval_secs):
+            try:
+                for _ in range(16):
+                    if self._stop.is_set() or eng.compact(background=True)["state"] == "idle":
+                        break
+            except Exception as exc:  # noqa: BLE001
+                log.warning("background compaction failed: %s", exc)
+
+    def _housekeeping_loop(self):
+        from vibrato.engine import maintenance
+
+        while not self._stop.wait(timeout=5.0):
+            try:
+                maintenance.run_once(self.engine)
+            except Exception as exc:  # noqa: BLE001
+                log.warning("housekeeping failed: %s", exc)

@@ -1,0 +1,222 @@
+"""Compaction: merge neighbouring segments into bigger ones so the segment count stays bounded.
+
+Policy (one step per call):
+  * >= 2 L0 segments            -> up to 8 adjacent L0s merge into one L1 raw segment (new graph);
+  * else >= 2 L1 segments       -> up to 8 adjacent L1s merge into one L2 archive segment: PQ codes
+                                   for candidate selection + the float32 vectors for exact rerank
+                                   (SPEC D14); raw L2 when rows < pq_min_rows or no PQ split fits dim;
+  * else >= 4 L2 segments       -> the smallest adjacent run of L2s whose rows fit l2_merge_max_rows
+                                   merges into one L2 (tiered merging; SPEC D24).
+"Adjacent" means consecutive in the id order of ALL active segments, so the output's id range
+[first.start, last.end] overlaps no other segment. Overlapping inputs are an integrity error and the
+inputs stay active (SPEC D13). Rows dead in the inputs (tombstones, replayed-away ids) are written as
+tombstones: zero vector, no metadata.
+
+Durable order mirrors checkpoint: job row (inputs `compacting`) -> tmp file fsynced -> output row
+`building` -> rename + dir fsync -> validate + load -> ONE transaction (output active, inputs
+obsolete, job completed) -> publish -> delete input files not pinned by a snapshot. A failure before
+the transaction puts the inputs back to active and removes the output.
+"""
+import logging
+import os
+
+import numpy as np
+
+from vibrato.catalog import jobs, segments as seg_sql
+from vibrato.engine.checkpoint import build_threads, info_size, load_handle, publish_file, write_tmp
+from vibrato.engine.faults import fault_point
+from vibrato.errors import IntegrityError
+from vibrato.ids import job_id as new_id
+
+log = logging.getLogger("vibrato.engine")
+
+PQ_SUBSPACE_CHOICES = (16, 12, 10, 8, 6, 5, 4, 3, 2)
+L2_MERGE_MIN_SEGMENTS = 4
+
+
+def choose_pq_m(dim: int) -> int:
+    """The first of 16, 12, 10, 8, 6, 5, 4, 3, 2 that divides dim (0: PQ not possible)."""
+    for m in PQ_SUBSPACE_CHOICES:
+        if dim % m == 0 and dim // m >= 1 and m <= dim:
+            return m
+    return 0
+
+
+def plan(segments, cfg):
+    """(inputs, output_level) for the next step, or (None, None)."""
+    segs = sorted(segments, key=lambda s: s.id_start)
+    for a, b in zip(segs, segs[1:]):
+        if b.id_start <= a.id_end:
+            raise IntegrityError(f"segments {a.id} [{a.id_start}, {a.id_end}] and {b.id} "
+                                 f"[{b.id_start}, {b.id_end}] overlap; refusing to compact")
+    for level, out_level in ((0, 1), (1, 2)):
+        run = _first_run(segs, level, cfg.compaction_max_inputs)
+        if run:
+            return run, out_level
+    l2 = [s for s in segs if s.level >= 2]
+    if len(l2) >= L2_MERGE_MIN_SEGMENTS:
+        best = None
+        for i in range(len(segs)):
+            total, run = 0, []
+            for s in segs[i:i + cfg.compaction_max_inputs]:
+                if s.level < 2 or total + s.n > cfg.l2_merge_max_rows:
+                    break
+                run.append(s)
+                total += s.n
+                if len(run) >= 2 and (best is None or total < best[0]):
+                    best = (total, list(run))
+        if best:
+            return best[1], 2
+    return None, None
+
+
+def _first_run(segs, level, max_inputs):
+    run = []
+    for s in segs:
+        if s.level == level:
+            run.append(s)
+            if len(run) == max_inputs:
+                break
+        elif run:
+            if len(run) >= 2:
+                break
+            run = []
+    return run if len(run) >= 2 else None
+
+
+def run(engine, *, background: bool = False) -> dict:
+    cfg = engine.config
+    with engine.compaction_lock:
+        jid = new_id("cmp")
+        inputs, out_level = plan(engine.segment_handles, cfg)
+        if not inputs:
+            return {"job_id": jid, "state": "idle", "details": {"reason": "not_enough_compaction_candidates"}}
+        out_id = new_id("seg")
+        rel_path = f"segments/{out_id}.vdb"
+        final = cfg.data_dir / rel_path
+        tmp = cfg.tmp_dir / f"{out_id}.vdb.tmp"
+        input_ids = [s.id for s in inputs]
+        details = {"phase": "start", "output_segment": out_id, "input_segments": input_ids}
+
+        def start(conn):
+            jobs.create_compaction(conn, jid, engine.cid, out_id, input_ids, details)
+            seg_sql.set_states(conn, input_ids, "compacting")
+        engine.catalog.write(start)
+        registered = False
+        try:
+            data, archive = merge(engine, inputs, out_level)
+            fault_point("compaction:before_write")
+            info = write_tmp(engine, tmp, data, throttle=background)
+            fault_point("compaction:segment_written")
+            row = {"id": out_id, "collection_id": engine.cid, "level": out_level,
+                   "kind": "archive" if archive else "raw", "path": rel_path,
+                   "row_count": data.vectors.shape[0], "live_count": int(np.count_nonzero(data.live)),
+                   "vector_id_start": inputs[0].id_start, "vector_id_end": inputs[-1].id_end,
+                   "start_lsn": None, "end_lsn": None, "state": "building", "size_bytes": info_size(info, tmp)}
+
+            def register(conn):
+                seg_sql.insert(conn, row)
+                jobs.set_state(conn, "compaction", jid, "building", {**details, "phase": "segment_written"})
+            engine.catalog.write(register)
+            registered = True
+            fault_point("compaction:registered")
+            publish_file(tmp, final)
+            fault_point("compaction:renamed")
+            handle = load_handle(engine, row, final)
+            fault_point("compaction:loaded")
+
+            def activate(conn):
+                seg_sql.set_state(conn, out_id, "active")
+                seg_sql.set_states(conn, input_ids, "obsolete")
+                jobs.set_state(conn, "compaction", jid, "completed",
+                               {"phase": "completed", "output_segment": out_id, "input_segments": input_ids})
+            engine.catalog.write(activate)
+        except BaseException as exc:
+            engine.bump("compaction_failures_total")
+            _fail(engine, jid, out_id, input_ids, registered, tmp, final, details, exc)
+            raise
+        fault_point("compaction:activated")
+        engine.publish(add=[handle], remove=inputs)
+        engine.bump("compaction_total")
+        from vibrato.engine.maintenance import gc_obsolete
+        gc_obsolete(engine)
+        log.info("compaction %s: %s -> %s (L%d, %s, %d rows)", jid, input_ids, out_id, out_level, row["kind"],
+                 row["row_count"])
+        return {"job_id": jid, "state": "completed",
+                "details": {"input_segments": input_ids, "output_segment": out_id, "output_level": out_level,
+                            "archive_pq": archive}}
+
+
+def _fail(engine, jid, out_id, input_ids, registered, tmp, final, details, exc):
+    log.error("compaction %s failed: %s", jid, exc)
+    for path in (tmp, final):
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            log.warning("could not remove %s: %s", path, e)
+
+    def mark(conn):
+        seg_sql.set_states(conn, input_ids, "active")
+        if registered:
+            seg_sql.set_state(conn, out_id, "failed", error=str(exc))
+        jobs.set_state(conn, "compaction", jid, "failed", {**details, "phase": "failed", "error": str(exc)})
+    try:
+        engine.catalog.write(mark)
+    except Exception as e:  # noqa: BLE001 - recovery reconciles the job at the next start
+        log.error("could not record compaction failure: %s", e)
+
+
+def merge(engine, inputs, out_level):
+    """SegmentData for the merged output (+ whether it is a PQ archive)."""
+    from vibrato.index import HnswIndex
+    from vibrato.pq import ProductQuantizer
+    from vibrato.segment import SegmentData, StringsCSR, TagsCSR
+
+    cfg = engine.config
+    dim = engine.dim
+    id_start, id_end = inputs[0].id_start, inputs[-1].id_end
+    n = id_end - id_start + 1
+    vectors = np.zeros((n, dim), dtype=np.float32)
+    live = np.zeros(n, dtype=bool)
+    start = np.zeros(n, dtype=np.uint32)
+    duration = np.zeros(n, dtype=np.uint32)
+    bpm = np.zeros(n, dtype=np.float32)
+    tag_parts, src_parts = [], []
+    cursor = id_start
+    for s in inputs:
+        if s.id_start > cursor:  # an id gap between inputs (ids replayed away): tombstones
+            gap = s.id_start - cursor
+            tag_parts.append(TagsCSR.from_lists([[]] * gap))
+            src_parts.append(StringsCSR.from_list([""] * gap))
+        a = s.id_start - id_start
+        r = s.reader
+        rows_live = s.live
+        vectors[a:a + s.n] = r.vectors
+        vectors[a:a + s.n][~rows_live] = 0.0
+        live[a:a + s.n] = rows_live
+        start[a:a + s.n] = np.where(rows_live, r.start_time_ms, 0)
+        duration[a:a + s.n] = np.where(rows_live, r.duration_ms, 0)
+        bpm[a:a + s.n] = np.where(rows_live, r.bpm, 0)
+        tags, srcs = r.tags, r.source_file
+        if not rows_live.all():
+            tags = TagsCSR.from_lists([tags.row(i) if rows_live[i] else [] for i in range(s.n)])
+            srcs = StringsCSR.from_list([srcs[i] if rows_live[i] else "" for i in range(s.n)])
+        tag_parts.append(tags)
+        src_parts.append(srcs)
+        cursor = s.id_end + 1
+    tags = TagsCSR.concat(tag_parts)
+    sources = StringsCSR.concat(src_parts)
+    m = choose_pq_m(dim)
+    archive = out_level >= 2 and int(live.sum()) >= cfg.pq_min_rows and m > 0
+    common = dict(level=out_level, id_start=id_start, vectors=vectors, live=live, start_time_ms=start,
+                  duration_ms=duration, bpm=bpm, tags=tags, source_file=sources)
+    if archive:
+        pq = ProductQuantizer(dim, m)
+        pq.train(vectors[live], seed=42)
+        codes = pq.encode(vectors)
+        return SegmentData(**common, pq_codebook=pq.to_bytes(), pq_codes=codes), True
+    index = HnswIndex(dim, m=cfg.hnsw_m, ef_construction=cfg.hnsw_ef_construction, seed=id_start)
+    index.add(vectors, threads=build_threads())
+    return SegmentData(**common, graph=index.graph_bytes()), False

@@ -1,0 +1,353 @@
+"""The storage engine: ingest, tiers, query/identify planning, and the lifecycle around them.
+
+Threads: callers (server executor threads or an embedding program) call the public methods
+concurrently. Writes go through the catalog's writer thread (group commit); its after-commit hook
+appends to the hot tier and the filter index under `_state_lock`, before the write is acknowledged.
+Queries take a `View` under the same lock (O(segments + hot chunks)) and search it without locks.
+Checkpoint and compaction run on background threads (or on an admin call), each under its own lock,
+and publish their results by swapping the segment set under `_state_lock`.
+"""
+import logging
+import os
+import threading
+import time
+
+import numpy as np
+
+from vibrato.catalog import Catalog, collections, jobs, orphans, segments as seg_sql, wal
+from vibrato.config import Config
+from vibrato.engine import checkpoint as _checkpoint
+from vibrato.engine import compaction as _compaction
+from vibrato.engine import recovery as _recovery
+from vibrato.engine.background import BackgroundWorkers
+from vibrato.engine.filters import FilterIndex
+from vibrato.engine.hot import HotTier, HotView
+from vibrato.engine.identify import identify as _identify
+from vibrato.engine.lock import DataDirLock
+from vibrato.engine.throttle import IoThrottle
+from vibrato.engine.tiers import View
+from vibrato.engine.validation import check_filter, check_search, check_vector, prepare_rows
+from vibrato.errors import BadRequestError, NotReadyError
+
+log = logging.getLogger("vibrato.engine")
+
+STATS_FIELDS = ("ready", "live", "active_segments", "obsolete_segments", "failed_segments", "hot_vectors",
+                "wal_pending", "total_vectors", "checkpoint_jobs_inflight", "compaction_jobs_inflight",
+                "sqlite_wal_bytes", "catalog_read_timeout_total", "quarantine_files", "quarantine_bytes",
+                "quarantine_evictions_total")
+
+
+class Engine:
+    """See docs/ENGINE_API.md for the contract."""
+
+    # ------------------------------------------------------------------ lifecycle
+    @classmethod
+    def open(cls, data_dir, collection: str = "default", dim: int = 128, *, recover_async: bool = False,
+             background: bool = True, progress=None, **options) -> "Engine":
+        config = Config(data_dir=data_dir, collection=collection, dim=dim, **options)
+        return cls.open_config(config, recover_async=recover_async, background=background, progress=progress)
+
+    @classmethod
+    def open_config(cls, config: Config, *, recover_async: bool = False, background: bool = True,
+                    progress=None) -> "Engine":
+        eng = cls(config)
+        try:
+            eng._start(recover_async=recover_async, background=background, progress=progress)
+        except BaseException:
+            eng.close()
+            raise
+        return eng
+
+    def __init__(self, config: Config):
+        self.config = config
+        for d in (config.data_dir, config.segments_dir, config.quarantine_dir, config.snapshots_dir,
+                  config.tmp_dir, config.logs_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        self._dir_lock = DataDirLock(config.data_dir).acquire("serve")
+        from vibrato.engine.snapshot import finish_interrupted_restore
+        try:
+            finish_interrupted_restore(config.data_dir)  # a restore that crashed mid-swap
+        except BaseException:
+            self._dir_lock.release()
+            raise
+        self.catalog = None
+        self._workers = None
+        self._closed = False
+        try:
+            self.catalog = Catalog(config.catalog_path, read_timeout_ms=config.catalog_read_timeout_ms,
+                                   wal_autocheckpoint_pages=config.sqlite_wal_autocheckpoint_pages,
+                                   wal_max_bytes=config.sqlite_wal_max_bytes,
+                                   passive_checkpoint_secs=config.sqlite_passive_checkpoint_secs)
+            self.collection = self.catalog.write(collections.ensure, config.collection, config.dim)
+        except BaseException:
+            if self.catalog is not None:
+                self.catalog.close()
+            self._dir_lock.release()
+            raise
+        self.cid = self.collection["id"]
+        self.dim = config.dim
+        self.filters = FilterIndex()
+        self.hot = HotTier(self.dim, config.hot_exact_rows)
+        self._state_lock = threading.RLock()
+        self._segments = View((), HotView(()))  # segment part of the view (hot part is taken per query)
+        self._dead_ranges = []
+        self.checkpoint_lock = threading.Lock()
+        self.compaction_lock = threading.Lock()
+        self.throttle = IoThrottle(config.background_io_mb_per_sec if config.audio_colocated else 0)
+        self._ready = False
+        self._recovering = True
+        self._report = "recovering"
+        self._blockers: list[str] = []
+        self._recovery: dict = {}
+        self._recovery_thread = None
+        self.counters = {"checkpoint_total": 0, "compaction_total": 0, "obsolete_files_deleted_total": 0,
+                         "quarantine_evictions_total": 0, "ingest_vectors_total": 0, "query_total": 0,
+                         "identify_total": 0, "checkpoint_failures_total": 0, "compaction_failures_total": 0,
+                         "wal_rows_pruned_total": 0}
+        self._counter_lock = threading.Lock()
+
+    def _start(self, *, recover_async: bool, background: bool, progress):
+        def run():
+            try:
+                self._recovery = _recovery.recover(self, progress=progress)
+                self._blockers = list(self._recovery["blockers"])
+                self._report = self._recovery["report"]
+                self._ready = not self._blockers
+                log.info("recovery finished: %s", self._report)
+            except BaseException as exc:  # noqa: BLE001 - surfaced through readiness
+                log.exception("recovery failed")
+                self._blockers = [f"recovery failed: {exc}"]
+                self._report = f"degraded: recovery failed: {exc}"
+                self._ready = False
+                if not recover_async:
+                    raise
+            finally:
+                self._recovering = False
+            if background and not self._closed:
+                self._workers = BackgroundWorkers(self)
+                self._workers.start()
+
+        if recover_async:
+            self._recovery_thread = threading.Thread(target=run, name="vibrato-recovery", daemon=True)
+            self._recovery_thread.start()
+        else:
+            run()
+
+    def close(self):
+        """Stop background work, let in-flight jobs finish, TRUNCATE the SQLite WAL, unlock."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._recovery_thread is not None:
+            self._recovery_thread.join()
+        if self._workers is not None:
+            self._workers.stop()
+        with self.checkpoint_lock, self.compaction_lock:
+            if self.catalog is not None:
+                self.catalog.close()
+        self._dir_lock.release()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # ------------------------------------------------------------------ state
+    def readiness(self) -> tuple[bool, str]:
+        if self._recovering:
+            return False, "recovering"
+        return self._ready, self._report
+
+    @property
+    def live(self) -> bool:
+        return not self._closed
+
+    def recovery_report(self) -> dict:
+        return dict(self._recovery, blockers=list(self._blockers), ready=self.readiness()[0])
+
+    def add_blocker(self, blocker: str):
+        """A failure found after startup (e.g. by the scrubber) degrades readiness live (SPEC D21)."""
+        with self._state_lock:
+            if blocker not in self._blockers:
+                self._blockers.append(blocker)
+            self._ready = False
+            base = self._report.split(", blockers=")[0].replace("recovered:", "degraded:", 1)
+            self._report = f"{base}, blockers={' | '.join(self._blockers)}"
+
+    def _require_ready(self):
+        if self._closed:
+            raise NotReadyError("engine is closed")
+        if self._recovering:
+            raise NotReadyError("engine is recovering; retry when /v2/health/ready is 200")
+
+    def bump(self, name: str, by: int = 1):
+        with self._counter_lock:
+            self.counters[name] = self.counters.get(name, 0) + by
+
+    def view(self) -> View:
+        with self._state_lock:
+            return self._segments.with_segments(self._segments.segments, self.hot.view())
+
+    def publish(self, add=(), remove=(), drop_hot_through: int | None = None):
+        """Swap the segment set (and hide checkpointed hot rows) atomically for new queries."""
+        with self._state_lock:
+            gone = {s.id for s in remove}
+            segs = [s for s in self._segments.segments if s.id not in gone] + list(add)
+            self._segments = View(tuple(segs), HotView(()))
+            if drop_hot_through is not None:
+                self.hot.drop_through(drop_hot_through)
+
+    @property
+    def segment_handles(self) -> tuple:
+        return self._segments.segments
+
+    # ------------------------------------------------------------------ ingest
+    def ingest(self, vector, metadata=None, idempotency_key=None) -> tuple[int, bool]:
+        self._require_ready()
+        item = {"vector": vector}
+        if metadata is not None:
+            item["metadata"] = metadata
+        if idempotency_key is not None:
+            item["idempotency_key"] = idempotency_key
+        (vid, created), = self._ingest([item], batch=False)
+        return vid, created
+
+    def ingest_batch(self, items) -> list[tuple[int, bool]]:
+        self._require_ready()
+        if not isinstance(items, (list, tuple)):
+            raise BadRequestError("vectors must be an array")
+        if len(items) > self.config.limits.max_batch:
+            raise BadRequestError(f"batch has {len(items)} vectors; the limit is {self.config.limits.max_batch}")
+        if not items:
+            return []
+        return self._ingest(items, batch=True)
+
+    def _ingest(self, items, batch: bool):
+        prep = prepare_rows(items, self.dim, self.config.limits, batch)
+
+        def apply(results):
+            created = [i for i, r in enumerate(results) if r[1]]
+            if not created:
+                return
+            ids = np.array([results[i][0] for i in created], dtype=np.int64)
+            lsns = np.array([results[i][2] for i in created], dtype=np.int64)
+            metas = [prep.metas[i] for i in created]
+            with self._state_lock:
+                self.hot.append(ids, lsns, prep.vectors[created], metas)
+                self.filters.add_rows(ids, np.array([m[3] for m in metas], dtype=np.float32), [m[4] for m in metas])
+            self.bump("ingest_vectors_total", len(created))
+
+        results = self.catalog.write(wal.insert_batch, self.cid, prep.rows, after_commit=apply)
+        if self._workers is not None and self.hot.count() >= self.config.checkpoint_max_rows:
+            self._workers.wake_checkpoint()
+        return [(r[0], r[1]) for r in results]
+
+    # ------------------------------------------------------------------ search
+    def query(self, vector, k: int = 10, ef: int = 50, filter=None, search_tier: str = "active",
+              include_metadata: bool = True) -> list[dict]:
+        self._require_ready()
+        q = check_vector(vector, self.dim)
+        check_search(k, ef, search_tier, self.config.limits)
+        flt = check_filter(filter, self.config.limits)
+        if k == 0:
+            self.bump("query_total")
+            return []
+        mask = self.filters.evaluate(flt) if flt is not None else None
+        view = self.view()
+        ids, scores = view.search(q, k, ef, mask, search_tier)
+        out = []
+        for vid, score in zip(ids.tolist(), scores.tolist()):
+            r = {"id": vid, "score": score}
+            if include_metadata:
+                meta = view.metadata(vid)
+                if meta is not None:
+                    r["metadata"] = meta
+            out.append(r)
+        self.bump("query_total")
+        return out
+
+    def identify(self, vectors, k: int = 5, ef: int = 100, search_tier: str = "all",
+                 include_metadata: bool = True) -> list[dict]:
+        self._require_ready()
+        if vectors is None or len(vectors) == 0:
+            raise BadRequestError("identify requires at least one vector")
+        check_search(k, ef, search_tier, self.config.limits)
+        if len(vectors) > self.config.limits.max_identify_frames:
+            raise BadRequestError(f"identify has {len(vectors)} frames; the limit is "
+                                  f"{self.config.limits.max_identify_frames}")
+        if k == 0:
+            return []
+        frames = np.empty((len(vectors), self.dim), dtype=np.float32)
+        for i, v in enumerate(vectors):
+            frames[i] = check_vector(v, self.dim, f"vectors[{i}]", f" at vectors[{i}]")
+        out = _identify(self.view(), frames, k, ef, search_tier, include_metadata)
+        self.bump("identify_total")
+        return out
+
+    # ------------------------------------------------------------------ admin
+    def checkpoint(self, *, background: bool = False) -> dict:
+        self._require_ready()
+        return _checkpoint.run(self, background=background)
+
+    def compact(self, *, background: bool = False) -> dict:
+        self._require_ready()
+        return _compaction.run(self, background=background)
+
+    def snapshot(self, progress=None) -> dict:
+        from vibrato.engine import snapshot as _snapshot
+        self._require_ready()
+        res = _snapshot.create(self.config.data_dir, self.config.collection, catalog=self.catalog,
+                               progress=progress)
+        return {"job_id": res["snapshot_id"], "state": "completed", "details": res}
+
+    def stats(self) -> dict:
+        def read(conn):
+            states = seg_sql.count_by_state(conn, self.cid)
+            return (states, wal.count_pending(conn, self.cid),
+                    jobs.count_inflight(conn, "checkpoint", self.cid),
+                    jobs.count_inflight(conn, "compaction", self.cid), orphans.usage(conn))
+
+        states, pending, chk_inflight, cmp_inflight, (q_files, q_bytes) = self.catalog.read(read)
+        with self._state_lock:
+            segs = self._segments.segments
+            hot = self.hot.count()
+        wal_stats = self.catalog.wal_stats()
+        ready, report = self.readiness()
+        with self._counter_lock:
+            counters = dict(self.counters)
+        stats = {
+            "ready": ready,
+            "live": self.live,
+            "active_segments": len(segs),
+            "obsolete_segments": states.get("obsolete", 0),
+            "failed_segments": states.get("failed", 0),
+            "hot_vectors": hot,
+            "wal_pending": pending,
+            "total_vectors": sum(s.live_count for s in segs) + hot,
+            "checkpoint_jobs_inflight": chk_inflight,
+            "compaction_jobs_inflight": cmp_inflight,
+            "sqlite_wal_bytes": wal_stats["sqlite_wal_bytes"],
+            "catalog_read_timeout_total": wal_stats["catalog_read_timeout_total"],
+            "quarantine_files": q_files,
+            "quarantine_bytes": q_bytes,
+            "quarantine_evictions_total": counters["quarantine_evictions_total"],
+        }
+        levels = {}
+        for s in segs:
+            key = f"L{s.level}_{s.kind}"
+            levels[key] = levels.get(key, 0) + 1
+        stats.update({
+            "report": report,
+            "collection": self.config.collection,
+            "dim": self.dim,
+            "next_id": self.catalog.read(collections.next_id, self.cid),
+            "segments_by_level": levels,
+            "segment_rows": sum(s.n for s in segs),
+            "sqlite_db_bytes": wal_stats["sqlite_db_bytes"],
+            "sqlite_wal_checkpoints": wal_stats["sqlite_wal_checkpoints"],
+            "catalog_group_commits_total": wal_stats["catalog_group_commits_total"],
+            "catalog_writes_total": wal_stats["catalog_writes_total"],
+            **counters,
+        })
+        return stats

@@ -1,0 +1,79 @@
+"""Housekeeping that keeps every store bounded (SPEC D24), run by the background loop.
+
+* obsolete segment files are deleted once no snapshot pins them (queries that still hold one keep
+  reading it: an unlinked file stays mapped); their rows become `deleted` and are purged later;
+* checkpointed vector blobs in the WAL are dropped after `wal_retention_secs` (ids, metadata and
+  idempotency keys stay);
+* finished job rows, deleted segment rows and audit rows past their retention are purged;
+* one active segment per pass has its checksums re-verified; a failure degrades readiness live.
+"""
+import logging
+import os
+import time
+
+from vibrato.catalog import audit, jobs, segments as seg_sql, wal
+
+log = logging.getLogger("vibrato.engine")
+
+JOB_RETENTION_SECS = 7 * 86400
+SCRUB_EVERY_SECS = 60.0
+
+
+def gc_obsolete(engine) -> int:
+    """Delete the files of obsolete segments that no snapshot has pinned. Returns files deleted."""
+    cfg = engine.config
+
+    def read(conn):
+        return seg_sql.list_by_state(conn, engine.cid, ["obsolete"]), seg_sql.pinned_segment_ids(conn)
+
+    rows, pinned = engine.catalog.read(read)
+    done = []
+    for row in rows:
+        if row["id"] in pinned:
+            continue
+        try:
+            os.unlink(cfg.data_dir / row["path"])
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.warning("could not delete obsolete segment %s: %s", row["path"], exc)
+            continue
+        done.append(row["id"])
+    if done:
+        engine.catalog.write(seg_sql.set_states, done, "deleted")
+        engine.bump("obsolete_files_deleted_total", len(done))
+    return len(done)
+
+
+def run_once(engine):
+    now = int(time.time())
+    cfg = engine.config
+    gc_obsolete(engine)
+    pruned = engine.catalog.write(wal.prune_vectors, engine.cid, now - cfg.wal_retention_secs)
+    if pruned:
+        engine.bump("wal_rows_pruned_total", pruned)
+    state = engine.__dict__.setdefault("_housekeeping", {"last_purge": 0.0, "last_scrub": 0.0, "scrub_pos": 0})
+    if time.monotonic() - state["last_purge"] > 3600:
+        state["last_purge"] = time.monotonic()
+
+        def purge(conn):
+            jobs.purge_finished(conn, now - JOB_RETENTION_SECS)
+            seg_sql.purge_deleted(conn, now - JOB_RETENTION_SECS)
+            audit.prune(conn, now - cfg.audit_retention_days * 86400)
+        engine.catalog.write(purge)
+    if time.monotonic() - state["last_scrub"] > SCRUB_EVERY_SECS:
+        state["last_scrub"] = time.monotonic()
+        scrub_one(engine, state)
+
+
+def scrub_one(engine, state):
+    segs = engine.segment_handles
+    if not segs:
+        return
+    seg = segs[state["scrub_pos"] % len(segs)]
+    state["scrub_pos"] += 1
+    try:
+        seg.reader.verify()
+    except Exception as exc:  # noqa: BLE001 - any failure means the file cannot be trusted
+        log.error("scrub: segment %s failed verification: %s", seg.id, exc)
+        engine.add_blocker(f"active segment {seg.id} invalid: {exc}")

@@ -1,0 +1,334 @@
+"""Startup recovery (runbook §6), in this order:
+
+  1. temp cleanup: stale `tmp/*.tmp` files from interrupted writes are removed
+  2. orphan sweep: `segments/*.vdb` files unknown to the catalog go to `quarantine/` (caps: oldest
+     quarantined files are evicted first; a file that still does not fit is deleted)
+  3. quarantine TTL GC
+  4. in-flight job reconciliation: a checkpoint/compaction whose output file validates is rolled
+     forward (exactly what its activation transaction would have done); otherwise rolled back
+     (output failed and removed, WAL rows stay pending, inputs back to active). Neither loses data,
+     so neither is a readiness blocker.
+  5. segment validation (structure + every section checksum) and state promotion/failure: an
+     ACTIVE segment that fails is a blocker (its rows would be lost);
+  6. load active segments; overlapping id ranges are an integrity blocker
+  7. hot tail rebuild from the pending WAL, filter index from segment columns + hot rows
+  8. GC of obsolete files; id coverage check: every id below the counter must be in an active
+     segment, pending in the WAL, or removed by replay-to-lsn — anything else is a blocker.
+"""
+import logging
+import os
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import orjson
+
+from vibrato.catalog import collections, jobs, orphans, segments as seg_sql, wal
+from vibrato.engine.maintenance import gc_obsolete
+from vibrato.engine.tiers import SegmentHandle
+
+log = logging.getLogger("vibrato.engine")
+
+HOT_REBUILD_BATCH = 20_000
+
+
+def recover(engine, progress=None) -> dict:
+    cfg, cat = engine.config, engine.catalog
+    t0 = time.monotonic()
+    rep = {"temp_files_removed": 0, "quarantined": 0, "quarantine_evictions": 0, "gc_deleted": 0,
+           "obsolete_deleted": 0, "jobs_rolled_forward": 0, "jobs_rolled_back": 0, "segments_failed": 0,
+           "active_segments": 0, "hot_rows": 0, "blockers": []}
+    step = _stepper(progress, 8)
+
+    step("temp cleanup")
+    rep["temp_files_removed"] = clean_tmp(cfg)
+    step("orphan sweep")
+    sweep_orphans(engine, rep)
+    step("quarantine gc")
+    rep["gc_deleted"] = quarantine_gc(engine)
+    step("job reconciliation")
+    reconcile_jobs(engine, rep)
+    step("segment validation")
+    engine._dead_ranges = [tuple(r) for r in cat.read(wal.tombstone_ranges, engine.cid)]
+    for lo, hi in engine._dead_ranges:
+        engine.filters.kill_range(lo, hi)
+    handles = validate_and_load(engine, rep, progress)
+    step("hot tail rebuild")
+    engine.publish(add=handles)
+    for h in handles:
+        r = h.reader
+        engine.filters.add_columns(h.id_start, h.live, r.bpm, r.tag_dict, r.tag_offsets, r.tag_ids)
+    rep["hot_rows"] = rebuild_hot(engine)
+    step("obsolete gc")
+    rep["obsolete_deleted"] = gc_obsolete(engine)
+    step("coverage check")
+    check_coverage(engine, rep)
+    rep["active_segments"] = len(engine.segment_handles)
+    rep["seconds"] = round(time.monotonic() - t0, 3)
+    counts = (f"active_segments={rep['active_segments']}, quarantined={rep['quarantined']}, "
+              f"gc_deleted={rep['gc_deleted']}, obsolete_deleted={rep['obsolete_deleted']}")
+    if rep["blockers"]:
+        rep["report"] = f"degraded: {counts}, blockers={' | '.join(rep['blockers'])}"
+    else:
+        rep["report"] = f"recovered: {counts}"
+    engine.bump("quarantine_evictions_total", rep["quarantine_evictions"])
+    engine.bump("obsolete_files_deleted_total", rep["obsolete_deleted"])
+    return rep
+
+
+def _stepper(progress, total):
+    state = {"n": 0}
+
+    def step(name):
+        if progress is not None:
+            progress(f"recovery: {name}", state["n"], total)
+        state["n"] += 1
+    return step
+
+
+def clean_tmp(cfg) -> int:
+    n = 0
+    for entry in os.scandir(cfg.tmp_dir):
+        if entry.is_file() and (entry.name.endswith(".tmp") or entry.name.startswith(".")):
+            try:
+                os.unlink(entry.path)
+                n += 1
+            except OSError as exc:
+                log.warning("could not remove stale temp file %s: %s", entry.path, exc)
+    return n
+
+
+def sweep_orphans(engine, rep):
+    cfg = engine.config
+    known = engine.catalog.read(seg_sql.all_paths)
+    for entry in sorted(os.scandir(cfg.segments_dir), key=lambda e: e.name):
+        if not entry.is_file() or not entry.name.endswith(".vdb"):
+            continue
+        rel = f"segments/{entry.name}"
+        if rel in known:
+            continue
+        size = entry.stat().st_size
+        rep["quarantine_evictions"] += enforce_quarantine_cap(engine, incoming=size)
+        files, used = engine.catalog.read(orphans.usage)
+        if files + 1 > cfg.quarantine_max_files or used + size > cfg.quarantine_max_bytes:
+            log.warning("quarantine full: deleting orphan %s (%d bytes)", rel, size)
+            os.unlink(entry.path)
+            continue
+        qname = f"{int(time.time())}_{entry.name}"
+        qpath = cfg.quarantine_dir / qname
+        os.rename(entry.path, qpath)
+        engine.catalog.write(orphans.insert, engine.cid, rel, f"quarantine/{qname}", size)
+        rep["quarantined"] += 1
+        log.warning("quarantined orphan segment file %s -> quarantine/%s", rel, qname)
+
+
+def enforce_quarantine_cap(engine, incoming: int = 0) -> int:
+    """Evict the oldest quarantined files until one more file of `incoming` bytes fits."""
+    cfg = engine.config
+    evicted = 0
+    live = engine.catalog.read(orphans.live)
+    files = len(live)
+    used = sum(o["size_bytes"] for o in live)
+    for o in live:
+        if files + 1 <= cfg.quarantine_max_files and used + incoming <= cfg.quarantine_max_bytes:
+            break
+        try:
+            os.unlink(cfg.data_dir / o["quarantine_path"])
+        except FileNotFoundError:
+            pass
+        engine.catalog.write(orphans.mark_deleted, o["id"], "cap_evict")
+        files -= 1
+        used -= o["size_bytes"]
+        evicted += 1
+    return evicted
+
+
+def quarantine_gc(engine) -> int:
+    cfg = engine.config
+    cutoff = time.time() - cfg.orphan_ttl_hours * 3600
+    n = 0
+    for o in engine.catalog.read(orphans.live):
+        if o["quarantined_at"] < cutoff:
+            try:
+                os.unlink(cfg.data_dir / o["quarantine_path"])
+            except FileNotFoundError:
+                pass
+            engine.catalog.write(orphans.mark_deleted, o["id"], "ttl_gc")
+            n += 1
+    return n
+
+
+def open_verified(engine, row):
+    """Open a segment file, check it against its catalog row and verify every checksum."""
+    from vibrato.segment import SegmentReader
+
+    path = engine.config.data_dir / row["path"]
+    if not path.exists():
+        raise FileNotFoundError(f"segment file \"{row['path']}\" missing")
+    reader = SegmentReader.open(path, madvise=engine.config.vector_madvise_mode)
+    if reader.dim != engine.dim:
+        raise ValueError(f"dim {reader.dim} != collection dim {engine.dim}")
+    if reader.id_start != row["vector_id_start"] or reader.count != row["row_count"]:
+        raise ValueError(f"id range [{reader.id_start}, +{reader.count}) != catalog "
+                         f"[{row['vector_id_start']}, +{row['row_count']})")
+    if reader.level != row["level"]:
+        raise ValueError(f"level {reader.level} != catalog level {row['level']}")
+    reader.verify()
+    return reader
+
+
+def _remove_file(engine, rel_path):
+    try:
+        os.unlink(engine.config.data_dir / rel_path)
+    except FileNotFoundError:
+        pass
+
+
+def reconcile_jobs(engine, rep):
+    cat, cid = engine.catalog, engine.cid
+    for job in cat.read(jobs.inflight, "checkpoint", cid):
+        row = cat.read(seg_sql.find, job["segment_id"]) if job["segment_id"] else None
+        if row is None:
+            cat.write(jobs.set_state, "checkpoint", job["id"], "failed",
+                      {**job["details"], "phase": "failed", "error": "segment row missing (rolled back)"})
+            rep["jobs_rolled_back"] += 1
+            continue
+        try:
+            open_verified(engine, row).close()
+        except Exception as exc:  # noqa: BLE001 - any defect means: roll back
+            _remove_file(engine, row["path"])
+
+            def back(conn, row=row, job=job, exc=exc):
+                seg_sql.set_state(conn, row["id"], "failed", error=f"rolled back: {exc}")
+                jobs.set_state(conn, "checkpoint", job["id"], "failed",
+                               {**job["details"], "phase": "failed", "error": f"rolled back: {exc}"})
+            cat.write(back)
+            rep["jobs_rolled_back"] += 1
+            continue
+
+        def forward(conn, row=row, job=job):
+            seg_sql.set_state(conn, row["id"], "active")
+            wal.mark_checkpointed(conn, cid, job["start_lsn"], job["end_lsn"])
+            jobs.set_state(conn, "checkpoint", job["id"], "completed",
+                           {**job["details"], "phase": "completed", "recovered": True})
+        cat.write(forward)
+        rep["jobs_rolled_forward"] += 1
+
+    for job in cat.read(jobs.inflight, "compaction", cid):
+        out = cat.read(seg_sql.find, job["output_segment_id"]) if job["output_segment_id"] else None
+        inputs = job["input_segments"]
+        ok = False
+        if out is not None:
+            try:
+                open_verified(engine, out).close()
+                ok = True
+            except Exception as exc:  # noqa: BLE001
+                _remove_file(engine, out["path"])
+                err = str(exc)
+        if ok:
+            def forward(conn, out=out, job=job, inputs=inputs):
+                seg_sql.set_state(conn, out["id"], "active")
+                seg_sql.set_states(conn, inputs, "obsolete")
+                jobs.set_state(conn, "compaction", job["id"], "completed",
+                               {**job["details"], "phase": "completed", "recovered": True})
+            cat.write(forward)
+            rep["jobs_rolled_forward"] += 1
+        else:
+            def back(conn, out=out, job=job, inputs=inputs):
+                if out is not None:
+                    seg_sql.set_state(conn, out["id"], "failed", error="rolled back")
+                seg_sql.set_states(conn, inputs, "active")
+                jobs.set_state(conn, "compaction", job["id"], "failed",
+                               {**job["details"], "phase": "failed", "error": "rolled back at recovery"})
+            cat.write(back)
+            rep["jobs_rolled_back"] += 1
+
+
+def validate_and_load(engine, rep, progress) -> list:
+    """Validate every segment that should be (or become) active; returns loaded handles."""
+    cat, cid = engine.catalog, engine.cid
+    # Inputs left `compacting` without an in-flight job go back to active; leftovers in
+    # building/pending_activate without a job are promoted if valid.
+    rows = cat.read(seg_sql.list_by_state, cid, ["active", "compacting", "building", "pending_activate"])
+    results = [None] * len(rows)
+
+    def check(i):
+        try:
+            results[i] = ("ok", open_verified(engine, rows[i]))
+        except Exception as exc:  # noqa: BLE001
+            results[i] = ("bad", exc)
+
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+        for n, _ in enumerate(pool.map(check, range(len(rows)))):
+            if progress is not None:
+                progress("recovery: verifying segments", n + 1, len(rows))
+    handles = []
+    for row, (status, value) in zip(rows, results):
+        if status == "bad":
+            if row["state"] == "active" or row["state"] == "compacting":
+                rep["blockers"].append(f"{'active' if row['state'] == 'active' else 'compacting'} segment "
+                                       f"{row['id']} invalid: {value}")
+            else:
+                _remove_file(engine, row["path"])
+            cat.write(seg_sql.set_state, row["id"], "failed", str(value))
+            rep["segments_failed"] += 1
+            continue
+        if row["state"] != "active":
+            cat.write(seg_sql.set_state, row["id"], "active")
+            row = dict(row, state="active")
+        handles.append(SegmentHandle(row, value, engine._dead_ranges, engine.config.archive_rerank_factor))
+    handles.sort(key=lambda h: h.id_start)
+    for a, b in zip(handles, handles[1:]):
+        if b.id_start <= a.id_end:
+            rep["blockers"].append(f"integrity: segments {a.id} [{a.id_start}, {a.id_end}] and {b.id} "
+                                   f"[{b.id_start}, {b.id_end}] overlap")
+    return handles
+
+
+def rebuild_hot(engine) -> int:
+    cat, cid = engine.catalog, engine.cid
+    after, total = 0, 0
+    while True:
+        rows = cat.read(wal.pending, cid, after, HOT_REBUILD_BATCH)
+        if not rows:
+            break
+        n = len(rows)
+        lsns = np.fromiter((r[0] for r in rows), dtype=np.int64, count=n)
+        ids = np.fromiter((r[1] for r in rows), dtype=np.int64, count=n)
+        blob = b"".join(r[2] for r in rows)
+        vectors = np.frombuffer(blob, dtype="<f4").reshape(n, engine.dim).astype(np.float32)
+        metas = [(r[3], r[4], r[5], r[6], orjson.loads(r[7])) for r in rows]
+        with engine._state_lock:
+            engine.hot.append(ids, lsns, vectors, metas)
+        engine.filters.add_rows(ids, np.array([m[3] for m in metas], dtype=np.float32), [m[4] for m in metas])
+        after = int(lsns[-1])
+        total += n
+    return total
+
+
+def check_coverage(engine, rep):
+    """Every id below the counter is in an active segment, pending in the WAL, or replayed away."""
+    next_id = engine.catalog.read(collections.next_id, engine.cid)
+    if next_id == 0:
+        return
+    covered = np.zeros(next_id, dtype=bool)
+    for h in engine.segment_handles:
+        lo, hi = h.id_start, min(h.id_end, next_id - 1)
+        if lo <= hi:
+            covered[lo:hi + 1] = True  # live rows and tombstone gap fillers alike
+    hv = engine.hot.view()
+    for s in hv.slices:
+        ids = s.chunk.ids[s.lo:s.hi]
+        covered[ids[ids < next_id]] = True
+    for lo, hi in engine._dead_ranges:
+        covered[lo:min(hi, next_id - 1) + 1] = True
+    missing = np.flatnonzero(~covered)
+    if missing.shape[0]:
+        # report as ranges
+        breaks = np.flatnonzero(np.diff(missing) != 1)
+        starts = np.concatenate(([missing[0]], missing[breaks + 1]))
+        ends = np.concatenate((missing[breaks], [missing[-1]]))
+        spans = ", ".join(f"{a}..{b}" for a, b in list(zip(starts.tolist(), ends.tolist()))[:5])
+        rep["blockers"].append(f"integrity: {missing.shape[0]} acknowledged ids are in no active segment "
+                               f"and not pending in the WAL ({spans})")
