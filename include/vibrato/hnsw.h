@@ -1,0 +1,1519 @@
+/*
+ * HNSW graph index for maximum inner product search over float32 vectors.
+ *
+ * Algorithm: Malkov & Yashunin, "Efficient and robust approximate nearest neighbor search using
+ * Hierarchical Navigable Small World graphs" (https://arxiv.org/abs/1603.09320), laid out the way
+ * hnswlib does it (https://github.com/nmslib/hnswlib/blob/master/hnswlib/hnswalg.h):
+ *   - levels drawn as floor(-ln(U) / ln(M)), clamped to VB_HNSW_MAX_LEVEL;
+ *   - M links per node on upper layers, M0 = 2M on layer 0;
+ *   - neighbours chosen by the diversity heuristic (hnswlib's getNeighborsByHeuristic2);
+ *   - greedy descent on the upper layers, beam search with ef on layer 0.
+ * Score = inner product of the raw vectors (no normalisation); internally a distance d = -dot is
+ * minimised, so "smaller is closer" everywhere in this file.
+ *
+ * Layout (all flat, internal ids are dense uint32 rows 0..n-1 in insertion order):
+ *   x         (n, d) float32 row-major; owned (x_owned) or borrowed read-only (e.g. an mmap)
+ *   links0    (cap, 1 + M0) uint32: links0[r*(1+M0)] = count, then count neighbour rows
+ *   levels    (cap,) uint8 top level of each node
+ *   up_off    (cap,) uint64: offset in up_links of node r's level-1 block (level l at + (l-1)*(1+M))
+ *   up_links  (up_len,) uint32 blocks of (1 + M): count, then neighbour rows
+ * A node on level l >= 1 has a block there, and every neighbour listed on level l is itself on
+ * level >= l (guaranteed by construction and checked when a graph is loaded), so searches never
+ * bounds-check.
+ *
+ * Thread-safety: searches (vb_hnsw_search*, vb_hnsw_subseq) only read the graph and may run from
+ * any number of threads at once; each takes its scratch (visited list + heaps) from a mutex-guarded
+ * pool. vb_hnsw_add must not run concurrently with anything else on the same index (the Python
+ * wrapper enforces it); internally it may insert with several threads, using one spinlock per node
+ * around link-list reads and writes, as hnswlib does with link_list_locks_.
+ *
+ * Errors: functions that can fail return VB_OK or a negative VB_E* code and never abort. Loaders of
+ * untrusted bytes write a message (what failed, the bad value, the limit) into a caller buffer.
+ */
+#pragma once
+
+#include <math.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "vibrato/common.h"
+#include "vibrato/crc32c.h"
+#include "vibrato/distance.h"
+#include "vibrato/parallel.h"
+#include "vibrato/visited.h"
+
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "vibrato/hnsw.h serialises with native byte order and supports little-endian hosts only"
+#endif
+
+#define VB_HNSW_MAX_LEVEL 16          /* levels are clamped to this (a level of 16 needs M^16 nodes) */
+#define VB_HNSW_MAX_DIM 4096
+#define VB_HNSW_MAX_M 1024            /* M0 = 2M <= 2048 */
+#define VB_HNSW_MAX_EF 65536          /* ef, ef_construction and k */
+#define VB_HNSW_MAX_N 0xFFFFFFF0u     /* internal ids are uint32; 0xFFFFFFFF is "none" */
+#define VB_HNSW_NONE 0xFFFFFFFFu
+
+/* Search strategy override (tests and benchmarks); VB_HNSW_AUTO picks by the cost model below. */
+#define VB_HNSW_AUTO 0
+#define VB_HNSW_FORCE_GRAPH 1
+#define VB_HNSW_FORCE_SCAN 2
+
+typedef struct {
+    float d;     /* distance = -inner product */
+    uint32_t id; /* internal row */
+} vb_hnsw_pair_t;
+
+/* ---------------------------------------------------------------------------------------------
+ * Binary heaps over vb_hnsw_pair_t arrays (no allocation: capacity is the caller's contract).
+ * Ties on d are broken by id so results do not depend on insertion order into the heap.
+ * ------------------------------------------------------------------------------------------- */
+
+static inline int vb_pair_lt(vb_hnsw_pair_t a, vb_hnsw_pair_t b) {
+    return a.d < b.d || (a.d == b.d && a.id < b.id);
+}
+
+/* min-heap: h[0] is the smallest */
+static inline void vb_minheap_push(vb_hnsw_pair_t *h, size_t *n, vb_hnsw_pair_t x) {
+    size_t i = (*n)++;
+    while (i) {
+        size_t p = (i - 1) >> 1;
+        if (!vb_pair_lt(x, h[p])) break;
+        h[i] = h[p];
+        i = p;
+    }
+    h[i] = x;
+}
+
+static inline void vb_minheap_pop(vb_hnsw_pair_t *h, size_t *n) {
+    size_t m = --(*n);
+    if (!m) return;
+    vb_hnsw_pair_t x = h[m];
+    size_t i = 0;
+    for (;;) {
+        size_t c = 2 * i + 1;
+        if (c >= m) break;
+        if (c + 1 < m && vb_pair_lt(h[c + 1], h[c])) c++;
+        if (!vb_pair_lt(h[c], x)) break;
+        h[i] = h[c];
+        i = c;
+    }
+    h[i] = x;
+}
+
+/* max-heap: h[0] is the largest */
+static inline void vb_maxheap_push(vb_hnsw_pair_t *h, size_t *n, vb_hnsw_pair_t x) {
+    size_t i = (*n)++;
+    while (i) {
+        size_t p = (i - 1) >> 1;
+        if (!vb_pair_lt(h[p], x)) break;
+        h[i] = h[p];
+        i = p;
+    }
+    h[i] = x;
+}
+
+static inline void vb_maxheap_sift_down(vb_hnsw_pair_t *h, size_t m, size_t i, vb_hnsw_pair_t x) {
+    for (;;) {
+        size_t c = 2 * i + 1;
+        if (c >= m) break;
+        if (c + 1 < m && vb_pair_lt(h[c], h[c + 1])) c++;
+        if (!vb_pair_lt(x, h[c])) break;
+        h[i] = h[c];
+        i = c;
+    }
+    h[i] = x;
+}
+
+static inline void vb_maxheap_pop(vb_hnsw_pair_t *h, size_t *n) {
+    size_t m = --(*n);
+    if (m) vb_maxheap_sift_down(h, m, 0, h[m]);
+}
+
+/* Replace the largest element by x (x must be smaller for the heap to stay meaningful). */
+static inline void vb_maxheap_replace_top(vb_hnsw_pair_t *h, size_t n, vb_hnsw_pair_t x) {
+    vb_maxheap_sift_down(h, n, 0, x);
+}
+
+/* Pop a max-heap of n elements into out[0..n) in ascending order (the heap is consumed). */
+static inline void vb_maxheap_drain_sorted(vb_hnsw_pair_t *h, size_t n, vb_hnsw_pair_t *out) {
+    while (n) {
+        out[n - 1] = h[0];
+        vb_maxheap_pop(h, &n);
+    }
+}
+
+static inline void vb_minheap_heapify(vb_hnsw_pair_t *h, size_t n) {
+    for (size_t k = n / 2; k-- > 0;) {
+        vb_hnsw_pair_t x = h[k];
+        size_t i = k;
+        for (;;) {
+            size_t c = 2 * i + 1;
+            if (c >= n) break;
+            if (c + 1 < n && vb_pair_lt(h[c + 1], h[c])) c++;
+            if (!vb_pair_lt(h[c], x)) break;
+            h[i] = h[c];
+            i = c;
+        }
+        h[i] = x;
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Per-search scratch (one per thread at a time, from the index's pool).
+ * ------------------------------------------------------------------------------------------- */
+
+typedef struct vb_hnsw_ctx {
+    vb_visited_t vis;
+    vb_hnsw_pair_t *cand; /* (cand_cap,) min-heap of candidates to expand */
+    size_t cand_cap;
+    vb_hnsw_pair_t *top; /* (top_cap,) max-heap of the best results so far */
+    size_t top_cap;
+    vb_hnsw_pair_t *sel; /* (sel_cap,) heuristic input, sorted ascending */
+    vb_hnsw_pair_t *out; /* (sel_cap,) heuristic output */
+    size_t sel_cap;
+    uint32_t *ids; /* (buf_cap,) row buffer: copied link lists, scan blocks */
+    float *dist;   /* (buf_cap,) distance buffer for scan blocks */
+    size_t buf_cap;
+} vb_hnsw_ctx_t;
+
+static void *vb_hnsw_ctx_create(void) {
+    vb_hnsw_ctx_t *c = (vb_hnsw_ctx_t *)calloc(1, sizeof(vb_hnsw_ctx_t));
+    if (c) vb_visited_init(&c->vis);
+    return c;
+}
+
+static void vb_hnsw_ctx_destroy(void *p) {
+    vb_hnsw_ctx_t *c = (vb_hnsw_ctx_t *)p;
+    if (!c) return;
+    vb_visited_free(&c->vis);
+    free(c->cand);
+    free(c->top);
+    free(c->sel);
+    free(c->out);
+    free(c->ids);
+    free(c->dist);
+    free(c);
+}
+
+static inline int vb_grow_pairs(vb_hnsw_pair_t **p, size_t *cap, size_t want) {
+    if (want <= *cap) return VB_OK;
+    size_t bytes;
+    if (vb_mul_overflow(want, sizeof(vb_hnsw_pair_t), &bytes)) return VB_ENOMEM;
+    vb_hnsw_pair_t *q = (vb_hnsw_pair_t *)realloc(*p, bytes);
+    if (!q) return VB_ENOMEM;
+    *p = q;
+    *cap = want;
+    return VB_OK;
+}
+
+#define VB_HNSW_SCAN_BLOCK 256 /* rows scored per kernel call in exact scans */
+
+/*
+ * Size the scratch for n nodes, a beam of ef, link lists of up to m0 entries. The candidate heap
+ * holds 2*ef + 2*m0 + 16; when it fills up, entries that can no longer be expanded are dropped
+ * (vb_hnsw_cand_make_room), so a search without a filter never allocates after this call.
+ */
+static inline int vb_hnsw_ctx_reserve(vb_hnsw_ctx_t *c, size_t n, size_t ef, size_t m0) {
+    if (vb_visited_reserve(&c->vis, n)) return VB_ENOMEM;
+    size_t cand = 2 * ef + 2 * m0 + 16;
+    if (vb_grow_pairs(&c->cand, &c->cand_cap, cand)) return VB_ENOMEM;
+    if (vb_grow_pairs(&c->top, &c->top_cap, ef + 2)) return VB_ENOMEM;
+    size_t sel = (ef > m0 ? ef : m0) + 2;
+    size_t sel_cap = c->sel_cap;
+    if (vb_grow_pairs(&c->sel, &sel_cap, sel)) return VB_ENOMEM;
+    sel_cap = c->sel_cap;
+    if (vb_grow_pairs(&c->out, &sel_cap, sel)) return VB_ENOMEM;
+    c->sel_cap = sel_cap;
+    size_t buf = m0 + 1 > VB_HNSW_SCAN_BLOCK ? m0 + 1 : VB_HNSW_SCAN_BLOCK;
+    if (buf > c->buf_cap) {
+        uint32_t *ids = (uint32_t *)realloc(c->ids, buf * sizeof(uint32_t));
+        if (!ids) return VB_ENOMEM;
+        c->ids = ids;
+        float *dist = (float *)realloc(c->dist, buf * sizeof(float));
+        if (!dist) return VB_ENOMEM;
+        c->dist = dist;
+        c->buf_cap = buf;
+    }
+    return VB_OK;
+}
+
+/*
+ * The candidate heap is full: drop entries that cannot be expanded any more (d > worst, with the
+ * result heap full, so the search would stop before reaching them). Without a filter every
+ * candidate with d <= worst is also in the result heap, so at most ef + ties survive. With a
+ * filter, disallowed candidates are not in the result heap and the heap may have to grow.
+ */
+static inline int vb_hnsw_cand_make_room(vb_hnsw_ctx_t *c, size_t *ncand, float worst, int full) {
+    if (full) {
+        size_t m = 0;
+        for (size_t i = 0; i < *ncand; i++)
+            if (c->cand[i].d <= worst) c->cand[m++] = c->cand[i];
+        vb_minheap_heapify(c->cand, m);
+        *ncand = m;
+    }
+    if (*ncand + 1 < c->cand_cap - c->cand_cap / 4) return VB_OK;
+    return vb_grow_pairs(&c->cand, &c->cand_cap, c->cand_cap * 2);
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * The index.
+ * ------------------------------------------------------------------------------------------- */
+
+typedef struct vb_hnsw {
+    /* parameters, fixed at init */
+    size_t d;               /* dimension, 1..VB_HNSW_MAX_DIM */
+    size_t M, M0;           /* max links on upper layers / layer 0 (M0 = 2M) */
+    size_t ef_construction; /* beam width while inserting */
+    double ml;              /* level multiplier 1/ln(M) */
+    uint64_t rng;           /* splitmix64 state for level draws (advanced only by vb_hnsw_add) */
+
+    /* graph; n rows are searchable, cap rows are allocated */
+    size_t n, cap;
+    const float *x;     /* (n, d): == x_owned, or a borrowed read-only array (never written) */
+    float *x_owned;     /* (cap, d) or NULL when x is borrowed */
+    uint32_t *links0;   /* (cap, 1 + M0) */
+    uint8_t *levels;    /* (cap,) */
+    uint64_t *up_off;   /* (cap,) */
+    uint32_t *up_links; /* (up_cap,) */
+    size_t up_len, up_cap;
+    uint32_t entry; /* entry point row, VB_HNSW_NONE while empty */
+    int max_level;  /* level of the entry point */
+
+    /* insertion */
+    atomic_uchar *locks;   /* (cap,) one spinlock per node, used only by multi-threaded add */
+    pthread_mutex_t ep_mu; /* guards entry/max_level during multi-threaded add */
+
+    vb_pool_t pool; /* vb_hnsw_ctx_t scratch objects */
+
+    /* counters (relaxed atomics; for benchmarks and tests) */
+    atomic_size_t n_graph, n_scan, n_fallback, n_dist;
+} vb_hnsw_t;
+
+static inline const float *vb_hnsw_vec(const vb_hnsw_t *h, uint32_t r) { return h->x + (size_t)r * h->d; }
+
+static inline uint32_t *vb_hnsw_list(const vb_hnsw_t *h, uint32_t r, int level) {
+    if (level == 0) return h->links0 + (size_t)r * (1 + h->M0);
+    return h->up_links + h->up_off[r] + (size_t)(level - 1) * (1 + h->M);
+}
+
+static inline void vb_hnsw_lock(vb_hnsw_t *h, uint32_t r) {
+    unsigned spins = 0;
+    while (atomic_exchange_explicit(&h->locks[r], 1, memory_order_acquire)) {
+        while (atomic_load_explicit(&h->locks[r], memory_order_relaxed))
+            if (++spins % 64 == 0) sched_yield(); /* the holder may have been descheduled */
+    }
+}
+
+static inline void vb_hnsw_unlock(vb_hnsw_t *h, uint32_t r) {
+    atomic_store_explicit(&h->locks[r], 0, memory_order_release);
+}
+
+#ifndef VB_HNSW_PREFETCH_ROWS
+#define VB_HNSW_PREFETCH_ROWS 4 /* rows prefetched ahead while scoring a node's neighbours */
+#endif
+
+/* Prefetch a whole vector (up to 1 KiB of it). */
+static inline void vb_hnsw_prefetch_vec(const float *p, size_t d) {
+    const char *c = (const char *)p;
+    size_t bytes = d * sizeof(float);
+    if (bytes > 1024) bytes = 1024;
+    for (size_t o = 0; o < bytes; o += 64) VB_PREFETCH(c + o);
+}
+
+static inline int vb_hnsw_check_params(size_t d, size_t M, size_t efc) {
+    if (d < 1 || d > VB_HNSW_MAX_DIM) return VB_EINVAL;
+    if (M < 2 || M > VB_HNSW_MAX_M) return VB_EINVAL;
+    if (efc < 1 || efc > VB_HNSW_MAX_EF) return VB_EINVAL;
+    return VB_OK;
+}
+
+/* Initialise an empty index. On failure h needs no vb_hnsw_free. */
+static inline int vb_hnsw_init(vb_hnsw_t *h, size_t d, size_t M, size_t efc, uint64_t seed) {
+    memset(h, 0, sizeof(*h));
+    if (vb_hnsw_check_params(d, M, efc)) return VB_EINVAL;
+    h->d = d;
+    h->M = M;
+    h->M0 = 2 * M;
+    h->ef_construction = efc;
+    h->ml = 1.0 / log((double)M);
+    h->rng = seed;
+    h->entry = VB_HNSW_NONE;
+    h->max_level = 0;
+    atomic_init(&h->n_graph, 0);
+    atomic_init(&h->n_scan, 0);
+    atomic_init(&h->n_fallback, 0);
+    atomic_init(&h->n_dist, 0);
+    if (pthread_mutex_init(&h->ep_mu, NULL)) return VB_ENOMEM;
+    if (vb_pool_init(&h->pool, vb_hnsw_ctx_create, vb_hnsw_ctx_destroy)) {
+        pthread_mutex_destroy(&h->ep_mu);
+        return VB_ENOMEM;
+    }
+    return VB_OK;
+}
+
+/* Free everything the index owns (a borrowed x is left alone). No search may be running. */
+static inline void vb_hnsw_free(vb_hnsw_t *h) {
+    free(h->x_owned);
+    free(h->links0);
+    free(h->levels);
+    free(h->up_off);
+    free(h->up_links);
+    free((void *)h->locks);
+    vb_pool_destroy(&h->pool);
+    pthread_mutex_destroy(&h->ep_mu);
+    memset(h, 0, sizeof(*h));
+    h->entry = VB_HNSW_NONE;
+}
+
+static inline int vb_realloc_n(void **p, size_t n, size_t size) {
+    size_t bytes;
+    if (vb_mul_overflow(n, size, &bytes)) return VB_ENOMEM;
+    void *q = realloc(*p, bytes ? bytes : 1);
+    if (!q) return VB_ENOMEM;
+    *p = q;
+    return VB_OK;
+}
+
+/*
+ * Make room for `want` rows. A borrowed x is copied into an owned buffer first (adding to an index
+ * over a read-only array copies it once). Existing rows are kept; new link rows are zeroed.
+ */
+static inline int vb_hnsw_reserve(vb_hnsw_t *h, size_t want) {
+    if (want <= h->cap && (h->x_owned || h->n == 0)) return VB_OK;
+    size_t cap = h->cap > want ? h->cap : want;
+    if (want > h->cap) {
+        size_t grown = h->cap + h->cap / 2;
+        if (grown > cap) cap = grown;
+        if (cap < 64) cap = 64;
+        if (cap > VB_HNSW_MAX_N) cap = VB_HNSW_MAX_N;
+    }
+    size_t stride0 = 1 + h->M0, xsz;
+    if (vb_mul_overflow(cap, h->d, &xsz)) return VB_ENOMEM;
+    if (!h->x_owned) {
+        float *xo = NULL;
+        if (vb_realloc_n((void **)&xo, xsz, sizeof(float))) return VB_ENOMEM;
+        if (h->n) memcpy(xo, h->x, h->n * h->d * sizeof(float));
+        h->x_owned = xo;
+        h->x = xo;
+    } else if (cap > h->cap) {
+        if (vb_realloc_n((void **)&h->x_owned, xsz, sizeof(float))) return VB_ENOMEM;
+        h->x = h->x_owned;
+    }
+    if (cap > h->cap) {
+        size_t l0;
+        if (vb_mul_overflow(cap, stride0, &l0)) return VB_ENOMEM;
+        if (vb_realloc_n((void **)&h->links0, l0, sizeof(uint32_t))) return VB_ENOMEM;
+        memset(h->links0 + h->cap * stride0, 0, (cap - h->cap) * stride0 * sizeof(uint32_t));
+        if (vb_realloc_n((void **)&h->levels, cap, 1)) return VB_ENOMEM;
+        if (vb_realloc_n((void **)&h->up_off, cap, sizeof(uint64_t))) return VB_ENOMEM;
+        void *lk = (void *)h->locks;
+        if (vb_realloc_n(&lk, cap, sizeof(atomic_uchar))) return VB_ENOMEM;
+        h->locks = (atomic_uchar *)lk;
+        for (size_t i = h->cap; i < cap; i++) atomic_init(&h->locks[i], 0);
+        h->cap = cap;
+    }
+    return VB_OK;
+}
+
+/* splitmix64 (http://prng.di.unimi.it/splitmix64.c) */
+static inline uint64_t vb_splitmix64(uint64_t *s) {
+    uint64_t z = (*s += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+/* floor(-ln(U) * mL) with U uniform in (0, 1] (never 0, so never infinite), clamped. */
+static inline int vb_hnsw_draw_level(vb_hnsw_t *h) {
+    double u = ((double)(vb_splitmix64(&h->rng) >> 11) + 1.0) * (1.0 / 9007199254740992.0);
+    double l = -log(u) * h->ml;
+    return l >= VB_HNSW_MAX_LEVEL ? VB_HNSW_MAX_LEVEL : (int)l;
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Insertion.
+ * ------------------------------------------------------------------------------------------- */
+
+/*
+ * Copy node r's list on `level` into buf (count returned). With `locked`, under r's spinlock so a
+ * concurrent writer is never seen half-way; without, straight from the graph.
+ */
+static inline size_t vb_hnsw_read_list(vb_hnsw_t *h, uint32_t r, int level, int locked, uint32_t *buf) {
+    if (locked) vb_hnsw_lock(h, r);
+    const uint32_t *ln = vb_hnsw_list(h, r, level);
+    size_t cnt = ln[0];
+    memcpy(buf, ln + 1, cnt * sizeof(uint32_t));
+    if (locked) vb_hnsw_unlock(h, r);
+    return cnt;
+}
+
+/* Greedy walk on one upper layer from *cur (distance *curd) to a local minimum. */
+static inline void vb_hnsw_greedy(vb_hnsw_t *h, vb_hnsw_ctx_t *c, const vb_distance_ops_t *ops,
+                                  const float *restrict q, int level, int locked, uint32_t *cur,
+                                  float *curd) {
+    int changed = 1;
+    while (changed) {
+        changed = 0;
+        size_t cnt = vb_hnsw_read_list(h, *cur, level, locked, c->ids);
+        for (size_t j = 0; j < cnt; j++) {
+            uint32_t nb = c->ids[j];
+            if (j + 1 < cnt) VB_PREFETCH(vb_hnsw_vec(h, c->ids[j + 1]));
+            float dd = -ops->dot(q, vb_hnsw_vec(h, nb), h->d);
+            if (dd < *curd) {
+                *curd = dd;
+                *cur = nb;
+                changed = 1;
+            }
+        }
+    }
+}
+
+/*
+ * Beam search on any layer while building (hnswlib's searchBaseLayer). Leaves up to ef results in
+ * c->top as a max-heap of *ntop entries. The scratch must be reserved for ef.
+ */
+static inline int vb_hnsw_search_layer_build(vb_hnsw_t *h, vb_hnsw_ctx_t *c, const vb_distance_ops_t *ops,
+                                             const float *restrict q, uint32_t ep, float epd, int level,
+                                             size_t ef, int locked, size_t *ntop_out) {
+    size_t ncand = 0, ntop = 0;
+    vb_visited_next(&c->vis);
+    vb_visited_test_set(&c->vis, ep);
+    vb_hnsw_pair_t e = {epd, ep};
+    vb_minheap_push(c->cand, &ncand, e);
+    vb_maxheap_push(c->top, &ntop, e);
+    float worst = epd;
+    while (ncand) {
+        vb_hnsw_pair_t cur = c->cand[0];
+        if (cur.d > worst && ntop >= ef) break;
+        vb_minheap_pop(c->cand, &ncand);
+        size_t cnt = vb_hnsw_read_list(h, cur.id, level, locked, c->ids);
+        for (size_t j = 0; j < cnt; j++) {
+            uint32_t nb = c->ids[j];
+            if (j + 1 < cnt) {
+                VB_PREFETCH(c->vis.tags + c->ids[j + 1]);
+                VB_PREFETCH(vb_hnsw_vec(h, c->ids[j + 1]));
+            }
+            if (vb_visited_test_set(&c->vis, nb)) continue;
+            float dd = -ops->dot(q, vb_hnsw_vec(h, nb), h->d);
+            if (ntop < ef || dd < worst) {
+                if (ncand + 1 >= c->cand_cap && vb_hnsw_cand_make_room(c, &ncand, worst, ntop >= ef))
+                    return VB_ENOMEM;
+                vb_hnsw_pair_t p = {dd, nb};
+                vb_minheap_push(c->cand, &ncand, p);
+                vb_maxheap_push(c->top, &ntop, p);
+                if (ntop > ef) vb_maxheap_pop(c->top, &ntop);
+                worst = c->top[0].d;
+            }
+        }
+    }
+    *ntop_out = ntop;
+    return VB_OK;
+}
+
+static int vb_pair_cmp(const void *a, const void *b) {
+    const vb_hnsw_pair_t *x = (const vb_hnsw_pair_t *)a, *y = (const vb_hnsw_pair_t *)b;
+    if (vb_pair_lt(*x, *y)) return -1;
+    if (vb_pair_lt(*y, *x)) return 1;
+    return 0;
+}
+
+/*
+ * The diversity heuristic (hnswlib getNeighborsByHeuristic2): walk cand[0..nc) (d = distance to
+ * the base node) in ascending order and keep c unless an already kept r is closer to c than the
+ * base is (dist(c, r) < dist(c, base)); stop at m kept. Fewer than m candidates are all kept.
+ * `cand` must be sorted ascending. Writes the kept ones to out and returns how many.
+ */
+static inline size_t vb_hnsw_select(const vb_hnsw_t *h, const vb_distance_ops_t *ops, const vb_hnsw_pair_t *cand,
+                                    size_t nc, size_t m, vb_hnsw_pair_t *out) {
+    if (nc <= m) {
+        memcpy(out, cand, nc * sizeof(*cand));
+        return nc;
+    }
+    size_t k = 0;
+    for (size_t i = 0; i < nc && k < m; i++) {
+        const float *cv = vb_hnsw_vec(h, cand[i].id);
+        int good = 1;
+        for (size_t j = 0; j < k; j++) {
+            if (-ops->dot(cv, vb_hnsw_vec(h, out[j].id), h->d) < cand[i].d) {
+                good = 0;
+                break;
+            }
+        }
+        if (good) out[k++] = cand[i];
+    }
+    return k;
+}
+
+/*
+ * Link q into `level` with the selected neighbours sel[0..ns): q's list becomes sel, and q is
+ * added to each neighbour's list, pruning a full list with the heuristic from that neighbour's
+ * point of view (hnswlib mutuallyConnectNewElement).
+ */
+static inline void vb_hnsw_connect(vb_hnsw_t *h, vb_hnsw_ctx_t *c, const vb_distance_ops_t *ops, uint32_t q,
+                                   const vb_hnsw_pair_t *sel, size_t ns, int level, int locked) {
+    size_t mmax = level ? h->M : h->M0;
+    if (locked) vb_hnsw_lock(h, q);
+    uint32_t *ql = vb_hnsw_list(h, q, level);
+    for (size_t i = 0; i < ns; i++) ql[1 + i] = sel[i].id;
+    ql[0] = (uint32_t)ns;
+    if (locked) vb_hnsw_unlock(h, q);
+
+    const float *qv = vb_hnsw_vec(h, q);
+    for (size_t i = 0; i < ns; i++) {
+        uint32_t s = sel[i].id;
+        if (s == q) continue;
+        if (locked) vb_hnsw_lock(h, s);
+        uint32_t *sl = vb_hnsw_list(h, s, level);
+        size_t cnt = sl[0];
+        int present = 0;
+        for (size_t j = 0; j < cnt; j++) present |= sl[1 + j] == q;
+        if (!present) {
+            if (cnt < mmax) {
+                sl[1 + cnt] = q;
+                sl[0] = (uint32_t)(cnt + 1);
+            } else {
+                const float *sv = vb_hnsw_vec(h, s);
+                vb_hnsw_pair_t *cand = c->sel;
+                cand[0].d = -ops->dot(sv, qv, h->d);
+                cand[0].id = q;
+                for (size_t j = 0; j < cnt; j++) {
+                    cand[1 + j].id = sl[1 + j];
+                    cand[1 + j].d = -ops->dot(sv, vb_hnsw_vec(h, sl[1 + j]), h->d);
+                }
+                qsort(cand, cnt + 1, sizeof(*cand), vb_pair_cmp);
+                size_t k = vb_hnsw_select(h, ops, cand, cnt + 1, mmax, c->out);
+                for (size_t j = 0; j < k; j++) sl[1 + j] = c->out[j].id;
+                sl[0] = (uint32_t)k;
+            }
+        }
+        if (locked) vb_hnsw_unlock(h, s);
+    }
+}
+
+/*
+ * Insert row q (its vector, level and link blocks are in place) into the graph. `locked` is set
+ * when other threads insert at the same time. The scratch must be reserved for n rows and
+ * ef_construction.
+ */
+static inline int vb_hnsw_insert(vb_hnsw_t *h, vb_hnsw_ctx_t *c, const vb_distance_ops_t *ops, uint32_t q,
+                                 int locked) {
+    int L = h->levels[q];
+    if (locked) pthread_mutex_lock(&h->ep_mu);
+    uint32_t ep = h->entry;
+    int maxl = h->max_level;
+    if (ep == VB_HNSW_NONE) {
+        h->entry = q;
+        h->max_level = L;
+        if (locked) pthread_mutex_unlock(&h->ep_mu);
+        return VB_OK;
+    }
+    /* A node that raises the top level keeps the lock for its whole insert, so only one such node
+     * is in flight and the entry point moves to a fully linked node (hnswlib does the same). */
+    int hold = locked && L > maxl;
+    if (locked && !hold) pthread_mutex_unlock(&h->ep_mu);
+
+    const float *qv = vb_hnsw_vec(h, q);
+    float epd = -ops->dot(qv, vb_hnsw_vec(h, ep), h->d);
+    for (int l = maxl; l > L; l--) vb_hnsw_greedy(h, c, ops, qv, l, locked, &ep, &epd);
+
+    int rc = VB_OK;
+    for (int l = (L < maxl ? L : maxl); l >= 0; l--) {
+        size_t ntop;
+        rc = vb_hnsw_search_layer_build(h, c, ops, qv, ep, epd, l, h->ef_construction, locked, &ntop);
+        if (rc) break;
+        vb_maxheap_drain_sorted(c->top, ntop, c->sel);
+        size_t ns = vb_hnsw_select(h, ops, c->sel, ntop, h->M, c->out);
+        /* c->out is reused by connect's pruning: keep the selection in c->top. */
+        memcpy(c->top, c->out, ns * sizeof(vb_hnsw_pair_t));
+        ep = c->top[0].id;
+        epd = c->top[0].d;
+        vb_hnsw_connect(h, c, ops, q, c->top, ns, l, locked);
+    }
+    if (rc == VB_OK && L > maxl) {
+        if (!locked) {
+            h->entry = q;
+            h->max_level = L;
+        } else if (L > h->max_level) {
+            h->entry = q;
+            h->max_level = L;
+        }
+    }
+    if (hold) pthread_mutex_unlock(&h->ep_mu);
+    return rc;
+}
+
+typedef struct {
+    vb_hnsw_t *h;
+    const vb_distance_ops_t *ops;
+    size_t first; /* row of item 0 */
+    int locked;
+} vb_hnsw_add_task_t;
+
+static int vb_hnsw_add_task(void *p, size_t tid, size_t b, size_t e) {
+    vb_hnsw_add_task_t *t = (vb_hnsw_add_task_t *)p;
+    (void)tid;
+    vb_hnsw_ctx_t *c = (vb_hnsw_ctx_t *)vb_pool_get(&t->h->pool);
+    if (!c) return VB_ENOMEM;
+    int rc = vb_hnsw_ctx_reserve(c, t->h->cap, t->h->ef_construction, t->h->M0);
+    for (size_t i = b; i < e && rc == VB_OK; i++) rc = vb_hnsw_insert(t->h, c, t->ops, (uint32_t)(t->first + i), t->locked);
+    vb_pool_put(&t->h->pool, c);
+    return rc;
+}
+
+/*
+ * Append m rows of x_new (m, d) and link them. nthreads > 1 inserts in parallel (per-node locks;
+ * the resulting graph then depends on thread timing). Levels are drawn in row order before any
+ * insert, so with nthreads == 1 the graph depends only on the seed and the data.
+ * On VB_ENOMEM before linking starts nothing changes; a failure while linking leaves every row
+ * present and the graph valid (some new rows with fewer links).
+ */
+static inline int vb_hnsw_add(vb_hnsw_t *h, const float *restrict x_new, size_t m, size_t nthreads,
+                              const vb_distance_ops_t *ops) {
+    if (m == 0) return VB_OK;
+    size_t n0 = h->n, n1;
+    if (vb_add_overflow(n0, m, &n1) || n1 > VB_HNSW_MAX_N) return VB_EINVAL;
+    if (vb_hnsw_reserve(h, n1)) return VB_ENOMEM;
+
+    /* Draw levels on a copy of the RNG so a failed allocation below leaves the state unchanged. */
+    uint64_t rng = h->rng;
+    size_t up_blocks = 0;
+    for (size_t i = n0; i < n1; i++) {
+        int L = vb_hnsw_draw_level(h);
+        h->levels[i] = (uint8_t)L;
+        up_blocks += (size_t)L;
+    }
+    size_t up_add, up_new;
+    if (vb_mul_overflow(up_blocks, 1 + h->M, &up_add) || vb_add_overflow(h->up_len, up_add, &up_new)) {
+        h->rng = rng;
+        return VB_ENOMEM;
+    }
+    if (up_new > h->up_cap) {
+        size_t cap = h->up_cap + h->up_cap / 2;
+        if (cap < up_new) cap = up_new;
+        if (vb_realloc_n((void **)&h->up_links, cap, sizeof(uint32_t))) {
+            h->rng = rng;
+            return VB_ENOMEM;
+        }
+        h->up_cap = cap;
+    }
+    for (size_t i = n0; i < n1; i++) {
+        h->up_off[i] = h->up_len;
+        for (int l = 1; l <= h->levels[i]; l++) h->up_links[h->up_len + (size_t)(l - 1) * (1 + h->M)] = 0;
+        h->up_len += (size_t)h->levels[i] * (1 + h->M);
+        h->links0[i * (1 + h->M0)] = 0;
+    }
+    memcpy(h->x_owned + n0 * h->d, x_new, m * h->d * sizeof(float));
+    h->n = n1; /* rows are reachable only once linked; nothing searches during add */
+
+    vb_hnsw_add_task_t t = {h, ops, n0, nthreads > 1};
+    size_t start = 0;
+    if (h->entry == VB_HNSW_NONE) { /* the first node becomes the entry point before any thread runs */
+        h->entry = (uint32_t)n0;
+        h->max_level = h->levels[n0];
+        start = 1;
+    }
+    if (start == m) return VB_OK;
+    t.first = n0 + start;
+    return vb_parallel_for(m - start, nthreads, 1, vb_hnsw_add_task, &t);
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Search.
+ * ------------------------------------------------------------------------------------------- */
+
+/* Greedy descent from the entry point to layer 1's local minimum (no locks, no allocation). */
+static inline uint32_t vb_hnsw_descend(const vb_hnsw_t *h, const vb_distance_ops_t *ops, const float *restrict q,
+                                       float *outd, size_t *ndist) {
+    uint32_t cur = h->entry;
+    float curd = -ops->dot(q, vb_hnsw_vec(h, cur), h->d);
+    size_t nd = 1;
+    for (int l = h->max_level; l >= 1; l--) {
+        int changed = 1;
+        while (changed) {
+            changed = 0;
+            const uint32_t *ln = vb_hnsw_list(h, cur, l);
+            size_t cnt = ln[0];
+            for (size_t j = 1; j <= cnt; j++) {
+                if (j < cnt) vb_hnsw_prefetch_vec(vb_hnsw_vec(h, ln[j + 1]), h->d);
+                float dd = -ops->dot(q, vb_hnsw_vec(h, ln[j]), h->d);
+                if (dd < curd) {
+                    curd = dd;
+                    cur = ln[j];
+                    changed = 1;
+                }
+            }
+            nd += cnt;
+        }
+    }
+    *outd = curd;
+    *ndist += nd;
+    return cur;
+}
+
+/*
+ * Beam search on layer 0 (hnswlib searchBaseLayerST). With `mask`, every node is traversed but only
+ * rows with mask[r] != 0 enter the results; the search then runs until ef allowed rows are found
+ * and no candidate is closer than the worst of them, which widens the beam as the filter gets
+ * more selective. Leaves results in c->top (max-heap of *ntop). Returns VB_OK, 1 when more than
+ * `budget` distances were computed (results incomplete), or VB_ENOMEM.
+ */
+static inline int vb_hnsw_search_layer0(const vb_hnsw_t *h, vb_hnsw_ctx_t *c, const vb_distance_ops_t *ops,
+                                        const float *restrict q, uint32_t ep, float epd, size_t ef,
+                                        const uint8_t *mask, size_t budget, size_t *ntop_out, size_t *ndist) {
+    const size_t d = h->d, stride = 1 + h->M0;
+    const float *restrict x = h->x;
+    const uint32_t *restrict links0 = h->links0;
+    vb_pair_fn dot = ops->dot;
+    vb_visited_next(&c->vis);
+    uint16_t *restrict tags = c->vis.tags;
+    const uint16_t tag = c->vis.epoch;
+    size_t ncand = 0, ntop = 0, nd = 0;
+
+    tags[ep] = tag;
+    vb_hnsw_pair_t e = {epd, ep};
+    vb_minheap_push(c->cand, &ncand, e);
+    if (!mask || mask[ep]) vb_maxheap_push(c->top, &ntop, e);
+    float worst = ntop ? epd : INFINITY;
+    int rc = VB_OK;
+
+    while (ncand) {
+        vb_hnsw_pair_t cur = c->cand[0];
+        if (cur.d > worst && ntop >= ef) break;
+        vb_minheap_pop(c->cand, &ncand);
+        const uint32_t *ln = links0 + (size_t)cur.id * stride;
+        size_t cnt = ln[0];
+        /* Pass 1: mark and collect the unvisited neighbours; pass 2: score them with the next rows
+         * prefetched, so no prefetch bandwidth goes to rows that were already scored. */
+        uint32_t *restrict fresh = c->ids;
+        size_t m = 0;
+        for (size_t j = 1; j <= cnt; j++) {
+            uint32_t nb = ln[j];
+            if (tags[nb] == tag) continue;
+            tags[nb] = tag;
+            fresh[m++] = nb;
+        }
+        for (size_t j = 0; j < m && j < VB_HNSW_PREFETCH_ROWS; j++) vb_hnsw_prefetch_vec(x + (size_t)fresh[j] * d, d);
+        for (size_t j = 0; j < m; j++) {
+            uint32_t nb = fresh[j];
+            if (j + VB_HNSW_PREFETCH_ROWS < m) vb_hnsw_prefetch_vec(x + (size_t)fresh[j + VB_HNSW_PREFETCH_ROWS] * d, d);
+            float dd = -dot(q, x + (size_t)nb * d, d);
+            if (ntop < ef || dd < worst) {
+                if (VB_UNLIKELY(ncand + 1 >= c->cand_cap) &&
+                    vb_hnsw_cand_make_room(c, &ncand, worst, ntop >= ef)) {
+                    rc = VB_ENOMEM;
+                    goto done;
+                }
+                vb_hnsw_pair_t p = {dd, nb};
+                vb_minheap_push(c->cand, &ncand, p);
+                VB_PREFETCH(links0 + (size_t)nb * stride);
+                if (!mask || mask[nb]) {
+                    if (ntop < ef) {
+                        vb_maxheap_push(c->top, &ntop, p);
+                    } else {
+                        vb_maxheap_replace_top(c->top, ntop, p);
+                    }
+                    if (ntop >= ef) worst = c->top[0].d;
+                }
+            }
+        }
+        nd += m;
+        if (nd > budget) {
+            rc = 1;
+            break;
+        }
+    }
+done:
+    *ntop_out = ntop;
+    *ndist += nd;
+    return rc;
+}
+
+/* Keep the best k of a max-heap of n results and write them best first; pad to k with -1/-inf. */
+static inline void vb_hnsw_emit(vb_hnsw_pair_t *top, size_t n, size_t k, int64_t *rows, float *scores) {
+    while (n > k) vb_maxheap_pop(top, &n);
+    for (size_t i = n; i < k; i++) {
+        rows[i] = -1;
+        scores[i] = -INFINITY;
+    }
+    while (n) {
+        rows[n - 1] = top[0].id;
+        scores[n - 1] = -top[0].d;
+        vb_maxheap_pop(top, &n);
+    }
+}
+
+/* Offer a block of scored rows to a top-k max-heap. */
+static inline void vb_hnsw_offer(vb_hnsw_pair_t *top, size_t *ntop, size_t k, const uint32_t *ids,
+                                 const float *dots, size_t m) {
+    for (size_t i = 0; i < m; i++) {
+        vb_hnsw_pair_t p = {-dots[i], ids[i]};
+        if (*ntop < k) {
+            vb_maxheap_push(top, ntop, p);
+        } else if (vb_pair_lt(p, top[0])) {
+            vb_maxheap_replace_top(top, *ntop, p);
+        }
+    }
+}
+
+/*
+ * Exact top-k by scanning every row (mask == NULL) or every row with mask[r] != 0, with the batch
+ * kernels (dot_ny over contiguous blocks, dot_ids32 over gathered allowed rows).
+ */
+static inline void vb_hnsw_scan(const vb_hnsw_t *h, vb_hnsw_ctx_t *c, const vb_distance_ops_t *ops,
+                                const float *restrict q, size_t k, const uint8_t *mask, int64_t *rows,
+                                float *scores) {
+    size_t ntop = 0, n = h->n, d = h->d;
+    uint32_t *ids = c->ids;
+    float *dist = c->dist;
+    if (!mask) {
+        for (size_t b = 0; b < n; b += VB_HNSW_SCAN_BLOCK) {
+            size_t m = n - b < VB_HNSW_SCAN_BLOCK ? n - b : VB_HNSW_SCAN_BLOCK;
+            ops->dot_ny(dist, q, h->x + b * d, d, m);
+            for (size_t i = 0; i < m; i++) ids[i] = (uint32_t)(b + i);
+            vb_hnsw_offer(c->top, &ntop, k, ids, dist, m);
+        }
+    } else {
+        size_t m = 0, r = 0;
+        /* Skip 8 disallowed rows at a time: cheap at 0.1% selectivity over millions of rows. */
+        while (r < n) {
+            if (r + 8 <= n) {
+                uint64_t w;
+                memcpy(&w, mask + r, 8);
+                if (!w) {
+                    r += 8;
+                    continue;
+                }
+            }
+            size_t e = r + 8 < n ? r + 8 : n;
+            for (; r < e; r++) {
+                if (!mask[r]) continue;
+                ids[m++] = (uint32_t)r;
+                if (m == VB_HNSW_SCAN_BLOCK) {
+                    ops->dot_ids32(dist, q, h->x, d, ids, m);
+                    vb_hnsw_offer(c->top, &ntop, k, ids, dist, m);
+                    m = 0;
+                }
+            }
+        }
+        if (m) {
+            ops->dot_ids32(dist, q, h->x, d, ids, m);
+            vb_hnsw_offer(c->top, &ntop, k, ids, dist, m);
+        }
+    }
+    vb_hnsw_emit(c->top, ntop, k, rows, scores);
+}
+
+/*
+ * Cost model for filtered search, in "distance computations" (calibrated on 128-d unit vectors,
+ * n = 20k..1M, M = 16; see perf/RESULTS_hnsw.md):
+ *   graph  ~ VB_HNSW_COST_PER_EF * ef' / s + descent, where s = allowed / n and ef' the widened
+ *            beam: to gather ef' allowed results the beam walks about ef'/s nodes;
+ *   scan   ~ allowed / VB_HNSW_SCAN_SPEEDUP (a scan distance is cheaper than a graph one: rows
+ *            are visited in order, no heaps, no visited list).
+ * The graph runs with a budget equal to the scan's cost; if it overruns, the query finishes with
+ * a scan, so a wrong estimate costs at most one scan extra.
+ */
+#define VB_HNSW_COST_PER_EF 16.0
+#define VB_HNSW_SCAN_SPEEDUP 2.0
+
+/* The beam used for a filter with selectivity s (0 < s < 1): ef widened as the filter tightens. */
+static inline size_t vb_hnsw_filtered_ef(size_t ef, double s) {
+    double w = 1.0 / sqrt(s);
+    if (w > 4.0) w = 4.0;
+    double e = (double)ef * w;
+    return e > VB_HNSW_MAX_EF ? VB_HNSW_MAX_EF : (size_t)e;
+}
+
+/*
+ * One query: top-k rows by inner product into rows[0..k) / scores[0..k), best first, padded with
+ * -1 / -inf. mask (n,) and allowed (= number of nonzero mask entries) describe an optional filter.
+ */
+static inline int vb_hnsw_search_one(vb_hnsw_t *h, vb_hnsw_ctx_t *c, const vb_distance_ops_t *ops,
+                                     const float *restrict q, size_t k, size_t ef, const uint8_t *mask,
+                                     size_t allowed, int mode, int64_t *rows, float *scores) {
+    size_t n = h->n;
+    if (mask && allowed >= n) mask = NULL;
+    if (n == 0 || k == 0 || (mask && allowed == 0)) {
+        vb_hnsw_emit(c->top, 0, k, rows, scores);
+        return VB_OK;
+    }
+    size_t efs = ef > k ? ef : k;
+    size_t budget = SIZE_MAX;
+    int scan = mode == VB_HNSW_FORCE_SCAN;
+    if (mode == VB_HNSW_AUTO) {
+        if (!mask) {
+            scan = n <= efs; /* the beam would cover everything anyway */
+        } else {
+            double s = (double)allowed / (double)n;
+            efs = vb_hnsw_filtered_ef(efs, s);
+            double graph = VB_HNSW_COST_PER_EF * (double)efs / s + 64.0 * (h->max_level + 1);
+            double scan_cost = (double)allowed / VB_HNSW_SCAN_SPEEDUP;
+            scan = graph >= scan_cost;
+            budget = (size_t)scan_cost;
+        }
+    } else if (mask && mode == VB_HNSW_FORCE_GRAPH) {
+        efs = vb_hnsw_filtered_ef(efs, (double)allowed / (double)n);
+    }
+    size_t nd = 0;
+    if (!scan) {
+        if (vb_hnsw_ctx_reserve(c, n, efs, h->M0)) return VB_ENOMEM;
+        float epd;
+        uint32_t ep = vb_hnsw_descend(h, ops, q, &epd, &nd);
+        size_t ntop;
+        int rc = vb_hnsw_search_layer0(h, c, ops, q, ep, epd, efs, mask, budget, &ntop, &nd);
+        if (rc < 0) return rc;
+        if (rc == 0) {
+            vb_hnsw_emit(c->top, ntop, k, rows, scores);
+            atomic_fetch_add_explicit(&h->n_graph, 1, memory_order_relaxed);
+            atomic_fetch_add_explicit(&h->n_dist, nd, memory_order_relaxed);
+            return VB_OK;
+        }
+        atomic_fetch_add_explicit(&h->n_fallback, 1, memory_order_relaxed);
+    }
+    if (vb_hnsw_ctx_reserve(c, n, k, h->M0)) return VB_ENOMEM;
+    vb_hnsw_scan(h, c, ops, q, k, mask, rows, scores);
+    atomic_fetch_add_explicit(&h->n_scan, 1, memory_order_relaxed);
+    atomic_fetch_add_explicit(&h->n_dist, nd + (mask ? allowed : n), memory_order_relaxed);
+    return VB_OK;
+}
+
+typedef struct {
+    vb_hnsw_t *h;
+    const vb_distance_ops_t *ops;
+    const float *q;
+    size_t k, ef, allowed;
+    const uint8_t *mask;
+    int mode;
+    int64_t *rows;
+    float *scores;
+} vb_hnsw_search_task_t;
+
+static int vb_hnsw_search_task(void *p, size_t tid, size_t b, size_t e) {
+    vb_hnsw_search_task_t *t = (vb_hnsw_search_task_t *)p;
+    (void)tid;
+    vb_hnsw_ctx_t *c = (vb_hnsw_ctx_t *)vb_pool_get(&t->h->pool);
+    if (!c) return VB_ENOMEM;
+    int rc = VB_OK;
+    for (size_t i = b; i < e && rc == VB_OK; i++)
+        rc = vb_hnsw_search_one(t->h, c, t->ops, t->q + i * t->h->d, t->k, t->ef, t->mask, t->allowed, t->mode,
+                                t->rows + i * t->k, t->scores + i * t->k);
+    vb_pool_put(&t->h->pool, c);
+    return rc;
+}
+
+/*
+ * Batch search: q (nq, d); rows/scores (nq, k). Queries are split across nthreads (each query runs
+ * on one thread). mask (n,) or NULL; allowed = its nonzero count. Thread-safe against other
+ * searches; must not overlap vb_hnsw_add.
+ */
+static inline int vb_hnsw_search(vb_hnsw_t *h, const vb_distance_ops_t *ops, const float *restrict q, size_t nq,
+                                 size_t k, size_t ef, const uint8_t *mask, size_t allowed, int mode,
+                                 size_t nthreads, int64_t *rows, float *scores) {
+    if (k > VB_HNSW_MAX_EF || ef < 1 || ef > VB_HNSW_MAX_EF) return VB_EINVAL;
+    vb_hnsw_search_task_t t = {h, ops, q, k, ef, allowed, mask, mode, rows, scores};
+    return vb_parallel_for(nq, nthreads, 4, vb_hnsw_search_task, &t);
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Subsequence search (identify).
+ * ------------------------------------------------------------------------------------------- */
+
+/* Labels of the rows: label(r) = base + r, or row_labels[r] with a sorted copy for lookups. */
+typedef struct vb_hnsw_labels {
+    int64_t base;                /* used when row_labels == NULL */
+    const int64_t *row_labels;   /* (n,) label of each row, unique and >= 0, or NULL */
+    const int64_t *sorted;       /* (n,) row_labels sorted ascending */
+    const uint32_t *sorted_rows; /* (n,) row of sorted[i] */
+} vb_hnsw_labels_t;
+
+static inline int64_t vb_hnsw_label(const vb_hnsw_labels_t *lab, uint32_t r) {
+    return lab->row_labels ? lab->row_labels[r] : lab->base + (int64_t)r;
+}
+
+/*
+ * Rows of labels s, s+1, ..., s+L-1 into rows[0..L). Returns 0 when a label is missing or its row
+ * is not valid (valid == NULL means all rows are).
+ */
+static inline int vb_hnsw_window_rows(const vb_hnsw_t *h, const vb_hnsw_labels_t *lab, const uint8_t *valid,
+                                      int64_t s, size_t L, uint32_t *rows) {
+    size_t n = h->n;
+    if (!lab->row_labels) {
+        if (s < lab->base) return 0;
+        uint64_t r0 = (uint64_t)(s - lab->base);
+        if (r0 > n || L > n - r0) return 0;
+        for (size_t i = 0; i < L; i++) {
+            rows[i] = (uint32_t)(r0 + i);
+            if (valid && !valid[r0 + i]) return 0;
+        }
+        return 1;
+    }
+    size_t lo = 0, hi = n; /* first position with sorted[pos] >= s */
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+        if (lab->sorted[mid] < s) lo = mid + 1;
+        else hi = mid;
+    }
+    if (lo > n || L > n - lo) return 0;
+    for (size_t i = 0; i < L; i++) {
+        if (lab->sorted[lo + i] != s + (int64_t)i) return 0; /* labels are unique, so a gap shows here */
+        uint32_t r = lab->sorted_rows[lo + i];
+        if (valid && !valid[r]) return 0;
+        rows[i] = r;
+    }
+    return 1;
+}
+
+static int vb_i64_cmp(const void *a, const void *b) {
+    int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
+    return (x > y) - (x < y);
+}
+
+/*
+ * Find the k start labels s maximising mean_i dot(frames[i], vec(label s + i)) over windows of L
+ * consecutive labels that all exist and are valid. frames (L, d). Anchors: n_anchors frames spread
+ * evenly over the excerpt; each is searched with anchor_k results (beam max(ef, anchor_k)); a hit
+ * with label h at anchor offset o proposes start h - o (and its neighbours h - o +/- 1 when
+ * `spread`); the deduplicated starts are scored exactly. Output: starts/scores (k,), best first,
+ * padded with -1 / -inf; *ncand = number of distinct windows scored.
+ */
+static inline int vb_hnsw_subseq(vb_hnsw_t *h, const vb_distance_ops_t *ops, const float *restrict frames,
+                                 size_t L, size_t k, size_t ef, size_t n_anchors, size_t anchor_k, int spread,
+                                 const uint8_t *valid, const vb_hnsw_labels_t *lab, int64_t *starts,
+                                 float *scores, size_t *ncand) {
+    *ncand = 0;
+    for (size_t i = 0; i < k; i++) {
+        starts[i] = -1;
+        scores[i] = -INFINITY;
+    }
+    if (L == 0 || k == 0 || h->n == 0 || L > h->n) return VB_OK;
+    if (n_anchors < 1) n_anchors = 1;
+    if (n_anchors > L) n_anchors = L;
+    if (anchor_k < 1) anchor_k = 1;
+    if (k > VB_HNSW_MAX_EF || anchor_k > VB_HNSW_MAX_EF || ef > VB_HNSW_MAX_EF) return VB_EINVAL;
+    size_t per_hit = spread ? 3 : 1, ncap, tmp;
+    if (vb_mul_overflow(n_anchors, anchor_k, &tmp) || vb_mul_overflow(tmp, per_hit, &ncap)) return VB_EINVAL;
+
+    int64_t *cand = (int64_t *)malloc(ncap * sizeof(int64_t));
+    int64_t *hit_rows = (int64_t *)malloc(anchor_k * sizeof(int64_t));
+    float *hit_scores = (float *)malloc(anchor_k * sizeof(float));
+    uint32_t *wrows = (uint32_t *)malloc(L * sizeof(uint32_t));
+    vb_hnsw_pair_t *best = (vb_hnsw_pair_t *)malloc((k + 1) * sizeof(vb_hnsw_pair_t));
+    int64_t *best_start = (int64_t *)malloc((k + 1) * sizeof(int64_t));
+    vb_hnsw_ctx_t *c = (vb_hnsw_ctx_t *)vb_pool_get(&h->pool);
+    int rc = VB_OK;
+    if (!cand || !hit_rows || !hit_scores || !wrows || !best || !best_start || !c) {
+        rc = VB_ENOMEM;
+        goto out;
+    }
+    size_t nc = 0, d = h->d;
+    size_t efa = ef > anchor_k ? ef : anchor_k;
+    for (size_t a = 0; a < n_anchors; a++) {
+        size_t off = n_anchors == 1 ? L / 2 : a * (L - 1) / (n_anchors - 1);
+        rc = vb_hnsw_search_one(h, c, ops, frames + off * d, anchor_k, efa, NULL, 0, VB_HNSW_AUTO, hit_rows,
+                                hit_scores);
+        if (rc) goto out;
+        for (size_t j = 0; j < anchor_k; j++) {
+            if (hit_rows[j] < 0) break;
+            int64_t s = vb_hnsw_label(lab, (uint32_t)hit_rows[j]) - (int64_t)off;
+            if (spread) {
+                cand[nc++] = s - 1;
+                cand[nc++] = s + 1;
+            }
+            cand[nc++] = s;
+        }
+    }
+    qsort(cand, nc, sizeof(int64_t), vb_i64_cmp);
+    /* Score each distinct start; best[] is a heap keyed by (-mean, slot) with best_start[slot]. */
+    size_t nbest = 0, scored = 0;
+    for (size_t i = 0; i < nc; i++) {
+        int64_t s = cand[i];
+        if (i && s == cand[i - 1]) continue;
+        if (s < 0 || !vb_hnsw_window_rows(h, lab, valid, s, L, wrows)) continue;
+        double sum = 0.0;
+        for (size_t t = 0; t < L; t++) {
+            if (t + 2 < L) vb_hnsw_prefetch_vec(vb_hnsw_vec(h, wrows[t + 2]), d);
+            sum += ops->dot(frames + t * d, vb_hnsw_vec(h, wrows[t]), d);
+        }
+        scored++;
+        float mean = (float)(sum / (double)L);
+        /* ties: the lower start wins (candidates arrive in ascending order, so keep the first) */
+        vb_hnsw_pair_t p = {-mean, 0};
+        if (nbest < k) {
+            p.id = (uint32_t)nbest;
+            best_start[nbest] = s;
+            vb_maxheap_push(best, &nbest, p);
+        } else if (p.d < best[0].d) {
+            p.id = best[0].id;
+            best_start[p.id] = s;
+            vb_maxheap_replace_top(best, nbest, p);
+        }
+    }
+    *ncand = scored;
+    /* Drain worst-first into the tail; equal scores keep the lower start first. */
+    {
+        size_t m = nbest;
+        while (m) {
+            starts[m - 1] = best_start[best[0].id];
+            scores[m - 1] = -best[0].d;
+            vb_maxheap_pop(best, &m);
+        }
+        for (size_t i = 1; i < nbest; i++) { /* stable fix-up of ties (heap order ignores start) */
+            for (size_t j = i; j > 0 && scores[j] == scores[j - 1] && starts[j] < starts[j - 1]; j--) {
+                int64_t ts = starts[j];
+                starts[j] = starts[j - 1];
+                starts[j - 1] = ts;
+            }
+        }
+    }
+out:
+    vb_pool_put(&h->pool, c);
+    free(cand);
+    free(hit_rows);
+    free(hit_scores);
+    free(wrows);
+    free(best);
+    free(best_start);
+    return rc;
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Graph serialisation (no vectors). Little-endian, every field at a fixed offset:
+ *
+ *   0   8  magic "VBHNSWG1"
+ *   8   4  u32 version = 1
+ *   12  4  u32 header bytes = 64
+ *   16  4  u32 d            20  4  u32 M            24  4  u32 M0 (= 2M)
+ *   28  4  u32 ef_construction
+ *   32  8  u64 n
+ *   40  4  u32 entry point row (0xFFFFFFFF iff n == 0)
+ *   44  4  u32 max level (= level of the entry point; 0 when empty)
+ *   48  8  u64 upper blocks (= sum of the levels)
+ *   56  8  u64 level RNG state (so adding to a loaded index draws what the original would)
+ *   64     levels: n x u8, then zero padding to a multiple of 4
+ *   ..     layer 0: n x (1 + M0) u32 (count, ids; slots past count are unspecified)
+ *   ..     upper layers: blocks x (1 + M) u32, node by node, levels 1..L of each
+ *   end-4  u32 CRC32C of every byte before it
+ * ------------------------------------------------------------------------------------------- */
+
+#define VB_HNSW_GRAPH_MAGIC "VBHNSWG1"
+#define VB_HNSW_GRAPH_HEADER 64
+
+static inline void vb_put_u32(uint8_t *p, uint32_t v) { memcpy(p, &v, 4); }
+static inline void vb_put_u64(uint8_t *p, uint64_t v) { memcpy(p, &v, 8); }
+static inline uint32_t vb_get_u32(const uint8_t *p) {
+    uint32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+static inline uint64_t vb_get_u64(const uint8_t *p) {
+    uint64_t v;
+    memcpy(&v, p, 8);
+    return v;
+}
+
+static inline size_t vb_pad4(size_t n) { return (n + 3) & ~(size_t)3; }
+
+/* Bytes of the serialised graph (fits: every part is already allocated in memory). */
+static inline size_t vb_hnsw_graph_size(const vb_hnsw_t *h) {
+    return VB_HNSW_GRAPH_HEADER + vb_pad4(h->n) + h->n * (1 + h->M0) * 4 + h->up_len * 4 + 4;
+}
+
+/* Serialise into out (exactly vb_hnsw_graph_size bytes). hw: use SSE4.2 for the CRC. */
+static inline int vb_hnsw_graph_write(const vb_hnsw_t *h, uint8_t *out, size_t len, int hw) {
+    if (len != vb_hnsw_graph_size(h)) return VB_EINVAL;
+    memset(out, 0, VB_HNSW_GRAPH_HEADER);
+    memcpy(out, VB_HNSW_GRAPH_MAGIC, 8);
+    vb_put_u32(out + 8, 1);
+    vb_put_u32(out + 12, VB_HNSW_GRAPH_HEADER);
+    vb_put_u32(out + 16, (uint32_t)h->d);
+    vb_put_u32(out + 20, (uint32_t)h->M);
+    vb_put_u32(out + 24, (uint32_t)h->M0);
+    vb_put_u32(out + 28, (uint32_t)h->ef_construction);
+    vb_put_u64(out + 32, h->n);
+    vb_put_u32(out + 40, h->n ? h->entry : VB_HNSW_NONE);
+    vb_put_u32(out + 44, h->n ? (uint32_t)h->max_level : 0);
+    vb_put_u64(out + 48, h->up_len / (1 + h->M));
+    vb_put_u64(out + 56, h->rng);
+    uint8_t *p = out + VB_HNSW_GRAPH_HEADER;
+    if (h->n) memcpy(p, h->levels, h->n);
+    memset(p + h->n, 0, vb_pad4(h->n) - h->n);
+    p += vb_pad4(h->n);
+    size_t l0 = h->n * (1 + h->M0) * 4;
+    if (l0) memcpy(p, h->links0, l0);
+    p += l0;
+    if (h->up_len) memcpy(p, h->up_links, h->up_len * 4);
+    p += h->up_len * 4;
+    vb_put_u32(p, vb_crc32c(0, out, len - 4, hw));
+    return VB_OK;
+}
+
+#define VB_FAIL(code, ...)                                    \
+    do {                                                      \
+        if (msg && msglen) snprintf(msg, msglen, __VA_ARGS__); \
+        return (code);                                        \
+    } while (0)
+
+/*
+ * Validate a serialised graph and build an index over the borrowed vectors x (xn, xd) (read-only,
+ * kept by pointer: the caller keeps them alive and unchanged for the index's lifetime).
+ * Everything is checked before anything is allocated beyond what the blob's own size allows:
+ * lengths against the bytes present (overflow-checked), the CRC, parameters, levels, every count
+ * and every neighbour id (< n, and on level l a node that has level l), the entry point. After
+ * this, search loops run without checks. On failure h is left zeroed (no vb_hnsw_free needed) and
+ * msg says what failed. Returns VB_OK, VB_ECORRUPT, VB_EINVAL (vectors do not match) or VB_ENOMEM.
+ */
+static inline int vb_hnsw_graph_read_checked(vb_hnsw_t *h, const uint8_t *buf, size_t len, const float *x,
+                                             size_t xn, size_t xd, int hw, char *msg, size_t msglen) {
+    memset(h, 0, sizeof(*h));
+    h->entry = VB_HNSW_NONE;
+    if (len < VB_HNSW_GRAPH_HEADER + 4)
+        VB_FAIL(VB_ECORRUPT, "graph truncated: %zu bytes, the header alone needs %d", len, VB_HNSW_GRAPH_HEADER + 4);
+    if (memcmp(buf, VB_HNSW_GRAPH_MAGIC, 8) != 0) VB_FAIL(VB_ECORRUPT, "not an HNSW graph: bad magic");
+    uint32_t version = vb_get_u32(buf + 8), hdr = vb_get_u32(buf + 12);
+    if (version != 1) VB_FAIL(VB_ECORRUPT, "unsupported graph version %u (this build reads 1)", version);
+    if (hdr != VB_HNSW_GRAPH_HEADER)
+        VB_FAIL(VB_ECORRUPT, "bad graph header size %u (expected %d)", hdr, VB_HNSW_GRAPH_HEADER);
+    uint32_t d = vb_get_u32(buf + 16), M = vb_get_u32(buf + 20), M0 = vb_get_u32(buf + 24);
+    uint32_t efc = vb_get_u32(buf + 28), entry = vb_get_u32(buf + 40), maxl = vb_get_u32(buf + 44);
+    uint64_t n64 = vb_get_u64(buf + 32), blocks64 = vb_get_u64(buf + 48), rng = vb_get_u64(buf + 56);
+    if (d < 1 || d > VB_HNSW_MAX_DIM) VB_FAIL(VB_ECORRUPT, "graph dimension %u out of range [1, %d]", d, VB_HNSW_MAX_DIM);
+    if (M < 2 || M > VB_HNSW_MAX_M) VB_FAIL(VB_ECORRUPT, "graph M=%u out of range [2, %d]", M, VB_HNSW_MAX_M);
+    if (M0 != 2 * M) VB_FAIL(VB_ECORRUPT, "graph M0=%u, expected 2*M=%u", M0, 2 * M);
+    if (efc < 1 || efc > VB_HNSW_MAX_EF)
+        VB_FAIL(VB_ECORRUPT, "graph ef_construction=%u out of range [1, %d]", efc, VB_HNSW_MAX_EF);
+    if (n64 > VB_HNSW_MAX_N) VB_FAIL(VB_ECORRUPT, "graph node count %llu exceeds the limit %u",
+                                     (unsigned long long)n64, VB_HNSW_MAX_N);
+    /* Each node needs at least 1 + 4*(1+M0) bytes: bound n by the bytes present before any product. */
+    size_t avail = len - VB_HNSW_GRAPH_HEADER - 4;
+    if (n64 > avail / (1 + 4 * (1 + (size_t)M0)))
+        VB_FAIL(VB_ECORRUPT, "graph node count %llu needs more than the %zu bytes present",
+                (unsigned long long)n64, avail);
+    size_t n = (size_t)n64;
+    size_t stride0 = 1 + (size_t)M0, stride = 1 + (size_t)M;
+    size_t l0_bytes = n * stride0 * 4; /* cannot overflow: bounded by avail above */
+    size_t rest = avail - vb_pad4(n) - l0_bytes;
+    if (vb_pad4(n) + l0_bytes > avail) VB_FAIL(VB_ECORRUPT, "graph truncated in layer 0");
+    if (blocks64 > rest / (stride * 4) || blocks64 * stride * 4 != rest)
+        VB_FAIL(VB_ECORRUPT, "graph size mismatch: %llu upper blocks of %zu bytes, but %zu bytes remain",
+                (unsigned long long)blocks64, stride * 4, rest);
+    size_t blocks = (size_t)blocks64;
+    uint32_t crc_stored = vb_get_u32(buf + len - 4), crc = vb_crc32c(0, buf, len - 4, hw);
+    if (crc != crc_stored)
+        VB_FAIL(VB_ECORRUPT, "graph checksum mismatch: stored 0x%08x, computed 0x%08x", crc_stored, crc);
+    if (x == NULL && n) VB_FAIL(VB_EINVAL, "no vectors given for a graph of %zu nodes", n);
+    if (xn != n || xd != d)
+        VB_FAIL(VB_EINVAL, "vectors have shape (%zu, %zu) but the graph has %zu nodes of dimension %u", xn, xd, n, d);
+
+    const uint8_t *lev = buf + VB_HNSW_GRAPH_HEADER;
+    for (size_t i = n; i < vb_pad4(n); i++)
+        if (lev[i]) VB_FAIL(VB_ECORRUPT, "graph padding byte %zu is not zero", i);
+    size_t sum = 0;
+    uint32_t top = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (lev[i] > VB_HNSW_MAX_LEVEL)
+            VB_FAIL(VB_ECORRUPT, "node %zu has level %u, above the limit %d", i, lev[i], VB_HNSW_MAX_LEVEL);
+        sum += lev[i];
+        if (lev[i] > top) top = lev[i];
+    }
+    if (sum != blocks) VB_FAIL(VB_ECORRUPT, "levels add up to %zu upper blocks, header says %zu", sum, blocks);
+    if (n == 0) {
+        if (entry != VB_HNSW_NONE || maxl != 0) VB_FAIL(VB_ECORRUPT, "empty graph with an entry point");
+    } else {
+        if (entry >= n) VB_FAIL(VB_ECORRUPT, "entry point %u out of range [0, %zu)", entry, n);
+        if (maxl != top || lev[entry] != top)
+            VB_FAIL(VB_ECORRUPT, "entry point %u has level %u, header max level %u, highest node level %u", entry,
+                    lev[entry], maxl, top);
+    }
+    const uint8_t *l0 = lev + vb_pad4(n);
+    for (size_t i = 0; i < n; i++) {
+        const uint8_t *p = l0 + i * stride0 * 4;
+        uint32_t cnt = vb_get_u32(p);
+        if (cnt > M0) VB_FAIL(VB_ECORRUPT, "node %zu has %u links on layer 0, above M0=%u", i, cnt, M0);
+        for (uint32_t j = 0; j < cnt; j++) {
+            uint32_t nb = vb_get_u32(p + 4 + 4 * (size_t)j);
+            if (nb >= n) VB_FAIL(VB_ECORRUPT, "node %zu links to %u on layer 0, out of range [0, %zu)", i, nb, n);
+        }
+    }
+    const uint8_t *up = l0 + l0_bytes;
+    size_t blk = 0;
+    for (size_t i = 0; i < n; i++) {
+        for (uint32_t l = 1; l <= lev[i]; l++, blk++) {
+            const uint8_t *p = up + blk * stride * 4;
+            uint32_t cnt = vb_get_u32(p);
+            if (cnt > M) VB_FAIL(VB_ECORRUPT, "node %zu has %u links on layer %u, above M=%u", i, cnt, l, M);
+            for (uint32_t j = 0; j < cnt; j++) {
+                uint32_t nb = vb_get_u32(p + 4 + 4 * (size_t)j);
+                if (nb >= n) VB_FAIL(VB_ECORRUPT, "node %zu links to %u on layer %u, out of range [0, %zu)", i, nb, l, n);
+                if (lev[nb] < l)
+                    VB_FAIL(VB_ECORRUPT, "node %zu links to %u on layer %u, but node %u only reaches level %u", i, nb,
+                            l, nb, lev[nb]);
+            }
+        }
+    }
+
+    /* Valid: build the index. Allocations are bounded by the blob size checked above. */
+    int rc = vb_hnsw_init(h, d, M, efc, rng);
+    if (rc) VB_FAIL(VB_ENOMEM, "out of memory initialising the index");
+    size_t cap = n ? n : 1;
+    if (vb_realloc_n((void **)&h->links0, cap * stride0, 4) || vb_realloc_n((void **)&h->levels, cap, 1) ||
+        vb_realloc_n((void **)&h->up_off, cap, 8) || vb_realloc_n((void **)&h->up_links, blocks * stride + 1, 4)) {
+        vb_hnsw_free(h);
+        VB_FAIL(VB_ENOMEM, "out of memory loading a graph of %zu nodes", n);
+    }
+    void *lk = NULL;
+    if (vb_realloc_n(&lk, cap, sizeof(atomic_uchar))) {
+        vb_hnsw_free(h);
+        VB_FAIL(VB_ENOMEM, "out of memory loading a graph of %zu nodes", n);
+    }
+    h->locks = (atomic_uchar *)lk;
+    for (size_t i = 0; i < cap; i++) atomic_init(&h->locks[i], 0);
+    h->cap = cap;
+    if (n) {
+        memcpy(h->levels, lev, n);
+        memcpy(h->links0, l0, l0_bytes);
+    }
+    if (blocks) memcpy(h->up_links, up, blocks * stride * 4);
+    size_t off = 0;
+    for (size_t i = 0; i < n; i++) {
+        h->up_off[i] = off;
+        off += (size_t)lev[i] * stride;
+    }
+    h->up_len = h->up_cap = blocks * stride;
+    if (h->up_cap == 0) h->up_cap = 1;
+    h->n = n;
+    h->x = x;
+    h->x_owned = NULL;
+    h->entry = n ? entry : VB_HNSW_NONE;
+    h->max_level = n ? (int)maxl : 0;
+    return VB_OK;
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Index file (save/load): params + vectors + labels + graph, each section CRC32C-checked.
+ *
+ *   0    8  magic "VBHNSWF1"       8   4  u32 version = 1      12  4  u32 flags (bit 0: labels section)
+ *   16   8  u64 n                  24  4  u32 d                28  4  u32 reserved (0)
+ *   32   8  i64 id_base (label of row r is id_base + r when there is no labels section)
+ *   40   8  i64 next_label (the label add() gives the next row when no ids are passed)
+ *   48   8  u64 vectors offset     56  8  u64 vectors bytes (= n*d*4)
+ *   64   8  u64 labels offset      72  8  u64 labels bytes (= n*8, or 0)
+ *   80   8  u64 graph offset       88  8  u64 graph bytes
+ *   96   4  u32 CRC32C vectors     100 4  u32 CRC32C labels    104 4  u32 CRC32C graph
+ *   108 16  reserved (0)           124 4  u32 CRC32C of bytes [0, 124)
+ * Sections start at 64-byte aligned offsets, in this order, after the 128-byte header.
+ * ------------------------------------------------------------------------------------------- */
+
+#define VB_HNSW_FILE_MAGIC "VBHNSWF1"
+#define VB_HNSW_FILE_HEADER 128
+
+typedef struct vb_hnsw_file {
+    uint64_t n;
+    uint32_t d, flags;
+    int64_t id_base, next_label;
+    uint64_t vec_off, vec_len, lab_off, lab_len, graph_off, graph_len;
+    uint32_t vec_crc, lab_crc, graph_crc;
+} vb_hnsw_file_t;
+
+static inline size_t vb_align64(size_t n) { return (n + 63) & ~(size_t)63; }
+
+/* Fill offsets for the given lengths (vec_len, lab_len, graph_len set by the caller). */
+static inline int vb_hnsw_file_layout(vb_hnsw_file_t *f) {
+    size_t a, b;
+    f->vec_off = VB_HNSW_FILE_HEADER;
+    if (vb_add_overflow(f->vec_off, f->vec_len, &a)) return VB_EINVAL;
+    f->lab_off = vb_align64(a);
+    if (vb_add_overflow(f->lab_off, f->lab_len, &b)) return VB_EINVAL;
+    f->graph_off = vb_align64(b);
+    return VB_OK;
+}
+
+static inline void vb_hnsw_file_header_write(const vb_hnsw_file_t *f, uint8_t *out, int hw) {
+    memset(out, 0, VB_HNSW_FILE_HEADER);
+    memcpy(out, VB_HNSW_FILE_MAGIC, 8);
+    vb_put_u32(out + 8, 1);
+    vb_put_u32(out + 12, f->flags);
+    vb_put_u64(out + 16, f->n);
+    vb_put_u32(out + 24, f->d);
+    vb_put_u64(out + 32, (uint64_t)f->id_base);
+    vb_put_u64(out + 40, (uint64_t)f->next_label);
+    vb_put_u64(out + 48, f->vec_off);
+    vb_put_u64(out + 56, f->vec_len);
+    vb_put_u64(out + 64, f->lab_off);
+    vb_put_u64(out + 72, f->lab_len);
+    vb_put_u64(out + 80, f->graph_off);
+    vb_put_u64(out + 88, f->graph_len);
+    vb_put_u32(out + 96, f->vec_crc);
+    vb_put_u32(out + 100, f->lab_crc);
+    vb_put_u32(out + 104, f->graph_crc);
+    vb_put_u32(out + 124, vb_crc32c(0, out, 124, hw));
+}
+
+static inline int vb_hnsw_file_section(const char *name, uint64_t off, uint64_t slen, uint64_t min_off, size_t len,
+                                       char *msg, size_t msglen) {
+    if (off < min_off || off % 64)
+        VB_FAIL(VB_ECORRUPT, "%s section offset %llu is misplaced (expected a multiple of 64 >= %llu)", name,
+                (unsigned long long)off, (unsigned long long)min_off);
+    if (off > len || slen > len - off)
+        VB_FAIL(VB_ECORRUPT, "%s section [%llu, +%llu) runs past the end of the file (%zu bytes)", name,
+                (unsigned long long)off, (unsigned long long)slen, len);
+    return VB_OK;
+}
+
+/*
+ * Validate an index file's header, section bounds and checksums (the graph section's structure
+ * is checked by vb_hnsw_graph_read_checked afterwards). Labels (when present) are n little-endian
+ * int64 whose uniqueness and sign the caller checks.
+ */
+static inline int vb_hnsw_file_read_checked(const uint8_t *buf, size_t len, int hw, vb_hnsw_file_t *f, char *msg,
+                                            size_t msglen) {
+    memset(f, 0, sizeof(*f));
+    if (len < VB_HNSW_FILE_HEADER)
+        VB_FAIL(VB_ECORRUPT, "index file truncated: %zu bytes, the header alone needs %d", len, VB_HNSW_FILE_HEADER);
+    if (memcmp(buf, VB_HNSW_FILE_MAGIC, 8) != 0) VB_FAIL(VB_ECORRUPT, "not a vibrato HNSW index file: bad magic");
+    uint32_t hcrc = vb_get_u32(buf + 124), hcomp = vb_crc32c(0, buf, 124, hw);
+    if (hcrc != hcomp) VB_FAIL(VB_ECORRUPT, "index header checksum mismatch: stored 0x%08x, computed 0x%08x", hcrc, hcomp);
+    uint32_t version = vb_get_u32(buf + 8);
+    if (version != 1) VB_FAIL(VB_ECORRUPT, "unsupported index file version %u (this build reads 1)", version);
+    f->flags = vb_get_u32(buf + 12);
+    f->n = vb_get_u64(buf + 16);
+    f->d = vb_get_u32(buf + 24);
+    f->id_base = (int64_t)vb_get_u64(buf + 32);
+    f->next_label = (int64_t)vb_get_u64(buf + 40);
+    f->vec_off = vb_get_u64(buf + 48);
+    f->vec_len = vb_get_u64(buf + 56);
+    f->lab_off = vb_get_u64(buf + 64);
+    f->lab_len = vb_get_u64(buf + 72);
+    f->graph_off = vb_get_u64(buf + 80);
+    f->graph_len = vb_get_u64(buf + 88);
+    f->vec_crc = vb_get_u32(buf + 96);
+    f->lab_crc = vb_get_u32(buf + 100);
+    f->graph_crc = vb_get_u32(buf + 104);
+    if (f->flags & ~1u) VB_FAIL(VB_ECORRUPT, "unknown index file flags 0x%x", f->flags);
+    if (f->d < 1 || f->d > VB_HNSW_MAX_DIM)
+        VB_FAIL(VB_ECORRUPT, "index dimension %u out of range [1, %d]", f->d, VB_HNSW_MAX_DIM);
+    if (f->n > VB_HNSW_MAX_N) VB_FAIL(VB_ECORRUPT, "index row count %llu exceeds the limit %u", (unsigned long long)f->n, VB_HNSW_MAX_N);
+    if (f->id_base < 0 || f->next_label < 0)
+        VB_FAIL(VB_ECORRUPT, "negative id_base %lld or next_label %lld", (long long)f->id_base, (long long)f->next_label);
+    size_t vbytes, lbytes;
+    if (vb_mul_overflow((size_t)f->n, (size_t)f->d * 4, &vbytes) || vbytes != f->vec_len)
+        VB_FAIL(VB_ECORRUPT, "vectors section is %llu bytes, expected n*d*4 for n=%llu, d=%u",
+                (unsigned long long)f->vec_len, (unsigned long long)f->n, f->d);
+    if (vb_mul_overflow((size_t)f->n, 8, &lbytes) || ((f->flags & 1) ? lbytes : 0) != f->lab_len)
+        VB_FAIL(VB_ECORRUPT, "labels section is %llu bytes, expected %s", (unsigned long long)f->lab_len,
+                (f->flags & 1) ? "n*8" : "0");
+    if (vb_hnsw_file_section("vectors", f->vec_off, f->vec_len, VB_HNSW_FILE_HEADER, len, msg, msglen)) return VB_ECORRUPT;
+    if (vb_hnsw_file_section("labels", f->lab_off, f->lab_len, f->vec_off + f->vec_len, len, msg, msglen)) return VB_ECORRUPT;
+    if (vb_hnsw_file_section("graph", f->graph_off, f->graph_len, f->lab_off + f->lab_len, len, msg, msglen)) return VB_ECORRUPT;
+    uint32_t c;
+    if ((c = vb_crc32c(0, buf + f->vec_off, f->vec_len, hw)) != f->vec_crc)
+        VB_FAIL(VB_ECORRUPT, "vectors checksum mismatch: stored 0x%08x, computed 0x%08x", f->vec_crc, c);
+    if ((c = vb_crc32c(0, buf + f->lab_off, f->lab_len, hw)) != f->lab_crc)
+        VB_FAIL(VB_ECORRUPT, "labels checksum mismatch: stored 0x%08x, computed 0x%08x", f->lab_crc, c);
+    if ((c = vb_crc32c(0, buf + f->graph_off, f->graph_len, hw)) != f->graph_crc)
+        VB_FAIL(VB_ECORRUPT, "graph section checksum mismatch: stored 0x%08x, computed 0x%08x", f->graph_crc, c);
+    return VB_OK;
+}

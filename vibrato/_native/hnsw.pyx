@@ -1,0 +1,341 @@
+"""Cython wrapper over include/vibrato/hnsw.h: the HNSW graph over dense rows 0..n-1.
+
+This layer knows rows only; labels (user ids) live in vibrato.index.HnswIndex, which is the public
+face. Inputs are assumed checked by the caller for dtype/shape (the signatures still require
+float32 C-contiguous memoryviews, so a wrong array is a ValueError/TypeError, never a crash).
+Every heavy call releases the GIL. Thread-safety: any number of searches may run at once from
+different Python threads; add() refuses to run while a search is in flight and vice versa
+(RuntimeError), since the C index does not support that overlap.
+"""
+from libc.stdint cimport int64_t, uint64_t, uint32_t, uint8_t
+from libc.string cimport memset
+
+import numpy as np
+
+from vibrato._native.cpu import selected_level, has_sse42
+from vibrato._native._types cimport VB_OK, VB_ENOMEM, VB_EINVAL, VB_ECORRUPT, VB_ETHREAD
+from vibrato._native.distance cimport vb_distance_ops_t, vb_distance_ops_for
+
+vb_crc32c_init_tables()
+
+cdef const vb_distance_ops_t *_ops = vb_distance_ops_for(selected_level())
+cdef int _hw_crc = 1 if has_sse42() else 0
+
+MAX_LEVEL = VB_HNSW_MAX_LEVEL
+MAX_DIM = VB_HNSW_MAX_DIM
+MAX_M = VB_HNSW_MAX_M
+MAX_EF = VB_HNSW_MAX_EF
+MAX_N = VB_HNSW_MAX_N
+AUTO = VB_HNSW_AUTO
+FORCE_GRAPH = VB_HNSW_FORCE_GRAPH
+FORCE_SCAN = VB_HNSW_FORCE_SCAN
+FILE_HEADER = VB_HNSW_FILE_HEADER
+
+
+def isa_level():
+    """The SIMD level the index's distance kernels run at."""
+    return _ops.level
+
+
+cdef int _raise(int rc, str what) except -1:
+    if rc == VB_OK:
+        return 0
+    if rc == VB_ENOMEM:
+        raise MemoryError(f"{what}: out of memory")
+    if rc == VB_EINVAL:
+        raise ValueError(f"{what}: invalid argument")
+    if rc == VB_ETHREAD:
+        raise RuntimeError(f"{what}: could not start a worker thread")
+    raise RuntimeError(f"{what}: native error {rc}")
+
+
+def crc32c(const uint8_t[::1] buf not None, uint32_t crc=0):
+    """CRC32C of a bytes-like object (continue a running CRC by passing it)."""
+    cdef uint32_t r
+    with nogil:
+        r = vb_crc32c(crc, &buf[0] if buf.shape[0] else NULL, buf.shape[0], _hw_crc)
+    return r
+
+
+cdef class Graph:
+    """An HNSW graph over rows of float32 vectors (owned, or borrowed from a read-only array)."""
+    cdef vb_hnsw_t h
+    cdef bint ready
+    cdef object vectors_ref   # the borrowed array, kept alive while the graph points into it
+    cdef int searches         # searches in flight (changed only while holding the GIL)
+    cdef bint adding
+
+    def __cinit__(self):
+        self.ready = False
+        self.vectors_ref = None
+        self.searches = 0
+        self.adding = False
+
+    def __dealloc__(self):
+        if self.ready:
+            vb_hnsw_free(&self.h)
+            self.ready = False
+
+    @staticmethod
+    def create(size_t dim, size_t m, size_t ef_construction, uint64_t seed):
+        cdef Graph g = Graph.__new__(Graph)
+        _raise(vb_hnsw_init(&g.h, dim, m, ef_construction, seed), "HNSW init")
+        g.ready = True
+        return g
+
+    @staticmethod
+    def from_graph(vectors, const uint8_t[::1] graph not None):
+        """Validate `graph` (bytes from graph_bytes) and build an index over `vectors` without copying.
+
+        vectors: (n, d) float32 C-contiguous, may be read-only; kept by reference, never written.
+        Raises ValueError naming what is wrong for any malformed or mismatched blob.
+        """
+        cdef const float[:, ::1] xv = vectors
+        cdef Graph g = Graph.__new__(Graph)
+        cdef char msg[256]
+        cdef int rc
+        cdef const float *xp = &xv[0, 0] if xv.shape[0] and xv.shape[1] else NULL
+        cdef size_t xn = xv.shape[0], xd = xv.shape[1]
+        msg[0] = 0
+        with nogil:
+            rc = vb_hnsw_graph_read_checked(&g.h, &graph[0] if graph.shape[0] else NULL, graph.shape[0], xp,
+                                            xn, xd, _hw_crc, msg, sizeof(msg))
+        if rc == VB_ENOMEM:
+            raise MemoryError(msg.decode("utf-8", "replace"))
+        if rc != VB_OK:
+            raise ValueError(msg.decode("utf-8", "replace"))
+        g.ready = True
+        g.vectors_ref = vectors
+        return g
+
+    @property
+    def n(self):
+        return self.h.n
+
+    @property
+    def dim(self):
+        return self.h.d
+
+    @property
+    def m(self):
+        return self.h.M
+
+    @property
+    def ef_construction(self):
+        return self.h.ef_construction
+
+    @property
+    def borrowed(self):
+        """True while the vectors are a caller's array (from_graph/load) rather than owned."""
+        return self.h.x_owned == NULL
+
+    def add(self, const float[:, ::1] x not None, size_t threads=1):
+        """Append rows x (m, d) and link them; threads > 1 inserts in parallel (GIL released)."""
+        if x.shape[1] != self.h.d:
+            raise ValueError(f"vectors have dimension {x.shape[1]}, the index has {self.h.d}")
+        if self.searches:
+            raise RuntimeError("add() cannot run while a search on the same index is in progress")
+        if self.adding:
+            raise RuntimeError("add() is already running on this index")
+        if x.shape[0] == 0:
+            return
+        cdef size_t m = x.shape[0]
+        cdef int rc
+        self.adding = True
+        try:
+            with nogil:
+                rc = vb_hnsw_add(&self.h, &x[0, 0], m, threads, _ops)
+        finally:
+            self.adding = False
+        if self.h.x_owned != NULL:
+            self.vectors_ref = None
+        if rc == VB_EINVAL:
+            raise ValueError(f"adding {m} rows to {self.h.n} would exceed the limit of {VB_HNSW_MAX_N} rows")
+        _raise(rc, "HNSW add")
+
+    cdef int _enter(self) except -1:
+        if self.adding:
+            raise RuntimeError("search cannot run while add() is in progress on the same index")
+        self.searches += 1
+        return 0
+
+    def search(self, const float[:, ::1] q not None, size_t k, size_t ef, mask=None, size_t allowed=0,
+               int mode=0, size_t threads=1):
+        """Top-k rows per query: (rows int64 (nq, k), scores float32 (nq, k)), -1/-inf padded.
+
+        mask: None or uint8/bool (n,) with `allowed` nonzero entries (rows that may be returned).
+        """
+        if q.shape[1] != self.h.d:
+            raise ValueError(f"queries have dimension {q.shape[1]}, the index has {self.h.d}")
+        cdef size_t nq = q.shape[0]
+        rows = np.empty((nq, k), dtype=np.int64)
+        scores = np.empty((nq, k), dtype=np.float32)
+        if nq == 0 or k == 0:
+            return rows, scores
+        cdef int64_t[:, ::1] rv = rows
+        cdef float[:, ::1] sv = scores
+        cdef const uint8_t[::1] mv
+        cdef const uint8_t *mp = NULL
+        if mask is not None:
+            mv = mask
+            if <size_t>mv.shape[0] != self.h.n:
+                raise ValueError(f"mask has {mv.shape[0]} entries, the index has {self.h.n} rows")
+            if self.h.n:
+                mp = &mv[0]
+        cdef int rc
+        self._enter()
+        try:
+            with nogil:
+                rc = vb_hnsw_search(&self.h, _ops, &q[0, 0], nq, k, ef, mp, allowed, mode, threads, &rv[0, 0],
+                                    &sv[0, 0])
+        finally:
+            self.searches -= 1
+        _raise(rc, "HNSW search")
+        return rows, scores
+
+    def subsequence(self, const float[:, ::1] frames not None, size_t k, size_t ef, size_t anchors,
+                    size_t anchor_k, bint spread, valid=None, int64_t base=0, row_labels=None,
+                    sorted_labels=None, sorted_rows=None):
+        """Best k windows for frames (L, d): (starts int64 (k,), scores float32 (k,), windows scored).
+
+        valid: None or uint8/bool (n,). Labels: label(row) = base + row, or row_labels (n,) int64 with
+        sorted_labels (n,) int64 ascending and sorted_rows (n,) uint32 (its row permutation).
+        """
+        if frames.shape[1] != self.h.d:
+            raise ValueError(f"frames have dimension {frames.shape[1]}, the index has {self.h.d}")
+        starts = np.empty(k, dtype=np.int64)
+        scores = np.empty(k, dtype=np.float32)
+        if k == 0:
+            return starts, scores, 0
+        cdef int64_t[::1] stv = starts
+        cdef float[::1] scv = scores
+        cdef vb_hnsw_labels_t lab
+        cdef const int64_t[::1] rl, sl
+        cdef const uint32_t[::1] sr
+        cdef const uint8_t[::1] vv
+        cdef const uint8_t *vp = NULL
+        cdef size_t n = self.h.n
+        lab.base = base
+        lab.row_labels = NULL
+        lab.sorted = NULL
+        lab.sorted_rows = NULL
+        if row_labels is not None:
+            rl = row_labels
+            sl = sorted_labels
+            sr = sorted_rows
+            if <size_t>rl.shape[0] != n or <size_t>sl.shape[0] != n or <size_t>sr.shape[0] != n:
+                raise ValueError(f"label arrays must have {n} entries")
+            if n:
+                lab.row_labels = &rl[0]
+                lab.sorted = &sl[0]
+                lab.sorted_rows = &sr[0]
+        if valid is not None:
+            vv = valid
+            if <size_t>vv.shape[0] != n:
+                raise ValueError(f"valid has {vv.shape[0]} entries, the index has {n} rows")
+            if n:
+                vp = &vv[0]
+        cdef size_t L = frames.shape[0], ncand = 0
+        cdef const float *fp = &frames[0, 0] if L else NULL
+        cdef int rc
+        self._enter()
+        try:
+            with nogil:
+                rc = vb_hnsw_subseq(&self.h, _ops, fp, L, k, ef, anchors, anchor_k, spread, vp, &lab, &stv[0],
+                                    &scv[0], &ncand)
+        finally:
+            self.searches -= 1
+        _raise(rc, "HNSW subsequence search")
+        return starts, scores, ncand
+
+    def graph_bytes(self):
+        """The graph (params, entry point, levels, links; no vectors) as bytes, CRC32C-terminated."""
+        if self.adding:
+            raise RuntimeError("graph_bytes() cannot run while add() is in progress")
+        cdef size_t size = vb_hnsw_graph_size(&self.h)
+        out = bytearray(size)
+        cdef uint8_t[::1] ov = out
+        cdef int rc
+        with nogil:
+            rc = vb_hnsw_graph_write(&self.h, &ov[0], size, _hw_crc)
+        _raise(rc, "HNSW graph_bytes")
+        return bytes(out)
+
+    def vectors(self):
+        """A read-only (n, d) float32 view of the vectors (valid until the next add)."""
+        if self.h.n == 0:
+            return np.empty((0, self.h.d), dtype=np.float32)
+        cdef const float[:, ::1] v = <const float[:self.h.n, :self.h.d]> self.h.x
+        arr = np.asarray(v)
+        arr.flags.writeable = False
+        return arr
+
+    def stats(self):
+        """Graph shape and search counters (a dict of ints)."""
+        cdef size_t n = self.h.n, i, e0 = 0, eu = 0, mx0 = 0, c
+        cdef int l
+        levels = [0] * (VB_HNSW_MAX_LEVEL + 1)
+        for i in range(n):
+            levels[self.h.levels[i]] += 1
+            c = self.h.links0[i * (1 + self.h.M0)]
+            e0 += c
+            if c > mx0:
+                mx0 = c
+            for l in range(1, self.h.levels[i] + 1):
+                eu += self.h.up_links[self.h.up_off[i] + (l - 1) * (1 + self.h.M)]
+        while len(levels) > 1 and levels[len(levels) - 1] == 0:
+            levels.pop()
+        return {
+            "n": n, "dim": self.h.d, "m": self.h.M, "m0": self.h.M0, "ef_construction": self.h.ef_construction,
+            "max_level": self.h.max_level if n else -1, "entry": self.h.entry if n else -1,
+            "level_counts": levels, "edges_layer0": e0, "edges_upper": eu, "max_degree_layer0": mx0,
+            "graph_searches": self.h.n_graph, "scan_searches": self.h.n_scan,
+            "scan_fallbacks": self.h.n_fallback, "distances": self.h.n_dist,
+            "borrowed_vectors": self.h.x_owned == NULL,
+        }
+
+
+def file_header(uint64_t n, uint32_t d, uint32_t flags, int64_t id_base, int64_t next_label, uint64_t vec_len,
+                uint64_t lab_len, uint64_t graph_len, uint32_t vec_crc, uint32_t lab_crc, uint32_t graph_crc):
+    """The 128-byte index-file header and the section offsets: (header bytes, vec_off, lab_off, graph_off)."""
+    cdef vb_hnsw_file_t f
+    memset(&f, 0, sizeof(f))
+    f.n = n
+    f.d = d
+    f.flags = flags
+    f.id_base = id_base
+    f.next_label = next_label
+    f.vec_len = vec_len
+    f.lab_len = lab_len
+    f.graph_len = graph_len
+    f.vec_crc = vec_crc
+    f.lab_crc = lab_crc
+    f.graph_crc = graph_crc
+    if vb_hnsw_file_layout(&f) != VB_OK:
+        raise ValueError("index file sections too large")
+    out = bytearray(VB_HNSW_FILE_HEADER)
+    cdef uint8_t[::1] ov = out
+    vb_hnsw_file_header_write(&f, &ov[0], _hw_crc)
+    return bytes(out), f.vec_off, f.lab_off, f.graph_off
+
+
+def parse_file(const uint8_t[::1] buf not None):
+    """Validate an index file's header, section bounds and section checksums; return its fields.
+
+    Raises ValueError saying what is wrong. The graph section's structure is validated separately
+    by Graph.from_graph.
+    """
+    cdef vb_hnsw_file_t f
+    cdef char msg[256]
+    cdef int rc
+    msg[0] = 0
+    with nogil:
+        rc = vb_hnsw_file_read_checked(&buf[0] if buf.shape[0] else NULL, buf.shape[0], _hw_crc, &f, msg,
+                                       sizeof(msg))
+    if rc != VB_OK:
+        raise ValueError(msg.decode("utf-8", "replace"))
+    return {
+        "n": f.n, "d": f.d, "flags": f.flags, "id_base": f.id_base, "next_label": f.next_label,
+        "vec_off": f.vec_off, "vec_len": f.vec_len, "lab_off": f.lab_off, "lab_len": f.lab_len,
+        "graph_off": f.graph_off, "graph_len": f.graph_len,
+    }
