@@ -1,13 +1,317 @@
-"""The `vibrato` command line: parse, call one engine or catalog function, print key=value lines."""
+"""The `vibrato` command line: parse, call one engine or catalog function, print key=value lines.
+
+Exit codes: 0 success; 1 error (`Error: <message>` on stderr); 2 usage (click).
+Long operations show a rich progress bar on a terminal and plain `progress ...` lines on stderr
+otherwise, so stdout keeps only the key=value results.
+"""
+import os
+import shlex
+import sys
+from pathlib import Path
+
 import rich_click as click
 
 from vibrato import __version__
+from vibrato.config import MADVISE_MODES, Config, Limits
+
+_DEFAULTS = Config()
+_LIMITS = Limits()
+
+
+class BoolParam(click.ParamType):
+    """`--flag`, `--flag true` and `--flag false` (case-insensitive); anything else is a usage error."""
+    name = "true|false"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text == "true":
+            return True
+        if text == "false":
+            return False
+        self.fail(f"expected true or false, got {value!r}", param, ctx)
+
+
+BOOL = BoolParam()
+
+
+def bool_option(name, default, help_text):
+    return click.option(name, type=BOOL, default="true" if default else "false", is_flag=False, flag_value="true",
+                        show_default=True, help=help_text + " Bare flag means true.")
+
+
+def data_dir_option(f):
+    return click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("vibrato_data"),
+                        show_default=True, help="Data directory.")(f)
+
+
+def _error(message: str):
+    """Exit 1 with one plain `Error: <message>` line on stderr.
+
+    (rich-click would draw a ClickException in a wrapped box; operators grep for the plain line,
+    so the message is printed here and the command exits through click's Exit(1).)
+    """
+    click.echo(f"Error: {message}", err=True)
+    raise click.exceptions.Exit(1)
+
+
+def _fail(exc: BaseException):
+    _error(getattr(exc, "message", None) or str(exc) or type(exc).__name__)
+
+
+class _Progress:
+    """progress(stage, done, total): a rich bar on a terminal, plain lines on stderr otherwise."""
+
+    def __init__(self):
+        self.tty = sys.stderr.isatty()
+        self._bar = None
+        self._tasks = {}
+        self._last = {}
+
+    def __enter__(self):
+        if self.tty:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+            from rich.console import Console
+            self._bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), console=Console(stderr=True), transient=False)
+            self._bar.__enter__()
+        return self
+
+    def __call__(self, stage: str, done: int, total: int):
+        if self._bar is not None:
+            task = self._tasks.get(stage)
+            if task is None:
+                task = self._tasks[stage] = self._bar.add_task(stage, total=total or None)
+            self._bar.update(task, completed=done, total=total or None)
+            return
+        # Plain output: the first, the last and about every 10% of a stage.
+        step = max(1, (total or 1) // 10)
+        last = self._last.get(stage)
+        if last is None or done >= total or done - last >= step:
+            self._last[stage] = done
+            click.echo(f"progress stage={stage} done={done} total={total}", err=True)
+
+    def __exit__(self, *exc):
+        if self._bar is not None:
+            self._bar.__exit__(*exc)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "-V", "--version", prog_name="vibrato")
 def cli():
     """Vibrato: a vector database for audio embeddings."""
+
+
+# ---------------------------------------------------------------------------- serve-v2
+@cli.command("serve-v2")
+@click.option_panel("Storage", options=["--data-dir", "--collection", "--dim", "--catalog-read-timeout-ms",
+                                        "--sqlite-wal-autocheckpoint-pages", "--quarantine-max-files",
+                                        "--quarantine-max-bytes", "--orphan-ttl-hours", "--vector-madvise-mode"])
+@click.option_panel("Network", options=["--port", "--host", "--public-health-metrics", "--bootstrap-admin-key",
+                                        "--shutdown-timeout-secs", "--server-threads", "--log-level"])
+@click.option_panel("Background work", options=["--checkpoint-interval-secs", "--compaction-interval-secs",
+                                                "--audio-colocated", "--background-io-mb-per-sec",
+                                                "--hot-index-shards", "--audit-retention-days"])
+@click.option_panel("Request limits", options=["--max-body-bytes", "--max-k", "--max-ef", "--max-batch",
+                                               "--max-identify-frames", "--max-tags", "--max-tag-bytes",
+                                               "--max-source-file-bytes", "--max-idempotency-key-bytes"])
+@data_dir_option
+@click.option("--collection", default=_DEFAULTS.collection, show_default=True, help="Collection served.")
+@click.option("--dim", type=click.IntRange(1, 4096), default=_DEFAULTS.dim, show_default=True,
+              help="Vector dimension; must match an existing collection.")
+@click.option("-p", "--port", type=click.IntRange(0, 65535), default=_DEFAULTS.port, show_default=True)
+@click.option("--host", default=_DEFAULTS.host, show_default=True, help="IPv4/IPv6 address or hostname to bind.")
+@click.option("--checkpoint-interval-secs", type=click.IntRange(0), default=_DEFAULTS.checkpoint_interval_secs,
+              show_default=True)
+@click.option("--compaction-interval-secs", type=click.IntRange(0), default=_DEFAULTS.compaction_interval_secs,
+              show_default=True)
+@click.option("--orphan-ttl-hours", type=click.IntRange(0), default=_DEFAULTS.orphan_ttl_hours, show_default=True,
+              help="Quarantined orphan files are deleted after this many hours.")
+@bool_option("--audio-colocated", _DEFAULTS.audio_colocated,
+             "Run background work at low priority and throttle its I/O.")
+@bool_option("--public-health-metrics", _DEFAULTS.public_health_metrics,
+             "Serve /v2/health/* and /v2/metrics without a key (false: health needs query, metrics admin).")
+@click.option("--catalog-read-timeout-ms", type=click.IntRange(0), default=_DEFAULTS.catalog_read_timeout_ms,
+              show_default=True)
+@click.option("--sqlite-wal-autocheckpoint-pages", type=click.IntRange(0),
+              default=_DEFAULTS.sqlite_wal_autocheckpoint_pages, show_default=True)
+@click.option("--quarantine-max-files", type=click.IntRange(0), default=_DEFAULTS.quarantine_max_files,
+              show_default=True)
+@click.option("--quarantine-max-bytes", type=click.IntRange(0), default=_DEFAULTS.quarantine_max_bytes,
+              show_default=True)
+@click.option("--background-io-mb-per-sec", type=click.IntRange(0), default=_DEFAULTS.background_io_mb_per_sec,
+              show_default=True, help="MiB/s for background I/O; 0 disables the throttle.")
+@click.option("--hot-index-shards", type=click.IntRange(0), default=_DEFAULTS.hot_index_shards, show_default=True,
+              help="Rounded up to a power of two; 0 becomes 1.")
+@click.option("--vector-madvise-mode", type=click.Choice(MADVISE_MODES, case_sensitive=False),
+              default=_DEFAULTS.vector_madvise_mode, show_default=True)
+@bool_option("--bootstrap-admin-key", False,
+             "Create and print BOOTSTRAP_ADMIN_KEY=<token> when no non-revoked key exists.")
+@click.option("--shutdown-timeout-secs", type=click.FloatRange(0), default=_DEFAULTS.shutdown_timeout_secs,
+              show_default=True, help="How long graceful shutdown waits for in-flight requests.")
+@click.option("--server-threads", type=click.IntRange(0), default=0, show_default=True,
+              help="Executor threads for blocking work (0 = min(32, 4 x cpus + 4)).")
+@click.option("--audit-retention-days", type=click.IntRange(0), default=_DEFAULTS.audit_retention_days,
+              show_default=True, help="Audit rows older than this are pruned (0 keeps them).")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+              default="info", show_default=True, help="JSON log lines go to stderr.")
+@click.option("--max-body-bytes", type=click.IntRange(1), default=_LIMITS.max_body_bytes, show_default=True,
+              help="Largest JSON request body (413 above it).")
+@click.option("--max-k", type=click.IntRange(1), default=_LIMITS.max_k, show_default=True)
+@click.option("--max-ef", type=click.IntRange(1), default=_LIMITS.max_ef, show_default=True)
+@click.option("--max-batch", type=click.IntRange(1), default=_LIMITS.max_batch, show_default=True,
+              help="Vectors per /v2/vectors/batch request.")
+@click.option("--max-identify-frames", type=click.IntRange(1), default=_LIMITS.max_identify_frames,
+              show_default=True)
+@click.option("--max-tags", type=click.IntRange(0), default=_LIMITS.max_tags, show_default=True,
+              help="Tags per vector and per filter clause.")
+@click.option("--max-tag-bytes", type=click.IntRange(1), default=_LIMITS.max_tag_bytes, show_default=True)
+@click.option("--max-source-file-bytes", type=click.IntRange(0), default=_LIMITS.max_source_file_bytes,
+              show_default=True)
+@click.option("--max-idempotency-key-bytes", type=click.IntRange(1), default=_LIMITS.max_idempotency_key_bytes,
+              show_default=True)
+def serve_v2(data_dir, collection, dim, port, host, checkpoint_interval_secs, compaction_interval_secs,
+             orphan_ttl_hours, audio_colocated, public_health_metrics, catalog_read_timeout_ms,
+             sqlite_wal_autocheckpoint_pages, quarantine_max_files, quarantine_max_bytes, background_io_mb_per_sec,
+             hot_index_shards, vector_madvise_mode, bootstrap_admin_key, shutdown_timeout_secs, server_threads,
+             audit_retention_days, log_level, max_body_bytes, max_k, max_ef, max_batch, max_identify_frames,
+             max_tags, max_tag_bytes, max_source_file_bytes, max_idempotency_key_bytes):
+    """Run the v2 HTTP server until SIGTERM/SIGINT (graceful shutdown, exit 0)."""
+    from vibrato.server import logs
+    from vibrato.server.app import serve
+
+    try:
+        config = Config(
+            data_dir=data_dir, collection=collection, dim=dim, host=host, port=port,
+            public_health_metrics=public_health_metrics, bootstrap_admin_key=bootstrap_admin_key,
+            shutdown_timeout_secs=shutdown_timeout_secs, audit_retention_days=audit_retention_days,
+            server_threads=server_threads, log_level=log_level.lower(),
+            checkpoint_interval_secs=checkpoint_interval_secs, compaction_interval_secs=compaction_interval_secs,
+            orphan_ttl_hours=orphan_ttl_hours, audio_colocated=audio_colocated,
+            background_io_mb_per_sec=background_io_mb_per_sec, catalog_read_timeout_ms=catalog_read_timeout_ms,
+            sqlite_wal_autocheckpoint_pages=sqlite_wal_autocheckpoint_pages,
+            quarantine_max_files=quarantine_max_files, quarantine_max_bytes=quarantine_max_bytes,
+            hot_index_shards=hot_index_shards, vector_madvise_mode=vector_madvise_mode,
+            limits=Limits(max_k=max_k, max_ef=max_ef, max_batch=max_batch, max_identify_frames=max_identify_frames,
+                          max_tags=max_tags, max_tag_bytes=max_tag_bytes,
+                          max_source_file_bytes=max_source_file_bytes,
+                          max_idempotency_key_bytes=max_idempotency_key_bytes, max_body_bytes=max_body_bytes))
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
+    logs.configure(config.log_level)
+    try:
+        serve(config)
+    except KeyboardInterrupt:  # a second Ctrl-C during shutdown
+        raise SystemExit(130) from None
+    except Exception as exc:  # noqa: BLE001 - locked data dir, port in use, dim mismatch, ...
+        _fail(exc)
+
+
+# ---------------------------------------------------------------------------- API keys
+def _open_catalog(data_dir: Path):
+    from vibrato.catalog import Catalog
+    config = Config(data_dir=data_dir)
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    return Catalog(config.catalog_path, read_timeout_ms=config.catalog_read_timeout_ms)
+
+
+@cli.command("key-create")
+@data_dir_option
+@click.option("--name", required=True, help="A label for the key.")
+@click.option("--roles", default="admin,query,ingest", show_default=True,
+              help="Comma-separated roles: query, ingest, admin (admin passes every check).")
+def key_create(data_dir, name, roles):
+    """Create an API key and print its id and token (the secret is shown only here)."""
+    from vibrato import apikeys
+    if not apikeys.parse_roles(roles):
+        _error(f"No valid roles parsed from '{roles}'. Use comma-separated query,ingest,admin")
+    try:
+        pepper = apikeys.load_pepper(data_dir)
+        with _open_catalog(data_dir) as catalog:
+            key_id, token = apikeys.create_key(catalog, pepper, name, roles)
+    except Exception as exc:  # noqa: BLE001
+        _fail(exc)
+    click.echo(f"id={key_id}")
+    click.echo(f"token={token}")
+
+
+@cli.command("key-revoke")
+@data_dir_option
+@click.option("--key-id", required=True, help="The vbk_... id to revoke.")
+def key_revoke(data_dir, key_id):
+    """Revoke a key; a running server stops accepting it within 1 second. Unknown ids are not an error."""
+    from vibrato import apikeys
+    try:
+        with _open_catalog(data_dir) as catalog:
+            apikeys.revoke_key(catalog, key_id)
+    except Exception as exc:  # noqa: BLE001
+        _fail(exc)
+    click.echo(f"revoked={key_id}")
+
+
+@cli.command("key-list")
+@data_dir_option
+def key_list(data_dir):
+    """One line per key: id, name, roles, created (unix secs), revoked (unix secs or -). Never secrets."""
+    from vibrato import apikeys
+    try:
+        with _open_catalog(data_dir) as catalog:
+            rows = apikeys.list_keys(catalog)
+    except Exception as exc:  # noqa: BLE001
+        _fail(exc)
+    for r in rows:
+        revoked = "-" if r["revoked_at"] is None else r["revoked_at"]
+        click.echo(f"id={r['id']} name={shlex.quote(r['name'])} roles={r['roles']} created={r['created_at']} "
+                   f"revoked={revoked}")
+
+
+# ---------------------------------------------------------------------------- snapshots and replay
+@cli.command("snapshot-create")
+@data_dir_option
+@click.option("--collection", default="default", show_default=True)
+def snapshot_create(data_dir, collection):
+    """Write a consistent snapshot under <data-dir>/snapshots/ (works while a server runs)."""
+    from vibrato import engine
+    try:
+        with _Progress() as progress:
+            out = engine.snapshot_create(data_dir, collection, progress=progress)
+    except Exception as exc:  # noqa: BLE001
+        _fail(exc)
+    click.echo(f"snapshot_id={out['snapshot_id']}")
+    click.echo(f"snapshot_dir={out['snapshot_dir']}")
+    click.echo(f"segments={out['segments']}")
+
+
+@cli.command("snapshot-restore")
+@data_dir_option
+@click.option("--snapshot-dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="A snapshots/<snapshot_id> directory.")
+def snapshot_restore(data_dir, snapshot_dir):
+    """Verify every checksum, then swap the snapshot in atomically (the server must be stopped)."""
+    from vibrato import engine
+    try:
+        with _Progress() as progress:
+            out = engine.snapshot_restore(data_dir, snapshot_dir, progress=progress)
+    except Exception as exc:  # noqa: BLE001
+        _fail(exc)
+    click.echo(f"restored_snapshot={out['restored_snapshot']}")
+
+
+@cli.command("replay-to-lsn")
+@data_dir_option
+@click.option("--collection", default="default", show_default=True)
+@click.option("--target-lsn", required=True, type=click.IntRange(0), help="Keep WAL rows with lsn <= this.")
+def replay_to_lsn(data_dir, collection, target_lsn):
+    """Drop WAL rows newer than --target-lsn (their ids are never re-issued); the server must be stopped."""
+    from vibrato import engine
+    try:
+        with _Progress() as progress:
+            out = engine.replay_to_lsn(data_dir, collection, target_lsn, progress=progress)
+    except Exception as exc:  # noqa: BLE001
+        _fail(exc)
+    click.echo(f"replayed_to_lsn={out['replayed_to_lsn']}")
+    click.echo(f"collection={out['collection']}")
 
 
 def main():

@@ -33,8 +33,11 @@ class Config:
     port: int = 8080
     public_health_metrics: bool = True
     bootstrap_admin_key: bool = False
-    shutdown_timeout_secs: float = 30.0
-    audit_retention_days: int = 30
+    shutdown_timeout_secs: float = 30.0   # graceful shutdown: wait this long for in-flight requests
+    audit_retention_days: int = 30        # audit rows older than this are pruned (0 keeps them forever)
+    server_threads: int = 0               # executor threads for blocking work; 0 = min(32, 4 * cpus + 4)
+    key_cache_ttl_secs: float = 1.0       # API-key cache entry lifetime; revocation applies within it (D17)
+    log_level: str = "info"
     # background work
     checkpoint_interval_secs: int = 30
     compaction_interval_secs: int = 180

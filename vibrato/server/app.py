@@ -1,0 +1,230 @@
+"""The aiohttp application factory and the `serve-v2` runner.
+
+`create_app(config, engine=None)` builds the app and does nothing else: resources are opened by
+cleanup contexts when the app starts (STYLE (d)), in this order, and closed in reverse:
+
+1. engine — `Engine.open_config(config, recover_async=True)` takes the data-dir lock, opens the
+   catalog and starts recovery in the background, so the port binds at once (SPEC D21); then the
+   pepper, the bootstrap admin key (printed on stdout before the port is bound) and the key store.
+   An engine passed in by the caller is used as is and not closed.
+2. executor — the ThreadPoolExecutor for every blocking call (engine, catalog reads for auth).
+3. audit writer — flushes every 250 ms / 500 events; flushed on shutdown.
+4. background loops — a readiness watcher that logs when recovery finishes.
+
+`serve(config)` runs the app until SIGTERM/SIGINT, then shuts down gracefully (SPEC D22): stop
+accepting, let in-flight requests finish (up to `shutdown_timeout_secs`), flush the audit queue,
+`engine.close()` (TRUNCATE-checkpoints the SQLite WAL and releases the lock).
+"""
+import asyncio
+import logging
+import os
+import signal
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import orjson
+from aiohttp import web
+
+from vibrato import apikeys
+from vibrato.config import Config
+from vibrato.server import handlers as h
+from vibrato.server import openapi
+from vibrato.server import state as K
+from vibrato.server.audit import AuditWriter
+from vibrato.server.metrics import ServerMetrics
+from vibrato.server.middlewares import access_middleware, auth_middleware, error_middleware, request_id_middleware
+from vibrato.server.schemas import Validator
+from vibrato.server.state import Policy
+
+log = logging.getLogger("vibrato.server")
+
+
+@dataclass(frozen=True)
+class Route:
+    method: str
+    path: str
+    handler: object
+    policy: Policy
+    summary: str
+    request: str | None = None
+    responses: dict = field(default_factory=dict)
+
+
+def _route(method, path, handler, action, role, summary, *, audited=False, public=False, request=None,
+           responses=None):
+    return Route(method, path, handler, Policy(path, action, role, audited, public), summary, request,
+                 responses or {})
+
+
+ROUTES = (
+    _route("POST", "/v2/vectors", h.ingest, "ingest", "ingest", "Ingest one vector", audited=True,
+           request="IngestRequest", responses={"201": "IngestResponse", "409": "Error"}),
+    _route("POST", "/v2/vectors/batch", h.ingest_batch, "ingest_batch", "ingest",
+           "Ingest a batch atomically (all or nothing)", audited=True, request="BatchIngestRequest",
+           responses={"201": "BatchIngestResponse", "409": "Error"}),
+    _route("POST", "/v2/query", h.query, "query", "query", "k-nearest-neighbour search (inner product)",
+           audited=True, request="QueryRequest", responses={"200": "QueryResponse"}),
+    _route("POST", "/v2/identify", h.identify, "identify", "query", "Identify a sequence of frames",
+           audited=True, request="IdentifyRequest", responses={"200": "IdentifyResponse"}),
+    _route("GET", "/v2/health/live", h.health_live, "health_live", "query", "Liveness", public=True,
+           responses={"200": "HealthResponse"}),
+    _route("GET", "/v2/health/ready", h.health_ready, "health_ready", "query", "Readiness (503 until ready)",
+           public=True, responses={"200": "HealthResponse", "503": "HealthResponse"}),
+    _route("POST", "/v2/admin/checkpoint", h.admin_checkpoint, "checkpoint", "admin",
+           "Flush the WAL tail into an L0 segment", audited=True, responses={"200": "JobResponse"}),
+    _route("POST", "/v2/admin/compact", h.admin_compact, "compact", "admin", "Run one compaction step",
+           audited=True, responses={"200": "JobResponse"}),
+    _route("POST", "/v2/admin/snapshot", h.admin_snapshot, "snapshot", "admin", "Create a snapshot",
+           audited=True, responses={"200": "JobResponse"}),
+    _route("GET", "/v2/admin/stats", h.admin_stats, "stats", "admin", "Engine statistics",
+           responses={"200": "StatsResponse"}),
+    _route("GET", "/v2/metrics", h.metrics, "metrics", "admin", "Prometheus metrics", public=True,
+           responses={"200": "text"}),
+    _route("GET", "/v2/openapi.json", h.openapi, "openapi", None, "This document",
+           responses={"200": "OpenApiResponse"}),
+)
+
+
+def default_threads() -> int:
+    return min(32, 4 * (os.cpu_count() or 1) + 4)
+
+
+def create_app(config: Config, engine=None) -> web.Application:
+    """Build the app for `config`; resources open when it starts (see the module docstring)."""
+    app = web.Application(
+        middlewares=[request_id_middleware, access_middleware, error_middleware, auth_middleware],
+        client_max_size=config.limits.max_body_bytes + 1)
+    app[K.CONFIG] = config
+    app[K.METRICS] = ServerMetrics()
+    app[K.VALIDATOR] = Validator(config)
+    app[K.POLICIES] = {r.path: r.policy for r in ROUTES}
+    app[K.OPENAPI] = orjson.dumps(openapi.build(ROUTES))
+    for r in ROUTES:
+        if r.method == "GET":
+            app.router.add_get(r.path, r.handler)
+        else:
+            app.router.add_route(r.method, r.path, r.handler)
+    holder = _Resources(engine)
+    app.cleanup_ctx.append(holder.engine_ctx)
+    app.cleanup_ctx.append(holder.executor_ctx)
+    app.cleanup_ctx.append(holder.audit_ctx)
+    app.cleanup_ctx.append(holder.background_ctx)
+    return app
+
+
+class _Resources:
+    """The cleanup contexts of one app (setup before `yield`, teardown after)."""
+
+    def __init__(self, engine):
+        self.given_engine = engine
+
+    async def engine_ctx(self, app: web.Application):
+        config = app[K.CONFIG]
+        engine = self.given_engine
+        if engine is None:
+            from vibrato.engine import Engine  # imported here: the engine loads native modules
+            engine = await asyncio.to_thread(Engine.open_config, config, recover_async=True, background=True)
+        try:
+            pepper = await asyncio.to_thread(apikeys.load_pepper, config.data_dir)
+            if config.bootstrap_admin_key:
+                token = await asyncio.to_thread(apikeys.bootstrap_admin_key, engine.catalog, pepper)
+                if token is not None:
+                    sys.stdout.write(f"BOOTSTRAP_ADMIN_KEY={token}\n")
+                    sys.stdout.flush()
+            app[K.ENGINE] = engine
+            app[K.KEYSTORE] = apikeys.KeyStore(engine.catalog, pepper, ttl=config.key_cache_ttl_secs)
+            app[K.METRICS].bind_stats(engine.stats)
+        except BaseException:
+            if self.given_engine is None:
+                await asyncio.to_thread(engine.close)
+            raise
+        yield
+        if self.given_engine is None:
+            log.info("closing engine")
+            await asyncio.to_thread(engine.close)
+            log.info("engine closed; data-dir lock released")
+
+    async def executor_ctx(self, app: web.Application):
+        config = app[K.CONFIG]
+        executor = ThreadPoolExecutor(max_workers=config.server_threads or default_threads(),
+                                      thread_name_prefix="vibrato-http")
+        app[K.EXECUTOR] = executor
+        yield
+        await asyncio.to_thread(executor.shutdown, wait=True)
+
+    async def audit_ctx(self, app: web.Application):
+        config = app[K.CONFIG]
+        writer = AuditWriter(app[K.ENGINE].catalog, app[K.METRICS], retention_days=config.audit_retention_days)
+        app[K.AUDIT] = writer
+        await writer.start()
+        yield
+        await writer.close()
+        log.info("audit queue flushed", extra={"fields": {"audit_events_written": writer.written_total}})
+
+    async def background_ctx(self, app: web.Application):
+        task = asyncio.create_task(_watch_readiness(app), name="vibrato-readiness-watch")
+        yield
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+
+
+async def _watch_readiness(app: web.Application):
+    """Log the recovery report once recovery finishes (readiness itself is evaluated per request)."""
+    engine = app[K.ENGINE]
+    delay = 0.05
+    while True:
+        try:
+            ready, report = await asyncio.to_thread(engine.readiness)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("readiness check failed: %s", exc)
+            ready, report = False, str(exc)
+        if report != "recovering":
+            log.info(report, extra={"fields": {"ready": ready}})
+            return
+        await asyncio.sleep(delay)
+        delay = min(1.0, delay * 2)
+
+
+# ---------------------------------------------------------------------------- the serve-v2 runner
+def bind_host(host: str) -> str:
+    """Hostnames, IPv4 and IPv6 literals (with or without brackets) are accepted (SPEC D26)."""
+    host = host.strip()
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host
+
+
+def serve(config: Config) -> None:
+    """Run serve-v2 until SIGTERM/SIGINT. Raises on startup failure (locked data dir, port in use)."""
+    asyncio.run(_serve(config))
+
+
+async def _serve(config: Config) -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    app = create_app(config)
+    runner = web.AppRunner(app, handle_signals=False, access_log=None,
+                           shutdown_timeout=config.shutdown_timeout_secs)
+    await runner.setup()
+    try:
+        host = bind_host(config.host)
+        site = web.TCPSite(runner, host, config.port, reuse_address=True)
+        try:
+            await site.start()
+        except OSError as exc:
+            raise OSError(f"cannot listen on {config.host}:{config.port}: {exc.strerror or exc}") from exc
+        shown = f"[{host}]" if ":" in host else host
+        log.info(f"Starting Vibrato v2 server on http://{shown}:{config.port}",
+                 extra={"fields": {"data_dir": str(config.data_dir), "collection": config.collection,
+                                   "dim": config.dim, "pid": os.getpid()}})
+        await stop.wait()
+        log.info("shutdown requested: no longer accepting connections, finishing in-flight requests")
+    finally:
+        await runner.cleanup()
+    log.info("shutdown complete")

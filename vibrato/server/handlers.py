@@ -1,0 +1,215 @@
+"""The v2 route handlers: parse -> validate -> one engine call (on the executor) -> `{"data": ...}`.
+
+No SQL and no vector math here. Bodies larger than `LARGE_BODY` are decoded and validated on the
+executor too, so a 10,000-vector batch does not stall the event loop.
+"""
+import asyncio
+import logging
+import time
+
+import numpy as np
+import orjson
+from aiohttp import web
+
+from vibrato.errors import NotReadyError, VibratoError
+from vibrato.server import state as K
+from vibrato.server.errors import InvalidJsonError, PayloadTooLargeError, UnsupportedMediaTypeError
+from vibrato.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from vibrato.server.middlewares import json_response
+
+LARGE_BODY = 64 * 1024
+
+log = logging.getLogger("vibrato.server")
+
+
+async def _blocking(request: web.Request, fn, *args):
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(request.app[K.EXECUTOR], fn, *args)
+
+
+def _timed(fn, *args, **kwargs):
+    t0 = time.perf_counter()
+    result = fn(*args, **kwargs)
+    return result, time.perf_counter() - t0
+
+
+# ---------------------------------------------------------------------------- body handling
+def _is_json(content_type: str) -> bool:
+    if content_type == "application/json":
+        return True
+    major, _, minor = content_type.partition("/")
+    return major == "application" and minor.endswith("+json")
+
+
+async def read_body(request: web.Request) -> bytes:
+    """The raw body after the content-type (415) and size (413) checks; reads at most limit + 1 bytes."""
+    if "Content-Type" not in request.headers or not _is_json(request.content_type):
+        got = request.headers.get("Content-Type", "none")
+        raise UnsupportedMediaTypeError(f"expected Content-Type: application/json, got {got}")
+    limit = request.app[K.CONFIG].limits.max_body_bytes
+    too_large = PayloadTooLargeError(f"request body exceeds the limit of {limit} bytes (--max-body-bytes)")
+    declared = request.content_length
+    if declared is not None and declared > limit:
+        raise too_large
+    chunks, size = [], 0
+    while size <= limit:
+        chunk = await request.content.read(limit + 1 - size)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    if size > limit:
+        raise too_large
+    return b"".join(chunks)
+
+
+def _parse_and_validate(body: bytes, validate):
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidJsonError(f"request body is not valid JSON: {exc}") from None
+    # JSON booleans can only come from `true`/`false` literals; without them numpy's bool upcast
+    # cannot hide a boolean among vector components, so the per-row type scan is skipped.
+    maybe_bools = b"true" in body or b"false" in body
+    return validate(doc, maybe_bools)
+
+
+async def parse(request: web.Request, method_name: str):
+    body = await read_body(request)
+    validate = getattr(request.app[K.VALIDATOR], method_name)
+    if len(body) > LARGE_BODY:
+        return await _blocking(request, _parse_and_validate, body, validate)
+    return _parse_and_validate(body, validate)
+
+
+# ---------------------------------------------------------------------------- output formatting
+def f32(x) -> float:
+    """The shortest float32 repr as a float (0.1, not 0.10000000149011612); NaN/inf serialize as null."""
+    return float(str(np.float32(x)))
+
+
+def _metadata(m: dict) -> dict:
+    return {"source_file": m.get("source_file", ""), "start_time_ms": int(m.get("start_time_ms", 0)),
+            "duration_ms": int(m.get("duration_ms", 0)), "bpm": f32(m.get("bpm", 0.0)),
+            "tags": list(m.get("tags", []))}
+
+
+def _query_result(r: dict) -> dict:
+    out = {"id": int(r["id"]), "score": f32(r["score"])}
+    if r.get("metadata") is not None:
+        out["metadata"] = _metadata(r["metadata"])
+    return out
+
+
+def _identify_result(r: dict) -> dict:
+    out = {"id": int(r["id"]), "start_timestamp_ms": int(r.get("start_timestamp_ms", 0)),
+           "duration_ms": int(r.get("duration_ms", 0)), "score": f32(r["score"])}
+    if r.get("metadata") is not None:
+        out["metadata"] = _metadata(r["metadata"])
+    return out
+
+
+# ---------------------------------------------------------------------------- data routes
+async def ingest(request: web.Request) -> web.Response:
+    req = await parse(request, "ingest")
+    engine = request.app[K.ENGINE]
+    vid, created = await _blocking(request, lambda: engine.ingest(req["vector"], metadata=req["metadata"],
+                                                                  idempotency_key=req["idempotency_key"]))
+    if created:
+        request.app[K.METRICS].ingest_vectors += 1
+    request[K.AUDIT_DETAILS] = {"id": int(vid), "created": bool(created)}
+    return json_response({"data": {"id": int(vid), "created": bool(created)}}, 201)
+
+
+async def ingest_batch(request: web.Request) -> web.Response:
+    items = await parse(request, "ingest_batch")
+    if not items:
+        request[K.AUDIT_DETAILS] = {"count": 0}
+        return json_response({"data": {"results": []}}, 201)
+    engine = request.app[K.ENGINE]
+    results = await _blocking(request, engine.ingest_batch, items)
+    out = [{"id": int(vid), "created": bool(created)} for vid, created in results]
+    request.app[K.METRICS].ingest_vectors += sum(1 for r in out if r["created"])
+    request[K.AUDIT_DETAILS] = {"count": len(items)}
+    return json_response({"data": {"results": out}}, 201)
+
+
+async def query(request: web.Request) -> web.Response:
+    req = await parse(request, "query")
+    engine = request.app[K.ENGINE]
+    results, secs = await _blocking(request, _timed, engine.query, req["vector"], k=req["k"], ef=req["ef"],
+                                    filter=req["filter"], search_tier=req["search_tier"],
+                                    include_metadata=req["include_metadata"])
+    request.app[K.METRICS].observe_search("query", secs)
+    request[K.AUDIT_DETAILS] = {"k": req["k"], "ef": req["ef"]}
+    return json_response({"data": {"results": [_query_result(r) for r in results],
+                                   "query_time_ms": secs * 1000.0}})
+
+
+async def identify(request: web.Request) -> web.Response:
+    req = await parse(request, "identify")
+    request[K.AUDIT_DETAILS] = {"k": req["k"], "ef": req["ef"],
+                                "len": 0 if req["vectors"] is None else len(req["vectors"])}
+    if req["k"] == 0:
+        return json_response({"data": {"results": [], "query_time_ms": 0.0}})
+    engine = request.app[K.ENGINE]
+    results, secs = await _blocking(request, _timed, engine.identify, req["vectors"], k=req["k"], ef=req["ef"],
+                                    search_tier=req["search_tier"], include_metadata=req["include_metadata"])
+    request.app[K.METRICS].observe_search("identify", secs)
+    return json_response({"data": {"results": [_identify_result(r) for r in results],
+                                   "query_time_ms": secs * 1000.0}})
+
+
+# ---------------------------------------------------------------------------- health
+async def health_live(request: web.Request) -> web.Response:
+    return json_response({"data": {"status": "ok", "ready": True, "report": "live"}})
+
+
+async def health_ready(request: web.Request) -> web.Response:
+    engine = request.app[K.ENGINE]
+    ready, report = await _blocking(request, engine.readiness)
+    if ready:
+        return json_response({"data": {"status": "ok", "ready": True, "report": report}})
+    return json_response({"data": {"status": "degraded", "ready": False, "report": report}}, 503)
+
+
+# ---------------------------------------------------------------------------- admin
+def _admin(kind: str, call):
+    """Admin failures answer 500 `<kind>_failed` with the engine's message (503 while recovering)."""
+    async def handler(request: web.Request) -> web.Response:
+        engine = request.app[K.ENGINE]
+        try:
+            result = await _blocking(request, call, engine)
+        except NotReadyError:
+            raise
+        except VibratoError as exc:
+            raise VibratoError(exc.message, code=f"{kind}_failed", status=500) from exc
+        except Exception as exc:  # noqa: BLE001
+            log.exception("%s failed", kind)
+            raise VibratoError(f"{kind} failed: {exc}", code=f"{kind}_failed", status=500) from exc
+        if kind != "stats":
+            request[K.AUDIT_DETAILS] = {}
+        return json_response({"data": result})
+    handler.__name__ = f"admin_{kind}"
+    return handler
+
+
+admin_checkpoint = _admin("checkpoint", lambda engine: engine.checkpoint())
+admin_compact = _admin("compact", lambda engine: engine.compact())
+admin_snapshot = _admin("snapshot", lambda engine: engine.snapshot())
+admin_stats = _admin("stats", lambda engine: engine.stats())
+
+
+async def metrics(request: web.Request) -> web.Response:
+    try:
+        body = await _blocking(request, request.app[K.METRICS].render)
+    except NotReadyError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        message = exc.message if isinstance(exc, VibratoError) else str(exc)
+        raise VibratoError(message, code="metrics_failed", status=500) from exc
+    return web.Response(body=body, headers={"Content-Type": METRICS_CONTENT_TYPE})
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.Response(body=request.app[K.OPENAPI], content_type="application/json")

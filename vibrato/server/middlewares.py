@@ -1,0 +1,154 @@
+"""Middlewares, outermost first (STYLE (d)):
+
+1. `request_id_middleware` — take a valid `x-request-id` or make `req_<secs>_<16hex>`, put it in a
+   contextvar for the logs, set it on every response (errors, 404/405, metrics included; SPEC D12).
+2. `access_middleware` — per-route request counters and latency histograms, the audit event and
+   one structured access-log line; it sees the final response because everything inside it
+   returns one.
+3. `error_middleware` — every exception becomes a JSON `{"code","message"}` response; unexpected
+   ones are logged with their traceback and answered 500.
+4. `auth_middleware` — checks the API key before the body is read (SPEC D15). A cached key costs
+   no I/O; a cache miss does one catalog read on the executor.
+"""
+import asyncio
+import logging
+import secrets
+import time
+
+import orjson
+from aiohttp import web
+
+from vibrato import apikeys
+from vibrato.errors import VibratoError
+from vibrato.server import state as K
+from vibrato.server.errors import MethodNotAllowedError, NotFoundRouteError, error_body
+from vibrato.server.logs import REQUEST_ID
+
+log = logging.getLogger("vibrato.server")
+access_log = logging.getLogger("vibrato.access")
+
+
+def json_response(payload, status: int = 200, headers=None) -> web.Response:
+    return web.Response(body=orjson.dumps(payload), status=status, content_type="application/json",
+                        headers=headers)
+
+
+def new_request_id() -> str:
+    return f"req_{int(time.time())}_{secrets.token_hex(8)}"
+
+
+def _valid_request_id(value: str | None) -> bool:
+    return bool(value) and value.strip() != "" and all(" " <= c <= "~" for c in value) and len(value) <= 200
+
+
+@web.middleware
+async def request_id_middleware(request: web.Request, handler):
+    rid = request.headers.get("x-request-id")
+    if not _valid_request_id(rid):
+        rid = new_request_id()
+    request[K.REQUEST_ID] = rid
+    request[K.STARTED] = (time.time(), time.perf_counter())
+    token = REQUEST_ID.set(rid)
+    try:
+        response = await handler(request)
+    finally:
+        REQUEST_ID.reset(token)
+    response.headers["x-request-id"] = rid
+    return response
+
+
+def route_policy(request: web.Request):
+    """The Policy of the matched route, or None for 404/405."""
+    route = request.match_info.route
+    resource = route.resource
+    if resource is None or request.match_info.http_exception is not None:
+        return None
+    return request.app[K.POLICIES].get(resource.canonical)
+
+
+@web.middleware
+async def access_middleware(request: web.Request, handler):
+    response = await handler(request)
+    app = request.app
+    ts, t0 = request[K.STARTED]
+    elapsed = time.perf_counter() - t0
+    policy = route_policy(request)
+    route = policy.path if policy is not None else "unmatched"
+    status = response.status
+    app[K.METRICS].observe_request(request.method, route, status, elapsed)
+    auth_failed = request.get(K.AUTH_FAILED, False)
+    if policy is not None and (policy.audited or auth_failed):
+        if status < 400:
+            details = request.get(K.AUDIT_DETAILS, {})
+        else:
+            details = {"error": request.get(K.ERROR_MESSAGE, "")}
+        app[K.AUDIT].record(ts=ts, request_id=request[K.REQUEST_ID], api_key_id=request.get(K.KEY_ID),
+                            endpoint=policy.path, action=policy.action, status=status,
+                            latency_ms=elapsed * 1000.0, client_ip=request.remote, details=details)
+    if access_log.isEnabledFor(logging.INFO):
+        access_log.info("request", extra={"fields": {
+            "method": request.method, "path": request.path, "status": status,
+            "latency_ms": round(elapsed * 1000.0, 3), "client": request.remote, "key_id": request.get(K.KEY_ID)}})
+    return response
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler):
+    try:
+        return await handler(request)
+    except VibratoError as exc:
+        request[K.ERROR_MESSAGE] = exc.message
+        if exc.status >= 500 and not isinstance(exc, apikeys.AuthError):
+            log.error("%s: %s", exc.code, exc.message)
+        return json_response(error_body(exc.code, exc.message), exc.status)
+    except web.HTTPException as exc:
+        headers = {}
+        if exc.status == 405:
+            err = MethodNotAllowedError(f"method {request.method} is not allowed on {request.path}")
+            headers["Allow"] = exc.headers.get("Allow", "")
+        elif exc.status == 404:
+            err = NotFoundRouteError(f"no route for {request.method} {request.path}")
+        else:
+            err = VibratoError(exc.reason or exc.text or "http error", code=_http_code(exc.status), status=exc.status)
+        request[K.ERROR_MESSAGE] = err.message
+        return json_response(error_body(err.code, err.message), err.status, headers=headers)
+    except asyncio.CancelledError:
+        raise
+    except Exception:  # noqa: BLE001 - the catch-all that keeps every error JSON
+        log.exception("unhandled error in %s %s", request.method, request.path)
+        request[K.ERROR_MESSAGE] = "internal server error"
+        return json_response(error_body("internal_error", f"internal server error (request id "
+                                                          f"{request.get(K.REQUEST_ID)})"), 500)
+
+
+def _http_code(status: int) -> str:
+    return {400: "bad_request", 401: "unauthorized", 403: "forbidden", 408: "request_timeout",
+            413: "payload_too_large", 415: "unsupported_media_type"}.get(status, f"http_{status}")
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler):
+    policy = route_policy(request)
+    if policy is None:
+        return await handler(request)
+    role = policy.role
+    if policy.public_when_flag and request.app[K.CONFIG].public_health_metrics:
+        role = None
+    if role is None:
+        return await handler(request)
+    store = request.app[K.KEYSTORE]
+    try:
+        key_id, secret = apikeys.parse_authorization(request.headers.get("Authorization"))
+        record = store.lookup(key_id)
+        if record is store.MISS:
+            loop = asyncio.get_running_loop()
+            record = await loop.run_in_executor(request.app[K.EXECUTOR], store.load, key_id)
+        store.check(record, secret, role)
+    except apikeys.AuthError as exc:
+        request[K.AUTH_FAILED] = True
+        request.app[K.METRICS].auth_failures += 1
+        if isinstance(exc, apikeys.AuthBackendError):
+            log.error("auth backend failure: %s", exc.__cause__)
+        raise
+    request[K.KEY_ID] = key_id
+    return await handler(request)

@@ -1,0 +1,48 @@
+"""Typed keys for everything the app and its requests carry (no globals; STYLE (d)).
+
+AppKeys hold per-app resources created by `create_app`'s cleanup contexts; RequestKeys hold
+per-request values set by the middlewares and handlers.
+"""
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from vibrato.apikeys import KeyStore
+from vibrato.config import Config
+from vibrato.server.audit import AuditWriter
+from vibrato.server.metrics import ServerMetrics
+from vibrato.server.schemas import Validator
+
+
+@dataclass(frozen=True)
+class Policy:
+    """How one route is authorized and audited.
+
+    role: required key role (None = no auth). public_when_flag: the route is public when
+    --public-health-metrics is true (health: query role otherwise; metrics: admin).
+    audited: audit success and failure (auth failures are audited on every route).
+    """
+    path: str
+    action: str
+    role: str | None
+    audited: bool = False
+    public_when_flag: bool = False
+
+
+CONFIG = web.AppKey("config", Config)
+ENGINE = web.AppKey("engine", object)
+EXECUTOR = web.AppKey("executor", ThreadPoolExecutor)
+KEYSTORE = web.AppKey("keystore", KeyStore)
+METRICS = web.AppKey("metrics", ServerMetrics)
+AUDIT = web.AppKey("audit", AuditWriter)
+VALIDATOR = web.AppKey("validator", Validator)
+POLICIES = web.AppKey("policies", dict)
+OPENAPI = web.AppKey("openapi", bytes)
+
+REQUEST_ID = web.RequestKey("request_id", str)
+STARTED = web.RequestKey("started", tuple)          # (unix time, perf_counter) at arrival
+KEY_ID = web.RequestKey("key_id", str)
+AUTH_FAILED = web.RequestKey("auth_failed", bool)
+AUDIT_DETAILS = web.RequestKey("audit_details", dict)
+ERROR_MESSAGE = web.RequestKey("error_message", str)
