@@ -206,6 +206,8 @@ static inline uint32_t vb_seg_sorted_sections(const vb_seg_layout_t *L, uint32_t
 static inline int vb_seg_parse_header(const uint8_t *buf, size_t buflen, uint64_t file_size, int hw,
                                       vb_seg_layout_t *out, char *err, size_t errlen) {
     memset(out, 0, sizeof(*out));
+    if (buflen >= VB_SEG_MAGIC_LEN && memcmp(buf, VB_SEG_MAGIC, VB_SEG_MAGIC_LEN) != 0)
+        return vb_seg_fail(err, errlen, VB_ECORRUPT, "bad magic: not a Vibrato segment file");
     if (buflen < VB_SEG_HEADER_SIZE || file_size < VB_SEG_HEADER_SIZE)
         return vb_seg_fail(err, errlen, VB_ECORRUPT,
                            "file is %llu bytes, shorter than the %u-byte segment header",

@@ -120,6 +120,7 @@ class TagsCSR:
                 row = int(np.searchsorted(offsets, j, side="right")) - 1
                 raise ValueError(f"{field_name}[{row}] holds a {type(t).__name__}, expected str")
         dictionary = sorted(set(flat))
+        _check_utf8(dictionary, field_name)
         index = {t: i for i, t in enumerate(dictionary)}
         ids = np.fromiter(map(index.__getitem__, flat), dtype="<u4", count=len(flat))
         csr = cls(dictionary, offsets, ids)
@@ -150,6 +151,7 @@ class TagsCSR:
                 raise ValueError(f"{field_name}.dictionary[{j}] must be a str, got {type(t).__name__}")
         if any(dictionary[j] >= dictionary[j + 1] for j in range(len(dictionary) - 1)):
             raise ValueError(f"{field_name}.dictionary must be sorted and unique")
+        _check_utf8(dictionary, field_name)
         offsets = _as_1d(self.offsets, f"{field_name}.offsets")
         ids = _as_1d(self.ids, f"{field_name}.ids")
         for name, a in (("offsets", offsets), ("ids", ids)):
@@ -322,6 +324,14 @@ class SegmentData:
         elif self.graph is not None:
             self.graph = _blob(self.graph, "graph")
         return self
+
+
+def _check_utf8(strings, field_name):
+    for t in strings:
+        try:
+            t.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"{field_name}: tag {t!r} cannot be encoded as UTF-8: {e.reason}") from None
 
 
 def _as_1d(a, name):

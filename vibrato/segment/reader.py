@@ -58,7 +58,7 @@ class SegmentReader:
     # ------------------------------------------------------------------------------------ open
     @classmethod
     def open(cls, path, madvise: str = "normal", prefetch_metadata: bool = True,
-             strict_madvise: bool = False) -> "SegmentReader":
+             strict_madvise: bool = False, kind: F.SegmentKind | str | None = None) -> "SegmentReader":
         """Open and validate ``path`` (see the module docstring for the order of checks).
 
         madvise: advice for the vector pages, one of "normal", "random", "sequential", "willneed".
@@ -66,12 +66,15 @@ class SegmentReader:
         strict_madvise: raise if the kernel refuses an madvise; by default a refusal is logged at
         WARNING (with the path, mode and errno) and kept in ``advice_error``, since the hint is not
         needed for correctness.
+        kind: if given ("raw"/"archive"), a file of the other kind is a SegmentFormatError (the
+        catalog row says what the file must be).
 
         Raises SegmentChecksumError (header CRC), SegmentFormatError (anything structural),
         OSError (I/O), ValueError (an unknown madvise mode).
         """
         if madvise not in F.MADVISE_MODES:
             raise ValueError(f"madvise must be one of {sorted(F.MADVISE_MODES)}, got {madvise!r}")
+        expect = None if kind is None else F.SegmentKind(kind)
         self = cls()
         path = os.fspath(path)
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -81,6 +84,9 @@ class SegmentReader:
                 raise SegmentFormatError(f"{path}: not a regular file", path)
             head = os.pread(fd, F.MAX_HEADER_LEN, 0)
             layout = _segio.parse_header(head, st.st_size, path)
+            if expect is not None and F.SegmentKind.from_code(layout.seg_kind) is not expect:
+                raise SegmentFormatError(f"{path}: segment kind is {F.SegmentKind.from_code(layout.seg_kind)}, "
+                                         f"expected {expect}", path)
             mapping = _segio.Mapping(fd, layout.file_size)
             _segio.check_columns(layout, mapping, path)
             self._init(path, fd, layout, mapping)
@@ -125,6 +131,8 @@ class SegmentReader:
             self._tag_dictionary = tuple(blob[o[i]:o[i + 1]].decode("utf-8") for i in range(len(o) - 1))
         except UnicodeDecodeError as e:  # unreachable after check_columns; kept as a backstop
             raise SegmentFormatError(f"{path}: section tag_dict_blob: {e}", path, "tag_dict_blob") from None
+        self._tags = TagsCSR(list(self._tag_dictionary), self._tag_offsets, self._tag_ids)
+        self._sources = StringsCSR(self._source_offsets, self._source_blob)
         self._graph = self._bytes(_S.GRAPH) if layout.has_graph else None
         if layout.has_pq:
             self._pq_codebook = self._bytes(_S.PQ_CODEBOOK)
@@ -285,15 +293,23 @@ class SegmentReader:
         self._check_open()
         return self._pq_codes
 
-    def tags_csr(self) -> TagsCSR:
-        """The tag column as a TagsCSR (zero-copy arrays; for compaction)."""
-        self._check_open()
-        return TagsCSR(list(self._tag_dictionary), self._tag_offsets, self._tag_ids)
+    @property
+    def tag_dict(self) -> tuple[str, ...]:
+        """Alias of tag_dictionary."""
+        return self._tag_dictionary
 
-    def source_csr(self) -> StringsCSR:
-        """The source_file column as a StringsCSR (zero-copy; for compaction)."""
+    @property
+    def tags(self) -> TagsCSR:
+        """The tag column as a TagsCSR over zero-copy arrays (``.row(i)``, ``.to_lists()``; compaction
+        passes it straight into SegmentData / TagsCSR.concat)."""
         self._check_open()
-        return StringsCSR(self._source_offsets, self._source_blob)
+        return self._tags
+
+    @property
+    def source_file(self) -> StringsCSR:
+        """The source_file column as a StringsCSR over the mapping (``[i]`` decodes row i)."""
+        self._check_open()
+        return self._sources
 
     # ------------------------------------------------------------------------------ metadata
     def row_of(self, id_: int) -> int:
@@ -316,14 +332,16 @@ class SegmentReader:
             raise SegmentFormatError(f"{self._path}: section source_blob: row {row} is not valid UTF-8 ({e.reason})",
                                      self._path, "source_blob") from None
 
-    def tags(self, row: int) -> list[str]:
+    def row_tags(self, row: int) -> list[str]:
+        """Tags of one row (sorted, unique)."""
         self._check_open()
         r = self._row(row)
         d = self._tag_dictionary
         a, b = int(self._tag_offsets[r]), int(self._tag_offsets[r + 1])
         return [d[t] for t in self._tag_ids[a:b].tolist()]
 
-    def source_file(self, row: int) -> str:
+    def row_source_file(self, row: int) -> str:
+        """source_file of one row; SegmentFormatError if its bytes are not valid UTF-8."""
         self._check_open()
         r = self._row(row)
         return self._decode_source(int(self._source_offsets[r]), int(self._source_offsets[r + 1]), r)
@@ -337,7 +355,7 @@ class SegmentReader:
             "start_time_ms": int(self._start[r]),
             "duration_ms": int(self._duration[r]),
             "bpm": float(self._bpm[r]),
-            "tags": self.tags(r),
+            "tags": self.row_tags(r),
         }
 
     def metadata_rows(self, rows) -> list[dict]:
@@ -461,7 +479,7 @@ class SegmentReader:
         self._closed = True
         fd, self._fd = self._fd, -1
         for name in ("_vectors", "_live", "_start", "_duration", "_bpm", "_tag_offsets", "_tag_ids",
-                     "_tag_dict_offsets", "_source_offsets", "_source_blob", "_graph", "_pq_codebook",
+                     "_tag_dict_offsets", "_source_offsets", "_source_blob", "_tags", "_sources", "_graph", "_pq_codebook",
                      "_pq_codes", "_mapping"):
             setattr(self, name, None)
         if fd >= 0:

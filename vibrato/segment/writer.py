@@ -146,11 +146,12 @@ def write_segment_tmp(tmp_path, data: SegmentData) -> SegmentInfo:
 
     pieces = [memoryview(header)]
     pos = len(header)
-    for sec in sorted(bufs, key=offsets.__getitem__):
+    for sec in sorted(bufs, key=lambda k: (offsets[k], len(bufs[k]))):  # empty sections first at a tie
         if offsets[sec] > pos:
             pieces.append(memoryview(bytes(offsets[sec] - pos)))
+            pos = offsets[sec]
         pieces.append(bufs[sec])
-        pos = offsets[sec] + len(bufs[sec])
+        pos += len(bufs[sec])
     assert pos == file_size
 
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)

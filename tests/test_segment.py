@@ -1,0 +1,546 @@
+"""Segment files: round trips, alignment, madvise, checksums, truncation, publish, validation errors."""
+import mmap
+import os
+import struct
+
+import numpy as np
+import pytest
+
+from vibrato._native import segio
+from vibrato.segment import (MADVISE_MODES, SegmentChecksumError, SegmentData, SegmentFormatError, SegmentKind,
+                             SegmentReader, StringsCSR, TagsCSR, publish_segment, write_segment_tmp)
+from vibrato.segment import format as F
+from vibrato.segment import writer as W
+
+TAG_POOL = ["", "a,b", "x,y,z", "rock", "électro", "ß", "日本語", "🎵", "tag with spaces", "z" * 300]
+LONG_SOURCE = "ä" * 40000 + "🎶"  # > 65535 bytes and ending in a 4-byte character (reference truncated it)
+
+
+def make_data(n=50, dim=16, kind="raw", seed=0, graph=True, m=4, tags=None, sources=None, level=1, id_start=1000):
+    rng = np.random.default_rng(seed)
+    if tags is None:
+        tags = [sorted(set(rng.choice(TAG_POOL, size=int(rng.integers(0, 4))).tolist())) for _ in range(n)]
+    if sources is None:
+        sources = [f"dir,with,commas/{i}-ünï©ødé.wav" if i % 3 else "" for i in range(n)]
+        sources[n // 2] = LONG_SOURCE
+    kw = {}
+    if kind == "archive":
+        kw = dict(pq_codebook=rng.bytes(1024 * dim + 3), pq_codes=rng.integers(0, 256, (n, m), dtype=np.uint8))
+    elif graph:
+        kw = dict(graph=rng.bytes(97 * n + 5))
+    return SegmentData(level=level, id_start=id_start, vectors=rng.standard_normal((n, dim), dtype=np.float32),
+                       live=rng.random(n) > 0.2, start_time_ms=rng.integers(0, 2**32, n, dtype=np.uint64),
+                       duration_ms=rng.integers(0, 2**32, n, dtype=np.int64), bpm=rng.uniform(0, 300, n),
+                       tags=tags, source_file=sources, **kw)
+
+
+def write(tmp_path, data, name="seg.vdb"):
+    tmp = tmp_path / (name + ".tmp")
+    info = write_segment_tmp(tmp, data)
+    final = tmp_path / name
+    publish_segment(tmp, final)
+    return final, info
+
+
+def expected_rows(data, tags, sources):
+    return [{"source_file": sources[i], "start_time_ms": int(data.start_time_ms[i]),
+             "duration_ms": int(data.duration_ms[i]), "bpm": float(np.float32(data.bpm[i])), "tags": list(tags[i])}
+            for i in range(data.count)]
+
+
+def check_roundtrip(path, info, data, tags, sources):
+    with SegmentReader.open(path) as r:
+        assert r.kind is data.kind and r.count == data.count and r.dim == data.dim
+        assert r.level == data.level and r.id_start == data.id_start
+        assert r.id_end == data.id_start + data.count - 1 == info.id_end
+        assert r.path == os.fspath(path) and r.size_bytes == os.path.getsize(path) == info.size_bytes
+        assert r.checksum == info.checksum
+        assert {s.name: (s.offset, s.length, s.crc32c) for s in info.sections} == r.sections
+        assert np.array_equal(r.vectors.view(np.uint32), data.vectors.view(np.uint32))  # bit-exact
+        assert r.vectors.dtype == np.float32 and r.vectors.shape == (data.count, data.dim)
+        assert r.live.dtype == np.bool_ and np.array_equal(r.live, data.live)
+        assert np.array_equal(r.start_time_ms, data.start_time_ms)
+        assert np.array_equal(r.duration_ms, data.duration_ms)
+        assert np.array_equal(r.bpm.view(np.uint32), data.bpm.view(np.uint32))
+        want = expected_rows(data, tags, sources)
+        assert [r.metadata(i) for i in range(r.count)] == want
+        assert r.metadata_rows(np.arange(r.count)) == want
+        assert r.metadata_rows([r.count - 1, 0]) == [want[-1], want[0]]
+        assert r.tags.to_lists() == [list(t) for t in tags]
+        assert r.source_file.to_list() == list(sources)
+        assert list(r.tag_dictionary) == sorted({t for row in tags for t in row})
+        assert r.verify() == r.size_bytes
+        if data.kind is SegmentKind.ARCHIVE:
+            assert bytes(r.pq_codebook) == bytes(data.pq_codebook) and r.graph is None
+            assert np.array_equal(r.pq_codes, data.pq_codes) and r.pq_m == data.pq_codes.shape[1]
+        else:
+            assert r.pq_codebook is None and r.pq_codes is None and r.pq_m == 0
+            assert (r.graph is None) == (data.graph is None)
+            if data.graph is not None:
+                assert bytes(r.graph) == bytes(data.graph)
+
+
+@pytest.mark.parametrize("kind", ["raw", "archive"])
+def test_roundtrip(tmp_path, kind):
+    n = 257
+    rng = np.random.default_rng(3)
+    tags = [sorted(set(rng.choice(TAG_POOL, size=int(rng.integers(0, 5))).tolist())) for _ in range(n)]
+    sources = [f"s{i},x/ü🎵.wav" for i in range(n)]
+    sources[7] = LONG_SOURCE
+    sources[8] = ""
+    data = make_data(n=n, dim=100, kind=kind, tags=tags, sources=sources, m=3)  # n*m % 4 != 0 (reference bug)
+    path, info = write(tmp_path, data)
+    assert info.kind == kind and info.count == n and info.live_count == int(data.live.sum())
+    check_roundtrip(path, info, data, tags, sources)
+
+
+@pytest.mark.parametrize("n,dim", [(1, 1), (1, 4096), (2, 3), (3, 7), (17, 129), (1000, 1)])
+@pytest.mark.parametrize("kind", ["raw", "archive"])
+def test_edge_shapes(tmp_path, n, dim, kind):
+    data = make_data(n=n, dim=dim, kind=kind, m=1)
+    tags = data.tags.to_lists()
+    sources = data.source_file.to_list()
+    path, info = write(tmp_path, data)
+    check_roundtrip(path, info, data, tags, sources)
+
+
+def test_no_tags_no_sources_no_graph_all_tombstones(tmp_path):
+    n = 5
+    data = SegmentData(level=0, id_start=0, vectors=np.zeros((n, 2), np.float32), live=np.zeros(n, bool),
+                       start_time_ms=np.zeros(n, np.uint32), duration_ms=np.zeros(n, np.uint32),
+                       bpm=np.zeros(n, np.float32), tags=[[]] * n, source_file=[""] * n)
+    path, info = write(tmp_path, data)
+    assert not info.has_graph and info.live_count == 0
+    with SegmentReader.open(path) as r:
+        assert r.tag_dictionary == () and r.tag_ids.shape == (0,) and r.graph is None and not r.has_graph
+        assert r.metadata(4) == {"source_file": "", "start_time_ms": 0, "duration_ms": 0, "bpm": 0.0, "tags": []}
+        assert not r.live.any() and r.rows_with_tag("x").shape == (0,)
+        r.verify()
+
+
+def test_csr_inputs_and_compaction_path(tmp_path):
+    """Columns handed over as CSR (as compaction does, from readers) round-trip unchanged."""
+    a = make_data(n=30, seed=1, id_start=0)
+    b = make_data(n=20, seed=2, id_start=30)
+    pa, _ = write(tmp_path, a, "a.vdb")
+    pb, _ = write(tmp_path, b, "b.vdb")
+    with SegmentReader.open(pa) as ra, SegmentReader.open(pb) as rb:
+        tags = TagsCSR.concat([ra.tags, rb.tags])
+        srcs = StringsCSR.concat([ra.source_file, rb.source_file])
+        merged = SegmentData(level=2, id_start=0, vectors=np.concatenate([ra.vectors, rb.vectors]),
+                             live=np.concatenate([ra.live, rb.live]),
+                             start_time_ms=np.concatenate([ra.start_time_ms, rb.start_time_ms]),
+                             duration_ms=np.concatenate([ra.duration_ms, rb.duration_ms]),
+                             bpm=np.concatenate([ra.bpm, rb.bpm]), tags=tags, source_file=srcs, graph=b"g")
+        want = [ra.metadata(i) for i in range(30)] + [rb.metadata(i) for i in range(20)]
+    pm, _ = write(tmp_path, merged, "m.vdb")
+    with SegmentReader.open(pm) as r:
+        assert r.metadata_rows(np.arange(50)) == want
+        assert r.tags.row(3) == want[3]["tags"] and r.source_file[31] == want[31]["source_file"]
+
+
+def test_alignment(tmp_path):
+    for kind in ("raw", "archive"):
+        data = make_data(n=33, dim=5, kind=kind, m=5)
+        path, info = write(tmp_path, data, f"{kind}.vdb")
+        with SegmentReader.open(path) as r:
+            for name, (off, length, _) in r.sections.items():
+                assert off % (4096 if name == "vectors" else 64) == 0, name
+            assert r.sections["vectors"][0] % 4096 == 0
+            assert r.vectors.ctypes.data % 4096 == 0
+            assert r.sections["vectors"][0] + r.sections["vectors"][1] == r.size_bytes  # vectors last
+            if kind == "archive":
+                assert r.sections["pq_codebook"][0] % 64 == 0
+                assert r.pq_codes.ctypes.data % 64 == 0
+
+
+def _vma_flags(addr):
+    """VmFlags of the mapping containing addr, from /proc/self/smaps (None if unavailable)."""
+    try:
+        text = open("/proc/self/smaps").read()
+    except OSError:
+        return None
+    cur = False
+    for line in text.splitlines():
+        head = line.split()[0] if line else ""
+        if "-" in head and not head.endswith(":"):
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            cur = lo <= addr < hi
+        elif cur and line.startswith("VmFlags:"):
+            return set(line.split()[1:])
+    return None
+
+
+@pytest.mark.parametrize("mode", sorted(MADVISE_MODES))
+def test_madvise_modes_apply(tmp_path, mode):
+    data = make_data(n=3000, dim=32)
+    path, _ = write(tmp_path, data)
+    with SegmentReader.open(path, madvise=mode, strict_madvise=True) as r:
+        assert r.advice == mode and r.advice_error is None
+        flags = _vma_flags(r.vectors.ctypes.data)
+        if flags is not None:  # the kernel really recorded the advice (the reference's was EINVAL)
+            assert ("rr" in flags) == (mode == "random")
+            assert ("sr" in flags) == (mode == "sequential")
+        for other in sorted(MADVISE_MODES):
+            r.madvise(other)
+            assert r.advice == other
+        with pytest.raises(ValueError, match="madvise mode"):
+            r.madvise("bogus")
+        r.drop_page_cache()
+        assert 0.0 <= r.resident_fraction() <= 1.0
+        assert float(r.vectors.sum()) == pytest.approx(float(data.vectors.sum()), rel=1e-4, abs=1e-2)
+    with pytest.raises(ValueError, match="madvise"):
+        SegmentReader.open(path, madvise="sometimes")
+
+
+def test_mapping_madvise_checks_range(tmp_path):
+    p = tmp_path / "f"
+    p.write_bytes(b"x" * 10000)
+    fd = os.open(p, os.O_RDONLY)
+    m = segio.Mapping(fd, 10000)
+    os.close(fd)
+    m.madvise(4096, 100, mmap.MADV_RANDOM)
+    m.madvise(0, 10000, mmap.MADV_WILLNEED)
+    with pytest.raises(ValueError, match="outside"):
+        m.madvise(9000, 2000, mmap.MADV_RANDOM)
+    with pytest.raises(OSError):
+        m.madvise(0, 100, 12345)  # unknown advice: the errno surfaces
+    assert memoryview(m).readonly and bytes(memoryview(m)[:3]) == b"xxx"
+
+
+def _sections_of(path):
+    with SegmentReader.open(path) as r:
+        return r.sections, r.size_bytes
+
+
+def _flip(path, pos, bit=0):
+    with open(path, "r+b") as f:
+        f.seek(pos)
+        b = f.read(1)[0]
+        f.seek(pos)
+        f.write(bytes([b ^ (1 << bit)]))
+
+
+@pytest.mark.parametrize("kind", ["raw", "archive"])
+def test_verify_catches_a_flipped_bit_in_every_section(tmp_path, kind):
+    data = make_data(n=40, dim=8, kind=kind)
+    path, _ = write(tmp_path, data)
+    pristine = path.read_bytes()
+    sections, size = _sections_of(path)
+    assert sections
+    opened = set()
+    for name, (off, length, _) in sections.items():
+        if length == 0:
+            continue
+        for pos, bit in ((off, 0), (off + length // 2, 3), (off + length - 1, 7)):
+            path.write_bytes(pristine)
+            _flip(path, pos, bit)
+            try:
+                r = SegmentReader.open(path)
+            except SegmentChecksumError:
+                raise AssertionError(f"a flip in {name} broke the header checksum")
+            except SegmentFormatError as e:  # structural check caught it first (offsets, live flags)
+                assert str(path) in str(e)
+                continue
+            with r, pytest.raises(SegmentChecksumError) as ei:
+                r.verify()
+            assert ei.value.section == name and str(path) in str(ei.value) and name in str(ei.value)
+            opened.add(name)
+    must_reach_verify = {"vectors", "bpm", "start_time_ms", "duration_ms", "source_blob"} | (
+        {"pq_codebook", "pq_codes"} if kind == "archive" else {"graph"})
+    assert must_reach_verify <= opened
+    # the header and the section table
+    for pos in (0, 9, 0x10, 0x20, 0x30, 0x3C, 64, 64 + 8, 64 + 32 * len(sections) - 1):
+        path.write_bytes(pristine)
+        _flip(path, pos, 1)
+        with pytest.raises(SegmentFormatError) as ei:
+            SegmentReader.open(path)
+        if pos >= 0x0C:
+            assert isinstance(ei.value, SegmentChecksumError) and ei.value.section == "header"
+    # padding between sections must be zero
+    path.write_bytes(pristine)
+    gap = sorted((off + ln, name) for name, (off, ln, _) in sections.items())[0][0]
+    _flip(path, gap + 1 if gap % 64 else sections["vectors"][0] - 1, 0)
+    with SegmentReader.open(path) as r, pytest.raises(SegmentFormatError, match="padding"):
+        r.verify()
+
+
+def test_open_rejects_truncation_and_extension(tmp_path):
+    data = make_data(n=40, dim=8, kind="archive")
+    path, _ = write(tmp_path, data)
+    pristine = path.read_bytes()
+    size = len(pristine)
+    cuts = sorted(set(list(range(0, 700)) + list(range(700, size, 97)) + [size - 1, size - 4096]))
+    for cut in cuts:
+        path.write_bytes(pristine[:cut])
+        with pytest.raises(SegmentFormatError):
+            SegmentReader.open(path)
+    path.write_bytes(pristine + b"\0")
+    with pytest.raises(SegmentFormatError, match="truncated or extended"):
+        SegmentReader.open(path)
+
+
+def test_wrong_magic_version_and_kind(tmp_path):
+    raw, _ = write(tmp_path, make_data(n=4), "raw.vdb")
+    arc, _ = write(tmp_path, make_data(n=4, kind="archive"), "arc.vdb")
+    with pytest.raises(SegmentFormatError, match="segment kind is raw, expected archive"):
+        SegmentReader.open(raw, kind="archive")
+    with pytest.raises(SegmentFormatError, match="segment kind is archive, expected raw"):
+        SegmentReader.open(arc, kind=SegmentKind.RAW)
+    SegmentReader.open(arc, kind="archive").close()
+    ref_v1 = tmp_path / "ref.vdb"  # the reference's v1 format
+    ref_v1.write_bytes(b"VIBDB001" + struct.pack("<II", 1, 2) + b"\0" * 8)
+    with pytest.raises(SegmentFormatError, match="bad magic"):
+        SegmentReader.open(ref_v1)
+    empty = tmp_path / "empty.vdb"
+    empty.write_bytes(b"")
+    with pytest.raises(SegmentFormatError, match="shorter"):
+        SegmentReader.open(empty)
+    with pytest.raises(SegmentFormatError, match="regular file"):
+        SegmentReader.open(tmp_path)
+    # a raw file relabelled as archive (header CRC fixed up): the required sections are missing
+    blob = bytearray(raw.read_bytes())
+    blob[0x0C:0x10] = struct.pack("<I", 1 | F.FLAG_HAS_PQ)
+    nsec = struct.unpack_from("<I", blob, 0x2C)[0]
+    crc = segio.crc32c(bytes(blob[64:64 + 32 * nsec]), segio.crc32c(bytes(blob[:60])))
+    blob[60:64] = struct.pack("<I", crc)
+    bad = tmp_path / "relabelled.vdb"
+    bad.write_bytes(bytes(blob))
+    with pytest.raises(SegmentFormatError, match="pq_m|pq_codebook|not allowed"):
+        SegmentReader.open(bad)
+    # a future version
+    blob = bytearray(raw.read_bytes())
+    blob[8:12] = struct.pack("<I", 2)
+    bad.write_bytes(bytes(blob))
+    with pytest.raises(SegmentFormatError, match="unsupported segment format version 2"):
+        SegmentReader.open(bad)
+
+
+def test_publish_renames_and_fsyncs(tmp_path, monkeypatch):
+    synced = []
+    real_fsync = os.fsync
+
+    def spy(fd):
+        synced.append("dir" if os.path.isdir(f"/proc/self/fd/{fd}") else "file")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    tmp = tmp_path / "tmp" / "seg.vdb.tmp"
+    tmp.parent.mkdir()
+    final_dir = tmp_path / "segments"
+    final_dir.mkdir()
+    final = final_dir / "seg_1.vdb"
+    write_segment_tmp(tmp, make_data(n=10))
+    assert synced == ["file"]
+    assert tmp.exists() and not final.exists()  # not visible under its final name yet
+    publish_segment(tmp, final)
+    assert final.exists() and not tmp.exists()
+    assert synced == ["file", "dir", "dir"]  # destination and source directories
+    SegmentReader.open(final).close()
+    write_segment_tmp(tmp, make_data(n=10, seed=5))
+    with pytest.raises(FileExistsError, match="never replaced"):
+        publish_segment(tmp, final)
+
+
+def test_failed_write_leaves_no_file(tmp_path, monkeypatch):
+    tmp = tmp_path / "x.tmp"
+
+    def boom(fd, bufs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "writev", boom)
+    with pytest.raises(OSError, match="No space"):
+        write_segment_tmp(tmp, make_data(n=10))
+    assert not tmp.exists()
+
+
+def test_write_handles_partial_writes(tmp_path, monkeypatch):
+    real = os.writev
+    monkeypatch.setattr(W, "_IOV_MAX", 3)
+    monkeypatch.setattr(W, "_WRITE_CHUNK", 1000)
+    monkeypatch.setattr(os, "writev", lambda fd, bufs: real(fd, [b"".join(bytes(b) for b in bufs[:2])[:333]]))
+    data = make_data(n=60, dim=9)
+    path, info = write(tmp_path, data)
+    check_roundtrip(path, info, data, data.tags.to_lists(), data.source_file.to_list())
+
+
+def test_views_are_read_only_and_outlive_close(tmp_path):
+    data = make_data(n=20, dim=4, kind="archive")
+    path, _ = write(tmp_path, data)
+    r = SegmentReader.open(path)
+    for arr in (r.vectors, r.live, r.bpm, r.start_time_ms, r.duration_ms, r.tag_offsets, r.tag_ids,
+                r.source_offsets, r.pq_codes):
+        assert not arr.flags.writeable
+        with pytest.raises(ValueError):
+            arr[0] = 1
+        with pytest.raises(ValueError):
+            arr.setflags(write=True)
+    for mv in (r.pq_codebook, r.source_blob):
+        assert mv.readonly
+        with pytest.raises(TypeError):
+            mv[0] = 1
+    vec = r.vectors
+    r.close()
+    r.close()  # idempotent
+    assert r.closed
+    with pytest.raises(ValueError, match="closed"):
+        r.vectors
+    assert np.array_equal(vec, data.vectors)  # the view kept the mapping alive
+    with SegmentReader.open(path) as r2:
+        assert r2.count == 20
+    assert r2.closed
+
+
+def test_mapping_refuses_writable_buffers(tmp_path):
+    p = tmp_path / "f"
+    p.write_bytes(b"abc" * 2000)
+    fd = os.open(p, os.O_RDONLY)
+    m = segio.Mapping(fd, 6000)
+    os.close(fd)
+    import ctypes
+    with pytest.raises((BufferError, TypeError)):
+        (ctypes.c_char * 6000).from_buffer(m)  # asks for a writable buffer
+    a = np.frombuffer(m, dtype=np.uint8)
+    assert not a.flags.writeable and bytes(a[:3]) == b"abc"
+
+
+def test_metadata_accessors(tmp_path):
+    data = make_data(n=30)
+    tags = data.tags.to_lists()
+    path, _ = write(tmp_path, data)
+    with SegmentReader.open(path) as r:
+        assert r.row_of(1000) == 0 and r.row_of(1029) == 29
+        for bad in (999, 1030):
+            with pytest.raises(IndexError):
+                r.row_of(bad)
+        for bad in (-1, 30):
+            with pytest.raises(IndexError):
+                r.metadata(bad)
+        with pytest.raises(IndexError):
+            r.metadata_rows([0, 30])
+        with pytest.raises(IndexError):
+            r.metadata_rows([0.5])
+        assert r.metadata_rows([]) == []
+        assert r.metadata(np.int64(3)) == r.metadata(3)
+        assert r.row_tags(5) == tags[5] and r.row_source_file(5) == data.source_file[5]
+        for t in r.tag_dictionary:
+            want = [i for i, row in enumerate(tags) if t in row]
+            assert r.rows_with_tag(t).tolist() == want
+            assert r.tag_dictionary[r.tag_id(t)] == t
+        assert r.tag_id("no such tag") is None
+
+
+def test_segment_data_validation():
+    n, d = 4, 3
+    ok = dict(level=0, id_start=0, vectors=np.zeros((n, d), np.float32), live=np.ones(n, bool),
+              start_time_ms=np.zeros(n, np.uint32), duration_ms=np.zeros(n, np.uint32),
+              bpm=np.zeros(n, np.float32), tags=[[]] * n, source_file=[""] * n)
+    SegmentData(**ok)
+    cases = [
+        (dict(vectors=np.zeros((n, d), np.float64)), "vectors must have dtype float32"),
+        (dict(vectors=np.zeros(n, np.float32)), "2-D"),
+        (dict(vectors=[[0.0] * d] * n), "numpy float32 array"),
+        (dict(vectors=np.zeros((0, d), np.float32)), "rows"),
+        (dict(vectors=np.zeros((n, 4097), np.float32)), "dim in 1..4096"),
+        (dict(vectors=np.zeros((n, 0), np.float32)), "dim in 1..4096"),
+        (dict(live=np.ones(n + 1, bool)), "live must have shape"),
+        (dict(live=np.full(n, 2)), "live must be a bool"),
+        (dict(live=np.ones(n, np.float32)), "live must be a bool"),
+        (dict(start_time_ms=np.full(n, -1)), r"start_time_ms\[0\] = -1 is outside"),
+        (dict(duration_ms=np.full(n, 2**32)), r"duration_ms\[0\] = 4294967296 is outside"),
+        (dict(duration_ms=np.zeros(n, np.float32)), "duration_ms must hold integers"),
+        (dict(start_time_ms=np.zeros(n - 1, np.uint32)), "start_time_ms must have shape"),
+        (dict(bpm=np.array([1.0, np.nan, 0, 0])), r"bpm\[1\] = .*nan.* is not finite"),
+        (dict(bpm=np.array([1.0, 0, 1e39, 0])), r"bpm\[2\] .* not finite in float32"),
+        (dict(bpm=np.array(["a"] * n)), "bpm must be numeric"),
+        (dict(tags=[[]] * (n - 1)), "tags must have n = 4 rows"),
+        (dict(tags=[[], ["b", "a"], [], []]), r"tags\[1\] = \['b', 'a'\] is not sorted and de-duplicated"),
+        (dict(tags=[[], [], ["a", "a"], []]), r"tags\[2\] .* not sorted and de-duplicated"),
+        (dict(tags=[[], [], [], [1]]), r"tags\[3\] holds a int"),
+        (dict(tags=[[], "abc", [], []]), r"tags\[1\] must be a list"),
+        (dict(tags="abcd"), "tags must be a list"),
+        (dict(tags=[[], [], [], ["\ud800"]]), "cannot be encoded as UTF-8"),
+        (dict(source_file=["", "", ""]), "source_file must have n = 4"),
+        (dict(source_file=["", b"x", "", ""]), r"source_file\[1\] must be a str"),
+        (dict(source_file=["", "", "\udcff", ""]), r"source_file\[2\] cannot be encoded"),
+        (dict(level=256), r"level = 256 is outside \[0, 255\]"),
+        (dict(level=True), "level must be an int"),
+        (dict(id_start=-1), "id_start = -1 is outside"),
+        (dict(id_start=2**63 - 2), "id_start = .* is outside"),
+        (dict(pq_codes=np.zeros((n, 2), np.uint8)), "needs both pq_codebook and pq_codes"),
+        (dict(pq_codebook=b"x"), "needs both pq_codebook and pq_codes"),
+        (dict(pq_codebook=b"x", pq_codes=np.zeros((n, 2), np.uint8), graph=b"g"), "archive segment has no graph"),
+        (dict(pq_codebook=b"", pq_codes=np.zeros((n, 2), np.uint8)), "pq_codebook must not be empty"),
+        (dict(pq_codebook=b"x", pq_codes=np.zeros((n, 4), np.uint8)), r"1 <= m <= dim = 3"),
+        (dict(pq_codebook=b"x", pq_codes=np.zeros((n, 2), np.int8)), "pq_codes must be a 2-D uint8"),
+        (dict(pq_codebook=b"x", pq_codes=np.zeros((n - 1, 2), np.uint8)), "pq_codes must have shape"),
+        (dict(graph=12), "graph must be bytes-like"),
+        (dict(tags=TagsCSR(["b", "a"], np.zeros(n + 1, np.uint32), np.zeros(0, np.uint32))),
+         "dictionary must be sorted and unique"),
+        (dict(tags=TagsCSR(["a"], np.array([0, 1, 1, 1, 2], np.uint32), np.zeros(1, np.uint32))),
+         r"tags.offsets\[4\] breaks"),
+        (dict(tags=TagsCSR(["a"], np.array([0, 1, 1, 1, 1], np.uint32), np.array([1], np.uint32))),
+         "row 0 has an id >= len"),
+        (dict(source_file=StringsCSR(np.array([0, 2, 1, 3, 3], np.uint64), b"abc")),
+         r"source_file.offsets\[2\] breaks"),
+        (dict(source_file=StringsCSR(np.array([0, 1, 2, 3], np.uint64), b"abc")), "n\\+1 = 5 entries"),
+    ]
+    for change, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            SegmentData(**{**ok, **change})
+    with pytest.raises(ValueError, match="must be a SegmentData"):
+        write_segment_tmp("/nonexistent/x", ok)
+
+
+def test_non_contiguous_and_list_inputs_are_normalised(tmp_path):
+    n = 6
+    big = np.arange(n * 8, dtype=np.float32).reshape(n, 8)
+    data = SegmentData(level=0, id_start=5, vectors=big[:, ::2], live=[1, 0, 1, 1, 1, 1],
+                       start_time_ms=list(range(n)), duration_ms=[10] * n, bpm=[120] * n,
+                       tags=[("a",)] * n, source_file=tuple("abcdef"), graph=bytearray(b"gg"))
+    path, _ = write(tmp_path, data)
+    with SegmentReader.open(path) as r:
+        assert np.array_equal(r.vectors, big[:, ::2]) and r.live.tolist() == [True, False] + [True] * 4
+        assert r.metadata(5) == {"source_file": "f", "start_time_ms": 5, "duration_ms": 10, "bpm": 120.0,
+                                 "tags": ["a"]}
+
+
+def test_crc32c():
+    assert segio.crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
+    assert segio.crc32c(b"") == 0
+    rng = np.random.default_rng(0)
+    for n in [1, 7, 8, 9, 63, 64, 65, 4095, 70001]:
+        buf = rng.bytes(n)
+        hw, sw = segio.crc32c(buf), segio.crc32c(buf, hw=False)
+        assert hw == sw
+        k = n // 3
+        assert segio.crc32c(buf[k:], segio.crc32c(buf[:k])) == hw
+    a = rng.standard_normal((100, 10)).astype(np.float32)
+    assert segio.crc32c(a) == segio.crc32c(a.tobytes()) == segio.crc32c(memoryview(a))
+    with pytest.raises(ValueError, match="C-contiguous"):
+        segio.crc32c(a[:, ::2])
+    with pytest.raises((TypeError, ValueError)):
+        segio.crc32c("not bytes")
+
+
+def test_constants_match_the_c_header():
+    assert segio.MAGIC == F.MAGIC and segio.VERSION == F.VERSION
+    assert (segio.HEADER_SIZE, segio.ENTRY_SIZE, segio.MAX_SECTIONS) == (F.HEADER_SIZE, F.ENTRY_SIZE, F.MAX_SECTIONS)
+    assert (segio.PAGE_ALIGN, segio.ALIGN, segio.MAX_DIM) == (F.PAGE_ALIGN, F.ALIGN, F.MAX_DIM)
+    assert (segio.MAX_COUNT, segio.MAX_LEVEL, segio.MAX_ID) == (F.MAX_COUNT, F.MAX_LEVEL, F.MAX_ID)
+    assert (segio.FLAG_HAS_GRAPH, segio.FLAG_HAS_PQ) == (F.FLAG_HAS_GRAPH, F.FLAG_HAS_PQ)
+    assert segio.NUM_SECTION_KINDS == len(F.Section)
+    for s in F.Section:
+        assert segio.section_name(int(s)) == s.label
+    assert segio.CRC_FIELD == F.HEADER_STRUCT.size
+
+
+def test_parse_header_reports_overflowing_sizes():
+    """count * dim * 4 that wraps in 64 bits is rejected (the reference's wrapping size check)."""
+    data = make_data(n=3, dim=2)
+    raw = bytearray(F.pack_header(kind=SegmentKind.RAW, has_graph=False, count=2**31 - 1, id_start=0, dim=4096,
+                                  level=0, pq_m=0, file_size=4096 + 24,
+                                  sections={F.Section.VECTORS: (4096, 24, 0)}))
+    with pytest.raises(SegmentFormatError, match="missing|length"):
+        segio.parse_header(bytes(raw), 4096 + 24)
+    del data
