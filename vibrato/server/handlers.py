@@ -4,6 +4,7 @@ No SQL and no vector math here. Bodies larger than `LARGE_BODY` are decoded and 
 executor too, so a 10,000-vector batch does not stall the event loop.
 """
 import asyncio
+import functools
 import logging
 import time
 
@@ -22,8 +23,12 @@ LARGE_BODY = 64 * 1024
 log = logging.getLogger("vibrato.server")
 
 
-async def _blocking(request: web.Request, fn, *args):
+async def _blocking(request: web.Request, fn, *args, **kwargs):
+    """Run a blocking call on the app's executor (never on the event loop)."""
     loop = asyncio.get_running_loop()
+    if kwargs:
+        fn = functools.partial(fn, *args, **kwargs)
+        args = ()
     return await loop.run_in_executor(request.app[K.EXECUTOR], fn, *args)
 
 

@@ -113,7 +113,8 @@ class Float32(Spec):
 
 def check_finite_f32(value, path) -> float:
     try:
-        narrowed = float(np.float32(value)) if math.isfinite(value) else value
+        with np.errstate(over="ignore"):
+            narrowed = float(np.float32(value)) if math.isfinite(value) else value
     except OverflowError:  # an int beyond float64 range
         narrowed = math.inf
     if not math.isfinite(narrowed):

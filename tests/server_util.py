@@ -1,0 +1,123 @@
+"""Helpers for tests that run the real `vibrato serve-v2` as a subprocess on 127.0.0.1."""
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from vibrato.client import Client
+
+REPO = Path(__file__).resolve().parent.parent
+VIBRATO = [sys.executable, "-m", "vibrato.cli"]
+
+
+def free_port(host="127.0.0.1") -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def run_cli(*args, cwd=None, env=None, timeout=120) -> subprocess.CompletedProcess:
+    return subprocess.run([*VIBRATO, *map(str, args)], cwd=cwd, env=_env(env), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _env(extra=None):
+    env = dict(os.environ)
+    env.pop("VIBRATO_API_PEPPER", None)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    if extra:
+        env.update(extra)
+    return env
+
+
+class ServerProcess:
+    """A `vibrato serve-v2` child. stdout/stderr are collected by reader threads."""
+
+    def __init__(self, data_dir, *, port=None, host="127.0.0.1", extra=(), env=None, cwd=None,
+                 bootstrap=True, args=None):
+        self.host = host
+        self.port = port or free_port(host if host not in ("localhost", "0.0.0.0") else "127.0.0.1")
+        if args is None:
+            args = ["serve-v2", "--data-dir", str(data_dir), "--port", str(self.port), "--host", host,
+                    "--dim", "8", "--checkpoint-interval-secs", "3600", "--compaction-interval-secs", "3600",
+                    "--audio-colocated", "false"]
+            if bootstrap:
+                args += ["--bootstrap-admin-key", "true"]
+            args += list(extra)
+        self.args = args
+        self.proc = subprocess.Popen([*VIBRATO, *args], cwd=cwd, env=_env(env), stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
+        self.stdout_lines, self.stderr_lines = [], []
+        self._readers = [threading.Thread(target=self._pump, args=(self.proc.stdout, self.stdout_lines), daemon=True),
+                         threading.Thread(target=self._pump, args=(self.proc.stderr, self.stderr_lines), daemon=True)]
+        for t in self._readers:
+            t.start()
+
+    @staticmethod
+    def _pump(stream, sink):
+        for line in stream:
+            sink.append(line.rstrip("\n"))
+
+    @property
+    def url(self) -> str:
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "localhost") else self.host
+        return f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
+
+    @property
+    def bootstrap_token(self) -> str | None:
+        for line in self.stdout_lines:
+            if line.startswith("BOOTSTRAP_ADMIN_KEY="):
+                return line.split("=", 1)[1]
+        return None
+
+    def client(self, token=None) -> Client:
+        return Client(self.url, token)
+
+    def wait_ready(self, timeout=60.0) -> "ServerProcess":
+        """Wait until /v2/health/ready answers 200 (fails if the process exits first)."""
+        deadline = time.monotonic() + timeout
+        c = Client(self.url, timeout=5)
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}: {self.output()}")
+            try:
+                status, _, _ = c.request("GET", "/v2/health/ready", auth=False)
+                if status == 200:
+                    return self
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise TimeoutError(f"server not ready after {timeout}s: {self.output()}")
+
+    def wait_exit(self, timeout=60.0) -> int:
+        rc = self.proc.wait(timeout=timeout)
+        for t in self._readers:
+            t.join(timeout=5)
+        return rc
+
+    def terminate(self, timeout=60.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.wait_exit(timeout)
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=30)
+
+    def output(self) -> str:
+        return "\n".join(["--- stdout"] + self.stdout_lines[-30:] + ["--- stderr"] + self.stderr_lines[-30:])
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        try:
+            self.terminate(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.kill()

@@ -1,0 +1,281 @@
+"""A small client for the v2 HTTP API: `Client` (blocking, standard library) and `AsyncClient` (aiohttp).
+
+Both wrap every route, accept numpy arrays (or sequences) for vectors, return the `data` payload of
+the response, and raise `VibratoHTTPError(status, code, message, request_id)` for error responses.
+
+    with Client("http://127.0.0.1:8080", token) as c:
+        vid, created = c.ingest(np.ones(128, np.float32), metadata={"tags": ["rock"]})
+        hits = c.query(q, k=10)["results"]
+
+`Client` keeps one keep-alive connection per thread (thread-safe); `AsyncClient` one aiohttp session.
+"""
+import http.client
+import threading
+import urllib.parse
+
+import numpy as np
+import orjson
+
+_DUMPS_OPTS = orjson.OPT_SERIALIZE_NUMPY
+
+
+class VibratoHTTPError(Exception):
+    """An error response: HTTP status, the body's code and message, and the x-request-id."""
+
+    def __init__(self, status: int, code: str, message: str, request_id: str | None = None):
+        super().__init__(f"{status} {code}: {message}")
+        self.status = status
+        self.code = code
+        self.message = message
+        self.request_id = request_id
+
+
+def _vec(v):
+    if isinstance(v, np.ndarray):
+        return np.ascontiguousarray(v, dtype=np.float32)
+    return v
+
+
+def _ingest_item(vector, metadata=None, idempotency_key=None) -> dict:
+    item = {"vector": _vec(vector)}
+    if metadata is not None:
+        item["metadata"] = metadata
+    if idempotency_key is not None:
+        item["idempotency_key"] = idempotency_key
+    return item
+
+
+def _batch_body(vectors, metadatas=None, idempotency_keys=None) -> dict:
+    """vectors: (n, d) array or a list of vectors / of item dicts."""
+    items = []
+    for i, v in enumerate(vectors):
+        if isinstance(v, dict):
+            items.append({**v, "vector": _vec(v["vector"])})
+        else:
+            items.append(_ingest_item(v, None if metadatas is None else metadatas[i],
+                                      None if idempotency_keys is None else idempotency_keys[i]))
+    return {"vectors": items}
+
+
+def _query_body(vector, k, ef, filter, search_tier, include_metadata) -> dict:
+    body = {"vector": _vec(vector), "k": k, "ef": ef, "include_metadata": include_metadata}
+    if filter is not None:
+        body["filter"] = filter
+    if search_tier is not None:
+        body["search_tier"] = search_tier
+    return body
+
+
+def _identify_body(vectors, k, ef, search_tier, include_metadata) -> dict:
+    frames = np.ascontiguousarray(vectors, dtype=np.float32) if isinstance(vectors, np.ndarray) else vectors
+    body = {"vectors": frames, "k": k, "ef": ef, "include_metadata": include_metadata}
+    if search_tier is not None:
+        body["search_tier"] = search_tier
+    return body
+
+
+def _decode(status: int, body: bytes, request_id, allow=()):
+    if status in allow or 200 <= status < 300:
+        return orjson.loads(body)["data"]
+    try:
+        err = orjson.loads(body)
+        code, message = err["code"], err["message"]
+    except Exception:  # noqa: BLE001 - not our JSON error body
+        code, message = f"http_{status}", body[:500].decode(errors="replace")
+    raise VibratoHTTPError(status, code, message, request_id)
+
+
+class Client:
+    """Blocking client over http.client (one keep-alive connection per thread)."""
+
+    def __init__(self, base_url: str = "http://127.0.0.1:8080", token: str | None = None, timeout: float = 60.0):
+        u = urllib.parse.urlsplit(base_url)
+        if u.scheme != "http":
+            raise ValueError(f"only http:// URLs are supported, got {base_url!r}")
+        self.host = u.hostname
+        self.port = u.port or 80
+        self.token = token
+        self.timeout = timeout
+        self._local = threading.local()
+
+    # ------------------------------------------------------------------ transport
+    def _conn(self) -> http.client.HTTPConnection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+        return conn
+
+    def request(self, method: str, path: str, body=None, *, headers=None, raw: bytes | None = None,
+                auth: bool = True) -> tuple[int, dict, bytes]:
+        """One HTTP exchange; returns (status, lower-cased headers, body). Retries once on a stale connection."""
+        hdrs = {}
+        if auth and self.token:
+            hdrs["Authorization"] = f"Bearer {self.token}"
+        payload = raw
+        if body is not None:
+            payload = orjson.dumps(body, option=_DUMPS_OPTS)
+            hdrs["Content-Type"] = "application/json"
+        if headers:
+            hdrs.update(headers)
+        for attempt in (0, 1):
+            conn = self._conn()
+            try:
+                conn.request(method, path, body=payload, headers=hdrs)
+                resp = conn.getresponse()
+                data = resp.read()
+                return resp.status, {k.lower(): v for k, v in resp.getheaders()}, data
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+                conn.close()
+                self._local.conn = None
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _call(self, method, path, body=None, allow=()):
+        status, headers, data = self.request(method, path, body)
+        return _decode(status, data, headers.get("x-request-id"), allow)
+
+    def close(self):
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # ------------------------------------------------------------------ routes
+    def ingest(self, vector, metadata=None, idempotency_key=None) -> tuple[int, bool]:
+        d = self._call("POST", "/v2/vectors", _ingest_item(vector, metadata, idempotency_key))
+        return d["id"], d["created"]
+
+    def ingest_batch(self, vectors, metadatas=None, idempotency_keys=None) -> list[tuple[int, bool]]:
+        d = self._call("POST", "/v2/vectors/batch", _batch_body(vectors, metadatas, idempotency_keys))
+        return [(r["id"], r["created"]) for r in d["results"]]
+
+    def query(self, vector, k=10, ef=50, filter=None, search_tier=None, include_metadata=True) -> dict:
+        return self._call("POST", "/v2/query", _query_body(vector, k, ef, filter, search_tier, include_metadata))
+
+    def identify(self, vectors, k=5, ef=100, search_tier=None, include_metadata=True) -> dict:
+        return self._call("POST", "/v2/identify", _identify_body(vectors, k, ef, search_tier, include_metadata))
+
+    def health_live(self) -> dict:
+        return self._call("GET", "/v2/health/live")
+
+    def health_ready(self) -> dict:
+        """The readiness payload; a 503 (not ready) is returned, not raised."""
+        return self._call("GET", "/v2/health/ready", allow=(503,))
+
+    def checkpoint(self) -> dict:
+        return self._call("POST", "/v2/admin/checkpoint")
+
+    def compact(self) -> dict:
+        return self._call("POST", "/v2/admin/compact")
+
+    def snapshot(self) -> dict:
+        return self._call("POST", "/v2/admin/snapshot")
+
+    def stats(self) -> dict:
+        return self._call("GET", "/v2/admin/stats")
+
+    def metrics(self) -> str:
+        status, headers, data = self.request("GET", "/v2/metrics")
+        if status != 200:
+            _decode(status, data, headers.get("x-request-id"))
+        return data.decode()
+
+    def openapi(self) -> dict:
+        status, headers, data = self.request("GET", "/v2/openapi.json")
+        if status != 200:
+            _decode(status, data, headers.get("x-request-id"))
+        return orjson.loads(data)
+
+
+class AsyncClient:
+    """asyncio client over one aiohttp.ClientSession (create it inside a running loop)."""
+
+    def __init__(self, base_url: str = "http://127.0.0.1:8080", token: str | None = None, timeout: float = 60.0,
+                 connections: int = 100):
+        import aiohttp
+        self.base_url = base_url.rstrip("/")
+        self.token = token
+        self._session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=timeout),
+            connector=aiohttp.TCPConnector(limit=connections))
+
+    async def request(self, method: str, path: str, body=None, *, headers=None, raw: bytes | None = None,
+                      auth: bool = True) -> tuple[int, dict, bytes]:
+        hdrs = {}
+        if auth and self.token:
+            hdrs["Authorization"] = f"Bearer {self.token}"
+        payload = raw
+        if body is not None:
+            payload = orjson.dumps(body, option=_DUMPS_OPTS)
+            hdrs["Content-Type"] = "application/json"
+        if headers:
+            hdrs.update(headers)
+        async with self._session.request(method, self.base_url + path, data=payload, headers=hdrs) as resp:
+            data = await resp.read()
+            return resp.status, {k.lower(): v for k, v in resp.headers.items()}, data
+
+    async def _call(self, method, path, body=None, allow=()):
+        status, headers, data = await self.request(method, path, body)
+        return _decode(status, data, headers.get("x-request-id"), allow)
+
+    async def close(self):
+        await self._session.close()
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.close()
+
+    async def ingest(self, vector, metadata=None, idempotency_key=None) -> tuple[int, bool]:
+        d = await self._call("POST", "/v2/vectors", _ingest_item(vector, metadata, idempotency_key))
+        return d["id"], d["created"]
+
+    async def ingest_batch(self, vectors, metadatas=None, idempotency_keys=None) -> list[tuple[int, bool]]:
+        d = await self._call("POST", "/v2/vectors/batch", _batch_body(vectors, metadatas, idempotency_keys))
+        return [(r["id"], r["created"]) for r in d["results"]]
+
+    async def query(self, vector, k=10, ef=50, filter=None, search_tier=None, include_metadata=True) -> dict:
+        return await self._call("POST", "/v2/query", _query_body(vector, k, ef, filter, search_tier,
+                                                                 include_metadata))
+
+    async def identify(self, vectors, k=5, ef=100, search_tier=None, include_metadata=True) -> dict:
+        return await self._call("POST", "/v2/identify", _identify_body(vectors, k, ef, search_tier,
+                                                                       include_metadata))
+
+    async def health_live(self) -> dict:
+        return await self._call("GET", "/v2/health/live")
+
+    async def health_ready(self) -> dict:
+        return await self._call("GET", "/v2/health/ready", allow=(503,))
+
+    async def checkpoint(self) -> dict:
+        return await self._call("POST", "/v2/admin/checkpoint")
+
+    async def compact(self) -> dict:
+        return await self._call("POST", "/v2/admin/compact")
+
+    async def snapshot(self) -> dict:
+        return await self._call("POST", "/v2/admin/snapshot")
+
+    async def stats(self) -> dict:
+        return await self._call("GET", "/v2/admin/stats")
+
+    async def metrics(self) -> str:
+        status, headers, data = await self.request("GET", "/v2/metrics")
+        if status != 200:
+            _decode(status, data, headers.get("x-request-id"))
+        return data.decode()
+
+    async def openapi(self) -> dict:
+        status, headers, data = await self.request("GET", "/v2/openapi.json")
+        if status != 200:
+            _decode(status, data, headers.get("x-request-id"))
+        return orjson.loads(data)
