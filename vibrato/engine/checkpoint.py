@@ -78,9 +78,12 @@ def run(engine, *, background: bool = False) -> dict:
             engine.bump("checkpoint_failures_total")
             _fail(engine, jid, seg_id, registered, tmp, final, details, exc)
             raise
-        # Point of no return: the segment is durable and active; the rest is in memory.
-        fault_point("checkpoint:activated")
-        engine.publish(add=[handle], drop_hot_through=end_lsn)
+        # Point of no return: the segment is durable and active; publishing it is in memory only and
+        # happens even if something raises here, so memory never disagrees with the catalog.
+        try:
+            fault_point("checkpoint:activated")
+        finally:
+            engine.publish(add=[handle], drop_hot_through=end_lsn)
         engine.bump("checkpoint_total")
         log.info("checkpoint %s: %d rows (lsn %d..%d) -> %s", jid, row["row_count"], start_lsn, end_lsn, seg_id)
         return {"job_id": jid, "state": "completed",

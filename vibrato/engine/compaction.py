@@ -5,8 +5,10 @@ Policy (one step per call):
   * else >= 2 L1 segments       -> up to 8 adjacent L1s merge into one L2 archive segment: PQ codes
                                    for candidate selection + the float32 vectors for exact rerank
                                    (SPEC D14); raw L2 when rows < pq_min_rows or no PQ split fits dim;
-  * else >= 4 L2 segments       -> the smallest adjacent run of L2s whose rows fit l2_merge_max_rows
-                                   merges into one L2 (tiered merging; SPEC D24).
+  * else L2 segments            -> the smallest adjacent run of L2s whose rows fit l2_merge_max_rows
+                                   merges into one L2 when there are >= 4 L2 segments, or when the run
+                                   holds a raw L2 (too small for PQ when it was made); tiered merging
+                                   keeps the count bounded (SPEC D24).
 "Adjacent" means consecutive in the id order of ALL active segments, so the output's id range
 [first.start, last.end] overlaps no other segment. Overlapping inputs are an integrity error and the
 inputs stay active (SPEC D13). Rows dead in the inputs (tombstones, replayed-away ids) are written as
@@ -54,7 +56,7 @@ def plan(segments, cfg):
         if run:
             return run, out_level
     l2 = [s for s in segs if s.level >= 2]
-    if len(l2) >= L2_MERGE_MIN_SEGMENTS:
+    if len(l2) >= 2:
         best = None
         for i in range(len(segs)):
             total, run = 0, []
@@ -65,7 +67,7 @@ def plan(segments, cfg):
                 total += s.n
                 if len(run) >= 2 and (best is None or total < best[0]):
                     best = (total, list(run))
-        if best:
+        if best and (len(l2) >= L2_MERGE_MIN_SEGMENTS or any(s.kind == "raw" for s in best[1])):
             return best[1], 2
     return None, None
 
@@ -135,8 +137,10 @@ def run(engine, *, background: bool = False) -> dict:
             engine.bump("compaction_failures_total")
             _fail(engine, jid, out_id, input_ids, registered, tmp, final, details, exc)
             raise
-        fault_point("compaction:activated")
-        engine.publish(add=[handle], remove=inputs)
+        try:
+            fault_point("compaction:activated")
+        finally:
+            engine.publish(add=[handle], remove=inputs)
         engine.bump("compaction_total")
         from vibrato.engine.maintenance import gc_obsolete
         gc_obsolete(engine)
@@ -209,7 +213,8 @@ def merge(engine, inputs, out_level):
     tags = TagsCSR.concat(tag_parts)
     sources = StringsCSR.concat(src_parts)
     m = choose_pq_m(dim)
-    archive = out_level >= 2 and int(live.sum()) >= cfg.pq_min_rows and m > 0
+    # PQ training needs at least 256 rows (one per centroid)
+    archive = out_level >= 2 and int(live.sum()) >= max(cfg.pq_min_rows, 256) and m > 0
     common = dict(level=out_level, id_start=id_start, vectors=vectors, live=live, start_time_ms=start,
                   duration_ms=duration, bpm=bpm, tags=tags, source_file=sources)
     if archive:

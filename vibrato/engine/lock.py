@@ -46,7 +46,7 @@ class DataDirLock:
             self._fd = None
 
     def __enter__(self):
-        return self.acquire()
+        return self if self._fd is not None else self.acquire()
 
     def __exit__(self, *exc):
         self.release()

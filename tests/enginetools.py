@@ -1,0 +1,26 @@
+"""Helpers shared by the engine tests (not a test module)."""
+import hashlib
+
+import numpy as np
+
+
+def payload(key: str, dim: int):
+    """A deterministic (vector, metadata) for a key, so a crashed writer's attempts can be replayed."""
+    seed = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little")
+    rng = np.random.default_rng(seed)
+    v = rng.standard_normal(dim).astype(np.float32)
+    meta = {"source_file": f"{key}.wav", "start_time_ms": int(rng.integers(0, 1 << 20)), "duration_ms": 50,
+            "bpm": float(np.float32(90 + int(rng.integers(0, 160)) * 0.5)), "tags": sorted({"crash", key[:6]})}
+    return v, meta
+
+
+def dump(eng):
+    """{id: (vector bytes, metadata)} for every live id, read through the engine's tiers."""
+    view = eng.view()
+    top = eng.stats()["next_id"]
+    ids = np.arange(top, dtype=np.int64)
+    vecs, found = view.vectors_for(ids, "all")
+    out = {}
+    for vid in ids[found].tolist():
+        out[vid] = (vecs[vid].tobytes(), view.metadata(vid))
+    return out
