@@ -81,12 +81,13 @@ class ServerProcess:
     def wait_ready(self, timeout=60.0) -> "ServerProcess":
         """Wait until /v2/health/ready answers 200 (fails if the process exits first)."""
         deadline = time.monotonic() + timeout
-        c = Client(self.url, timeout=5)
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}: {self.output()}")
             try:
-                status, _, _ = c.request("GET", "/v2/health/ready", auth=False)
+                # The bootstrap token (if any) is printed before the port binds; it also passes
+                # private health checks (--public-health-metrics false).
+                status, _, _ = Client(self.url, self.bootstrap_token, timeout=5).request("GET", "/v2/health/ready")
                 if status == 200:
                     return self
             except OSError:

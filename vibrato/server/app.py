@@ -100,6 +100,7 @@ def create_app(config: Config, engine=None) -> web.Application:
     app[K.VALIDATOR] = Validator(config)
     app[K.POLICIES] = {r.path: r.policy for r in ROUTES}
     app[K.OPENAPI] = orjson.dumps(openapi.build(ROUTES))
+    app[K.INFLIGHT] = K.InFlight()
     for r in ROUTES:
         if r.method == "GET":
             app.router.add_get(r.path, r.handler)
@@ -224,7 +225,14 @@ async def _serve(config: Config) -> None:
                  extra={"fields": {"data_dir": str(config.data_dir), "collection": config.collection,
                                    "dim": config.dim, "pid": os.getpid()}})
         await stop.wait()
-        log.info("shutdown requested: no longer accepting connections, finishing in-flight requests")
+        log.info("shutdown requested: no longer accepting connections, finishing in-flight requests",
+                 extra={"fields": {"in_flight": app[K.INFLIGHT].count}})
+        for s in list(runner.sites):
+            await s.stop()
+        try:
+            await asyncio.wait_for(app[K.INFLIGHT].idle(), config.shutdown_timeout_secs)
+        except asyncio.TimeoutError:
+            log.warning("shutdown timeout: cancelling %d in-flight requests", app[K.INFLIGHT].count)
     finally:
         await runner.cleanup()
     log.info("shutdown complete")

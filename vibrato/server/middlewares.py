@@ -48,13 +48,18 @@ async def request_id_middleware(request: web.Request, handler):
         rid = new_request_id()
     request[K.REQUEST_ID] = rid
     request[K.STARTED] = (time.time(), time.perf_counter())
+    inflight = request.app[K.INFLIGHT]
+    inflight.enter()
     token = REQUEST_ID.set(rid)
     try:
         response = await handler(request)
+        response.headers["x-request-id"] = rid
+        if inflight.draining:
+            response.force_close()  # shutting down: no further requests on this connection
+        return response
     finally:
         REQUEST_ID.reset(token)
-    response.headers["x-request-id"] = rid
-    return response
+        inflight.leave()
 
 
 def route_policy(request: web.Request):

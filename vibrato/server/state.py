@@ -30,6 +30,36 @@ class Policy:
     public_when_flag: bool = False
 
 
+class InFlight:
+    """Requests being handled, so shutdown can drain them before aiohttp closes connections.
+
+    (aiohttp's own shutdown stops reading from every connection first, so a request whose body is
+    still arriving would hang until the timeout; `serve` therefore stops the listeners, waits for
+    `idle()`, and only then runs the runner's cleanup.) Event-loop thread only.
+    """
+
+    def __init__(self):
+        self.count = 0
+        self.draining = False
+        self._idle = None
+
+    def enter(self):
+        self.count += 1
+
+    def leave(self):
+        self.count -= 1
+        if self.count == 0 and self._idle is not None:
+            self._idle.set()
+
+    async def idle(self):
+        import asyncio
+        self.draining = True
+        if self.count == 0:
+            return
+        self._idle = asyncio.Event()
+        await self._idle.wait()
+
+
 CONFIG = web.AppKey("config", Config)
 ENGINE = web.AppKey("engine", object)
 EXECUTOR = web.AppKey("executor", ThreadPoolExecutor)
@@ -39,6 +69,7 @@ AUDIT = web.AppKey("audit", AuditWriter)
 VALIDATOR = web.AppKey("validator", Validator)
 POLICIES = web.AppKey("policies", dict)
 OPENAPI = web.AppKey("openapi", bytes)
+INFLIGHT = web.AppKey("inflight", InFlight)
 
 REQUEST_ID = web.RequestKey("request_id", str)
 STARTED = web.RequestKey("started", tuple)          # (unix time, perf_counter) at arrival
