@@ -13,14 +13,20 @@ cdef extern from "vibrato/pq.h" nogil:
 
     ctypedef uint32_t (*vb_pq_nearest_fn)(const float *x, const float *ct, size_t dsub, float *dist)
     ctypedef void (*vb_pq_l2sq_cols_fn)(float *out, const float *xt, size_t ld, size_t dsub, const float *c, size_t nb)
-    ctypedef void (*vb_pq_scores_fn)(float *out, const float *table, size_t m, const uint8_t *codes, size_t n)
+    ctypedef void (*vb_pq_scores_fn)(float *out, const float *table, const uint8_t *planes, size_t m,
+                                     const uint8_t *codes, size_t n)
+    int VB_PQ_KERNEL_COUNT
     ctypedef struct vb_pq_ops_t:
         int level
+        int kernel
+        const char *name
+        int needs_planes
         const vb_distance_ops_t *dist
         vb_pq_nearest_fn nearest
         vb_pq_l2sq_cols_fn l2sq_cols
         vb_pq_scores_fn scores
     const vb_pq_ops_t *vb_pq_ops_for(int level)
+    const vb_pq_ops_t *vb_pq_ops_kernel(int kernel)
 
     ctypedef struct vb_pq_train_stats_t:
         size_t rows_used
@@ -37,6 +43,8 @@ cdef extern from "vibrato/pq.h" nogil:
     void vb_pq_decode(const float *codebook, size_t dim, size_t m, const uint8_t *codes, size_t n, float *out)
     void vb_pq_adc_table(const vb_pq_ops_t *ops, int metric, const float *codebook, size_t dim, size_t m,
                          const float *q, float *table)
+    int vb_pq_adc_scores(const vb_pq_ops_t *ops, const float *table, size_t m, const uint8_t *codes, size_t n,
+                         float *out)
     int vb_pq_adc_scan(const vb_pq_ops_t *ops, const float *table, size_t m, const uint8_t *codes, size_t n,
                        const uint8_t *allowed, size_t k, size_t nthreads, int64_t *out_rows, float *out_scores,
                        size_t *out_k)

@@ -41,7 +41,30 @@ def isa_level():
     return _default_ops.level
 
 
-cdef const vb_pq_ops_t *_ops(int level) except NULL:
+def kernel_name(int level=-1):
+    """Name of the kernel set a level uses here: 'scalar', 'avx2', 'avx512', 'avx512vbmi' or 'neon'."""
+    return _ops(level, None).name.decode()
+
+
+def kernels():
+    """Every kernel set this CPU can run, by name (tests pass them as ``kernel=``)."""
+    out = []
+    cdef const vb_pq_ops_t *o
+    for kk in range(VB_PQ_KERNEL_COUNT):
+        o = vb_pq_ops_kernel(kk)
+        if o != NULL:
+            out.append(o.name.decode())
+    return out
+
+
+cdef const vb_pq_ops_t *_ops(int level, object kernel) except NULL:
+    cdef const vb_pq_ops_t *o
+    if kernel is not None:
+        for kk in range(VB_PQ_KERNEL_COUNT):
+            o = vb_pq_ops_kernel(kk)
+            if o != NULL and o.name.decode() == kernel:
+                return o
+        raise ValueError(f"kernel {kernel!r} cannot run on this CPU; available: {kernels()}")
     if level < 0:
         return _default_ops
     if level not in available_levels():
@@ -125,7 +148,7 @@ def train(X, int m, iters=15, seed=42, sample=65536, int level=-1, threads=None)
     if n < VB_PQ_MIN_TRAIN:
         raise ValueError(f"X must have at least {VB_PQ_MIN_TRAIN} rows to train 256 centroids per subspace, "
                          f"got {n}")
-    cdef const vb_pq_ops_t *ops = _ops(level)
+    cdef const vb_pq_ops_t *ops = _ops(level, None)
     cdef size_t nthreads = _threads_for(threads, 1, 0)
     cdef const float[:, ::1] Xv = X
     codebook = np.empty((m, VB_PQ_KSUB, dsub), dtype=np.float32)
@@ -149,7 +172,7 @@ def encode(codebook, X, int level=-1, threads=None, bint pairwise=False):
     _check_array(X, "X", np.float32, 2, "(n, dim)")
     if X.shape[1] != m * dsub:
         raise ValueError(f"X must have dim={m * dsub} columns, got {X.shape[1]}")
-    cdef const vb_pq_ops_t *ops = _ops(level)
+    cdef const vb_pq_ops_t *ops = _ops(level, None)
     cdef Py_ssize_t n = X.shape[0]
     codes = np.empty((n, m), dtype=np.uint8)
     if n == 0:
@@ -199,7 +222,7 @@ def adc_table(codebook, q, int metric=0, int level=-1):
         raise ValueError(f"metric must be 0 (inner product) or 1 (squared L2), got {metric}")
     if not np.isfinite(q).all():
         raise ValueError("q contains a non-finite value (NaN or inf)")
-    cdef const vb_pq_ops_t *ops = _ops(level)
+    cdef const vb_pq_ops_t *ops = _ops(level, None)
     table = np.empty((m, VB_PQ_KSUB), dtype=np.float32)
     cdef const float[:, :, ::1] cv = codebook
     cdef const float[::1] qv = q
@@ -217,11 +240,11 @@ def _check_table(table):
     return table.shape[0]
 
 
-def adc_scores(table, codes, int level=-1):
+def adc_scores(table, codes, int level=-1, kernel=None):
     """(n,) float32: sum_j table[j, codes[i, j]] for every row (the lookup-accumulate kernel alone)."""
     m = _check_table(table)
     _check_codes(codes, m)
-    cdef const vb_pq_ops_t *ops = _ops(level)
+    cdef const vb_pq_ops_t *ops = _ops(level, kernel)
     cdef Py_ssize_t n = codes.shape[0]
     out = np.empty(n, dtype=np.float32)
     if n == 0:
@@ -230,12 +253,14 @@ def adc_scores(table, codes, int level=-1):
     cdef const uint8_t[:, ::1] codv = codes
     cdef float[::1] ov = out
     cdef size_t c_m = m
+    cdef int rc
     with nogil:
-        ops.scores(&ov[0], &tv[0, 0], c_m, &codv[0, 0], n)
+        rc = vb_pq_adc_scores(ops, &tv[0, 0], c_m, &codv[0, 0], n, &ov[0])
+    _raise(rc, "adc_scores")
     return out
 
 
-def adc_scan(table, codes, k, allowed=None, int level=-1, threads=None):
+def adc_scan(table, codes, k, allowed=None, int level=-1, threads=None, kernel=None):
     """Top-k rows of codes (n, m) by approximate score sum_j table[j, codes[i, j]], highest first.
 
     allowed: None or a bool mask (n,) over rows. Returns (rows int64 (k',), scores float32 (k',)) with
@@ -252,7 +277,7 @@ def adc_scan(table, codes, k, allowed=None, int level=-1, threads=None):
         _check_array(allowed, "allowed", np.bool_, 1, "(n,)")
         if allowed.shape[0] != n:
             raise ValueError(f"allowed must have one entry per row of codes ({n}), got {allowed.shape[0]}")
-    cdef const vb_pq_ops_t *ops = _ops(level)
+    cdef const vb_pq_ops_t *ops = _ops(level, kernel)
     cdef size_t cap = min(<size_t>k, <size_t>n) if n else 0
     rows = np.empty(cap, dtype=np.int64)
     scores = np.empty(cap, dtype=np.float32)
