@@ -28,6 +28,8 @@ cdef extern from "vibrato/segment.h" nogil:
     unsigned int VB_SEG_FLAG_HAS_GRAPH
     unsigned int VB_SEG_FLAG_HAS_PQ
     unsigned int VB_SEC_NKINDS
+    unsigned int VB_SEC_SOURCE_OFFSETS
+    unsigned int VB_SEC_SOURCE_BLOB
 
     ctypedef struct vb_seg_section_t:
         uint32_t kind

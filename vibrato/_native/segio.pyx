@@ -319,7 +319,7 @@ def parse_header(buf, unsigned long long file_size, path=None):
     if rc == VB_SEG_ECHECKSUM:
         raise SegmentChecksumError(_msg(path, err), path, "header")
     if rc != 0:
-        raise SegmentFormatError(_msg(path, err), path)
+        raise SegmentFormatError(_msg(path, err), path, _section_from(err))
     return lay
 
 
@@ -350,9 +350,9 @@ def check_source_utf8(SegmentLayout layout, buffer, path=None):
         if <uint64_t>view.len < layout.c.file_size:
             raise SegmentFormatError(_msg(path, b"buffer is shorter than the segment"), path)
         with nogil:
-            rc = vb_seg_check_utf8_csr64(<const uint8_t *>view.buf + layout.c.sec[10].offset,
+            rc = vb_seg_check_utf8_csr64(<const uint8_t *>view.buf + layout.c.sec[VB_SEC_SOURCE_OFFSETS].offset,
                                          <size_t>layout.c.count,
-                                         <const uint8_t *>view.buf + layout.c.sec[11].offset, &bad)
+                                         <const uint8_t *>view.buf + layout.c.sec[VB_SEC_SOURCE_BLOB].offset, &bad)
     finally:
         PyBuffer_Release(&view)
     if rc != 0:

@@ -34,6 +34,7 @@ import logging
 import mmap as _mmap
 import operator
 import os
+import stat
 from bisect import bisect_left
 
 import numpy as np
@@ -80,7 +81,7 @@ class SegmentReader:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
             st = os.fstat(fd)
-            if not (st.st_mode & 0o170000) == 0o100000:
+            if not stat.S_ISREG(st.st_mode):
                 raise SegmentFormatError(f"{path}: not a regular file", path)
             head = os.pread(fd, F.MAX_HEADER_LEN, 0)
             layout = _segio.parse_header(head, st.st_size, path)
@@ -430,7 +431,8 @@ class SegmentReader:
         try:
             self._mapping.madvise(off, length, F.MADVISE_MODES[mode])
         except OSError as e:
-            raise OSError(e.errno, f"{self._path}: madvise({mode}) on the vector section failed: {e.strerror}") from None
+            raise OSError(e.errno, f"{self._path}: madvise({mode}) on the vector section failed: "
+                                   f"{e.strerror}") from None
         self._advice = mode
 
     @property
@@ -479,8 +481,8 @@ class SegmentReader:
         self._closed = True
         fd, self._fd = self._fd, -1
         for name in ("_vectors", "_live", "_start", "_duration", "_bpm", "_tag_offsets", "_tag_ids",
-                     "_tag_dict_offsets", "_source_offsets", "_source_blob", "_tags", "_sources", "_graph", "_pq_codebook",
-                     "_pq_codes", "_mapping"):
+                     "_tag_dict_offsets", "_source_offsets", "_source_blob", "_tags", "_sources", "_graph",
+                     "_pq_codebook", "_pq_codes", "_mapping"):
             setattr(self, name, None)
         if fd >= 0:
             os.close(fd)
