@@ -75,17 +75,20 @@ class ProductQuantizer:
 
     # -- training -----------------------------------------------------------------------------------
 
-    def train(self, X, iters: int = 15, seed: int = 42, sample: int = 65536, threads=None) -> "ProductQuantizer":
+    def train(self, X, iters: int = 15, seed: int = 42, sample: int = 65536, threads=None,
+              init=None) -> "ProductQuantizer":
         """Learns the codebook from X (n, dim) float32, n >= 256. Returns self.
 
         k-means++ initialisation then at most ``iters`` Lloyd iterations per subspace (stopping early when
         no assignment changes), on at most ``sample`` rows drawn without replacement by a RNG seeded
         with ``seed``. Empty clusters are re-seeded deterministically with the point farthest from its
         centroid. The same data and seed give a bit-identical codebook for any ``threads`` (None uses
-        every core). Sampled rows must be finite. Retraining replaces the codebook.
+        every core). Sampled rows must be finite. ``init`` (m, 256, dsub) float32 replaces k-means++
+        with given starting centroids (e.g. ``self.centroids`` to refine a codebook on new data).
+        Retraining replaces the codebook.
         """
         self._check_X(X)
-        centroids, info = _pq.train(X, self.m, iters=iters, seed=seed, sample=sample, threads=threads)
+        centroids, info = _pq.train(X, self.m, iters=iters, seed=seed, sample=sample, init=init, threads=threads)
         self._set_centroids(centroids)
         self.train_info = info
         return self

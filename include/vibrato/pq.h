@@ -928,8 +928,8 @@ static size_t vb_pq_kpp_pick(const vb_pq_ws_t *w, size_t ns, vb_pq_rng_t *rng) {
 
 /* k-means (k-means++ init, then Lloyd) on one subspace: xs (ns, dsub) -> cent (ksub, dsub). */
 static int vb_pq_kmeans_subspace(const vb_pq_ops_t *ops, const float *restrict xs, size_t ns, size_t dsub,
-                                 size_t iters, vb_pq_rng_t rng, vb_pq_ws_t *w, size_t nthreads,
-                                 float *restrict cent, vb_pq_train_stats_t *st) {
+                                 size_t iters, vb_pq_rng_t rng, const float *restrict init, vb_pq_ws_t *w,
+                                 size_t nthreads, float *restrict cent, vb_pq_train_stats_t *st) {
     const size_t nblocks = (ns + VB_PQ_BLOCK - 1) / VB_PQ_BLOCK;
     const size_t row_bytes = dsub * sizeof(float);
     vb_pq_sub_task_t task;
@@ -943,18 +943,21 @@ static int vb_pq_kmeans_subspace(const vb_pq_ops_t *ops, const float *restrict x
     size_t kpp_threads = ns * dsub >= (1u << 18) ? nthreads : 1;
     int rc;
 
-    /* k-means++ initialisation. */
-    for (size_t i = 0; i < ns; i++) {
-        w->min_d[i] = INFINITY;
-        for (size_t t = 0; t < dsub; t++) w->xt[t * ns + i] = xs[i * dsub + t];
-    }
-    size_t pick = vb_pq_rng_below(&rng, ns);
-    for (size_t c = 0; c < VB_PQ_KSUB; c++) {
-        memcpy(cent + c * dsub, xs + pick * dsub, row_bytes);
-        if (c + 1 == VB_PQ_KSUB) break;
-        task.cent = cent + c * dsub;
-        if ((rc = vb_parallel_for(nblocks, kpp_threads, 8, vb_pq_kpp_update_task, &task)) != VB_OK) return rc;
-        pick = vb_pq_kpp_pick(w, ns, &rng);
+    if (init) { /* warm start from given centroids */
+        memcpy(cent, init, VB_PQ_KSUB * row_bytes);
+    } else { /* k-means++ initialisation */
+        for (size_t i = 0; i < ns; i++) {
+            w->min_d[i] = INFINITY;
+            for (size_t t = 0; t < dsub; t++) w->xt[t * ns + i] = xs[i * dsub + t];
+        }
+        size_t pick = vb_pq_rng_below(&rng, ns);
+        for (size_t c = 0; c < VB_PQ_KSUB; c++) {
+            memcpy(cent + c * dsub, xs + pick * dsub, row_bytes);
+            if (c + 1 == VB_PQ_KSUB) break;
+            task.cent = cent + c * dsub;
+            if ((rc = vb_parallel_for(nblocks, kpp_threads, 8, vb_pq_kpp_update_task, &task)) != VB_OK) return rc;
+            pick = vb_pq_kpp_pick(w, ns, &rng);
+        }
     }
 
     /* Lloyd iterations. */
@@ -1019,6 +1022,7 @@ typedef struct {
     const float *sub; /* (m, ns, dsub) the sample, subspace-major */
     size_t ns, dsub, iters;
     uint64_t seed;
+    const float *init;         /* (m, ksub, dsub) warm start, or NULL for k-means++ */
     vb_pq_ws_t *ws;            /* one per worker */
     vb_pq_train_stats_t *stats; /* one per subspace */
     float *codebook;
@@ -1028,7 +1032,8 @@ static int vb_pq_train_subspace_task(void *p, size_t tid, size_t b, size_t e) {
     vb_pq_train_task_t *t = (vb_pq_train_task_t *)p;
     for (size_t j = b; j < e; j++) {
         int rc = vb_pq_kmeans_subspace(t->ops, t->sub + j * t->ns * t->dsub, t->ns, t->dsub, t->iters,
-                                       vb_pq_rng_stream(t->seed, j + 1), &t->ws[tid], 1,
+                                       vb_pq_rng_stream(t->seed, j + 1),
+                                       t->init ? t->init + j * VB_PQ_KSUB * t->dsub : NULL, &t->ws[tid], 1,
                                        t->codebook + j * VB_PQ_KSUB * t->dsub, &t->stats[j]);
         if (rc != VB_OK) return rc;
     }
@@ -1040,8 +1045,9 @@ static int vb_pq_train_subspace_task(void *p, size_t tid, size_t b, size_t e) {
  *
  * The sample is min(n, sample) rows chosen uniformly without replacement by the seeded RNG
  * (selection sampling, rows kept in increasing order); every row when n <= sample. Each subspace runs
- * k-means++ and then at most `iters` Lloyd iterations (stopping early when no assignment changes),
- * with its own RNG stream derived from `seed`. With m >= 2 * nthreads the subspaces are spread over
+ * k-means++ (or starts from `init`, a (m, ksub, dsub) codebook, when not NULL; it may alias nothing
+ * else) and then at most `iters` Lloyd iterations (stopping early when no assignment changes), with
+ * its own RNG stream derived from `seed`. With m >= 2 * nthreads the subspaces are spread over
  * the threads; otherwise each subspace's assignment and k-means++ passes are. Either way the result is
  * identical for any nthreads.
  *
@@ -1051,8 +1057,8 @@ static int vb_pq_train_subspace_task(void *p, size_t tid, size_t b, size_t e) {
  * worker.
  */
 static inline int vb_pq_train(const vb_pq_ops_t *ops, const float *restrict x, size_t n, size_t dim, size_t m,
-                              size_t iters, uint64_t seed, size_t sample, size_t nthreads,
-                              float *restrict codebook, vb_pq_train_stats_t *stats) {
+                              size_t iters, uint64_t seed, size_t sample, const float *restrict init,
+                              size_t nthreads, float *restrict codebook, vb_pq_train_stats_t *stats) {
     vb_pq_train_stats_t dummy;
     if (!stats) stats = &dummy;
     memset(stats, 0, sizeof(*stats));
@@ -1105,12 +1111,13 @@ static inline int vb_pq_train(const vb_pq_ops_t *ops, const float *restrict x, s
     }
 
     if (outer) {
-        vb_pq_train_task_t task = {ops, sub, ns, dsub, iters, seed, ws, per, codebook};
+        vb_pq_train_task_t task = {ops, sub, ns, dsub, iters, seed, init, ws, per, codebook};
         rc = vb_parallel_for(m, nthreads, 1, vb_pq_train_subspace_task, &task);
     } else {
         for (size_t j = 0; j < m && rc == VB_OK; j++)
             rc = vb_pq_kmeans_subspace(ops, sub + j * ns * dsub, ns, dsub, iters, vb_pq_rng_stream(seed, j + 1),
-                                       &ws[0], nthreads, codebook + j * VB_PQ_KSUB * dsub, &per[j]);
+                                       init ? init + j * VB_PQ_KSUB * dsub : NULL, &ws[0], nthreads,
+                                       codebook + j * VB_PQ_KSUB * dsub, &per[j]);
     }
     if (rc == VB_OK) {
         stats->rows_used = ns;

@@ -37,7 +37,8 @@ cdef extern from "vibrato/pq.h" nogil:
 
     int vb_pq_check_shape(size_t dim, size_t m)
     int vb_pq_train(const vb_pq_ops_t *ops, const float *x, size_t n, size_t dim, size_t m, size_t iters,
-                    uint64_t seed, size_t sample, size_t nthreads, float *codebook, vb_pq_train_stats_t *stats)
+                    uint64_t seed, size_t sample, const float *init, size_t nthreads, float *codebook,
+                    vb_pq_train_stats_t *stats)
     int vb_pq_encode(const vb_pq_ops_t *ops, const float *codebook, size_t dim, size_t m, const float *x,
                      size_t n, uint8_t *codes, size_t nthreads, int pairwise)
     void vb_pq_decode(const float *codebook, size_t dim, size_t m, const uint8_t *codes, size_t n, float *out)

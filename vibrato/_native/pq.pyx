@@ -126,11 +126,12 @@ def _check_codebook(codebook):
     return m, dsub
 
 
-def train(X, int m, iters=15, seed=42, sample=65536, int level=-1, threads=None):
+def train(X, int m, iters=15, seed=42, sample=65536, init=None, int level=-1, threads=None):
     """Trains a codebook on X (n, dim) float32; returns (codebook (m, 256, dim // m) float32, stats dict).
 
     k-means++ then at most ``iters`` Lloyd iterations per subspace on a seeded subsample of at most
-    ``sample`` rows; empty clusters are re-seeded deterministically. Same inputs and seed give a
+    ``sample`` rows; empty clusters are re-seeded deterministically. ``init``: a (m, 256, dsub) float32
+    codebook to start from instead of k-means++ (warm start). Same inputs and seed give a
     bit-identical codebook for any ``threads``. stats: rows_used, iterations (summed over subspaces),
     reseeded (empty clusters re-seeded), inertia (sum of squared distances at the last assignment).
     """
@@ -148,6 +149,17 @@ def train(X, int m, iters=15, seed=42, sample=65536, int level=-1, threads=None)
     if n < VB_PQ_MIN_TRAIN:
         raise ValueError(f"X must have at least {VB_PQ_MIN_TRAIN} rows to train 256 centroids per subspace, "
                          f"got {n}")
+    cdef const float[:, :, ::1] iv
+    cdef const float *ip = NULL
+    if init is not None:
+        if not isinstance(init, np.ndarray) or init.shape != (m, VB_PQ_KSUB, dsub):
+            raise ValueError(f"init must be a (m, 256, dsub) = ({m}, 256, {dsub}) float32 array, got "
+                             f"{getattr(init, 'shape', type(init).__name__)}")
+        _check_array(init, "init", np.float32, 3, "(m, 256, dsub)")
+        if not np.isfinite(init).all():
+            raise ValueError("init contains a non-finite value (NaN or inf)")
+        iv = init
+        ip = &iv[0, 0, 0]
     cdef const vb_pq_ops_t *ops = _ops(level, None)
     cdef size_t nthreads = _threads_for(threads, 1, 0)
     cdef const float[:, ::1] Xv = X
@@ -158,7 +170,7 @@ def train(X, int m, iters=15, seed=42, sample=65536, int level=-1, threads=None)
     cdef uint64_t c_seed = seed
     cdef int rc
     with nogil:
-        rc = vb_pq_train(ops, &Xv[0, 0], n, dim, m, c_iters, c_seed, c_sample, nthreads, &cv[0, 0, 0], &st)
+        rc = vb_pq_train(ops, &Xv[0, 0], n, dim, m, c_iters, c_seed, c_sample, ip, nthreads, &cv[0, 0, 0], &st)
     if rc == VB_EINVAL and st.bad_row != <size_t>-1:
         raise ValueError(f"X row {st.bad_row} contains a non-finite value (NaN or inf)")
     _raise(rc, "train")
