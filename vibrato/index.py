@@ -296,8 +296,8 @@ class HnswIndex:
         finally:
             self._end_search()
 
-    def search_subsequence(self, frames, k: int = 5, ef: int = 100, valid=None, *, anchors: int = 12,
-                           anchor_k: int = 32, spread: bool = True):
+    def search_subsequence(self, frames, k: int = 5, ef: int = 100, valid=None, *, anchors: int = 8,
+                           anchor_k: int = 32, spread: bool = False):
         """Identify an excerpt: the k start labels s maximising mean_i dot(frames[i], vector(s + i)).
 
         frames: (L, dim). Labels are taken as consecutive frames: a window s..s+L-1 counts only if

@@ -211,6 +211,9 @@ static inline int vb_grow_pairs(vb_hnsw_pair_t **p, size_t *cap, size_t want) {
 }
 
 #define VB_HNSW_SCAN_BLOCK 256 /* rows scored per kernel call in exact scans */
+#ifndef VB_HNSW_DENSE_DIV
+#define VB_HNSW_DENSE_DIV 4 /* a scan block with >= 1/4 of its rows allowed is scored contiguously */
+#endif
 
 /*
  * Size the scratch for n nodes, a beam of ef, link lists of up to m0 entries. The candidate heap
@@ -587,6 +590,7 @@ static inline void vb_hnsw_connect(vb_hnsw_t *h, vb_hnsw_ctx_t *c, const vb_dist
                 qsort(cand, cnt + 1, sizeof(*cand), vb_pair_cmp);
                 size_t k = vb_hnsw_select(h, ops, cand, cnt + 1, mmax, c->out);
                 for (size_t j = 0; j < k; j++) sl[1 + j] = c->out[j].id;
+                for (size_t j = k; j < cnt; j++) sl[1 + j] = 0; /* keep graph_bytes canonical */
                 sl[0] = (uint32_t)k;
             }
         }
@@ -702,8 +706,9 @@ static inline int vb_hnsw_add(vb_hnsw_t *h, const float *restrict x_new, size_t 
     }
     for (size_t i = n0; i < n1; i++) {
         h->up_off[i] = h->up_len;
-        for (int l = 1; l <= h->levels[i]; l++) h->up_links[h->up_len + (size_t)(l - 1) * (1 + h->M)] = 0;
-        h->up_len += (size_t)h->levels[i] * (1 + h->M);
+        size_t words = (size_t)h->levels[i] * (1 + h->M);
+        memset(h->up_links + h->up_len, 0, words * sizeof(uint32_t)); /* counts 0; no stale bytes ever serialised */
+        h->up_len += words;
         h->links0[i * (1 + h->M0)] = 0;
     }
     memcpy(h->x_owned + n0 * h->d, x_new, m * h->d * sizeof(float));
@@ -877,30 +882,31 @@ static inline void vb_hnsw_scan(const vb_hnsw_t *h, vb_hnsw_ctx_t *c, const vb_d
             vb_hnsw_offer(c->top, &ntop, k, ids, dist, m);
         }
     } else {
-        size_t m = 0, r = 0;
-        /* Skip 8 disallowed rows at a time: cheap at 0.1% selectivity over millions of rows. */
-        while (r < n) {
-            if (r + 8 <= n) {
-                uint64_t w;
-                memcpy(&w, mask + r, 8);
-                if (!w) {
-                    r += 8;
-                    continue;
+        /* Blocks of VB_HNSW_SCAN_BLOCK rows: a dense block is scored contiguously (the hardware
+         * prefetcher streams it) and its allowed rows offered; a sparse one gathers its allowed rows. */
+        for (size_t b = 0; b < n; b += VB_HNSW_SCAN_BLOCK) {
+            size_t e = n - b < VB_HNSW_SCAN_BLOCK ? n : b + VB_HNSW_SCAN_BLOCK;
+            size_t m = 0, r = b;
+            while (r < e) {
+                if (r + 8 <= e) { /* skip 8 disallowed rows at a time (0.1% filters over millions of rows) */
+                    uint64_t w;
+                    memcpy(&w, mask + r, 8);
+                    if (!w) {
+                        r += 8;
+                        continue;
+                    }
                 }
+                size_t stop = r + 8 < e ? r + 8 : e;
+                for (; r < stop; r++)
+                    if (mask[r]) ids[m++] = (uint32_t)r;
             }
-            size_t e = r + 8 < n ? r + 8 : n;
-            for (; r < e; r++) {
-                if (!mask[r]) continue;
-                ids[m++] = (uint32_t)r;
-                if (m == VB_HNSW_SCAN_BLOCK) {
-                    ops->dot_ids32(dist, q, h->x, d, ids, m);
-                    vb_hnsw_offer(c->top, &ntop, k, ids, dist, m);
-                    m = 0;
-                }
+            if (!m) continue;
+            if (m * VB_HNSW_DENSE_DIV >= e - b) {
+                ops->dot_ny(dist, q, h->x + b * d, d, e - b);
+                for (size_t i = 0; i < m; i++) dist[i] = dist[ids[i] - b];
+            } else {
+                ops->dot_ids32(dist, q, h->x, d, ids, m);
             }
-        }
-        if (m) {
-            ops->dot_ids32(dist, q, h->x, d, ids, m);
             vb_hnsw_offer(c->top, &ntop, k, ids, dist, m);
         }
     }
@@ -917,13 +923,13 @@ static inline void vb_hnsw_scan(const vb_hnsw_t *h, vb_hnsw_ctx_t *c, const vb_d
  * The graph runs with a budget equal to the scan's cost; if it overruns, the query finishes with
  * a scan, so a wrong estimate costs at most one scan extra.
  */
-#define VB_HNSW_COST_PER_EF 16.0
-#define VB_HNSW_SCAN_SPEEDUP 2.0
+#define VB_HNSW_COST_PER_EF 12.0
+#define VB_HNSW_SCAN_SPEEDUP 2.5
 
 /* The beam used for a filter with selectivity s (0 < s < 1): ef widened as the filter tightens. */
 static inline size_t vb_hnsw_filtered_ef(size_t ef, double s) {
     double w = 1.0 / sqrt(s);
-    if (w > 4.0) w = 4.0;
+    if (w > 2.0) w = 2.0;
     double e = (double)ef * w;
     return e > VB_HNSW_MAX_EF ? VB_HNSW_MAX_EF : (size_t)e;
 }

@@ -1,0 +1,681 @@
+"""HNSW index: recall against brute force, filters, subsequence search, persistence, hostile input.
+
+No timing assertions here (benchmarks live in perf/bench_hnsw.py).
+"""
+import os
+import struct
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from vibrato._native import hnsw as native
+from vibrato.index import HnswIndex
+
+
+def recall_at(ids, gt, k=10):
+    """Mean |ids[i, :k] & gt[i, :k]| / k."""
+    return float(np.mean([len(set(ids[i, :k].tolist()) & set(gt[i, :k].tolist())) / k for i in range(len(gt))]))
+
+
+def unit_rows(rng, n, d):
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+# ---------------------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def text(shared_data):
+    d = shared_data / "text"
+    return np.load(d / "base_128.npy"), np.load(d / "queries_128.npy"), np.load(d / "gt_128_ids.npy")
+
+
+@pytest.fixture(scope="module")
+def text_index(text):
+    base, _, _ = text
+    idx = HnswIndex(128, m=16, ef_construction=200, seed=0)
+    idx.add(base, threads=2)  # exercises the locked parallel insert path
+    return idx
+
+
+@pytest.fixture(scope="module")
+def audio(shared_data):
+    d = shared_data / "audio"
+    frames = np.load(d / "frames.npy")
+    idx = HnswIndex(128, m=16, ef_construction=200, seed=0)
+    idx.add(frames, threads=2)
+    return (idx, frames, np.load(d / "queries.npy"), np.load(d / "queries_truth.npy"),
+            np.load(d / "frame_track.npy"))
+
+
+@pytest.fixture(scope="module")
+def small():
+    rng = np.random.default_rng(11)
+    x = unit_rows(rng, 3000, 32)
+    idx = HnswIndex(32, m=8, ef_construction=100, seed=3)
+    idx.add(x, threads=1)
+    return idx, x, unit_rows(rng, 50, 32)
+
+
+# ---------------------------------------------------------------------------------------- recall
+
+
+def test_recall_text(text, text_index):
+    _, queries, gt = text
+    ids, scores = text_index.search(queries, k=10, ef=64)
+    assert ids.shape == (500, 10) and ids.dtype == np.int64
+    assert scores.shape == (500, 10) and scores.dtype == np.float32
+    assert recall_at(ids, gt) >= 0.95
+    assert np.all(np.diff(scores, axis=1) <= 0), "scores must be sorted best first"
+    base = text[0]
+    exact = np.einsum("qd,qkd->qk", queries.astype(np.float64), base[ids].astype(np.float64))
+    np.testing.assert_allclose(scores, exact, rtol=1e-4, atol=1e-5)
+
+
+def test_graph_shape(text_index):
+    s = text_index.stats()
+    assert s["n"] == 20000 and s["m0"] == 32
+    assert s["max_degree_layer0"] <= 32
+    counts = s["level_counts"]
+    assert sum(counts) == 20000 and len(counts) - 1 == s["max_level"] <= native.MAX_LEVEL
+    # level multiplier 1/ln(M): about n/M nodes reach level 1
+    assert 0.5 * 20000 / 16 < sum(counts[1:]) < 2 * 20000 / 16
+
+
+def test_single_query_is_2d_and_matches_batch(text, text_index):
+    _, queries, _ = text
+    one_ids, one_scores = text_index.search(queries[7], k=10, ef=64)
+    ids, scores = text_index.search(queries[:10], k=10, ef=64)
+    assert one_ids.shape == (1, 10)
+    np.testing.assert_array_equal(one_ids[0], ids[7])
+    np.testing.assert_array_equal(one_scores[0], scores[7])
+
+
+def test_batch_threads_equal_single_thread(text, text_index):
+    _, queries, _ = text
+    a = text_index.search(queries[:200], k=10, ef=48, threads=1)
+    b = text_index.search(queries[:200], k=10, ef=48, threads=3)
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+
+
+def test_concurrent_python_threads_search_safely(text, text_index):
+    _, queries, _ = text
+    want = text_index.search(queries[:100], k=10, ef=40)
+    got, errors = {}, []
+
+    def work(t):
+        try:
+            for _ in range(5):
+                got[t] = text_index.search(queries[:100], k=10, ef=40)
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for ids, scores in got.values():
+        np.testing.assert_array_equal(ids, want[0])
+        np.testing.assert_array_equal(scores, want[1])
+
+
+def test_unnormalised_vectors_maximum_inner_product():
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2000, 16)).astype(np.float32) * rng.uniform(0.1, 3, (2000, 1)).astype(np.float32)
+    q = rng.standard_normal((40, 16)).astype(np.float32)
+    idx = HnswIndex(16, m=12, ef_construction=100)
+    idx.add(x, threads=1)
+    ids, scores = idx.search(q, k=10, ef=100)
+    gt = np.argsort(-(q @ x.T), axis=1)[:, :10]
+    assert recall_at(ids, gt) >= 0.9
+
+
+# ---------------------------------------------------------------------------------------- semantics
+
+
+def test_determinism_with_seed_single_thread(small):
+    idx, x, q = small
+    again = HnswIndex(32, m=8, ef_construction=100, seed=3)
+    again.add(x, threads=1)
+    assert again.graph_bytes() == idx.graph_bytes()
+    a, b = idx.search(q, k=10, ef=32), again.search(q, k=10, ef=32)
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+    other = HnswIndex(32, m=8, ef_construction=100, seed=4)
+    other.add(x, threads=1)
+    assert other.graph_bytes() != idx.graph_bytes()
+
+
+def test_incremental_add_equals_one_add(small):
+    idx, x, _ = small
+    inc = HnswIndex(32, m=8, ef_construction=100, seed=3)
+    for part in np.array_split(x, 7):
+        inc.add(part, threads=1)
+    assert inc.graph_bytes() == idx.graph_bytes()
+
+
+def test_k_larger_than_n_pads():
+    x = np.eye(5, 8, dtype=np.float32)
+    idx = HnswIndex(8)
+    idx.add(x)
+    ids, scores = idx.search(x[2], k=10)
+    assert ids[0, 0] == 2 and scores[0, 0] == pytest.approx(1.0)
+    assert sorted(ids[0, :5].tolist()) == [0, 1, 2, 3, 4]
+    assert (ids[0, 5:] == -1).all() and np.isneginf(scores[0, 5:]).all()
+
+
+def test_empty_index():
+    idx = HnswIndex(4)
+    assert len(idx) == 0
+    ids, scores = idx.search(np.ones(4, np.float32), k=3)
+    assert (ids == -1).all() and np.isneginf(scores).all()
+    starts, s2 = idx.search_subsequence(np.ones((2, 4), np.float32), k=2)
+    assert (starts == -1).all()
+    g = HnswIndex.from_graph(np.empty((0, 4), np.float32), idx.graph_bytes())
+    assert len(g) == 0
+    idx.add(np.empty((0, 4), np.float32))
+    assert len(idx) == 0
+
+
+def test_labels_round_trip(tmp_path):
+    rng = np.random.default_rng(2)
+    x = unit_rows(rng, 300, 16)
+    labels = rng.choice(10**12, size=300, replace=False).astype(np.uint64)
+    idx = HnswIndex(16, m=8, ef_construction=64)
+    idx.add(x, ids=labels)
+    ids, scores = idx.search(x[:20], k=1, ef=64)
+    np.testing.assert_array_equal(ids[:, 0], labels[:20].astype(np.int64))
+    np.testing.assert_array_equal(idx.labels(), labels.astype(np.int64))
+    # default labels continue after the largest one
+    idx.add(x[:2])
+    assert idx.labels()[-2:].tolist() == [int(labels.max()) + 1, int(labels.max()) + 2]
+    # filter by labels, and save/load keeps them
+    allowed = labels[100:110].astype(np.int64)
+    ids, _ = idx.search(x[0], k=10, ef=64, allowed=allowed)
+    assert set(ids[0].tolist()) == set(allowed.tolist())
+    p = tmp_path / "lab.vbh"
+    idx.save(p)
+    back = HnswIndex.load(p)
+    np.testing.assert_array_equal(back.labels(), idx.labels())
+    assert back.next_label() == idx.next_label()
+    np.testing.assert_array_equal(back.search(x[:5], k=3)[0], idx.search(x[:5], k=3)[0])
+
+
+def test_consecutive_labels_need_no_table():
+    idx = HnswIndex(4)
+    idx.add(np.ones((3, 4), np.float32), ids=np.array([10, 11, 12], np.int64))
+    idx.add(np.ones((2, 4), np.float32))
+    assert idx._labels is None and idx.labels().tolist() == [10, 11, 12, 13, 14]
+    idx.add(np.ones((1, 4), np.float32), ids=np.array([100], np.int64))
+    assert idx.labels().tolist() == [10, 11, 12, 13, 14, 100]
+
+
+@pytest.mark.parametrize("ids,message", [
+    (np.array([1, 1, 2], np.int64), "duplicate label 1"),
+    (np.array([-1, 5, 6], np.int64), r"ids must be in \[0"),
+    (np.array([0, 1], np.int64), r"shape \(3,\)"),
+    (np.array([0.0, 1.0, 2.0]), "int64 or uint64"),
+    ([0, 1, 2], "int64 or uint64"),
+    (np.array([2**63, 1, 2], np.uint64), r"ids must be in \[0"),
+])
+def test_bad_ids(ids, message):
+    idx = HnswIndex(4)
+    with pytest.raises(ValueError, match=message):
+        idx.add(np.ones((3, 4), np.float32), ids=ids)
+    assert len(idx) == 0
+
+
+def test_existing_label_rejected():
+    idx = HnswIndex(4)
+    idx.add(np.ones((3, 4), np.float32))
+    with pytest.raises(ValueError, match="label 2 is already in the index"):
+        idx.add(np.ones((1, 4), np.float32), ids=np.array([2], np.uint64))
+
+
+BAD = [
+    (lambda: HnswIndex(0), r"dim must be in \[1, 4096\], got 0"),
+    (lambda: HnswIndex(5000), r"dim must be in \[1, 4096\], got 5000"),
+    (lambda: HnswIndex(8, m=1), r"m must be in \[2, 1024\], got 1"),
+    (lambda: HnswIndex(8, ef_construction=0), r"ef_construction must be in \[1, 65536\], got 0"),
+    (lambda: HnswIndex(8, m=True), "m must be an int"),
+    (lambda: HnswIndex(8).add(np.ones((2, 7), np.float32)), "X has dimension 7, the index has dimension 8"),
+    (lambda: HnswIndex(8).add(np.ones(8, np.float32)), "2-D"),
+    (lambda: HnswIndex(8).add(np.ones((2, 8), np.int32)), "floating dtype"),
+    (lambda: HnswIndex(8).add([[1.0] * 8]), "numpy array"),
+    (lambda: HnswIndex(8).add(np.full((2, 8), np.nan, np.float32)), "non-finite value at"),
+    (lambda: HnswIndex(8).add(np.ones((2, 8), np.float32), threads=0), r"threads must be in \[1, 256\]"),
+    (lambda: HnswIndex(8).search(np.ones(7, np.float32)), "Q has dimension 7"),
+    (lambda: HnswIndex(8).search(np.ones((1, 1, 8), np.float32)), "2-D"),
+    (lambda: HnswIndex(8).search(np.ones(8, np.float32), k=0), r"k must be in \[1, 65536\], got 0"),
+    (lambda: HnswIndex(8).search(np.ones(8, np.float32), ef=0), r"ef must be in \[1, 65536\], got 0"),
+    (lambda: HnswIndex(8).search(np.ones(8, np.float32), allowed=np.ones(3, bool)), r"shape \(0,\)"),
+    (lambda: HnswIndex(8).search(np.ones(8, np.float32), allowed=np.ones(3, np.float32)), "dtype bool"),
+    (lambda: HnswIndex(8).search(np.ones(8, np.float32), allowed=[1, 2]), "bool mask over rows"),
+    (lambda: HnswIndex(8).search(np.ones(8, np.float32), mode="fast"), "mode must be one of"),
+    (lambda: HnswIndex(8).search(np.array([np.inf] * 8, np.float32)), "non-finite"),
+    (lambda: HnswIndex(8).search_subsequence(np.ones((0, 8), np.float32)), "at least one frame"),
+    (lambda: HnswIndex(8).search_subsequence(np.ones((2, 8), np.float32), valid=np.ones(2, np.uint8)),
+     "valid must be None"),
+    (lambda: HnswIndex.from_graph(np.ones((2, 8), np.float64), b""), "float32"),
+    (lambda: HnswIndex.from_graph(np.ones((8, 2), np.float32).T, b""), "C-contiguous"),
+    (lambda: HnswIndex.from_graph(np.ones((2, 8), np.float32), 17), "bytes-like"),
+    (lambda: HnswIndex.from_graph(np.ones((2, 8), np.float32), b"x" * 10), "graph truncated"),
+]
+
+
+@pytest.mark.parametrize("call,message", BAD)
+def test_bad_input_is_a_clear_value_error(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+def test_float64_input_is_converted():
+    idx = HnswIndex(4)
+    idx.add(np.eye(4))
+    ids, _ = idx.search(np.array([0.0, 0.0, 1.0, 0.0]), k=1)
+    assert ids[0, 0] == 2
+
+
+# ---------------------------------------------------------------------------------------- filters
+
+
+@pytest.mark.parametrize("selectivity", [0.001, 0.01, 0.1, 0.5, 1.0])
+def test_filtered_recall(text, text_index, selectivity):
+    base, queries, _ = text
+    q = queries[:200]
+    rng = np.random.default_rng(int(selectivity * 1000))
+    mask = rng.random(len(base)) < selectivity
+    scores = np.where(mask[None, :], q @ base.T, -np.inf)
+    gt = np.argsort(-scores, axis=1)[:, :10]
+    for allowed in (mask, np.flatnonzero(mask).astype(np.int64)):
+        ids, sc = text_index.search(q, k=10, ef=64, allowed=allowed)
+        assert mask[ids[ids >= 0]].all(), "a disallowed row was returned"
+        assert (ids >= 0).all()  # at least 20 rows are allowed, k = 10
+        assert recall_at(ids, gt) >= 0.95
+
+
+@pytest.mark.parametrize("selectivity", [0.02, 0.1, 0.5])
+@pytest.mark.parametrize("mode", ["graph", "scan"])
+def test_filtered_recall_each_strategy(text, text_index, selectivity, mode):
+    base, queries, _ = text
+    q = queries[:100]
+    mask = np.random.default_rng(7).random(len(base)) < selectivity
+    gt = np.argsort(-np.where(mask[None, :], q @ base.T, -np.inf), axis=1)[:, :10]
+    ids, _ = text_index.search(q, k=10, ef=64, allowed=mask, mode=mode)
+    assert mask[ids].all()
+    assert recall_at(ids, gt) >= (0.999 if mode == "scan" else 0.95)
+
+
+def test_filter_fewer_allowed_than_k(text_index, text):
+    base, queries, _ = text
+    allowed = np.array([5, 17, 19999, 10**15], np.int64)  # an unknown label is ignored
+    ids, scores = text_index.search(queries[:3], k=10, allowed=allowed)
+    for row in ids:
+        assert sorted(row[:3].tolist()) == [5, 17, 19999] and (row[3:] == -1).all()
+    assert np.isneginf(scores[:, 3:]).all()
+    ids, _ = text_index.search(queries[0], k=5, allowed=np.zeros(len(base), bool))
+    assert (ids == -1).all()
+
+
+def test_filter_strategy_counters(text, text_index):
+    base, queries, _ = text
+    before = text_index.stats()
+    text_index.search(queries[:4], k=10, allowed=np.arange(50, dtype=np.int64))  # 0.25%: exact scan
+    mid = text_index.stats()
+    assert mid["scan_searches"] - before["scan_searches"] == 4
+    text_index.search(queries[:4], k=10, allowed=np.ones(len(base), bool))  # 100%: plain graph search
+    assert text_index.stats()["graph_searches"] - mid["graph_searches"] == 4
+
+
+# ---------------------------------------------------------------------------------------- persistence
+
+
+def test_save_load_round_trip(tmp_path, small):
+    idx, x, q = small
+    p = tmp_path / "i.vbh"
+    idx.save(p)
+    back = HnswIndex.load(p)
+    assert len(back) == len(idx) and back.dim == 32 and back.m == 8 and back.ef_construction == 100
+    a, b = idx.search(q, k=10, ef=40), back.search(q, k=10, ef=40)
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+    assert back.graph_bytes() == idx.graph_bytes()
+    # adding after load copies the vectors once and continues the same level sequence
+    more = unit_rows(np.random.default_rng(9), 100, 32)
+    ref = HnswIndex(32, m=8, ef_construction=100, seed=3)
+    ref.add(x, threads=1)
+    ref.add(more, threads=1)
+    back.add(more, threads=1)
+    assert back.graph_bytes() == ref.graph_bytes()
+    assert not back.stats()["borrowed_vectors"]
+
+
+def test_from_graph_read_only_mmap(tmp_path, small):
+    idx, x, q = small
+    path = tmp_path / "vectors.f32"
+    x.tofile(path)
+    mm = np.memmap(path, dtype=np.float32, mode="r", shape=x.shape)
+    view = np.frombuffer(mm, dtype=np.float32).reshape(x.shape)
+    assert not view.flags.writeable
+    g = HnswIndex.from_graph(view, memoryview(idx.graph_bytes()), id_base=1000)
+    assert g.stats()["borrowed_vectors"]
+    assert np.shares_memory(g.vectors(), view), "from_graph must not copy the vectors"
+    a, b = idx.search(q, k=10, ef=40), g.search(q, k=10, ef=40)
+    np.testing.assert_array_equal(a[0] + 1000, b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+    labels = np.arange(1000, 1000 + len(x), dtype=np.int64)
+    np.testing.assert_array_equal(g.labels(), labels)
+    ids, _ = g.search(q[0], k=3, allowed=np.array([1005, 1006, 1007], np.int64))
+    assert sorted(ids[0].tolist()) == [1005, 1006, 1007]
+    assert g.next_label() == 1000 + len(x)
+
+
+def test_from_graph_shape_mismatch(small):
+    idx, x, _ = small
+    with pytest.raises(ValueError, match=r"vectors have shape \(2999, 32\) but the graph has 3000 nodes"):
+        HnswIndex.from_graph(np.ascontiguousarray(x[:-1]), idx.graph_bytes())
+
+
+# ---------------------------------------------------------------------------------------- subsequence
+
+
+def test_subsequence_audio_accuracy(audio):
+    idx, frames, queries, truth, frame_track = audio
+    hits_start = hits_track = 0
+    for q, (track, start) in zip(queries, truth):
+        starts, scores = idx.search_subsequence(q, k=5, ef=100)
+        assert starts.shape == (5,) and scores.shape == (5,)
+        assert np.all(np.diff(scores) <= 0)
+        hits_track += frame_track[starts[0]] == track
+        hits_start += starts[0] == start
+    assert hits_start >= 95 and hits_track >= 95
+
+
+def test_subsequence_scores_are_exact_means(audio):
+    idx, frames, queries, truth, _ = audio
+    q = queries[3]
+    starts, scores = idx.search_subsequence(q, k=3)
+    for s, sc in zip(starts, scores):
+        want = np.mean(np.sum(q.astype(np.float64) * frames[s:s + len(q)].astype(np.float64), axis=1))
+        assert sc == pytest.approx(want, abs=1e-5)
+
+
+def test_subsequence_valid_rejects_windows(audio):
+    idx, frames, queries, truth, _ = audio
+    q, start = queries[0], int(truth[0, 1])
+    valid = np.ones(len(frames), bool)
+    valid[start + 40] = False  # one bad frame inside the true window
+    starts, _ = idx.search_subsequence(q, k=5, valid=valid)
+    assert all(s + len(q) <= start + 40 or s > start + 40 for s in starts if s >= 0)
+    starts_c, _ = idx.search_subsequence(q, k=5, valid=lambda labels: labels != start + 40)
+    np.testing.assert_array_equal(starts, starts_c)
+
+
+def test_subsequence_window_bounds_and_labels():
+    rng = np.random.default_rng(4)
+    x = unit_rows(rng, 400, 16)
+    idx = HnswIndex(16, m=8, ef_construction=64)
+    idx.add(x)
+    # the excerpt is the last 10 rows: found; a 12-frame excerpt ending past the data is rejected
+    starts, scores = idx.search_subsequence(x[390:], k=1)
+    assert starts[0] == 390 and scores[0] == pytest.approx(1.0, abs=1e-5)
+    tail = np.vstack([x[392:], x[:4]])
+    starts, _ = idx.search_subsequence(tail, k=5)
+    assert all(s + 12 <= 400 for s in starts if s >= 0)
+    # explicit labels with a hole: windows spanning the missing label are rejected
+    labels = np.arange(400, dtype=np.int64) + 10**9
+    labels[200:] += 1  # label 10**9 + 200 does not exist
+    lab_idx = HnswIndex(16, m=8, ef_construction=64)
+    lab_idx.add(x, ids=labels)
+    starts, _ = lab_idx.search_subsequence(x[100:120], k=1)
+    assert starts[0] == 10**9 + 100
+    starts, _ = lab_idx.search_subsequence(x[195:205], k=3)
+    for s in starts[starts >= 0]:
+        assert not (s <= 10**9 + 200 < s + 10)
+
+
+# ---------------------------------------------------------------------------------------- SIMD levels
+
+
+def test_recall_at_scalar_level(shared_data):
+    code = f"""
+import numpy as np
+from vibrato.index import HnswIndex
+from vibrato._native import hnsw
+assert hnsw.isa_level() == 0
+base = np.load(r"{shared_data}/text/base_128.npy")[:5000]
+q = np.load(r"{shared_data}/text/queries_128.npy")[:100]
+gt = np.argsort(-(q @ base.T), axis=1)[:, :10]
+idx = HnswIndex(128, m=16, ef_construction=100)
+idx.add(base, threads=1)
+ids, _ = idx.search(q, k=10, ef=64)
+r = np.mean([len(set(ids[i]) & set(gt[i])) / 10 for i in range(100)])
+m = np.random.default_rng(0).random(5000) < 0.05
+ids, _ = idx.search(q, k=10, ef=64, allowed=m)
+gtf = np.argsort(-np.where(m[None], q @ base.T, -np.inf), axis=1)[:, :10]
+rf = np.mean([len(set(ids[i]) & set(gtf[i])) / 10 for i in range(100)])
+print(r, rf)
+"""
+    env = dict(os.environ, VIBRATO_SIMD="scalar")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    r, rf = map(float, out.stdout.split())
+    assert r >= 0.95 and rf >= 0.95
+
+
+# ---------------------------------------------------------------------------------------- hostile input
+
+
+def _fuzz_base():
+    rng = np.random.default_rng(1)
+    idx = HnswIndex(8, m=3, ef_construction=16, seed=1)
+    idx.add(unit_rows(rng, 60, 8), threads=1)
+    lab = HnswIndex(8, m=3, ef_construction=16, seed=2)
+    lab.add(unit_rows(rng, 30, 8), ids=rng.choice(1000, 30, replace=False).astype(np.int64), threads=1)
+    return idx, lab
+
+
+FUZZ_INDEX, FUZZ_LABELLED = _fuzz_base()
+FUZZ_GRAPH = FUZZ_INDEX.graph_bytes()
+FUZZ_VECTORS = FUZZ_INDEX.vectors().copy()
+FUZZ_Q = unit_rows(np.random.default_rng(3), 4, 8)
+INTERESTING = [0, 1, 2, 3, 7, 8, 59, 60, 61, 255, 2**16, 2**31 - 1, 2**31, 2**32 - 2, 2**32 - 1,
+               2**63 - 1, 2**63, 2**64 - 1]
+
+
+def _fix_graph_crc(blob: bytearray) -> None:
+    if len(blob) >= 4:
+        blob[-4:] = struct.pack("<I", native.crc32c(bytes(blob[:-4])))
+
+
+def _fix_file_crcs(buf: bytearray) -> None:
+    """Recompute every checksum the header points at (where the pointers still make sense)."""
+    if len(buf) < 128:
+        return
+    offs = struct.unpack_from("<6Q", buf, 48)
+    for i, at in enumerate((96, 100, 104)):
+        off, ln = offs[2 * i], offs[2 * i + 1]
+        if off <= len(buf) and ln <= len(buf) - off:
+            struct.pack_into("<I", buf, at, native.crc32c(bytes(buf[off:off + ln])))
+    struct.pack_into("<I", buf, 124, native.crc32c(bytes(buf[:124])))
+
+
+def _exercise(idx: HnswIndex) -> None:
+    """A loaded index must be fully usable: search, filtered search, subsequence, re-serialise."""
+    n = len(idx)
+    ids, scores = idx.search(FUZZ_Q, k=5, ef=8)
+    labels = set(idx.labels().tolist())
+    assert all(i == -1 or i in labels for i in ids.ravel().tolist())
+    if n:
+        mask = np.zeros(n, bool)
+        mask[::3] = True
+        for mode in ("auto", "graph"):
+            ids, _ = idx.search(FUZZ_Q, k=3, ef=4, allowed=mask, mode=mode)
+            allowed = set(idx.labels()[mask].tolist())
+            assert all(i == -1 or i in allowed for i in ids.ravel().tolist())
+        idx.search_subsequence(FUZZ_Q[:2], k=2, ef=8)
+    HnswIndex.from_graph(np.ascontiguousarray(idx.vectors()), idx.graph_bytes())
+
+
+mutation = st.one_of(
+    st.tuples(st.just("truncate"), st.integers(0, 10**6)),
+    st.tuples(st.just("flip"), st.integers(0, 10**6), st.integers(0, 7)),
+    st.tuples(st.just("u32"), st.integers(0, 10**6), st.sampled_from(INTERESTING)),
+    st.tuples(st.just("u64"), st.integers(0, 10**6), st.sampled_from(INTERESTING)),
+    st.tuples(st.just("append"), st.binary(min_size=1, max_size=64)),
+)
+
+
+def _mutate(buf: bytearray, ops, header_bias: bool) -> bytearray:
+    for op in ops:
+        if not buf:
+            break
+        kind = op[0]
+        if kind == "append":
+            buf += op[1]
+            continue
+        # half of the positions land in the first 128 bytes, where the counts and offsets live
+        pos = op[1] % (min(len(buf), 128) if header_bias and op[1] % 2 else len(buf))
+        if kind == "truncate":
+            del buf[pos:]
+        elif kind == "flip":
+            buf[pos] ^= 1 << op[2]
+        else:
+            width = 4 if kind == "u32" else 8
+            val = op[2] & ((1 << (8 * width)) - 1)
+            chunk = val.to_bytes(width, "little")[:len(buf) - pos]
+            buf[pos:pos + len(chunk)] = chunk
+    return buf
+
+
+FUZZ_SETTINGS = settings(max_examples=1500, deadline=None, derandomize=True,
+                         suppress_health_check=[HealthCheck.too_slow])
+
+
+@FUZZ_SETTINGS
+@given(ops=st.lists(mutation, min_size=1, max_size=3), fix_crc=st.booleans(), header_bias=st.booleans())
+def test_fuzz_graph_blob(ops, fix_crc, header_bias):
+    blob = _mutate(bytearray(FUZZ_GRAPH), ops, header_bias)
+    if fix_crc:
+        _fix_graph_crc(blob)
+    try:
+        idx = HnswIndex.from_graph(FUZZ_VECTORS, bytes(blob))
+    except ValueError as e:
+        assert str(e)
+        return
+    _exercise(idx)
+
+
+def _file_bytes(index, tmp_path_factory=None):
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        p = os.path.join(d, "f.vbh")
+        index.save(p)
+        with open(p, "rb") as f:
+            return f.read()
+
+
+FUZZ_FILES = [_file_bytes(FUZZ_INDEX), _file_bytes(FUZZ_LABELLED)]
+
+
+@FUZZ_SETTINGS
+@given(which=st.integers(0, 1), ops=st.lists(mutation, min_size=1, max_size=3), fix_crc=st.booleans(),
+       header_bias=st.booleans())
+def test_fuzz_index_file(tmp_path_factory, which, ops, fix_crc, header_bias):
+    buf = _mutate(bytearray(FUZZ_FILES[which]), ops, header_bias)
+    if fix_crc:
+        _fix_file_crcs(buf)
+    path = tmp_path_factory.getbasetemp() / "fuzz.vbh"
+    path.write_bytes(bytes(buf))
+    try:
+        idx = HnswIndex.load(path)
+    except ValueError as e:
+        assert str(e)
+        return
+    _exercise(idx)
+
+
+@settings(max_examples=500, deadline=None, derandomize=True)
+@given(data=st.binary(min_size=0, max_size=300), prefix=st.booleans())
+def test_fuzz_random_bytes(data, prefix):
+    blob = (b"VBHNSWG1" + data) if prefix else data
+    with pytest.raises(ValueError):
+        HnswIndex.from_graph(FUZZ_VECTORS, blob)
+    fblob = (b"VBHNSWF1" + data) if prefix else data
+    with pytest.raises(ValueError):
+        HnswIndex._from_file_bytes(np.frombuffer(fblob, np.uint8))
+
+
+def _graph_with(field_off, fmt, value, fix=True):
+    blob = bytearray(FUZZ_GRAPH)
+    struct.pack_into(fmt, blob, field_off, value)
+    if fix:
+        _fix_graph_crc(blob)
+    return bytes(blob)
+
+
+def _layer0_slot(node, j):
+    n = len(FUZZ_INDEX)
+    return 64 + ((n + 3) & ~3) + node * (1 + 2 * FUZZ_INDEX.m) * 4 + 4 * j
+
+
+@pytest.mark.parametrize("blob,message", [
+    (_graph_with(32, "<Q", 2**32 - 17), "node count"),
+    (_graph_with(32, "<Q", 2**40), "node count"),
+    (_graph_with(20, "<I", 1), r"M=1 out of range \[2, 1024\]"),
+    (_graph_with(16, "<I", 0), "dimension 0"),
+    (_graph_with(40, "<I", 60), r"entry point 60 out of range \[0, 60\)"),
+    (_graph_with(48, "<Q", 2**62), "size mismatch"),
+    (_graph_with(_layer0_slot(5, 0), "<I", 33), "node 5 has 33 links on layer 0, above M0=6"),
+    (_graph_with(_layer0_slot(5, 1), "<I", 60), r"node 5 links to 60 on layer 0, out of range \[0, 60\)"),
+    (_graph_with(64 + 7, "<B", 17), "node 7 has level 17, above the limit 16"),
+    (_graph_with(_layer0_slot(5, 1), "<I", 60, fix=False), "checksum mismatch"),
+    (FUZZ_GRAPH[:-9], "size mismatch"),
+])
+def test_graph_errors_say_what_is_wrong(blob, message):
+    with pytest.raises(ValueError, match=message):
+        HnswIndex.from_graph(FUZZ_VECTORS, blob)
+
+
+def test_upper_layer_link_to_lower_node_rejected():
+    """A link on layer l must point at a node that has layer l (else search would read out of bounds)."""
+    n = len(FUZZ_INDEX)
+    levels = np.frombuffer(FUZZ_GRAPH, np.uint8, count=n, offset=64)
+    low = int(np.flatnonzero(levels == 0)[0])
+    up0 = 64 + ((n + 3) & ~3) + n * (1 + 2 * FUZZ_INDEX.m) * 4
+    first = int(np.flatnonzero(levels > 0)[0])
+    blob = bytearray(FUZZ_GRAPH)
+    struct.pack_into("<II", blob, up0, 1, low)  # first upper block: 1 link, to a level-0 node
+    _fix_graph_crc(blob)
+    with pytest.raises(ValueError, match=f"node {first} links to {low} on layer 1, but node {low} only reaches level 0"):
+        HnswIndex.from_graph(FUZZ_VECTORS, bytes(blob))
+
+
+def test_file_errors_say_what_is_wrong(tmp_path):
+    good = bytearray(FUZZ_FILES[0])
+    p = tmp_path / "bad.vbh"
+    p.write_bytes(bytes(good[:100]))
+    with pytest.raises(ValueError, match="truncated: 100 bytes"):
+        HnswIndex.load(p)
+    bad = bytearray(good)
+    bad[200] ^= 1
+    p.write_bytes(bytes(bad))
+    with pytest.raises(ValueError, match="vectors checksum mismatch"):
+        HnswIndex.load(p)
+    bad = bytearray(good)
+    struct.pack_into("<Q", bad, 16, 2**40)  # n, with the header CRC fixed
+    _fix_file_crcs(bad)
+    p.write_bytes(bytes(bad))
+    with pytest.raises(ValueError, match="row count"):
+        HnswIndex.load(p)
+    p.write_bytes(b"NOTANIDX" + bytes(good[8:]))
+    with pytest.raises(ValueError, match="bad magic"):
+        HnswIndex.load(p)
