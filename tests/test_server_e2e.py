@@ -256,7 +256,8 @@ def test_sigterm_shutdown_restart_persistence_and_lock(tmp_path):
     # are sent before SIGTERM, the rest after; the server must still answer it, then exit 0.
     body = orjson.dumps({"vectors": [{"vector": v} for v in unit(rng, 500)]}, option=orjson.OPT_SERIALIZE_NUMPY)
     head = (f"POST /v2/vectors/batch HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
-            f"Authorization: Bearer {srv.bootstrap_token}\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+            f"Authorization: Bearer {srv.bootstrap_token}\r\nx-request-id: inflight-batch\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
     with socket.create_connection(("127.0.0.1", srv.port), timeout=30) as sock:
         sock.sendall(head + body[:len(body) // 2])
         time.sleep(0.3)
@@ -276,6 +277,10 @@ def test_sigterm_shutdown_restart_persistence_and_lock(tmp_path):
     # The lock is released and the SQLite WAL was truncated at close.
     wal = data / "catalog.sqlite3-wal"
     assert not wal.exists() or wal.stat().st_size == 0
+    # The audit queue was flushed at shutdown (the in-flight request's row is there).
+    with Catalog(data / "catalog.sqlite3") as cat:
+        rows = cat.read(audit_sql.recent, 50)
+    assert any(r["request_id"] == "inflight-batch" and r["status_code"] == 201 for r in rows)
     # Restart (IPv6 loopback where available): every acknowledged write is still there.
     host = "::1" if _has_ipv6() else "127.0.0.1"
     srv2 = ServerProcess(data, host=host, bootstrap=False).wait_ready()

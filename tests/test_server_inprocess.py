@@ -403,3 +403,43 @@ def test_vector_decoding_matches_numpy_reference():
     assert np.array_equal(np.stack([it["vector"] for it in items]), x)
     mixed = v.query({"vector": [1, 2.5, -3, 0]})
     assert mixed["vector"].dtype == np.float32 and mixed["vector"].tolist() == [1.0, 2.5, -3.0, 0.0]
+
+
+def test_recovery_window_live_ready_and_not_ready(tmp_path, monkeypatch):
+    """D21: while recovery runs, live is 200, ready is 503 `recovering` and data calls are 503 not_ready."""
+    import threading
+    monkeypatch.delenv("VIBRATO_API_PEPPER", raising=False)
+    gate = threading.Event()
+    config = Config(data_dir=tmp_path, dim=DIM, audio_colocated=False)
+    # The progress callback runs inside recovery; holding it keeps the engine in its recovering state.
+    engine = Engine.open_config(config, recover_async=True, background=False,
+                                progress=lambda stage, done, total: gate.wait(60))
+    try:
+        token = apikeys.create_key(engine.catalog, apikeys.load_pepper(tmp_path), "t", "admin")[1]
+
+        async def main():
+            async with TestClient(TestServer(create_app(config, engine=engine), host="127.0.0.1")) as client:
+                h = {**auth(token), "Content-Type": "application/json"}
+                resp = await client.get("/v2/health/live")
+                assert resp.status == 200
+                resp = await client.get("/v2/health/ready")
+                assert resp.status == 503
+                assert await resp.json() == {"data": {"status": "degraded", "ready": False, "report": "recovering"}}
+                for path, payload in (("/v2/query", {"vector": vec(1)}), ("/v2/vectors", {"vector": vec(1)}),
+                                      ("/v2/identify", {"vectors": [vec(1)]}), ("/v2/admin/checkpoint", None)):
+                    resp = await client.post(path, headers=h, data=None if payload is None else orjson.dumps(payload))
+                    await expect_error(resp, 503, "not_ready")
+                gate.set()
+                for _ in range(200):
+                    resp = await client.get("/v2/health/ready")
+                    if resp.status == 200:
+                        break
+                    await asyncio.sleep(0.05)
+                assert resp.status == 200 and (await resp.json())["data"]["report"].startswith("recovered")
+                resp = await client.post("/v2/vectors", headers=h, data=orjson.dumps({"vector": vec(1)}))
+                assert resp.status == 201
+
+        asyncio.run(main())
+    finally:
+        gate.set()
+        engine.close()
