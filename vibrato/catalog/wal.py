@@ -144,3 +144,18 @@ def tombstone_ranges(conn, collection_id: str) -> list:
     """[(id_start, id_end)] inclusive ranges removed by replay-to-lsn, ascending."""
     return conn.execute("SELECT id_start, id_end FROM id_tombstones WHERE collection_id = ? ORDER BY id_start",
                         (collection_id,)).fetchall()
+
+
+def scan_metadata(conn, collection_id: str) -> int:
+    """Read every row's metadata in id order (a full metadata scan); returns the number of rows.
+
+    Exists for the WAL growth guard (tests/test_catalog_wal_growth_guard.py): a slow, timeout-prone
+    reader that must not pin the SQLite WAL. Rows are read, not just counted, so the read
+    transaction lasts as long as a real metadata dump.
+    """
+    n = 0
+    for _row in conn.execute(
+            "SELECT vector_id, source_file, start_time_ms, duration_ms, bpm, tags_json FROM wal_entries "
+            "WHERE collection_id = ? ORDER BY vector_id", (collection_id,)):
+        n += 1
+    return n
