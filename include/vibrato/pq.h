@@ -588,8 +588,8 @@ static inline void vb_pq_transpose_codes_64x4(uint8_t *restrict ct, const uint8_
 }
 
 /*
- * AVX-512 VBMI byte-plane lookups: 64 rows per step with no gathers. For subspace j the four byte
- * planes of its table row (4 x 256 bytes) sit in 16 registers; vpermi2b looks up 64 codes in a
+ * AVX-512 VBMI byte-plane lookups: 64 rows per step with no gathers. Subspace j's table row is held as
+ * four byte planes (4 x 256 bytes, 16 registers' worth, read from L1); vpermi2b looks up 64 codes in a
  * 128-byte half-plane, so one plane costs two vpermi2b and a blend on the code's top bit. The four
  * looked-up byte vectors interleave (unpack 8, unpack 16) back into the exact float32 table values,
  * which are added in increasing j: the scores equal the scalar kernel's bit for bit. Codes are
