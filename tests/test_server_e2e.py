@@ -114,6 +114,34 @@ def test_ingest_query_identify_hot_then_checkpointed(server):
     assert stats["hot_vectors"] == 0 and stats["wal_pending"] == 0 and stats["total_vectors"] >= 24
 
 
+def test_compaction_and_async_client(server):
+    import asyncio
+    from vibrato.client import AsyncClient
+    rng = np.random.default_rng(21)
+    a, b = unit(rng, 30), unit(rng, 30)
+
+    async def main():
+        async with AsyncClient(server.url, server.admin) as c:
+            ids_a = [i for i, _ in await c.ingest_batch(a)]
+            assert (await c.checkpoint())["state"] == "completed"
+            ids_b = [i for i, _ in await c.ingest_batch(b)]
+            assert (await c.checkpoint())["state"] == "completed"
+            job = await c.compact()
+            assert job["state"] == "completed" and job["job_id"].startswith("cmp_"), job
+            assert job["details"]["output_level"] in (1, 2) and len(job["details"]["input_segments"]) >= 2
+            for vecs, ids in ((a, ids_a), (b, ids_b)):
+                for i in (0, 29):
+                    hit = (await c.query(vecs[i], k=1, search_tier="all"))["results"][0]
+                    assert hit["id"] == ids[i]
+            assert (await c.health_ready())["ready"] is True
+            assert "vibrato_compaction_total" in await c.metrics()
+            with pytest.raises(VibratoHTTPError) as err:
+                await c.query(a[0], k=5000)
+            assert err.value.status == 400 and err.value.code == "bad_request"
+
+    asyncio.run(main())
+
+
 def test_idempotency_and_conflict(server):
     c = server.client(server.admin)
     v = np.full(DIM, 0.25, np.float32)
@@ -359,8 +387,16 @@ def test_runbook_sections_1_and_2_verbatim(tmp_path):
         revoked = subprocess.run([exe, "key-revoke", "--data-dir", "./vibrato_data", "--key-id", key_id],
                                  cwd=tmp_path, capture_output=True, text=True, timeout=60)
         assert revoked.returncode == 0 and revoked.stdout == f"revoked={key_id}\n"
-        for path in ("/v2/admin/checkpoint", "/v2/admin/compact"):  # runbook §3
-            assert Client("http://127.0.0.1:8080", token).request("POST", path)[0] == 200
+        curl = shutil.which("curl")
+        if curl:  # runbook §3, verbatim (with the bootstrap token)
+            for cmd in (f'curl -X POST http://127.0.0.1:8080/v2/admin/checkpoint -H "Authorization: Bearer {token}"',
+                        f'curl -X POST http://127.0.0.1:8080/v2/admin/compact -H "Authorization: Bearer {token}"',
+                        f'curl http://127.0.0.1:8080/v2/admin/stats -H "Authorization: Bearer {token}"'):
+                out = subprocess.run(cmd, shell=True, capture_output=True, text=True, timeout=60)
+                assert out.returncode == 0 and out.stdout.startswith('{"data":{'), (cmd, out.stdout)
+        else:
+            for path in ("/v2/admin/checkpoint", "/v2/admin/compact"):
+                assert Client("http://127.0.0.1:8080", token).request("POST", path)[0] == 200
     finally:
         assert srv.terminate() == 0, srv.output()
     assert (tmp_path / "vibrato_data" / "catalog.sqlite3").exists()

@@ -113,6 +113,8 @@ def parse_authorization(value: str | None) -> tuple[str, str]:
 
 def _visible_ascii(value: str) -> bool:
     # The HTTP layer hands us a str; reject anything outside tab + printable ASCII (space..~).
+    if value.isascii() and value.isprintable():
+        return True
     return all(c == "\t" or " " <= c <= "~" for c in value)
 
 
