@@ -443,3 +443,19 @@ def test_recovery_window_live_ready_and_not_ready(tmp_path, monkeypatch):
     finally:
         gate.set()
         engine.close()
+
+
+def test_audit_retention_prunes_old_rows(env):
+    engine = env["engine"]
+    old = int(time.time()) - 40 * 86400
+    engine.catalog.write(audit_sql.insert_many, [(old, "ancient-1", None, "/v2/query", "query", 200, 1.0, None,
+                                                  "{}", old)])
+
+    async def body(client, tokens):
+        for _ in range(100):  # the retention loop prunes once at start, then hourly
+            rows = await asyncio.to_thread(engine.catalog.read, audit_sql.recent, 1000)
+            if not any(r["request_id"] == "ancient-1" for r in rows):
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError("the 40-day-old audit row was not pruned")
+    run(env, body, audit_retention_days=30)

@@ -4,6 +4,7 @@ No SQL and no vector math here. Bodies larger than `LARGE_BODY` are decoded and 
 executor too, so a 10,000-vector batch does not stall the event loop.
 """
 import asyncio
+import contextvars
 import functools
 import logging
 import time
@@ -24,12 +25,11 @@ log = logging.getLogger("vibrato.server")
 
 
 async def _blocking(request: web.Request, fn, *args, **kwargs):
-    """Run a blocking call on the app's executor (never on the event loop)."""
+    """Run a blocking call on the app's executor (never on the event loop), in a copy of the
+    request's context so log lines written on the worker thread carry the request id."""
     loop = asyncio.get_running_loop()
-    if kwargs:
-        fn = functools.partial(fn, *args, **kwargs)
-        args = ()
-    return await loop.run_in_executor(request.app[K.EXECUTOR], fn, *args)
+    call = functools.partial(fn, *args, **kwargs) if kwargs else functools.partial(fn, *args)
+    return await loop.run_in_executor(request.app[K.EXECUTOR], contextvars.copy_context().run, call)
 
 
 def _timed(fn, *args, **kwargs):
