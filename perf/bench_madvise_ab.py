@@ -1,0 +1,224 @@
+"""madvise A/B (SPEC §5, runbook §11): query latency of the real `vibrato serve-v2` with
+`--vector-madvise-mode normal` vs `random`, on one segment larger than this machine's page-cache
+share, measured cold and warm. Run through `bash scripts/perf/run_madvise_ab.sh` (pytest-benchmark).
+
+Data: VIBRATO_MADVISE_ROWS (250,000) unit vectors of VIBRATO_MADVISE_DIM (512) -> ~0.5 GB of float32
+plus the HNSW graph, all in ONE L0 segment built by the engine (ingest + checkpoint, HNSW M=8,
+ef_construction=32 to keep the build to a couple of minutes; the graph's quality does not matter
+here, its access pattern does). VIBRATO_MADVISE_DATA_DIR reuses a built data dir across runs.
+
+Protocol, identical for both modes (same data dir, same queries, same order, same server flags):
+  stop the server -> posix_fadvise(DONTNEED) on every segment file (mapped pages cannot be dropped,
+  so this happens while no server runs) -> check with mincore that < 5% is resident -> start
+  `serve-v2 --vector-madvise-mode <mode>` -> cold pass: VIBRATO_MADVISE_QUERIES (300) queries ->
+  warm pass: the same queries again.
+Each pass is one pytest-benchmark entry (`benchmark.pedantic`, one query per round), so its JSON
+holds every round; p50/p99 are computed from the server-reported `query_time_ms` (as the reference
+does) and from client wall time, and stored in `extra_info`. The summary prints p50/p99 per mode
+and cache state and the random/normal p99 ratios. VIBRATO_ENFORCE_MADVISE_GATE=1 fails the run when
+random p99 > 1.30 x normal p99 (cold or warm; VIBRATO_MADVISE_GATE_RATIO changes 1.30).
+"""
+import ctypes
+import json
+import mmap
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests" / "gates"))
+from gatelib import GateServer, create_key, percentile  # noqa: E402
+
+ROWS = int(os.environ.get("VIBRATO_MADVISE_ROWS", "250000"))
+DIM = int(os.environ.get("VIBRATO_MADVISE_DIM", "512"))
+NQ = int(os.environ.get("VIBRATO_MADVISE_QUERIES", "300"))
+K, EF = 10, 64
+ENFORCE = os.environ.get("VIBRATO_ENFORCE_MADVISE_GATE", "0") == "1"
+GATE_RATIO = float(os.environ.get("VIBRATO_MADVISE_GATE_RATIO", "1.30"))
+MODES = ("normal", "random")
+RESULTS: dict = {}
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte)]
+
+
+def resident_fraction(path: Path) -> float:
+    """Fraction of the file's pages in the page cache (mincore on a fresh read-only mapping)."""
+    size = path.stat().st_size
+    if size == 0:
+        return 0.0
+    page = mmap.PAGESIZE
+    n = (size + page - 1) // page
+    vec = (ctypes.c_ubyte * n)()
+    with open(path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ)
+        try:
+            view = np.frombuffer(mm, dtype=np.uint8)
+            addr = view.__array_interface__["data"][0]
+            rc = _libc.mincore(ctypes.c_void_p(addr), size, vec)
+            del view
+            if rc != 0:
+                raise OSError(ctypes.get_errno(), "mincore failed")
+        finally:
+            mm.close()
+    return sum(b & 1 for b in bytes(vec)) / n
+
+
+def drop_page_cache(data_dir: Path) -> float:
+    """posix_fadvise(DONTNEED) on every segment file; returns the resident fraction afterwards."""
+    files = sorted((data_dir / "segments").glob("*.vdb"))
+    total = resident = 0.0
+    for p in files:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+        size = p.stat().st_size
+        total += size
+        resident += resident_fraction(p) * size
+    return resident / total if total else 0.0
+
+
+def segment_bytes(data_dir: Path) -> int:
+    return sum(p.stat().st_size for p in (data_dir / "segments").glob("*.vdb"))
+
+
+def build_data_dir(data_dir: Path):
+    """ROWS unit vectors in one L0 segment (engine ingest + one checkpoint)."""
+    from vibrato.engine import Engine
+    t0 = time.perf_counter()
+    eng = Engine.open(data_dir, dim=DIM, background=False, checkpoint_max_rows=ROWS, hnsw_m=8,
+                      hnsw_ef_construction=32, audio_colocated=False)
+    try:
+        rng = np.random.default_rng(12345)
+        for start in range(0, ROWS, 5000):
+            n = min(5000, ROWS - start)
+            X = rng.standard_normal((n, DIM)).astype(np.float32)
+            X /= np.linalg.norm(X, axis=1, keepdims=True)
+            eng.ingest_batch([{"vector": X[i], "metadata": {"tags": ["perf", "madvise"]}} for i in range(n)])
+        t1 = time.perf_counter()
+        res = eng.checkpoint()
+        assert res["state"] == "completed" and res["details"]["rows"] == ROWS, res
+        stats = eng.stats()
+        assert stats["segments_by_level"] == {"L0_raw": 1} and stats["total_vectors"] == ROWS, stats
+    finally:
+        eng.close()
+    print(f"\n[madvise] built {ROWS} x {DIM} in one segment: ingest {t1 - t0:.0f}s, checkpoint "
+          f"{time.perf_counter() - t1:.0f}s, {segment_bytes(data_dir) / 2**20:.0f} MiB of segment files")
+    (data_dir / "madvise_ab.json").write_text(json.dumps({"rows": ROWS, "dim": DIM}))
+
+
+@pytest.fixture(scope="module")
+def dataset():
+    reuse = os.environ.get("VIBRATO_MADVISE_DATA_DIR")
+    work = Path(reuse) if reuse else Path(tempfile.mkdtemp(prefix="vibrato-madvise-"))
+    data = work / "data"
+    marker = data / "madvise_ab.json"
+    if not (marker.exists() and json.loads(marker.read_text()) == {"rows": ROWS, "dim": DIM}):
+        shutil.rmtree(data, ignore_errors=True)
+        build_data_dir(data)
+    token = create_key(data, "madvise")
+    rng = np.random.default_rng(9001)
+    queries = rng.standard_normal((NQ, DIM)).astype(np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    print(f"[madvise] segment files {segment_bytes(data) / 2**20:.0f} MiB, RAM {mem / 2**30:.1f} GiB; "
+          f"{NQ} queries k={K} ef={EF}")
+    yield {"work": work, "data": data, "token": token, "queries": queries}
+    if not reuse and os.environ.get("VIBRATO_GATE_KEEP") != "1":
+        shutil.rmtree(work, ignore_errors=True)
+
+
+class ModeServer:
+    """One server per mode: started after the cache drop, shared by that mode's cold and warm passes."""
+    current = None
+
+    @classmethod
+    def get(cls, dataset, mode):
+        if cls.current is not None and cls.current[0] == mode:
+            return cls.current[1], cls.current[2]
+        cls.stop()
+        resident = drop_page_cache(dataset["data"])
+        srv = GateServer(dataset["data"], dim=DIM, log_dir=dataset["work"], extra=["--vector-madvise-mode", mode,
+                                                                                   "--hot-index-shards", "1"])
+        srv.wait_ready(timeout=300)
+        cls.current = (mode, srv, resident)
+        return srv, resident
+
+    @classmethod
+    def stop(cls):
+        if cls.current is not None:
+            assert cls.current[1].terminate() == 0
+            cls.current = None
+
+
+@pytest.mark.parametrize("mode,cache", [(m, c) for m in MODES for c in ("cold", "warm")],
+                         ids=lambda v: v)
+def test_query_latency(benchmark, dataset, mode, cache):
+    srv, resident = ModeServer.get(dataset, mode)
+    if cache == "cold":
+        assert resident < 0.05, f"segment files still {resident:.0%} resident after DONTNEED: not a cold run"
+    c = srv.client(dataset["token"], timeout=60)
+    queries = dataset["queries"]
+    server_ms, wall_ms = [], []
+    state = {"i": 0}
+
+    def setup():
+        i = state["i"]
+        state["i"] += 1
+        return (queries[i],), {}
+
+    def one(q):
+        t = time.perf_counter()
+        res = c.query(q, k=K, ef=EF, include_metadata=False)
+        wall_ms.append((time.perf_counter() - t) * 1000)
+        server_ms.append(res["query_time_ms"])
+        assert len(res["results"]) == K
+        return res
+
+    benchmark.group = f"madvise-{cache}"
+    benchmark.pedantic(one, setup=setup, rounds=NQ, iterations=1, warmup_rounds=0)
+    stats = {"p50_ms": percentile(server_ms, 0.50), "p99_ms": percentile(server_ms, 0.99),
+             "wall_p50_ms": percentile(wall_ms, 0.50), "wall_p99_ms": percentile(wall_ms, 0.99),
+             "resident_before": round(resident, 4) if cache == "cold" else None}
+    benchmark.extra_info.update(stats)
+    RESULTS[(mode, cache)] = stats
+    print(f"\n[madvise] {mode:>6} {cache}: server p50={stats['p50_ms']:.3f} ms p99={stats['p99_ms']:.3f} ms | "
+          f"wall p50={stats['wall_p50_ms']:.3f} ms p99={stats['wall_p99_ms']:.3f} ms")
+    if mode == MODES[-1] and cache == "warm":
+        ModeServer.stop()
+
+
+def test_madvise_gate():
+    """Summary and (with VIBRATO_ENFORCE_MADVISE_GATE=1) the 1.30 x p99 gate. Runs last."""
+    ModeServer.stop()
+    missing = [(m, c) for m in MODES for c in ("cold", "warm") if (m, c) not in RESULTS]
+    assert not missing, f"passes missing: {missing}"
+    lines, failures = [], []
+    for cache in ("cold", "warm"):
+        n, r = RESULTS[("normal", cache)], RESULTS[("random", cache)]
+        ratio = r["p99_ms"] / n["p99_ms"] if n["p99_ms"] > 0 else float("inf")
+        lines.append(f"madvise_ab {cache}: normal p50={n['p50_ms']:.3f}ms p99={n['p99_ms']:.3f}ms | random "
+                     f"p50={r['p50_ms']:.3f}ms p99={r['p99_ms']:.3f}ms | random/normal p99 ratio={ratio:.3f} "
+                     f"(p50 ratio {r['p50_ms'] / n['p50_ms']:.3f})")
+        if ratio > GATE_RATIO:
+            failures.append(f"{cache}: random p99 {r['p99_ms']:.3f} ms > {GATE_RATIO} x normal p99 {n['p99_ms']:.3f} ms")
+    out = REPO / "perf" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "madvise_ab_summary.json").write_text(json.dumps(
+        {"rows": ROWS, "dim": DIM, "queries": NQ, "k": K, "ef": EF, "gate_ratio": GATE_RATIO,
+         "results": {f"{m}_{c}": v for (m, c), v in RESULTS.items()}}, indent=2))
+    print("\n" + "\n".join(lines))
+    if failures:
+        msg = "madvise gate: " + "; ".join(failures)
+        if ENFORCE:
+            pytest.fail(msg)
+        print(f"[madvise] report only (VIBRATO_ENFORCE_MADVISE_GATE=0): {msg}")
