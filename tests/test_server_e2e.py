@@ -227,9 +227,12 @@ def test_auth_roles_revocation_and_audit(server):
     line = next(ln for ln in listing.stdout.splitlines() if ln.startswith(f"id={query_id} "))
     assert "name=e2e-query roles=query " in line and not line.endswith("revoked=-")
     assert query_tok.split(".")[1] not in listing.stdout
-    time.sleep(0.6)  # let the audit writer flush (every 250 ms)
     with Catalog(Path(server.data) / "catalog.sqlite3") as cat:
-        rows = cat.read(audit_sql.recent, 200)
+        for _ in range(200):  # the audit writer flushes every 250 ms
+            rows = cat.read(audit_sql.recent, 200)
+            if any(r["endpoint"] == "/v2/admin/stats" and r["status_code"] == 403 for r in rows):
+                break
+            time.sleep(0.05)
     failures = [r for r in rows if r["status_code"] in (401, 403) and r["endpoint"] == "/v2/query"]
     assert failures and all(r["api_key_id"] is None and r["client_ip"] == "127.0.0.1" for r in failures)
     assert any(orjson.loads(r["details_json"]) == {"error": "insufficient role"} for r in failures)

@@ -212,7 +212,15 @@ async def _serve(config: Config) -> None:
     app = create_app(config)
     runner = web.AppRunner(app, handle_signals=False, access_log=None,
                            shutdown_timeout=config.shutdown_timeout_secs)
-    await runner.setup()
+    try:
+        await runner.setup()
+    except BaseException:
+        # Contexts that did start (e.g. the engine, if a later one failed) are closed in reverse.
+        try:
+            await runner.cleanup()
+        except Exception:  # noqa: BLE001 - the setup error is the one to report
+            log.exception("cleanup after a failed startup")
+        raise
     try:
         host = bind_host(config.host)
         site = web.TCPSite(runner, host, config.port, reuse_address=True)
