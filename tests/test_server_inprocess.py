@@ -429,7 +429,9 @@ def test_recovery_window_live_ready_and_not_ready(tmp_path, monkeypatch):
                 assert resp.status == 503
                 assert await resp.json() == {"data": {"status": "degraded", "ready": False, "report": "recovering"}}
                 for path, payload in (("/v2/query", {"vector": vec(1)}), ("/v2/vectors", {"vector": vec(1)}),
-                                      ("/v2/identify", {"vectors": [vec(1)]}), ("/v2/admin/checkpoint", None)):
+                                      ("/v2/identify", {"vectors": [vec(1)]}), ("/v2/admin/checkpoint", None),
+                                      ("/v2/vectors/batch", {"vectors": []}),
+                                      ("/v2/identify", {"vectors": [vec(1)], "k": 0})):
                     resp = await client.post(path, headers=h, data=None if payload is None else orjson.dumps(payload))
                     await expect_error(resp, 503, "not_ready")
                 gate.set()

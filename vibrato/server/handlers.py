@@ -128,15 +128,21 @@ async def ingest(request: web.Request) -> web.Response:
 
 async def ingest_batch(request: web.Request) -> web.Response:
     items = await parse(request, "ingest_batch")
-    if not items:
-        request[K.AUDIT_DETAILS] = {"count": 0}
-        return json_response({"data": {"results": []}}, 201)
     engine = request.app[K.ENGINE]
-    results = await _blocking(request, engine.ingest_batch, items)
+    # An empty batch still goes to the engine, so it answers 503 not_ready during recovery like the rest.
+    results = await _blocking(request, engine.ingest_batch, items) if items else _require_ready(engine)
     out = [{"id": int(vid), "created": bool(created)} for vid, created in results]
     request.app[K.METRICS].ingest_vectors += sum(1 for r in out if r["created"])
     request[K.AUDIT_DETAILS] = {"count": len(items)}
     return json_response({"data": {"results": out}}, 201)
+
+
+def _require_ready(engine) -> list:
+    """Cheap, non-blocking readiness check for requests that need no engine work (empty batch, k=0)."""
+    ready, report = engine.readiness()
+    if report == "recovering":
+        raise NotReadyError("engine is recovering; retry when /v2/health/ready is 200")
+    return []
 
 
 async def query(request: web.Request) -> web.Response:
@@ -155,9 +161,10 @@ async def identify(request: web.Request) -> web.Response:
     req = await parse(request, "identify")
     request[K.AUDIT_DETAILS] = {"k": req["k"], "ef": req["ef"],
                                 "len": 0 if req["vectors"] is None else len(req["vectors"])}
-    if req["k"] == 0:
-        return json_response({"data": {"results": [], "query_time_ms": 0.0}})
     engine = request.app[K.ENGINE]
+    if req["k"] == 0:  # the reference answers before any dimension check
+        _require_ready(engine)
+        return json_response({"data": {"results": [], "query_time_ms": 0.0}})
     results, secs = await _blocking(request, _timed, engine.identify, req["vectors"], k=req["k"], ef=req["ef"],
                                     search_tier=req["search_tier"], include_metadata=req["include_metadata"])
     request.app[K.METRICS].observe_search("identify", secs)
