@@ -354,8 +354,10 @@ def decode_vectors(rows: list, dim: int, paths, mismatch_message, maybe_bools: b
     ok = (arr is not None and arr.ndim == 2 and arr.dtype.kind in "fiu"
           and (not maybe_bools or all(set(map(type, r)) <= _NUMBER_TYPES for r in rows)))
     if not ok:
+        # Raises for a bad element or row; if none is bad the rows only defeated numpy's type
+        # inference (e.g. integers beyond int64 make an object array), so convert explicitly.
         _first_bad_row(rows, dim, paths, mismatch_message)
-        raise AssertionError("unreachable: a vector failed bulk decoding but no element was found invalid")
+        arr = np.array(rows, dtype=np.float64)
     if arr.shape[1] != dim:
         raise BadRequestError(mismatch_message(0, arr.shape[1]))
     with np.errstate(over="ignore", invalid="ignore"):
