@@ -117,3 +117,52 @@ def test_numeric_vectors_decode_exactly_or_fail_cleanly(rows):
     with np.errstate(over="ignore"):
         expect = np.array([[float(x) for x in r] for r in rows], dtype=np.float64).astype(np.float32)
     assert np.array_equal(got, expect)
+
+
+def test_http_fuzz_every_response_is_documented_json(env):  # noqa: F811 - fixture imported below
+    """Random bodies, content types and auth headers against every route of the in-process app."""
+    import asyncio
+    import random
+
+    from test_server_inprocess import run
+
+    rng = random.Random(1234)
+    routes = [("POST", "/v2/vectors"), ("POST", "/v2/vectors/batch"), ("POST", "/v2/query"),
+              ("POST", "/v2/identify"), ("GET", "/v2/health/ready"), ("POST", "/v2/admin/checkpoint"),
+              ("GET", "/v2/admin/stats"), ("GET", "/v2/metrics"), ("DELETE", "/v2/query"), ("GET", "/v2/x")]
+    bodies = [b"", b"{", b"null", b"[]", b"{}", b'{"vector": []}', b'{"vector": "x"}', b"\xff\xfe",
+              b'{"vectors": [[1e39]]}', b'{"vector": [' + b"1," * 3 + b"1]}", b'{"k": -1}', b'"\\u0000"']
+    for method in METHODS:
+        bodies.append(orjson.dumps(valid_doc(method)))
+        for _ in range(10):
+            path = [rng.choice(["vector", "vectors", "metadata", "k", "filter", 0, 1, "tags", "bpm"])
+                    for _ in range(rng.randint(1, 3))]
+            value = rng.choice([None, True, -1, 2**65, 1e39, "", [], {}, [None], {"a": 1}, "z" * 300])
+            bodies.append(orjson.dumps(mutate(valid_doc(method), path, value)))
+
+    async def body(client, tokens):
+        spec = await (await client.get("/v2/openapi.json")).json()
+        for _ in range(300):
+            method, path = rng.choice(routes)
+            auth = rng.choice([None, "Bearer " + tokens["admin"], "Bearer " + tokens["query"], "Bearer x.y",
+                               "Basic zzz", "Bearer " + tokens["admin"][:-1] + "0"])
+            headers = {"Content-Type": rng.choice(["application/json", "text/plain", "application/x+json"])}
+            if auth:
+                headers["Authorization"] = auth
+            resp = await client.request(method, path, data=rng.choice(bodies), headers=headers)
+            raw = await resp.read()
+            assert resp.headers.get("x-request-id"), (method, path)
+            assert resp.status < 500, (method, path, resp.status, raw)
+            if path == "/v2/metrics" and resp.status == 200:
+                continue
+            doc = orjson.loads(raw)
+            if resp.status >= 400 and resp.status != 503:
+                assert set(doc) == {"code", "message"}, doc
+            ops = spec["paths"].get(path, {})
+            if method.lower() in ops:
+                assert str(resp.status) in ops[method.lower()]["responses"], (method, path, resp.status, raw)
+
+    run(env, body)
+
+
+from test_server_inprocess import env  # noqa: E402,F401 - the module-scoped app fixture
