@@ -7,7 +7,18 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-DATA = Path(os.environ.get("VIBRATO_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+def _find_shared_data() -> Path:
+    """The shared data sets: $VIBRATO_SHARED_DATA, else ../shared/data next to the checkout, else
+    /work/shared/data (where CI's clean clone may live elsewhere)."""
+    candidates = [os.environ.get("VIBRATO_SHARED_DATA"), REPO.parent / "shared" / "data", "/work/shared/data"]
+    for c in candidates:
+        if c and (Path(c) / "text" / "base_128.npy").exists():
+            return Path(c)
+    return Path(candidates[1])
+
+
+DATA = _find_shared_data()
 
 
 @pytest.fixture(scope="session")
