@@ -403,3 +403,15 @@ def test_runbook_sections_1_and_2_verbatim(tmp_path):
     finally:
         assert srv.terminate() == 0, srv.output()
     assert (tmp_path / "vibrato_data" / "catalog.sqlite3").exists()
+
+
+def test_offline_commands_against_a_running_server(server):
+    out = run_cli("snapshot-create", "--data-dir", server.data, "--collection", "default")
+    assert out.returncode == 0, out.stderr
+    lines = dict(line.split("=", 1) for line in out.stdout.splitlines())
+    assert lines["snapshot_id"].startswith("snap_") and Path(lines["snapshot_dir"]).is_dir()
+    out = run_cli("replay-to-lsn", "--data-dir", server.data, "--collection", "default", "--target-lsn", "1")
+    assert out.returncode == 1 and out.stderr.startswith("Error: ") and out.stdout == ""
+    out = run_cli("snapshot-restore", "--data-dir", server.data, "--snapshot-dir", lines["snapshot_dir"])
+    assert out.returncode == 1 and out.stderr.startswith("Error: ") and out.stdout == ""
+    assert server.client(server.admin).health_ready()["ready"] is True
