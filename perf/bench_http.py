@@ -101,7 +101,8 @@ class Vibrato(Server):
         cmd = [sys.executable, "-m", "vibrato.cli", "serve-v2", "--data-dir", str(self.workdir / "vibrato"),
                "--dim", "128", "--host", "127.0.0.1", "--port", str(self.port), "--bootstrap-admin-key", "true",
                "--checkpoint-interval-secs", "3600", "--compaction-interval-secs", "3600",
-               "--audio-colocated", "false", "--log-level", "warning", "--max-body-bytes", str(64 << 20)]
+               "--audio-colocated", "false", "--log-level", "warning", "--max-body-bytes", str(64 << 20),
+               *os.environ.get("VIBRATO_BENCH_SERVER_ARGS", "").split()]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         line = self.proc.stdout.readline()
         assert line.startswith("BOOTSTRAP_ADMIN_KEY="), line
