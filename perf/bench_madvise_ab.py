@@ -8,10 +8,11 @@ ef_construction=32 to keep the build to a couple of minutes; the graph's quality
 here, its access pattern does). VIBRATO_MADVISE_DATA_DIR reuses a built data dir across runs.
 
 Protocol, identical for both modes (same data dir, same queries, same order, same server flags):
-  stop the server -> posix_fadvise(DONTNEED) on every segment file (mapped pages cannot be dropped,
-  so this happens while no server runs) -> check with mincore that < 5% is resident -> start
-  `serve-v2 --vector-madvise-mode <mode>` -> cold pass: VIBRATO_MADVISE_QUERIES (300) queries ->
-  warm pass: the same queries again.
+  stop the server -> posix_fadvise(DONTNEED) on every segment file -> start
+  `serve-v2 --vector-madvise-mode <mode>` and wait for ready -> DONTNEED again (recovery verifies
+  every checksum and so reads the whole segment into the page cache; pages the server has mapped
+  and touched cannot be dropped) -> check with mincore that < 10% is resident -> cold pass:
+  VIBRATO_MADVISE_QUERIES (300) queries -> warm pass: the same queries again.
 Each pass is one pytest-benchmark entry (`benchmark.pedantic`, one query per round), so its JSON
 holds every round; p50/p99 are computed from the server-reported `query_time_ms` (as the reference
 does) and from client wall time, and stored in `extra_info`. The summary prints p50/p99 per mode
@@ -146,10 +147,14 @@ class ModeServer:
         if cls.current is not None and cls.current[0] == mode:
             return cls.current[1], cls.current[2]
         cls.stop()
-        resident = drop_page_cache(dataset["data"])
+        drop_page_cache(dataset["data"])
         srv = GateServer(dataset["data"], dim=DIM, log_dir=dataset["work"], extra=["--vector-madvise-mode", mode,
                                                                                    "--hot-index-shards", "1"])
         srv.wait_ready(timeout=300)
+        # Recovery verifies every section checksum, which reads the whole file into the page cache;
+        # so the pages are dropped again once the server is ready. Only pages the server has mapped
+        # and touched (header, tables, graph entry points) stay; mincore says how much that is.
+        resident = drop_page_cache(dataset["data"])
         cls.current = (mode, srv, resident)
         return srv, resident
 
@@ -165,7 +170,7 @@ class ModeServer:
 def test_query_latency(benchmark, dataset, mode, cache):
     srv, resident = ModeServer.get(dataset, mode)
     if cache == "cold":
-        assert resident < 0.05, f"segment files still {resident:.0%} resident after DONTNEED: not a cold run"
+        assert resident < 0.10, f"segment files still {resident:.0%} resident after DONTNEED: not a cold run"
     c = srv.client(dataset["token"], timeout=60)
     queries = dataset["queries"]
     server_ms, wall_ms = [], []
