@@ -214,6 +214,38 @@ def test_adc_scan_faiss(benchmark, faiss_index, query, threads):
     record(benchmark, f"adc faiss {threads}t", N_SCAN, "codes/s")
 
 
+# -- quality next to faiss (report only; tests/test_pq.py asserts the bar) -------------------------------
+
+QUALITY = {}
+
+
+@pytest.mark.parametrize("m,candidates", [(16, 100), (32, 40)])
+def test_recall_after_rerank_vs_faiss(base, m, candidates):
+    """recall@10 after exact rerank of the best `candidates` ADC rows, vibrato and faiss IndexPQ (IP)."""
+    import vibrato.kernels as K
+    queries = np.load(DATA / "text" / "queries_128.npy")
+    gt = np.load(DATA / "text" / "gt_128_ids.npy")[:, :10]
+    pq = ProductQuantizer(128, m).train(base)
+    codes = pq.encode(base)
+    faiss.omp_set_num_threads(1)
+    index = faiss.IndexPQ(128, m, 8, faiss.METRIC_INNER_PRODUCT)
+    index.train(base)
+    index.add(base)
+    _, fI = index.search(queries, candidates)
+
+    def recall(cands):
+        hits = 0
+        for q, c, truth in zip(queries, cands, gt):
+            exact = K.dot_many(q, base, c.astype(np.int64))
+            hits += len(np.intersect1d(c[np.argsort(-exact, kind="stable")[:10]], truth))
+        return hits / gt.size
+
+    ours = recall([pq.adc_scan(q, codes, candidates, threads=1)[0] for q in queries])
+    theirs = recall(fI)
+    QUALITY[f"m={m}, {candidates} candidates"] = {"vibrato": ours, "faiss": theirs}
+    assert ours >= 0.9
+
+
 # -- paired A/B ---------------------------------------------------------------------------------------
 
 
@@ -245,7 +277,7 @@ def test_paired_vs_faiss(base, pq, query, codes_1m, faiss_index):
 
 def test_zz_report():
     """Prints the table with ratios against faiss and saves perf/results/bench_pq.json."""
-    if not RESULTS:
+    if not (RESULTS or QUALITY or PAIRED):
         pytest.skip("no benchmark ran")
     peers = {"train": "train faiss", "encode": "encode faiss", "adc": "adc faiss"}
     lines = [f"{'case':42s} {'median':>10s} {'rate':>14s}  ratio vs faiss (same threads)"]
@@ -255,6 +287,9 @@ def test_zz_report():
         peer = RESULTS.get(f"{peers[kind]} {threads}")
         ratio = f"{r['rate'] / peer['rate']:.2f}x" if peer and "faiss" not in case else ""
         lines.append(f"{case:42s} {r['median_s'] * 1e3:8.2f}ms {r['rate'] / 1e6:9.2f} M {r['unit']:9s} {ratio}")
+    lines += ["", "recall@10 after exact rerank (text split, gt[:, :10])"]
+    for case, r in QUALITY.items():
+        lines.append(f"  {case:30s} vibrato {r['vibrato']:.4f}   faiss IndexPQ {r['faiss']:.4f}")
     lines += ["", f"{'paired A/B, 1 thread each':52s} {'vibrato':>10s} {'faiss':>10s}  speedup"]
     for case, r in PAIRED.items():
         lines.append(f"{case:52s} {r['ours_median_s'] * 1e3:8.2f}ms {r['peer_median_s'] * 1e3:8.2f}ms  "
@@ -265,4 +300,5 @@ def test_zz_report():
     meta = {"cpu": platform.processor() or platform.machine(), "nproc": os.cpu_count(),
             "simd_level": cpu.level_name(cpu.selected_level()), "pq_kernel": P.kernel_name(),
             "faiss": faiss.__version__, "numpy": np.__version__}
-    (out / "bench_pq.json").write_text(json.dumps({"meta": meta, "results": RESULTS, "paired": PAIRED}, indent=1))
+    (out / "bench_pq.json").write_text(json.dumps({"meta": meta, "results": RESULTS, "paired": PAIRED,
+                                                      "quality": QUALITY}, indent=1))
