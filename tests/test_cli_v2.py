@@ -157,3 +157,9 @@ def test_snapshot_restore_and_replay_commands(tmp_path):
     result = runner.invoke(cli, ["snapshot-restore", "--data-dir", str(data), "--snapshot-dir",
                                  str(tmp_path / "missing")])
     assert result.exit_code == 1 and result.stderr.startswith("Error: ")
+
+
+def test_bind_host_accepts_hostnames_and_bracketed_ipv6():
+    from vibrato.server.app import bind_host
+    assert bind_host("[::1]") == "::1" and bind_host("::1") == "::1"
+    assert bind_host("localhost") == "localhost" and bind_host(" 0.0.0.0 ") == "0.0.0.0"
