@@ -291,7 +291,12 @@ def test_sigterm_shutdown_restart_persistence_and_lock(tmp_path):
             f"Content-Length: {len(body)}\r\n\r\n").encode()
     with socket.create_connection(("127.0.0.1", srv.port), timeout=30) as sock:
         sock.sendall(head + body[:len(body) // 2])
-        time.sleep(0.3)
+        for _ in range(600):  # wait until the server is handling it (the metrics request is the other one)
+            if parse_metrics(c.metrics())[1]["vibrato_http_requests_in_flight"] >= 2:
+                break
+            time.sleep(0.05)
+        else:
+            raise AssertionError("the half-sent request never became in-flight")
         srv.proc.send_signal(signal.SIGTERM)
         time.sleep(0.3)
         sock.sendall(body[len(body) // 2:])

@@ -100,7 +100,8 @@ def create_app(config: Config, engine=None) -> web.Application:
     app[K.VALIDATOR] = Validator(config)
     app[K.POLICIES] = {r.path: r.policy for r in ROUTES}
     app[K.OPENAPI] = orjson.dumps(openapi.build(ROUTES))
-    app[K.INFLIGHT] = K.InFlight()
+    app[K.INFLIGHT] = inflight = K.InFlight()
+    app[K.METRICS].in_flight_fn = lambda: inflight.count
     for r in ROUTES:
         if r.method == "GET":
             app.router.add_get(r.path, r.handler)

@@ -5,7 +5,7 @@ collector yields metric families, so the 22 reference series (api.md §2.11) kee
 types and `le` labels exactly (`le="10"`, not `le="10.0"`) and no `_created` series appear.
 On top of the reference: HELP lines, `vibrato_query_latency_us` buckets continued up to 10 s,
 per-route request counters by method and status, per-route latency histograms up to 10 s,
-`vibrato_ready`, and every other numeric field of `engine.stats()`.
+`vibrato_ready`, `vibrato_http_requests_in_flight`, and every other numeric field of `engine.stats()`.
 
 Server-side counters are plain integers mutated on the event loop only; `render()` may run on an
 executor thread (it calls `engine.stats()`, which reads the catalog) and only reads them.
@@ -95,6 +95,7 @@ class ServerMetrics:
         self.http_latency = Histogram(HTTP_LATENCY_BUCKETS_S)
         self.registry = CollectorRegistry(auto_describe=False)
         self._stats_fn = None
+        self.in_flight_fn = lambda: 0
         self.registry.register(_Collector(self))
 
     def bind_stats(self, stats_fn):
@@ -148,6 +149,8 @@ class _Collector:
         # Additions (names outside the reference's 22).
         yield GaugeMetricFamily("vibrato_ready", "1 when the engine is ready to serve data requests.",
                                 value=1 if stats.get("ready") else 0)
+        yield GaugeMetricFamily("vibrato_http_requests_in_flight", "HTTP requests being handled (this one included).",
+                                value=m.in_flight_fn())
         for field, value in stats.items():
             if field in _REFERENCE_STATS_FIELDS or field in ("checkpoint_total", "compaction_total"):
                 continue
