@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from vibrato.config import Config
 from vibrato.errors import VibratoError
 from vibrato.server.schemas import Validator
+from test_server_inprocess import env, run  # noqa: F401 - env is the module-scoped app fixture
 
 DIM = 4
 V = Validator(Config(dim=DIM))
@@ -119,12 +120,9 @@ def test_numeric_vectors_decode_exactly_or_fail_cleanly(rows):
     assert np.array_equal(got, expect)
 
 
-def test_http_fuzz_every_response_is_documented_json(env):  # noqa: F811 - fixture imported below
+def test_http_fuzz_every_response_is_documented_json(env):  # noqa: F811 - the imported fixture
     """Random bodies, content types and auth headers against every route of the in-process app."""
-    import asyncio
     import random
-
-    from test_server_inprocess import run
 
     rng = random.Random(1234)
     routes = [("POST", "/v2/vectors"), ("POST", "/v2/vectors/batch"), ("POST", "/v2/query"),
@@ -164,5 +162,3 @@ def test_http_fuzz_every_response_is_documented_json(env):  # noqa: F811 - fixtu
 
     run(env, body)
 
-
-from test_server_inprocess import env  # noqa: E402,F401 - the module-scoped app fixture

@@ -4,7 +4,6 @@ Exit codes: 0 success; 1 error (`Error: <message>` on stderr); 2 usage (click).
 Long operations show a rich progress bar on a terminal and plain `progress ...` lines on stderr
 otherwise, so stdout keeps only the key=value results.
 """
-import os
 import shlex
 import sys
 from pathlib import Path
