@@ -179,8 +179,10 @@ def test_empty_index():
     assert (ids == -1).all() and np.isneginf(scores).all()
     starts, s2 = idx.search_subsequence(np.ones((2, 4), np.float32), k=2)
     assert (starts == -1).all()
-    g = HnswIndex.from_graph(np.empty((0, 4), np.float32), idx.graph_bytes())
+    g = HnswIndex.from_graph(np.empty((0, 4), np.float32), idx.graph_bytes(), id_base=7)
     assert len(g) == 0
+    g.add(np.eye(4, dtype=np.float32))  # borrowed (empty) vectors: add must switch to owned storage
+    assert g.labels().tolist() == [7, 8, 9, 10] and g.search(np.eye(4, dtype=np.float32)[1], k=1)[0][0, 0] == 8
     idx.add(np.empty((0, 4), np.float32))
     assert len(idx) == 0
 

@@ -386,7 +386,7 @@ static inline int vb_realloc_n(void **p, size_t n, size_t size) {
  * over a read-only array copies it once). Existing rows are kept; new link rows are zeroed.
  */
 static inline int vb_hnsw_reserve(vb_hnsw_t *h, size_t want) {
-    if (want <= h->cap && (h->x_owned || h->n == 0)) return VB_OK;
+    if (want <= h->cap && h->x_owned) return VB_OK;
     size_t cap = h->cap > want ? h->cap : want;
     if (want > h->cap) {
         size_t grown = h->cap + h->cap / 2;
@@ -1301,8 +1301,8 @@ static inline int vb_hnsw_graph_read_checked(vb_hnsw_t *h, const uint8_t *buf, s
     size_t n = (size_t)n64;
     size_t stride0 = 1 + (size_t)M0, stride = 1 + (size_t)M;
     size_t l0_bytes = n * stride0 * 4; /* cannot overflow: bounded by avail above */
-    size_t rest = avail - vb_pad4(n) - l0_bytes;
     if (vb_pad4(n) + l0_bytes > avail) VB_FAIL(VB_ECORRUPT, "graph truncated in layer 0");
+    size_t rest = avail - vb_pad4(n) - l0_bytes;
     if (blocks64 > rest / (stride * 4) || blocks64 * stride * 4 != rest)
         VB_FAIL(VB_ECORRUPT, "graph size mismatch: %llu upper blocks of %zu bytes, but %zu bytes remain",
                 (unsigned long long)blocks64, stride * 4, rest);
