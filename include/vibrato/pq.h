@@ -1378,6 +1378,8 @@ static inline int vb_pq_adc_scan(const vb_pq_ops_t *ops, const float *restrict t
     int64_t *hr = (int64_t *)malloc(total * sizeof(int64_t));
     uint8_t *planes = ops->needs_planes ? (uint8_t *)malloc(m * VB_PQ_PLANE_BYTES) : NULL;
     vb_pq_hit_t *all = NULL;
+    vb_pq_scan_task_t task = {ops, table, planes, m, codes, allowed, heaps};
+    size_t got = 0, a = 0, kk;
     int rc = VB_OK;
     if (!heaps || !hs || !hr || (ops->needs_planes && !planes)) {
         rc = VB_ENOMEM;
@@ -1389,17 +1391,14 @@ static inline int vb_pq_adc_scan(const vb_pq_ops_t *ops, const float *restrict t
         heaps[t].row = hr + t * cap;
         heaps[t].cap = cap;
     }
-    vb_pq_scan_task_t task = {ops, table, planes, m, codes, allowed, heaps};
     if ((rc = vb_parallel_for(n, nthreads, grain, vb_pq_scan_task, &task)) != VB_OK) goto done;
 
-    size_t got = 0;
     for (size_t t = 0; t < nthreads; t++) got += heaps[t].size;
     all = (vb_pq_hit_t *)malloc((got ? got : 1) * sizeof(vb_pq_hit_t));
     if (!all) {
         rc = VB_ENOMEM;
         goto done;
     }
-    size_t a = 0;
     for (size_t t = 0; t < nthreads; t++)
         for (size_t i = 0; i < heaps[t].size; i++) {
             all[a].score = heaps[t].score[i];
@@ -1407,7 +1406,7 @@ static inline int vb_pq_adc_scan(const vb_pq_ops_t *ops, const float *restrict t
             a++;
         }
     qsort(all, got, sizeof(vb_pq_hit_t), vb_pq_hit_cmp);
-    size_t kk = got < cap ? got : cap;
+    kk = got < cap ? got : cap;
     for (size_t i = 0; i < kk; i++) {
         out_rows[i] = all[i].row;
         out_scores[i] = all[i].score;
