@@ -5,6 +5,7 @@ Every error is a BadRequestError whose message names the field, the bad value an
 """
 import hashlib
 import math
+import struct
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,19 +19,27 @@ U32_MAX = 2**32 - 1
 METADATA_FIELDS = ("source_file", "start_time_ms", "duration_ms", "bpm", "tags")
 FILTER_FIELDS = ("tags_any", "tags_all", "bpm_gte", "bpm_lte")
 SEARCH_TIERS = ("active", "all", "archive")
+_META_KEYS = frozenset(METADATA_FIELDS)
+_F32 = struct.Struct("<f")
 
 
 def normalize_tags(tags) -> list[str]:
-    """Trim, ASCII-lowercase, drop empties, sort (code point = UTF-8 byte order), de-duplicate."""
+    """Trim, ASCII-lowercase (other letters untouched, as the reference), drop empties, sort (code
+    point order = UTF-8 byte order), de-duplicate."""
     out = set()
     for t in tags:
         t = t.strip()
         if t:
-            out.add(t.translate(_ASCII_LOWER))
+            out.add(t.lower() if t.isascii() else t.translate(_ASCII_LOWER))
     return sorted(out)
 
 
 _ASCII_LOWER = {c: c + 32 for c in range(ord("A"), ord("Z") + 1)}
+
+
+def _utf8_len_over(s: str, limit: int) -> bool:
+    # a str of n code points is at most 4n UTF-8 bytes: encode only when it could be too long
+    return len(s) * 4 > limit and len(s.encode("utf-8", "surrogatepass")) > limit
 
 
 def check_vector(vector, dim: int, where: str = "vector", index_word: str = "") -> np.ndarray:
@@ -64,13 +73,13 @@ def check_metadata(meta, limits: Limits, where: str = "metadata") -> tuple:
         return ("", 0, 0, 0.0, [])
     if not isinstance(meta, dict):
         raise BadRequestError(f"{where} must be an object")
-    unknown = [k for k in meta if k not in METADATA_FIELDS]
-    if unknown:
-        raise BadRequestError(f"{where}.{unknown[0]} is not a known field (expected one of {', '.join(METADATA_FIELDS)})")
+    if not _META_KEYS.issuperset(meta):
+        unknown = next(k for k in meta if k not in _META_KEYS)
+        raise BadRequestError(f"{where}.{unknown} is not a known field (expected one of {', '.join(METADATA_FIELDS)})")
     src = meta.get("source_file", "")
     if not isinstance(src, str):
         raise BadRequestError(f"{where}.source_file must be a string")
-    if len(src.encode("utf-8", "surrogatepass")) > limits.max_source_file_bytes:
+    if _utf8_len_over(src, limits.max_source_file_bytes):
         raise BadRequestError(f"{where}.source_file is longer than {limits.max_source_file_bytes} bytes")
     start = _uint32(meta.get("start_time_ms", 0), f"{where}.start_time_ms")
     dur = _uint32(meta.get("duration_ms", 0), f"{where}.duration_ms")
@@ -80,8 +89,9 @@ def check_metadata(meta, limits: Limits, where: str = "metadata") -> tuple:
     bpm = float(bpm)
     if not math.isfinite(bpm) or abs(bpm) > F32_MAX:
         raise BadRequestError(f"{where}.bpm must be a finite float32 value, got {bpm!r}")
-    bpm = float(np.float32(bpm))
-    tags = check_tags(meta.get("tags", []), limits, f"{where}.tags")
+    bpm = _F32.unpack(_F32.pack(bpm))[0]  # round to float32, as stored
+    tags = meta.get("tags", [])
+    tags = [] if isinstance(tags, list) and not tags else check_tags(tags, limits, f"{where}.tags")
     return (src, start, dur, bpm, tags)
 
 
@@ -93,12 +103,14 @@ def check_tags(tags, limits: Limits, where: str) -> list[str]:
     for i, t in enumerate(tags):
         if not isinstance(t, str):
             raise BadRequestError(f"{where}[{i}] must be a string")
-        if len(t.encode("utf-8", "surrogatepass")) > limits.max_tag_bytes:
+        if _utf8_len_over(t, limits.max_tag_bytes):
             raise BadRequestError(f"{where}[{i}] is longer than {limits.max_tag_bytes} bytes")
     return normalize_tags(tags)
 
 
 def _uint32(value, where):
+    if type(value) is int and 0 <= value <= U32_MAX:
+        return value
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         if isinstance(value, float) and value.is_integer():
             value = int(value)
@@ -130,26 +142,55 @@ class PreparedBatch:
     metas: list           # [(source_file, start_time_ms, duration_ms, bpm, tags)]
 
 
-def prepare_rows(items, dim: int, limits: Limits, batch: bool) -> PreparedBatch:
+def _stack_vectors(items, dim: int, batch: bool) -> np.ndarray:
+    """(n, dim) float32 of every item's vector. Fast path: every vector is already a float32 (dim,)
+    array (the server decodes JSON that way), checked for finiteness in one pass."""
     n = len(items)
-    vectors = np.empty((n, dim), dtype=np.float32)
+    try:
+        vecs = [item["vector"] for item in items]
+    except (TypeError, KeyError):
+        vecs = None
+    if vecs is not None and all(isinstance(v, np.ndarray) and v.dtype == np.float32 and v.shape == (dim,)
+                                for v in vecs):
+        out = np.stack(vecs) if n else np.empty((0, dim), np.float32)
+        bad = ~np.isfinite(out)
+        if bad.any():
+            i, j = (int(x) for x in np.argwhere(bad)[0])
+            where = f"vectors[{i}].vector" if batch else "vector"
+            raise BadRequestError(f"{where}[{j}] is not a finite float32 value ({out[i, j]!r})")
+        return out
+    out = np.empty((n, dim), dtype=np.float32)
+    for i, item in enumerate(items):
+        pre = f"vectors[{i}]." if batch else ""
+        if not isinstance(item, dict):
+            raise BadRequestError(f"vectors[{i}] must be an object")
+        if "vector" not in item:
+            raise BadRequestError(f"{pre}vector is required")
+        out[i] = check_vector(item["vector"], dim, f"{pre}vector", f" at index {i}" if batch else "")
+    return out
+
+
+_ITEM_FIELDS = frozenset(("vector", "metadata", "idempotency_key"))
+_DEFAULT_META = ("", 0, 0, 0.0, [])
+
+
+def prepare_rows(items, dim: int, limits: Limits, batch: bool) -> PreparedBatch:
+    vectors = _stack_vectors(items, dim, batch)
     rows, metas = [], []
     for i, item in enumerate(items):
         pre = f"vectors[{i}]." if batch else ""
         if not isinstance(item, dict):
             raise BadRequestError(f"vectors[{i}] must be an object")
-        unknown = [k for k in item if k not in ("vector", "metadata", "idempotency_key")]
-        if unknown:
-            raise BadRequestError(f"{pre}{unknown[0]} is not a known field")
-        if "vector" not in item:
-            raise BadRequestError(f"{pre}vector is required")
-        vectors[i] = check_vector(item["vector"], dim, f"{pre}vector", f" at index {i}" if batch else "")
-        meta = check_metadata(item.get("metadata"), limits, f"{pre}metadata")
+        if not _ITEM_FIELDS.issuperset(item):
+            unknown = next(k for k in item if k not in _ITEM_FIELDS)
+            raise BadRequestError(f"{pre}{unknown} is not a known field")
+        meta_in = item.get("metadata")
+        meta = _DEFAULT_META if meta_in is None else check_metadata(meta_in, limits, f"{pre}metadata")
         key = check_key(item.get("idempotency_key"), limits, f"{pre}idempotency_key")
-        blob = vectors[i].astype("<f4", copy=False).tobytes()
+        blob = vectors[i].tobytes()  # float32 little-endian on every supported host
         tags_json = orjson.dumps(meta[4]).decode()
         digest = hashlib.sha256(blob)
-        digest.update(orjson.dumps([meta[0], meta[1], meta[2], meta[3], meta[4]]))
+        digest.update(f"{meta[0]}\x00{meta[1]}\x00{meta[2]}\x00{meta[3]!r}\x00{tags_json}".encode("utf-8", "surrogatepass"))
         rows.append((blob, meta[0], meta[1], meta[2], meta[3], tags_json, key, digest.digest()))
         metas.append(meta)
     return PreparedBatch(rows, vectors, metas)
