@@ -302,6 +302,10 @@ def test_filtered_recall(text, text_index, selectivity):
         assert mask[ids[ids >= 0]].all(), "a disallowed row was returned"
         assert (ids >= 0).all()  # at least 20 rows are allowed, k = 10
         assert recall_at(ids, gt) >= 0.95
+    # a single query (mask walked per query) equals its row of the batch (allowed rows listed once)
+    one_ids, one_scores = text_index.search(q[3], k=10, ef=64, allowed=mask)
+    np.testing.assert_array_equal(one_ids[0], ids[3])
+    np.testing.assert_array_equal(one_scores[0], sc[3])
 
 
 @pytest.mark.parametrize("selectivity", [0.02, 0.1, 0.5])

@@ -32,6 +32,7 @@ from vibrato._native import hnsw as _hnsw
 __all__ = ["HnswIndex"]
 
 MAX_LABEL = 2**63 - 1
+_MODES = {"auto": _hnsw.AUTO, "graph": _hnsw.FORCE_GRAPH, "scan": _hnsw.FORCE_SCAN}
 
 
 def _int_arg(name, value, lo, hi):
@@ -56,9 +57,9 @@ def _float_rows(name, X, dim, allow_1d):
     if X.shape[1] != dim:
         raise ValueError(f"{name} has dimension {X.shape[1]}, the index has dimension {dim}")
     X = np.ascontiguousarray(X, dtype=np.float32)
-    if X.size and not np.isfinite(X).all():
-        bad = np.argwhere(~np.isfinite(X))[0]
-        raise ValueError(f"{name} contains a non-finite value at {tuple(int(i) for i in bad)}")
+    bad = _hnsw.first_nonfinite(X)
+    if bad >= 0:
+        raise ValueError(f"{name} contains a non-finite value at {divmod(int(bad), dim)}")
     return X
 
 
@@ -234,11 +235,6 @@ class HnswIndex:
         hit = (pos < n) & (sl[pos_c] == labels) if n else np.zeros(labels.shape, bool)
         return np.where(hit, sr[pos_c].astype(np.int64), -1)
 
-    def _to_labels(self, rows: np.ndarray) -> np.ndarray:
-        if self._labels is None:
-            return np.where(rows >= 0, rows + self._base, -1)
-        return np.where(rows >= 0, self._labels[np.maximum(rows, 0)], -1)
-
     def _mask(self, name, allowed):
         """A uint8 row mask from a bool mask over rows or an array of labels (labels not present are ignored)."""
         n = len(self)
@@ -282,17 +278,15 @@ class HnswIndex:
         k = _int_arg("k", k, 1, _hnsw.MAX_EF)
         ef = _int_arg("ef", ef, 1, _hnsw.MAX_EF)
         threads = _int_arg("threads", threads, 1, 256)
-        modes = {"auto": _hnsw.AUTO, "graph": _hnsw.FORCE_GRAPH, "scan": _hnsw.FORCE_SCAN}
-        if mode not in modes:
-            raise ValueError(f"mode must be one of {sorted(modes)}, got {mode!r}")
+        if mode not in _MODES:
+            raise ValueError(f"mode must be one of {sorted(_MODES)}, got {mode!r}")
         mask, count = None, 0
         self._begin_search()
         try:
             if allowed is not None:
                 mask = self._mask("allowed", allowed)
                 count = int(np.count_nonzero(mask))
-            rows, scores = self._g.search(Q, k, ef, mask, count, modes[mode], threads)
-            return self._to_labels(rows), scores
+            return self._g.search(Q, k, ef, mask, count, _MODES[mode], threads, self._base, self._labels)
         finally:
             self._end_search()
 

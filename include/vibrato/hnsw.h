@@ -865,16 +865,47 @@ static inline void vb_hnsw_offer(vb_hnsw_pair_t *top, size_t *ntop, size_t k, co
 }
 
 /*
- * Exact top-k by scanning every row (mask == NULL) or every row with mask[r] != 0, with the batch
- * kernels (dot_ny over contiguous blocks, dot_ids32 over gathered allowed rows).
+ * Rows r in [b, e) with mask[r] != 0, ascending, into out (at most cap of them; returns how many).
+ * Runs of disallowed rows are skipped 32 bytes at a time: a 0.1% filter over millions of rows
+ * costs a pass over the mask at memory speed.
+ */
+static inline size_t vb_mask_collect(const uint8_t *restrict mask, size_t b, size_t e, uint32_t *restrict out,
+                                     size_t cap) {
+    size_t m = 0, r = b;
+    while (r < e && m < cap) {
+        if (r + 32 <= e) {
+            uint64_t w[4];
+            memcpy(w, mask + r, 32);
+            if (!(w[0] | w[1] | w[2] | w[3])) {
+                r += 32;
+                continue;
+            }
+        }
+        size_t stop = r + 32 < e ? r + 32 : e;
+        for (; r < stop && m < cap; r++)
+            if (mask[r]) out[m++] = (uint32_t)r;
+    }
+    return m;
+}
+
+/*
+ * Exact top-k by scanning every row (mask == NULL), the rows in `list` (the allowed rows,
+ * ascending, list_len of them), or every row with mask[r] != 0. Uses the batch kernels: dot_ny
+ * over contiguous blocks, dot_ids32 over gathered rows.
  */
 static inline void vb_hnsw_scan(const vb_hnsw_t *h, vb_hnsw_ctx_t *c, const vb_distance_ops_t *ops,
-                                const float *restrict q, size_t k, const uint8_t *mask, int64_t *rows,
-                                float *scores) {
+                                const float *restrict q, size_t k, const uint8_t *mask, const uint32_t *list,
+                                size_t list_len, int64_t *rows, float *scores) {
     size_t ntop = 0, n = h->n, d = h->d;
     uint32_t *ids = c->ids;
     float *dist = c->dist;
-    if (!mask) {
+    if (list) {
+        for (size_t b = 0; b < list_len; b += VB_HNSW_SCAN_BLOCK) {
+            size_t m = list_len - b < VB_HNSW_SCAN_BLOCK ? list_len - b : VB_HNSW_SCAN_BLOCK;
+            ops->dot_ids32(dist, q, h->x, d, list + b, m);
+            vb_hnsw_offer(c->top, &ntop, k, list + b, dist, m);
+        }
+    } else if (!mask) {
         for (size_t b = 0; b < n; b += VB_HNSW_SCAN_BLOCK) {
             size_t m = n - b < VB_HNSW_SCAN_BLOCK ? n - b : VB_HNSW_SCAN_BLOCK;
             ops->dot_ny(dist, q, h->x + b * d, d, m);
@@ -886,23 +917,11 @@ static inline void vb_hnsw_scan(const vb_hnsw_t *h, vb_hnsw_ctx_t *c, const vb_d
          * prefetcher streams it) and its allowed rows offered; a sparse one gathers its allowed rows. */
         for (size_t b = 0; b < n; b += VB_HNSW_SCAN_BLOCK) {
             size_t e = n - b < VB_HNSW_SCAN_BLOCK ? n : b + VB_HNSW_SCAN_BLOCK;
-            size_t m = 0, r = b;
-            while (r < e) {
-                if (r + 8 <= e) { /* skip 8 disallowed rows at a time (0.1% filters over millions of rows) */
-                    uint64_t w;
-                    memcpy(&w, mask + r, 8);
-                    if (!w) {
-                        r += 8;
-                        continue;
-                    }
-                }
-                size_t stop = r + 8 < e ? r + 8 : e;
-                for (; r < stop; r++)
-                    if (mask[r]) ids[m++] = (uint32_t)r;
-            }
+            size_t m = vb_mask_collect(mask, b, e, ids, VB_HNSW_SCAN_BLOCK);
             if (!m) continue;
             if (m * VB_HNSW_DENSE_DIV >= e - b) {
                 ops->dot_ny(dist, q, h->x + b * d, d, e - b);
+                /* compact in place: ids ascending and distinct, so ids[i] - b >= i is read before written */
                 for (size_t i = 0; i < m; i++) dist[i] = dist[ids[i] - b];
             } else {
                 ops->dot_ids32(dist, q, h->x, d, ids, m);
@@ -936,11 +955,13 @@ static inline size_t vb_hnsw_filtered_ef(size_t ef, double s) {
 
 /*
  * One query: top-k rows by inner product into rows[0..k) / scores[0..k), best first, padded with
- * -1 / -inf. mask (n,) and allowed (= number of nonzero mask entries) describe an optional filter.
+ * -1 / -inf. mask (n,) and allowed (= number of nonzero mask entries) describe an optional filter;
+ * list, if not NULL, holds exactly those `allowed` rows ascending (an exact scan then skips the mask).
  */
 static inline int vb_hnsw_search_one(vb_hnsw_t *h, vb_hnsw_ctx_t *c, const vb_distance_ops_t *ops,
                                      const float *restrict q, size_t k, size_t ef, const uint8_t *mask,
-                                     size_t allowed, int mode, int64_t *rows, float *scores) {
+                                     size_t allowed, const uint32_t *list, int mode, int64_t *rows,
+                                     float *scores) {
     size_t n = h->n;
     if (mask && allowed >= n) mask = NULL;
     if (n == 0 || k == 0 || (mask && allowed == 0)) {
@@ -981,7 +1002,7 @@ static inline int vb_hnsw_search_one(vb_hnsw_t *h, vb_hnsw_ctx_t *c, const vb_di
         atomic_fetch_add_explicit(&h->n_fallback, 1, memory_order_relaxed);
     }
     if (vb_hnsw_ctx_reserve(c, n, k, h->M0)) return VB_ENOMEM;
-    vb_hnsw_scan(h, c, ops, q, k, mask, rows, scores);
+    vb_hnsw_scan(h, c, ops, q, k, mask, mask ? list : NULL, allowed, rows, scores);
     atomic_fetch_add_explicit(&h->n_scan, 1, memory_order_relaxed);
     atomic_fetch_add_explicit(&h->n_dist, nd + (mask ? allowed : n), memory_order_relaxed);
     return VB_OK;
@@ -993,6 +1014,7 @@ typedef struct {
     const float *q;
     size_t k, ef, allowed;
     const uint8_t *mask;
+    const uint32_t *list;
     int mode;
     int64_t *rows;
     float *scores;
@@ -1005,8 +1027,8 @@ static int vb_hnsw_search_task(void *p, size_t tid, size_t b, size_t e) {
     if (!c) return VB_ENOMEM;
     int rc = VB_OK;
     for (size_t i = b; i < e && rc == VB_OK; i++)
-        rc = vb_hnsw_search_one(t->h, c, t->ops, t->q + i * t->h->d, t->k, t->ef, t->mask, t->allowed, t->mode,
-                                t->rows + i * t->k, t->scores + i * t->k);
+        rc = vb_hnsw_search_one(t->h, c, t->ops, t->q + i * t->h->d, t->k, t->ef, t->mask, t->allowed, t->list,
+                                t->mode, t->rows + i * t->k, t->scores + i * t->k);
     vb_pool_put(&t->h->pool, c);
     return rc;
 }
@@ -1020,8 +1042,21 @@ static inline int vb_hnsw_search(vb_hnsw_t *h, const vb_distance_ops_t *ops, con
                                  size_t k, size_t ef, const uint8_t *mask, size_t allowed, int mode,
                                  size_t nthreads, int64_t *rows, float *scores) {
     if (k > VB_HNSW_MAX_EF || ef < 1 || ef > VB_HNSW_MAX_EF) return VB_EINVAL;
-    vb_hnsw_search_task_t t = {h, ops, q, k, ef, allowed, mask, mode, rows, scores};
-    return vb_parallel_for(nq, nthreads, 4, vb_hnsw_search_task, &t);
+    if (mask && allowed > h->n) return VB_EINVAL;
+    /* A sparse filter shared by several queries: list its rows once, so exact scans skip the mask. */
+    uint32_t *list = NULL;
+    if (mask && nq > 1 && allowed && allowed * VB_HNSW_DENSE_DIV < h->n) {
+        list = (uint32_t *)malloc(allowed * sizeof(uint32_t));
+        if (!list) return VB_ENOMEM;
+        if (vb_mask_collect(mask, 0, h->n, list, allowed) != allowed) { /* fewer rows set than `allowed` says */
+            free(list);
+            return VB_EINVAL;
+        }
+    }
+    vb_hnsw_search_task_t t = {h, ops, q, k, ef, allowed, mask, list, mode, rows, scores};
+    int rc = vb_parallel_for(nq, nthreads, 4, vb_hnsw_search_task, &t);
+    free(list);
+    return rc;
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -1119,8 +1154,8 @@ static inline int vb_hnsw_subseq(vb_hnsw_t *h, const vb_distance_ops_t *ops, con
     size_t efa = ef > anchor_k ? ef : anchor_k;
     for (size_t a = 0; a < n_anchors; a++) {
         size_t off = n_anchors == 1 ? L / 2 : a * (L - 1) / (n_anchors - 1);
-        rc = vb_hnsw_search_one(h, c, ops, frames + off * d, anchor_k, efa, NULL, 0, VB_HNSW_AUTO, hit_rows,
-                                hit_scores);
+        rc = vb_hnsw_search_one(h, c, ops, frames + off * d, anchor_k, efa, NULL, 0, NULL, VB_HNSW_AUTO,
+                                hit_rows, hit_scores);
         if (rc) goto out;
         for (size_t j = 0; j < anchor_k; j++) {
             if (hit_rows[j] < 0) break;

@@ -9,6 +9,7 @@ different Python threads; add() refuses to run while a search is in flight and v
 """
 from libc.stdint cimport int64_t, uint64_t, uint32_t, uint8_t
 from libc.string cimport memset
+from libc.math cimport isfinite
 
 import numpy as np
 
@@ -160,10 +161,11 @@ cdef class Graph:
         return 0
 
     def search(self, const float[:, ::1] q not None, size_t k, size_t ef, mask=None, size_t allowed=0,
-               int mode=0, size_t threads=1):
-        """Top-k rows per query: (rows int64 (nq, k), scores float32 (nq, k)), -1/-inf padded.
+               int mode=0, size_t threads=1, int64_t base=0, labels=None):
+        """Top-k per query: (ids int64 (nq, k), scores float32 (nq, k)), -1/-inf padded.
 
-        mask: None or uint8/bool (n,) with `allowed` nonzero entries (rows that may be returned).
+        mask: None or uint8 (n,) with `allowed` nonzero entries (rows that may be returned).
+        ids are labels: base + row, or labels[row] when `labels` (int64 (n,)) is given.
         """
         if q.shape[1] != self.h.d:
             raise ValueError(f"queries have dimension {q.shape[1]}, the index has {self.h.d}")
@@ -191,6 +193,20 @@ cdef class Graph:
         finally:
             self.searches -= 1
         _raise(rc, "HNSW search")
+        cdef const int64_t[::1] lv
+        cdef size_t i, total = nq * k
+        cdef int64_t *rp = &rv[0, 0]
+        if labels is not None:
+            lv = labels
+            if <size_t>lv.shape[0] != self.h.n:
+                raise ValueError(f"labels has {lv.shape[0]} entries, the index has {self.h.n} rows")
+            for i in range(total):
+                if rp[i] >= 0:
+                    rp[i] = lv[rp[i]]
+        elif base != 0:
+            for i in range(total):
+                if rp[i] >= 0:
+                    rp[i] += base
         return rows, scores
 
     def subsequence(self, const float[:, ::1] frames not None, size_t k, size_t ef, size_t anchors,
@@ -293,6 +309,19 @@ cdef class Graph:
             "scan_fallbacks": self.h.n_fallback, "distances": self.h.n_dist,
             "borrowed_vectors": self.h.x_owned == NULL,
         }
+
+
+def first_nonfinite(const float[:, ::1] x not None):
+    """Flat index of the first NaN/inf in x, or -1 (a nogil loop; no temporary arrays)."""
+    cdef size_t i, total = <size_t>x.shape[0] * <size_t>x.shape[1]
+    cdef const float *p = &x[0, 0] if total else NULL
+    cdef Py_ssize_t bad = -1
+    with nogil:
+        for i in range(total):
+            if not isfinite(p[i]):
+                bad = i
+                break
+    return bad
 
 
 def file_header(uint64_t n, uint32_t d, uint32_t flags, int64_t id_base, int64_t next_label, uint64_t vec_len,
