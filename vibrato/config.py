@@ -60,7 +60,7 @@ class Config:
     compaction_max_inputs: int = 8
     l2_merge_max_rows: int = 4_000_000  # L2 archive segments are merged until this size (D24)
     hnsw_m: int = 16
-    hnsw_ef_construction: int = 200
+    hnsw_ef_construction: int = 100    # 200 builds 2.6x slower for +0.002 recall@10 (text set, ef 64)
     pq_min_rows: int = 256
     archive_rerank_factor: int = 8     # exact rerank of k * factor ADC candidates (D14)
     vector_madvise_mode: str = "normal"
