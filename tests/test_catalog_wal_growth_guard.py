@@ -10,7 +10,8 @@ Setup, after the reference's `sqlite_wal_growth_stays_bounded_under_timeout_pron
 
 Asserts: the largest sampled `-wal` size is <= the bound (`sqlite_wal_max_bytes` unless
 VIBRATO_WAL_GUARD_BOUND_BYTES says otherwise), the slow reader really timed out (counter > 0) and
-every write landed. Sizes: VIBRATO_WAL_GUARD_PRELOAD (5000) and VIBRATO_WAL_GUARD_INGESTS (15000)
+every write landed. VIBRATO_WAL_GUARD_PIN_READER_SECS=N adds a reader that holds its read
+transaction for N seconds (shows that the guard fails when the WAL is pinned). Sizes: VIBRATO_WAL_GUARD_PRELOAD (5000) and VIBRATO_WAL_GUARD_INGESTS (15000)
 single ingests from VIBRATO_WAL_GUARD_WRITERS (4) threads.
 """
 import os
@@ -29,6 +30,9 @@ INGESTS = int(os.environ.get("VIBRATO_WAL_GUARD_INGESTS", "15000"))
 WRITERS = int(os.environ.get("VIBRATO_WAL_GUARD_WRITERS", "4"))
 WAL_MAX_BYTES = 4 * 1024 * 1024
 BOUND = int(os.environ.get("VIBRATO_WAL_GUARD_BOUND_BYTES", str(WAL_MAX_BYTES)))
+# Fault injection for the guard itself: a reader that holds one read transaction open this long
+# (the failure mode the guard exists for: SQLite cannot reset a WAL a reader still needs).
+PIN_READER_SECS = float(os.environ.get("VIBRATO_WAL_GUARD_PIN_READER_SECS", "0"))
 AUTOCHECKPOINT_PAGES = 32
 
 
@@ -51,10 +55,11 @@ def test_sqlite_wal_stays_bounded_under_timeout_prone_reads(tmp_path):
             eng.ingest_batch([_item(i) for i in range(start, min(PRELOAD, start + 1000))])
 
         slow = Catalog(eng.config.catalog_path, read_timeout_ms=1, wal_autocheckpoint_pages=AUTOCHECKPOINT_PAGES,
-                       wal_max_bytes=WAL_MAX_BYTES, readers=1)
+                       wal_max_bytes=WAL_MAX_BYTES, readers=2)
         stop = threading.Event()
         samples = []
         scans = {"ok": 0, "timeout": 0}
+        write_max = [0.0] * WRITERS
         errors = []
 
         def sampler():
@@ -81,14 +86,21 @@ def test_sqlite_wal_stays_bounded_under_timeout_prone_reads(tmp_path):
             try:
                 for i in range(PRELOAD + w, PRELOAD + INGESTS, WRITERS):
                     it = _item(i)
+                    t = time.perf_counter()
                     vid, created = eng.ingest(it["vector"], it["metadata"], it["idempotency_key"])
+                    write_max[w] = max(write_max[w], time.perf_counter() - t)
                     assert created
                     if (i - PRELOAD) % 1000 < WRITERS:
                         time.sleep(0.002)
             except Exception as exc:  # noqa: BLE001
                 errors.append(exc)
 
+        def pinning_reader():
+            eng.catalog.read(lambda conn: (wal.count(conn, eng.cid), time.sleep(PIN_READER_SECS)))
+
         threads = [threading.Thread(target=sampler), threading.Thread(target=reader)]
+        if PIN_READER_SECS > 0:
+            threads.append(threading.Thread(target=pinning_reader))
         writers = [threading.Thread(target=writer, args=(w,)) for w in range(WRITERS)]
         t0 = time.monotonic()
         for t in threads + writers:
@@ -106,7 +118,7 @@ def test_sqlite_wal_stays_bounded_under_timeout_prone_reads(tmp_path):
         peak = max(samples)
         print(f"\nwal_guard: writes={INGESTS} in {elapsed:.1f}s, samples={len(samples)}, "
               f"max_wal_bytes={peak}, bound={BOUND}, scans_ok={scans['ok']}, "
-              f"read_timeouts={slow_timeouts}, checkpoints={eng.catalog.wal_stats()['sqlite_wal_checkpoints']}")
+              f"read_timeouts={slow_timeouts}, max_write_ms={max(write_max) * 1000:.0f}, checkpoints={eng.catalog.wal_stats()['sqlite_wal_checkpoints']}")
         assert len(samples) > 100, "the sampler barely ran"
         assert peak <= BOUND, f"SQLite -wal reached {peak} bytes, above the bound of {BOUND} bytes"
         assert slow_timeouts > 0 and scans["timeout"] == slow_timeouts, \
