@@ -18,7 +18,6 @@ import os
 import threading
 import time
 
-import numpy as np
 import pytest
 
 from vibrato.catalog import Catalog, wal

@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import orjson
 import pytest
 
 from gatelib import (GateServer, WorkDir, create_key, env_int, metadata_equal, read_catalog_metadata,
@@ -132,7 +133,6 @@ def verify_after_restart(srv: GateServer, token: str, ledger: Ledger, label: str
         status, _, raw = c.request("POST", "/v2/vectors", {"vector": it["vector"], "metadata": it["metadata"],
                                                             "idempotency_key": key})
         assert status == 201, f"[{label}] re-POST of acked {key} answered {status}: {raw[:300]!r}"
-        import orjson
         data = orjson.loads(raw)["data"]
         assert data == {"id": vid, "created": False}, \
             f"[{label}] acked {key} (id {vid}) came back as {data}: the acknowledged write was lost"
@@ -155,7 +155,7 @@ def verify_after_restart(srv: GateServer, token: str, ledger: Ledger, label: str
         if any(found) and not all(found) and len(batch) > 1:
             raise AssertionError(f"[{label}] batch {batch[0]}..{batch[-1]} is partially present after the "
                                  f"crash ({sum(found)} of {len(batch)} rows): a batch must be all-or-nothing")
-        for k, (vid, created) in zip(batch, res):
+        for k, (vid, created) in zip(batch, res, strict=True):
             if k in ids:
                 continue  # a key re-sent in a later batch (never happens in these workloads)
             ids[k] = vid
