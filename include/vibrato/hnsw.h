@@ -315,6 +315,9 @@ static inline void vb_hnsw_unlock(vb_hnsw_t *h, uint32_t r) {
     atomic_store_explicit(&h->locks[r], 0, memory_order_release);
 }
 
+#ifndef VB_HNSW_PREFETCH_TAGS
+#define VB_HNSW_PREFETCH_TAGS 1 /* prefetch the visited tags of the next candidate's neighbours */
+#endif
 #ifndef VB_HNSW_PREFETCH_ROWS
 #define VB_HNSW_PREFETCH_ROWS 4 /* rows prefetched ahead while scoring a node's neighbours */
 #endif
@@ -791,6 +794,13 @@ static inline int vb_hnsw_search_layer0(const vb_hnsw_t *h, vb_hnsw_ctx_t *c, co
         vb_minheap_pop(c->cand, &ncand);
         const uint32_t *ln = links0 + (size_t)cur.id * stride;
         size_t cnt = ln[0];
+#if VB_HNSW_PREFETCH_TAGS
+        if (ncand) { /* the likely next node: its link list was prefetched when it was pushed */
+            const uint32_t *nx = links0 + (size_t)c->cand[0].id * stride;
+            size_t nc = nx[0];
+            for (size_t j = 1; j <= nc; j++) VB_PREFETCH(tags + nx[j]);
+        }
+#endif
         /* Pass 1: mark and collect the unvisited neighbours; pass 2: score them with the next rows
          * prefetched, so no prefetch bandwidth goes to rows that were already scored. */
         uint32_t *restrict fresh = c->ids;
