@@ -54,7 +54,8 @@ class Config:
     quarantine_max_files: int = 50
     quarantine_max_bytes: int = 5_368_709_120
     # tiers and indexes
-    hot_index_shards: int = 8          # hot-tier search parallelism (rounded up to a power of two)
+    hot_index_shards: int = 8          # accepted for the reference CLI; the hot tier is organised in
+                                       # hot_exact_rows chunks instead (identify stays exact, SPEC D1)
     hot_exact_rows: int = 16_384       # hot rows scanned exactly; sealed chunks beyond get an HNSW
     checkpoint_max_rows: int = 50_000  # rows per L0 segment; also triggers an early checkpoint
     compaction_max_inputs: int = 8
