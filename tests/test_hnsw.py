@@ -384,6 +384,15 @@ def test_from_graph_read_only_mmap(tmp_path, small):
     assert g.next_label() == 1000 + len(x)
 
 
+def test_vectors_stay_valid_across_add():
+    idx = HnswIndex(4)
+    idx.add(np.eye(4, dtype=np.float32))
+    v = idx.vectors()
+    idx.add(np.ones((500, 4), np.float32))  # reallocates the index's buffer
+    np.testing.assert_array_equal(v, np.eye(4, dtype=np.float32))
+    assert idx.vectors().shape == (504, 4)
+
+
 def test_from_graph_shape_mismatch(small):
     idx, x, _ = small
     with pytest.raises(ValueError, match=r"vectors have shape \(2999, 32\) but the graph has 3000 nodes"):

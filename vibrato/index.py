@@ -122,8 +122,12 @@ class HnswIndex:
         return self._labels.copy()
 
     def vectors(self) -> np.ndarray:
-        """Read-only float32 (n, dim) view of the stored vectors, in insertion order."""
-        return self._g.vectors()
+        """float32 (n, dim) vectors in insertion order: the caller's array itself for an index made
+        by from_graph/load (never copied), otherwise a copy (the index's own buffer may move on add)."""
+        borrowed = self._g.borrowed_array
+        if borrowed is not None:
+            return borrowed
+        return self._g.vectors_view().copy()
 
     def stats(self) -> dict:
         """Graph shape (level counts, edges, max degree) and search counters (graph/scan/fallback)."""
@@ -386,7 +390,7 @@ class HnswIndex:
         self._begin_search()
         try:
             graph = self._g.graph_bytes()
-            vecs = self._g.vectors()
+            vecs = self._g.vectors_view()  # no add() can run while the guard counts this call
             labels = b"" if self._labels is None else self._labels.astype("<i8").tobytes()
             vec_crc = _hnsw.crc32c(vecs.reshape(-1).view(np.uint8)) if vecs.size else 0
             header, vec_off, lab_off, graph_off = _hnsw.file_header(

@@ -277,8 +277,17 @@ cdef class Graph:
         _raise(rc, "HNSW graph_bytes")
         return bytes(out)
 
-    def vectors(self):
-        """A read-only (n, d) float32 view of the vectors (valid until the next add)."""
+    @property
+    def borrowed_array(self):
+        """The caller's array the vectors are borrowed from (from_graph), or None once owned."""
+        return self.vectors_ref
+
+    def vectors_view(self):
+        """A read-only (n, d) float32 view of the vectors WITHOUT a reference to this graph.
+
+        Internal: valid only while this Graph is alive and no add() runs (add may reallocate).
+        Copy it, or use it under the caller's add/search guard.
+        """
         if self.h.n == 0:
             return np.empty((0, self.h.d), dtype=np.float32)
         cdef const float[:, ::1] v = <const float[:self.h.n, :self.h.d]> self.h.x
