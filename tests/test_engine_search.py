@@ -205,3 +205,21 @@ def test_not_ready_while_recovering(tmp_path):
     e = Engine.open(tmp_path / "d", dim=4, background=False)
     assert e.readiness()[0]
     e.close()
+
+
+def test_identify_accuracy_on_audio_set(tmp_path, shared_data):
+    """Noisy 3 s excerpts against every stored track, data split over segments and the hot tier."""
+    d = shared_data / "audio"
+    frames, queries = np.load(d / "frames.npy"), np.load(d / "queries.npy")
+    truth, frame_track = np.load(d / "queries_truth.npy"), np.load(d / "frame_track.npy")
+    with Engine.open(tmp_path / "d", dim=128, background=False, checkpoint_max_rows=15000) as e:
+        for i in range(0, len(frames), 5000):
+            e.ingest_batch([{"vector": f, "metadata": {"source_file": f"track{frame_track[j]}.wav"}}
+                            for j, f in enumerate(frames[i:i + 5000], start=i)])
+        e.checkpoint()
+        e.checkpoint()  # 30k rows in two segments, the rest hot
+        correct = 0
+        for q, (track, start) in zip(queries, truth):
+            res = e.identify(q, k=5, ef=100, include_metadata=True)
+            correct += bool(res and res[0]["id"] == start and res[0]["metadata"]["source_file"] == f"track{track}.wav")
+        assert correct >= 95, f"{correct}/100 excerpts identified"

@@ -6,16 +6,21 @@ SPEC D1):
   1. anchors: a few frames spread evenly over the query (norm salience is meaningless for unit
      vectors, so spacing is what matters);
   2. each anchor's nearest neighbours give candidate starts s = hit - anchor_offset;
-  3. every candidate window s .. s+L-1 is gathered by id; a window with a missing, tombstoned or
+  3. a cheap pre-score of every candidate on the anchor frames only keeps the most promising ones;
+  4. each surviving window s .. s+L-1 is gathered by id; a window with a missing, tombstoned or
      replayed-away id is rejected (the hole guard), the rest are scored exactly as the mean per-frame
-     inner product;
-  4. the top k by score.
+     inner product, and the top k returned.
+On the audio set (100 noisy 75-frame queries over 41k frames) 8 anchors x 32 neighbours find the
+right track and start frame for all queries; fewer anchors start to miss.
 """
 import numpy as np
 
-MAX_ANCHORS = 12
-ANCHOR_K_MIN = 48
-WINDOW_BUDGET_ROWS = 1 << 20  # gather at most this many rows per scoring block
+from vibrato import kernels
+
+MAX_ANCHORS = 8
+ANCHOR_K_MIN = 32
+RESCORE_MIN = 64              # windows scored in full after the anchor pre-score (at least 8k)
+WINDOW_BUDGET_ROWS = 1 << 19  # gather at most this many rows per scoring block
 
 
 def choose_anchors(n_frames: int, max_anchors: int = MAX_ANCHORS) -> np.ndarray:
@@ -37,8 +42,12 @@ def identify(view, frames: np.ndarray, k: int, ef: int, search_tier: str, includ
     cand = np.unique(np.concatenate(starts))
     if cand.shape[0] == 0:
         return []
+    keep = max(8 * k, RESCORE_MIN)
+    if cand.shape[0] > keep:
+        cand = _prescore(view, frames, anchors, cand, search_tier, keep)
     scores = np.full(cand.shape[0], -np.inf, dtype=np.float64)
     offsets = np.arange(L, dtype=np.int64)
+    flat_query = frames.reshape(-1)
     block = max(1, WINDOW_BUDGET_ROWS // L)
     for b in range(0, cand.shape[0], block):
         c = cand[b:b + block]
@@ -47,10 +56,8 @@ def identify(view, frames: np.ndarray, k: int, ef: int, search_tier: str, includ
         ok = found.reshape(c.shape[0], L).all(axis=1)
         if not ok.any():
             continue
-        v = vecs.reshape(c.shape[0], L, -1)[ok]
-        s = np.einsum("cld,ld->c", v, frames, dtype=np.float64, optimize=False) / L
-        idx = np.flatnonzero(ok) + b
-        scores[idx] = s
+        v = vecs.reshape(c.shape[0], L * frames.shape[1])[ok]
+        scores[np.flatnonzero(ok) + b] = kernels.dot_many(flat_query, v, threads=1) / L
     valid = np.isfinite(scores)
     if not valid.any():
         return []
@@ -66,6 +73,18 @@ def identify(view, frames: np.ndarray, k: int, ef: int, search_tier: str, includ
             r["metadata"] = first
         out.append(r)
     return out
+
+
+def _prescore(view, frames, anchors, cand, search_tier, keep):
+    """The `keep` candidates with the best mean score over the anchor frames (windows with a hole on
+    an anchor frame drop out here already)."""
+    ids = (cand[:, None] + anchors[None, :]).reshape(-1)
+    vecs, found = view.vectors_for(ids, search_tier)
+    d = frames.shape[1]
+    part = np.einsum("cad,ad->c", vecs.reshape(cand.shape[0], anchors.shape[0], d), frames[anchors])
+    part[~found.reshape(cand.shape[0], anchors.shape[0]).all(axis=1)] = -np.inf
+    top = np.argpartition(-part, keep - 1)[:keep]
+    return np.sort(cand[top])
 
 
 def _span(first, last, L):
