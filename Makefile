@@ -46,8 +46,19 @@ serve: $(VENV)/.installed
 test: $(VENV)/.installed-test
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# Benchmarks report, never assert. numpy is compared at its best: the OPENBLAS_* tuning variables
+# this machine sets are removed for the kernel/PQ command only. BENCH_N sizes the engine benchmark
+# (the 1M-vector figures in perf/README.md used BENCH_N=1000000). The HTTP benchmark needs a
+# `chroma` executable (pip install chromadb==1.5.9, a separate venv is fine): CHROMA_BIN=... .
+BENCH_N ?= 200000
 bench: $(VENV)/.installed-bench
-	$(PY) -m pytest perf $(PYTEST_ARGS)
+	env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE $(PY) -m pytest perf/bench_kernels.py perf/bench_pq.py \
+		-o python_files="bench_*.py" -p no:cacheprovider -q -s $(PYTEST_ARGS)
+	$(PY) perf/bench_hnsw.py
+	VIBRATO_BENCH_N=$(BENCH_N) $(PY) perf/bench_engine.py
+	$(PY) perf/bench_json_decode.py
+	@if [ -n "$$CHROMA_BIN" ] || command -v chroma >/dev/null; then $(PY) perf/bench_http.py; \
+	else echo "bench_http skipped: no chroma executable (set CHROMA_BIN)"; fi
 
 clean:
 	rm -rf build $(VENV) vibrato/_native/*.so vibrato/_native/*.c *.egg-info
