@@ -9,8 +9,9 @@ compactions (60 s). Every 200 operations an unauthenticated /v2/health/ready mus
 Before the clock starts the store is preloaded with VIBRATO_SOAK_PRELOAD (50,000) vectors in batches
 and checkpointed, so caches that are bounded by design (SQLite's 64 MB page cache, the hot tier's
 first chunk) are warm; RSS and fd baselines are the first sample taken after VIBRATO_SOAK_WARMUP_SECS
-(10% of the run, 5..600 s) of mixed load. Without that, a 90 s soak starting from an empty 60 MB
-process measures cache warm-up, not leaks.
+of mixed load: 60 s like the reference (whose first sample comes one 60 s interval in), or a third
+of a shorter run. Without that, a 90 s soak starting from an empty 60 MB process measures cache
+warm-up, not leaks.
 
 Every sample interval the harness records the server's RSS (VmRSS and RssAnon), open fds,
 `tmp/*.vdb.tmp` files, the catalog's SQLite -wal size, active segments (from /v2/admin/stats),
@@ -51,7 +52,7 @@ MAX_TMP_VDB = env_int("VIBRATO_SOAK_MAX_TMP_VDB_FILES", 8)
 MAX_SQLITE_WAL = env_int("VIBRATO_SOAK_MAX_SQLITE_WAL_BYTES", 64 * 1024 * 1024)
 WORKERS = env_int("VIBRATO_SOAK_WORKERS", 4)
 PRELOAD = env_int("VIBRATO_SOAK_PRELOAD", 50_000)
-WARMUP_SECS = env_float("VIBRATO_SOAK_WARMUP_SECS", max(5.0, min(600.0, SECS * 0.1)))
+WARMUP_SECS = env_float("VIBRATO_SOAK_WARMUP_SECS", max(5.0, min(60.0, SECS / 3)))
 MAX_ACTIVE_SEGMENTS = env_int("VIBRATO_SOAK_MAX_ACTIVE_SEGMENTS", 64)
 OUT = Path(os.environ.get("VIBRATO_SOAK_OUT", REPO / "perf" / "results" / "soak"))
 
