@@ -355,13 +355,16 @@ def test_recovery_quarantine_ttl_gc(tmp_path):
     assert not list((d / "quarantine").iterdir())
 
 
-@pytest.mark.parametrize("damage", ["bitflip", "truncate", "missing"])
+@pytest.mark.parametrize("damage", ["bitflip_metadata", "truncate", "missing"])
 def test_recovery_blocks_on_damaged_active_segment(tmp_path, damage):
     d = _checkpointed_dir(tmp_path)
     seg = sorted((d / "segments").iterdir())[0]
-    if damage == "bitflip":
+    if damage == "bitflip_metadata":
+        from vibrato.segment import SegmentReader
+        with SegmentReader.open(seg) as r:
+            off = r.sections["bpm"][0]
         raw = bytearray(seg.read_bytes())
-        raw[-100] ^= 0x01
+        raw[off] ^= 0x01
         seg.write_bytes(bytes(raw))
     elif damage == "truncate":
         seg.write_bytes(seg.read_bytes()[: seg.stat().st_size // 2])
@@ -374,6 +377,29 @@ def test_recovery_blocks_on_damaged_active_segment(tmp_path, damage):
         assert eng.stats()["failed_segments"] == 1
         assert eng.stats()["total_vectors"] == 20  # the other segment still serves
         assert "acknowledged ids are in no active segment" in report
+
+
+def test_damaged_vectors_found_by_the_scrubber_after_a_fast_start(tmp_path):
+    """Start-up does not read the bulk vector sections (no full scan); the scrubber verifies them
+    right after and a failure degrades readiness live."""
+    from vibrato.engine import maintenance
+    from vibrato.segment import SegmentReader
+
+    d = _checkpointed_dir(tmp_path)
+    seg = sorted((d / "segments").iterdir())[0]
+    with SegmentReader.open(seg) as r:
+        off, length = r.sections["vectors"][:2]
+    raw = bytearray(seg.read_bytes())
+    raw[off + length // 2] ^= 0x10
+    seg.write_bytes(bytes(raw))
+    with Engine.open(d, dim=DIM, background=False) as eng:
+        assert eng.readiness()[0], "vectors are not checksummed at start-up"
+        assert len(eng.unscrubbed) == 2
+        maintenance.scrub_one(eng, eng.housekeeping)
+        maintenance.scrub_one(eng, eng.housekeeping)
+        ready, report = eng.readiness()
+        assert not ready and "active segment" in report and "checksum mismatch" in report
+        assert not eng.unscrubbed
 
 
 def test_recovery_cleans_stale_temp_files(tmp_path):

@@ -571,3 +571,23 @@ def test_real_graph_and_codebook_load_from_the_mapping(tmp_path):
     with SegmentReader.open(arc_path) as r:
         q = pq_mod.ProductQuantizer.from_bytes(r.pq_codebook)
         assert np.array_equal(q.encode(x), r.pq_codes)
+
+
+def test_quick_verify_skips_only_the_vector_section(tmp_path):
+    """verify(skip_vectors=True) is the engine's start-up check: every section but the bulk vectors."""
+    data = make_data(n=40, dim=8)
+    path, _ = write(tmp_path, data)
+    pristine = path.read_bytes()
+    sections, _ = _sections_of(path)
+    off, length, _ = sections["vectors"]
+    _flip(path, off + length // 2, 2)
+    with SegmentReader.open(path) as r:
+        assert r.verify(skip_vectors=True) < r.size_bytes
+        with pytest.raises(SegmentChecksumError, match="vectors"):
+            r.verify()
+    path.write_bytes(pristine)
+    off, length, _ = sections["bpm"]
+    _flip(path, off, 1)
+    with SegmentReader.open(path) as r:
+        with pytest.raises(SegmentChecksumError, match="bpm"):
+            r.verify(skip_vectors=True)

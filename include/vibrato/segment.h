@@ -629,9 +629,11 @@ static inline int vb_seg_stream(int fd, uint64_t off, uint64_t len, uint8_t *chu
  * L must come from vb_seg_parse_header on this file. Sections are streamed in file order with one
  * `chunk_len` buffer (malloc'ed here, freed here). Does not touch any mapping, so it neither faults
  * pages into the caller's address space nor is affected by madvise(MADV_RANDOM) on it.
+ * Sections whose kind bit is set in `skip_kinds` (bit 1u << kind) are not read: the engine's
+ * start-up check skips the bulk vector section and leaves it to the background scrubber.
  */
 static inline int vb_seg_verify_fd(int fd, const vb_seg_layout_t *L, int hw, size_t chunk_len,
-                                   vb_seg_verify_t *res) {
+                                   uint32_t skip_kinds, vb_seg_verify_t *res) {
     memset(res, 0, sizeof(*res));
     if (chunk_len < 4096) chunk_len = 4096;
     uint8_t *chunk = (uint8_t *)malloc(chunk_len);
@@ -667,6 +669,10 @@ static inline int vb_seg_verify_fd(int fd, const vb_seg_layout_t *L, int hw, siz
             rc = vb_seg_stream(fd, pos, s->offset - pos, chunk, chunk_len, hw, NULL, res);
             if (rc != VB_OK) break;
             pos = s->offset;
+        }
+        if (skip_kinds & (1u << s->kind)) {
+            if (s->offset + s->length > pos) pos = s->offset + s->length;
+            continue;
         }
         uint32_t c = 0;
         rc = vb_seg_stream(fd, s->offset, s->length, chunk, chunk_len, hw, &c, res);

@@ -68,7 +68,8 @@ cdef extern from "vibrato/segment.h" nogil:
                             vb_seg_layout_t *out, char *err, size_t errlen)
     int vb_seg_check_columns(const uint8_t *base, size_t length, const vb_seg_layout_t *L, char *err,
                              size_t errlen)
-    int vb_seg_verify_fd(int fd, const vb_seg_layout_t *L, int hw, size_t chunk_len, vb_seg_verify_t *res)
+    int vb_seg_verify_fd(int fd, const vb_seg_layout_t *L, int hw, size_t chunk_len, uint32_t skip_kinds,
+                         vb_seg_verify_t *res)
     int vb_seg_check_live(const uint8_t *p, size_t n, size_t *bad)
     int vb_seg_check_offsets32(const uint8_t *p, size_t n1, uint64_t end, size_t *bad)
     int vb_seg_check_offsets64(const uint8_t *p, size_t n1, uint64_t end, size_t *bad)

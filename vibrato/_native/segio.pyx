@@ -360,9 +360,10 @@ def check_source_utf8(SegmentLayout layout, buffer, path=None):
                                  path, "source_blob")
 
 
-def verify_fd(SegmentLayout layout, int fd, path=None, size_t chunk=1 << 20):
+def verify_fd(SegmentLayout layout, int fd, path=None, size_t chunk=1 << 20, unsigned int skip_kinds=0):
     """Re-read the file behind ``fd`` with pread: header CRC, every section's CRC32C, and zero padding
-    everywhere else. Returns the number of bytes read. Runs without the GIL.
+    everywhere else. Returns the number of bytes read. Runs without the GIL. Sections whose kind bit
+    is set in ``skip_kinds`` (1 << kind) are not read.
 
     Raises SegmentChecksumError naming the section, SegmentFormatError for non-zero padding or
     trailing bytes, OSError for read errors (or a file that shrank).
@@ -370,7 +371,7 @@ def verify_fd(SegmentLayout layout, int fd, path=None, size_t chunk=1 << 20):
     cdef vb_seg_verify_t res
     cdef int rc
     with nogil:
-        rc = vb_seg_verify_fd(fd, &layout.c, _hw, chunk, &res)
+        rc = vb_seg_verify_fd(fd, &layout.c, _hw, chunk, skip_kinds, &res)
     where = f"{path}: " if path is not None else ""
     if rc == 0:
         return res.bytes

@@ -91,6 +91,8 @@ class Engine:
         self._state_lock = threading.RLock()
         self._segments = View((), HotView(()))  # segment part of the view (hot part is taken per query)
         self._dead_ranges = []
+        self.unscrubbed: set = set()  # segments whose vector section was not checksummed at start-up
+        self.housekeeping = {"last_purge": 0.0, "last_scrub": 0.0, "scrub_pos": 0}
         self.checkpoint_lock = threading.Lock()
         self.compaction_lock = threading.Lock()
         self.throttle = IoThrottle(config.background_io_mb_per_sec if config.audio_colocated else 0)

@@ -5,7 +5,8 @@
 * checkpointed vector blobs in the WAL are dropped after `wal_retention_secs` (ids, metadata and
   idempotency keys stay);
 * finished job rows, deleted segment rows and audit rows past their retention are purged;
-* one active segment per pass has its checksums re-verified; a failure degrades readiness live.
+* segments whose vectors were not checksummed at start-up are verified first, one per pass; after
+  that one active segment per minute is re-verified in rotation; a failure degrades readiness live.
 """
 import logging
 import os
@@ -52,7 +53,7 @@ def run_once(engine):
     pruned = engine.catalog.write(wal.prune_vectors, engine.cid, now - cfg.wal_retention_secs)
     if pruned:
         engine.bump("wal_rows_pruned_total", pruned)
-    state = engine.__dict__.setdefault("_housekeeping", {"last_purge": 0.0, "last_scrub": 0.0, "scrub_pos": 0})
+    state = engine.housekeeping
     if time.monotonic() - state["last_purge"] > 3600:
         state["last_purge"] = time.monotonic()
 
@@ -61,7 +62,7 @@ def run_once(engine):
             seg_sql.purge_deleted(conn, now - JOB_RETENTION_SECS)
             audit.prune(conn, now - cfg.audit_retention_days * 86400)
         engine.catalog.write(purge)
-    if time.monotonic() - state["last_scrub"] > SCRUB_EVERY_SECS:
+    if engine.unscrubbed or time.monotonic() - state["last_scrub"] > SCRUB_EVERY_SECS:
         state["last_scrub"] = time.monotonic()
         scrub_one(engine, state)
 
@@ -69,9 +70,16 @@ def run_once(engine):
 def scrub_one(engine, state):
     segs = engine.segment_handles
     if not segs:
+        engine.unscrubbed.clear()
         return
-    seg = segs[state["scrub_pos"] % len(segs)]
-    state["scrub_pos"] += 1
+    pending = [s for s in segs if s.id in engine.unscrubbed]
+    if pending:
+        seg = pending[0]
+    else:
+        engine.unscrubbed.clear()  # the rest were compacted away unverified: their outputs were verified
+        seg = segs[state["scrub_pos"] % len(segs)]
+        state["scrub_pos"] += 1
+    engine.unscrubbed.discard(seg.id)
     try:
         seg.reader.verify()
     except Exception as exc:  # noqa: BLE001 - any failure means the file cannot be trusted

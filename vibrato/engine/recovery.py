@@ -8,8 +8,10 @@
      forward (exactly what its activation transaction would have done); otherwise rolled back
      (output failed and removed, WAL rows stay pending, inputs back to active). Neither loses data,
      so neither is a readiness blocker.
-  5. segment validation (structure + every section checksum) and state promotion/failure: an
-     ACTIVE segment that fails is a blocker (its rows would be lost);
+  5. segment validation and state promotion/failure: structure plus every section checksum except
+     the bulk vector section (start-up must not be a full scan, SPEC §4; the background scrubber
+     verifies the vectors next and degrades readiness if they fail). An ACTIVE segment that fails is
+     a blocker (its rows would be lost). Outputs of interrupted jobs are verified in full.
   6. load active segments; overlapping id ranges are an integrity blocker
   7. hot tail rebuild from the pending WAL, filter index from segment columns + hot rows
   8. GC of obsolete files; id coverage check: every id below the counter must be in an active
@@ -159,8 +161,9 @@ def quarantine_gc(engine) -> int:
     return n
 
 
-def open_verified(engine, row):
-    """Open a segment file, check it against its catalog row and verify every checksum."""
+def open_verified(engine, row, *, quick: bool = False):
+    """Open a segment file, check it against its catalog row and verify its checksums (all of them,
+    or with quick=True all but the vector section's)."""
     from vibrato.segment import SegmentReader
 
     path = engine.config.data_dir / row["path"]
@@ -174,7 +177,7 @@ def open_verified(engine, row):
                          f"[{row['vector_id_start']}, +{row['row_count']})")
     if reader.level != row["level"]:
         raise ValueError(f"level {reader.level} != catalog level {row['level']}")
-    reader.verify()
+    reader.verify(skip_vectors=quick)
     return reader
 
 
@@ -255,7 +258,7 @@ def validate_and_load(engine, rep, progress) -> list:
 
     def check(i):
         try:
-            results[i] = ("ok", open_verified(engine, rows[i]))
+            results[i] = ("ok", open_verified(engine, rows[i], quick=rows[i]["state"] == "active"))
         except Exception as exc:  # noqa: BLE001
             results[i] = ("bad", exc)
 
@@ -278,6 +281,8 @@ def validate_and_load(engine, rep, progress) -> list:
             cat.write(seg_sql.set_state, row["id"], "active")
             row = dict(row, state="active")
         handles.append(SegmentHandle(row, value, engine._dead_ranges, engine.config.archive_rerank_factor))
+        if row["state"] == "active":
+            engine.unscrubbed.add(row["id"])
     handles.sort(key=lambda h: h.id_start)
     for a, b in zip(handles, handles[1:]):
         if b.id_start <= a.id_end:

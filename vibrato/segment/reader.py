@@ -404,16 +404,21 @@ class SegmentReader:
         return np.searchsorted(self._tag_offsets, pos, side="right").astype(np.int64) - 1
 
     # ------------------------------------------------------------------------ integrity / IO
-    def verify(self) -> int:
+    def verify(self, *, skip_vectors: bool = False) -> int:
         """Re-read the whole file and check the header CRC, every section's CRC32C, that all padding
         is zero and that every source_file string is valid UTF-8. Returns the bytes checked.
+
+        skip_vectors: leave the (bulk) vector section unread — the quick check the engine runs at
+        start-up so that opening a large data dir is not a full scan; the background scrubber
+        verifies the vectors later.
 
         Raises SegmentChecksumError naming the section and file, SegmentFormatError, OSError.
         Reads with pread (GIL released), so it neither populates the mapping nor is slowed by
         MADV_RANDOM on it.
         """
         self._check_open()
-        nbytes = _segio.verify_fd(self._layout, self._fd, self._path)
+        skip = (1 << int(_S.VECTORS)) if skip_vectors else 0
+        nbytes = _segio.verify_fd(self._layout, self._fd, self._path, skip_kinds=skip)
         _segio.check_source_utf8(self._layout, self._mapping, self._path)
         return nbytes
 
