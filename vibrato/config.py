@@ -84,6 +84,12 @@ class Config:
                      "quarantine_max_files", "quarantine_max_bytes", "background_io_mb_per_sec"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        for name, lo, hi in (("hot_exact_rows", 16, 1 << 22), ("checkpoint_max_rows", 1, 1 << 24),
+                             ("compaction_max_inputs", 2, 64), ("hnsw_m", 2, 256),
+                             ("hnsw_ef_construction", 1, 4096), ("archive_rerank_factor", 1, 1024)):
+            v = getattr(self, name)
+            if not lo <= v <= hi:
+                raise ValueError(f"{name} must be between {lo} and {hi}, got {v}")
 
     # derived paths (the reference's data-dir layout)
     @property

@@ -32,6 +32,8 @@ from vibrato.errors import CatalogReadTimeout, StorageError
 log = logging.getLogger("vibrato.catalog")
 
 _STOP = object()
+MAINTENANCE_BUSY_MS = 100    # how long a TRUNCATE checkpoint may wait for readers
+TRUNCATE_BACKOFF_SECS = 2.0  # after readers blocked it, the next TRUNCATE attempt waits this long
 
 
 @dataclass
@@ -49,6 +51,8 @@ class Catalog:
                  wal_max_bytes: int = 64 * 1024 * 1024, passive_checkpoint_secs: float = 5.0,
                  readers: int = 3, busy_timeout_ms: int = 30_000, max_group: int = 512):
         self.path = str(path)
+        self.busy_timeout_ms = busy_timeout_ms
+        self._truncate_retry_at = 0.0
         self.read_timeout_ms = max(1, int(read_timeout_ms))
         self.wal_max_bytes = int(wal_max_bytes)
         self.passive_checkpoint_secs = passive_checkpoint_secs
@@ -167,12 +171,20 @@ class Catalog:
                 req.future.set_result(results[i])
 
     def _maintain_wal(self, conn):
+        # TRUNCATE must wait for readers to leave the WAL; it gets a short busy timeout here so that a
+        # long reader delays the truncation (retried next tick), never the writes queued behind it.
         try:
-            size = self.wal_size_bytes()
-            if size > self.wal_max_bytes:
-                self._checkpoint(conn, apsw.SQLITE_CHECKPOINT_TRUNCATE, "truncate")
-            else:
-                self._checkpoint(conn, apsw.SQLITE_CHECKPOINT_PASSIVE, "passive")
+            if self.wal_size_bytes() > self.wal_max_bytes and time.monotonic() >= self._truncate_retry_at:
+                conn.set_busy_timeout(MAINTENANCE_BUSY_MS)
+                try:
+                    self._checkpoint(conn, apsw.SQLITE_CHECKPOINT_TRUNCATE, "truncate")
+                    return
+                except apsw.BusyError:
+                    log.info("sqlite wal truncate deferred: readers are active")
+                    self._truncate_retry_at = time.monotonic() + TRUNCATE_BACKOFF_SECS
+                finally:
+                    conn.set_busy_timeout(self.busy_timeout_ms)
+            self._checkpoint(conn, apsw.SQLITE_CHECKPOINT_PASSIVE, "passive")
         except apsw.Error as exc:  # busy readers: try again next tick
             log.warning("sqlite wal checkpoint failed: %s", exc)
 

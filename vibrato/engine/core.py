@@ -87,7 +87,8 @@ class Engine:
         self.cid = self.collection["id"]
         self.dim = config.dim
         self.filters = FilterIndex()
-        self.hot = HotTier(self.dim, config.hot_exact_rows)
+        # chunk rows: hot_exact_rows, but at most ~64 MiB of vectors per chunk
+        self.hot = HotTier(self.dim, max(1024, min(config.hot_exact_rows, (64 << 20) // (4 * self.dim))))
         self._state_lock = threading.RLock()
         self._segments = View((), HotView(()))  # segment part of the view (hot part is taken per query)
         self._dead_ranges = []
@@ -229,15 +230,23 @@ class Engine:
         prep = prepare_rows(items, self.dim, self.config.limits, batch)
 
         def apply(results):
+            # Runs after the commit: the rows are durable whatever happens here, so a failure must
+            # not turn into an error for the caller (a retry would duplicate keyless rows). It
+            # degrades readiness instead; a restart rebuilds the hot tier from the WAL.
             created = [i for i, r in enumerate(results) if r[1]]
             if not created:
                 return
-            ids = np.array([results[i][0] for i in created], dtype=np.int64)
-            lsns = np.array([results[i][2] for i in created], dtype=np.int64)
-            metas = [prep.metas[i] for i in created]
-            with self._state_lock:
-                self.hot.append(ids, lsns, prep.vectors[created], metas)
-                self.filters.add_rows(ids, np.array([m[3] for m in metas], dtype=np.float32), [m[4] for m in metas])
+            try:
+                ids = np.array([results[i][0] for i in created], dtype=np.int64)
+                lsns = np.array([results[i][2] for i in created], dtype=np.int64)
+                metas = [prep.metas[i] for i in created]
+                with self._state_lock:
+                    self.hot.append(ids, lsns, prep.vectors[created], metas)
+                    self.filters.add_rows(ids, np.array([m[3] for m in metas], dtype=np.float32),
+                                          [m[4] for m in metas])
+            except Exception as exc:  # noqa: BLE001
+                log.exception("acknowledged rows could not be added to the hot tier")
+                self.add_blocker(f"hot tier out of step with the WAL after {exc!r}; restart to rebuild it")
             self.bump("ingest_vectors_total", len(created))
 
         results = self.catalog.write(wal.insert_batch, self.cid, prep.rows, after_commit=apply)
