@@ -99,7 +99,7 @@ def create_app(config: Config, engine=None) -> web.Application:
     app[K.METRICS] = ServerMetrics()
     app[K.VALIDATOR] = Validator(config)
     app[K.POLICIES] = {r.path: r.policy for r in ROUTES}
-    app[K.OPENAPI] = orjson.dumps(openapi.build(ROUTES))
+    app[K.OPENAPI] = orjson.dumps(openapi.build(ROUTES, dim=config.dim))
     app[K.INFLIGHT] = inflight = K.InFlight()
     app[K.METRICS].in_flight_fn = lambda: inflight.count
     for r in ROUTES:

@@ -69,11 +69,24 @@ _ERROR_STATUSES = {
 }
 
 
+def _fix_vector_length(node, dim: int):
+    """Every vector schema (an array of floats) gets minItems = maxItems = the collection's dim."""
+    if isinstance(node, dict):
+        items = node.get("items")
+        if node.get("type") == "array" and isinstance(items, dict) and items.get("format") == "float":
+            node.update(minItems=dim, maxItems=dim)
+        for v in node.values():
+            _fix_vector_length(v, dim)
+    elif isinstance(node, list):
+        for v in node:
+            _fix_vector_length(v, dim)
+
+
 def _ref(name: str) -> dict:
     return {"$ref": f"#/components/schemas/{name}"}
 
 
-def build(routes) -> dict:
+def build(routes, dim: int | None = None) -> dict:
     """routes: iterable of Route (method, path, policy, summary, request, responses{status: schema})."""
     paths = {}
     for r in routes:
@@ -106,6 +119,8 @@ def build(routes) -> dict:
                                        "content": {"application/json": {"schema": _ref("Error")}}}
         paths.setdefault(r.path, {})[r.method.lower()] = op
     schemas = {name: spec.json_schema() for name, spec in REQUEST_BODIES.items()}
+    if dim is not None:
+        _fix_vector_length(schemas, dim)
     schemas.update(RESPONSES)
     return {
         "openapi": "3.1.0",
