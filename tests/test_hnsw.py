@@ -162,6 +162,101 @@ def test_incremental_add_equals_one_add(small):
     assert inc.graph_bytes() == idx.graph_bytes()
 
 
+# ---------------------------------------------------------------------------------------- reachability
+
+
+def _py_unreachable(blob: bytes, m: int) -> list:
+    """Reference for Graph.unreachable(), read straight from a graph blob: BFS on the top layer from
+    the entry point, then on each lower layer seeded by everything reached above."""
+    n, = struct.unpack_from("<Q", blob, 32)
+    entry, top = struct.unpack_from("<II", blob, 40)
+    if n == 0:
+        return []
+    levels = np.frombuffer(blob, np.uint8, count=n, offset=64)
+    l0 = np.frombuffer(blob, np.uint32, count=n * (1 + 2 * m), offset=64 + ((n + 3) & ~3)).reshape(n, 1 + 2 * m)
+    up = np.frombuffer(blob, np.uint32, count=int(levels.sum()) * (1 + m), offset=64 + ((n + 3) & ~3) + l0.nbytes)
+    first_block = np.concatenate([[0], np.cumsum(levels.astype(np.int64))[:-1]])
+
+    def links(r, level):
+        row = l0[r] if level == 0 else up[(first_block[r] + level - 1) * (1 + m):][:1 + m]
+        return row[1:1 + row[0]].tolist()
+
+    seen = {entry}
+    for level in range(top, -1, -1):
+        todo = list(seen)
+        while todo:
+            for nb in links(todo.pop(), level):
+                if nb not in seen:
+                    seen.add(nb)
+                    todo.append(nb)
+    return sorted(set(range(n)) - seen)
+
+
+def _assert_every_node_reachable(idx: HnswIndex, x: np.ndarray, ef: int = 64) -> None:
+    """(a) the graph walk from the entry point reaches every row; (b) every row's self-query returns
+    itself as top-1 (or an exact duplicate of its vector). Rows are labelled 0..n-1."""
+    lost = idx._unreachable()
+    assert lost.size == 0, f"{lost.size} of {len(idx)} rows unreachable from the entry point: {lost[:20].tolist()}"
+    ids, _ = idx.search(x, k=1, ef=ef)
+    miss = np.flatnonzero(ids[:, 0] != np.arange(len(x)))
+    miss = [int(i) for i in miss if ids[i, 0] < 0 or not np.array_equal(x[ids[i, 0]], x[i])]
+    assert not miss, f"{len(miss)} rows not found by their own vector at ef={ef}: {miss[:20]}"
+
+
+def test_unreachable_helper_matches_reference_on_an_orphan():
+    """Graph.unreachable() agrees with a BFS read from the blob; a graph with an orphan still loads
+    (unreachable rows are legal in a file, only a build must not create them)."""
+    rng = np.random.default_rng(5)
+    x = unit_rows(rng, 300, 8)
+    idx = HnswIndex(8, m=4, ef_construction=32, seed=1)
+    idx.add(x, threads=1)
+    m, n = idx.m, len(idx)
+    blob = bytearray(idx.graph_bytes())
+    assert idx._unreachable().tolist() == _py_unreachable(bytes(blob), m)
+    levels = np.frombuffer(bytes(blob), np.uint8, count=n, offset=64)
+    entry, = struct.unpack_from("<I", blob, 40)
+    orphan = int(next(r for r in np.flatnonzero(levels == 0) if r != entry))
+    # Drop every layer-0 edge into `orphan` (a level-0 node has no upper in-edges).
+    base0 = 64 + ((n + 3) & ~3)
+    for r in range(n):
+        at = base0 + r * (1 + 2 * m) * 4
+        cnt, = struct.unpack_from("<I", blob, at)
+        nbrs = list(struct.unpack_from(f"<{cnt}I", blob, at + 4))
+        if orphan in nbrs:
+            nbrs.remove(orphan)
+            struct.pack_into(f"<I{cnt}I", blob, at, cnt - 1, *nbrs, 0)
+    _fix_graph_crc(blob)
+    loaded = HnswIndex.from_graph(x, bytes(blob))
+    lost = loaded._unreachable()
+    assert orphan in lost.tolist()
+    assert lost.tolist() == _py_unreachable(bytes(blob), m)
+    assert lost.dtype == np.int64
+    assert HnswIndex(8)._unreachable().size == 0
+
+
+@pytest.mark.parametrize("n,d,m,threads,seed", [
+    *[(6024, 16, 16, 2, s) for s in range(6)],   # the crash-matrix case: 1-12 orphans per seed before the fix
+    *[(6024, 16, 16, 4, s) for s in range(2)],   # more threads than this CI's cores: more interleavings
+    *[(2500, 64, 8, 2, s) for s in range(2)],
+])
+def test_parallel_build_reaches_every_node(n, d, m, threads, seed):
+    """A parallel build must not leave rows that no search can reach. The race it guards against: a
+    thread entered layer 0 through a node still being inserted (empty layer-0 list), linked its own
+    node only to it, and that node's own links then overwrote the reverse edge."""
+    x = unit_rows(np.random.default_rng(seed), n, d)
+    idx = HnswIndex(d, m=m, ef_construction=200, seed=seed)
+    idx.add(x, threads=threads)
+    _assert_every_node_reachable(idx, x)
+
+
+def test_parallel_build_reaches_every_node_text(text, text_index):
+    base = text[0]
+    _assert_every_node_reachable(text_index, base)  # seed 0, threads=2
+    other = HnswIndex(128, m=16, ef_construction=200, seed=7)
+    other.add(base, threads=2)
+    _assert_every_node_reachable(other, base)
+
+
 def test_k_larger_than_n_pads():
     x = np.eye(5, 8, dtype=np.float32)
     idx = HnswIndex(8)

@@ -133,6 +133,19 @@ class HnswIndex:
         """Graph shape (level counts, edges, max degree) and search counters (graph/scan/fallback)."""
         return self._g.stats()
 
+    def _unreachable(self) -> np.ndarray:
+        """Debug/test helper: int64 labels of the rows no search can reach from the entry point
+        (a BFS down the layers, see Graph.unreachable). Parallel and serial builds leave it empty at
+        the usual M; at very small M (e.g. 4) heuristic pruning can rarely orphan a row, as in hnswlib."""
+        self._begin_search()
+        try:
+            rows = self._g.unreachable()
+        finally:
+            self._end_search()
+        if self._labels is None:
+            return rows.astype(np.int64) + self._base
+        return self._labels[rows]
+
     # ------------------------------------------------------------------ concurrency guard
 
     def _begin_search(self):

@@ -25,7 +25,9 @@
  * any number of threads at once; each takes its scratch (visited list + heaps) from a mutex-guarded
  * pool. vb_hnsw_add must not run concurrently with anything else on the same index (the Python
  * wrapper enforces it); internally it may insert with several threads, using one spinlock per node
- * around link-list reads and writes, as hnswlib does with link_list_locks_.
+ * as hnswlib does with link_list_locks_: other nodes' lists are copied or rewritten under their
+ * lock, and a node being inserted stays locked until it is linked on all its levels (see
+ * vb_hnsw_insert).
  *
  * Errors: functions that can fail return VB_OK or a negative VB_E* code and never abort. Loaders of
  * untrusted bytes write a message (what failed, the bad value, the limit) into a caller buffer.
@@ -445,26 +447,30 @@ static inline int vb_hnsw_draw_level(vb_hnsw_t *h) {
  * ------------------------------------------------------------------------------------------- */
 
 /*
- * Copy node r's list on `level` into buf (count returned). With `locked`, under r's spinlock so a
- * concurrent writer is never seen half-way; without, straight from the graph.
+ * Copy node r's list on `level` into buf (count returned). With `locked`, under r's spinlock, so
+ * the count and the ids are one snapshot that no concurrent writer is seen half-way through;
+ * without, straight from the graph. `own` is the row the calling thread is inserting (or
+ * VB_HNSW_NONE): the thread already holds that lock (vb_hnsw_insert), so it does not take it again.
  */
-static inline size_t vb_hnsw_read_list(vb_hnsw_t *h, uint32_t r, int level, int locked, uint32_t *buf) {
-    if (locked) vb_hnsw_lock(h, r);
+static inline size_t vb_hnsw_read_list(vb_hnsw_t *h, uint32_t r, int level, int locked, uint32_t own,
+                                       uint32_t *buf) {
+    int lk = locked && r != own;
+    if (lk) vb_hnsw_lock(h, r);
     const uint32_t *ln = vb_hnsw_list(h, r, level);
     size_t cnt = ln[0];
     memcpy(buf, ln + 1, cnt * sizeof(uint32_t));
-    if (locked) vb_hnsw_unlock(h, r);
+    if (lk) vb_hnsw_unlock(h, r);
     return cnt;
 }
 
 /* Greedy walk on one upper layer from *cur (distance *curd) to a local minimum. */
 static inline void vb_hnsw_greedy(vb_hnsw_t *h, vb_hnsw_ctx_t *c, const vb_distance_ops_t *ops,
-                                  const float *restrict q, int level, int locked, uint32_t *cur,
+                                  const float *restrict q, int level, int locked, uint32_t own, uint32_t *cur,
                                   float *curd) {
     int changed = 1;
     while (changed) {
         changed = 0;
-        size_t cnt = vb_hnsw_read_list(h, *cur, level, locked, c->ids);
+        size_t cnt = vb_hnsw_read_list(h, *cur, level, locked, own, c->ids);
         for (size_t j = 0; j < cnt; j++) {
             uint32_t nb = c->ids[j];
             if (j + 1 < cnt) VB_PREFETCH(vb_hnsw_vec(h, c->ids[j + 1]));
@@ -484,7 +490,7 @@ static inline void vb_hnsw_greedy(vb_hnsw_t *h, vb_hnsw_ctx_t *c, const vb_dista
  */
 static inline int vb_hnsw_search_layer_build(vb_hnsw_t *h, vb_hnsw_ctx_t *c, const vb_distance_ops_t *ops,
                                              const float *restrict q, uint32_t ep, float epd, int level,
-                                             size_t ef, int locked, size_t *ntop_out) {
+                                             size_t ef, int locked, uint32_t own, size_t *ntop_out) {
     size_t ncand = 0, ntop = 0;
     vb_visited_next(&c->vis);
     vb_visited_test_set(&c->vis, ep);
@@ -496,7 +502,7 @@ static inline int vb_hnsw_search_layer_build(vb_hnsw_t *h, vb_hnsw_ctx_t *c, con
         vb_hnsw_pair_t cur = c->cand[0];
         if (cur.d > worst && ntop >= ef) break;
         vb_minheap_pop(c->cand, &ncand);
-        size_t cnt = vb_hnsw_read_list(h, cur.id, level, locked, c->ids);
+        size_t cnt = vb_hnsw_read_list(h, cur.id, level, locked, own, c->ids);
         for (size_t j = 0; j < cnt; j++) {
             uint32_t nb = c->ids[j];
             if (j + 1 < cnt) {
@@ -557,16 +563,17 @@ static inline size_t vb_hnsw_select(const vb_hnsw_t *h, const vb_distance_ops_t 
 /*
  * Link q into `level` with the selected neighbours sel[0..ns): q's list becomes sel, and q is
  * added to each neighbour's list, pruning a full list with the heuristic from that neighbour's
- * point of view (hnswlib mutuallyConnectNewElement).
+ * point of view (hnswlib mutuallyConnectNewElement). With `locked` the caller holds q's lock for
+ * its whole insert, so q's list is written before any reverse edge makes q reachable on this level
+ * and nobody else can have written to it; each neighbour's list is read, pruned (the candidates
+ * include q) and rewritten under that neighbour's lock.
  */
 static inline void vb_hnsw_connect(vb_hnsw_t *h, vb_hnsw_ctx_t *c, const vb_distance_ops_t *ops, uint32_t q,
                                    const vb_hnsw_pair_t *sel, size_t ns, int level, int locked) {
     size_t mmax = level ? h->M : h->M0;
-    if (locked) vb_hnsw_lock(h, q);
     uint32_t *ql = vb_hnsw_list(h, q, level);
     for (size_t i = 0; i < ns; i++) ql[1 + i] = sel[i].id;
     ql[0] = (uint32_t)ns;
-    if (locked) vb_hnsw_unlock(h, q);
 
     const float *qv = vb_hnsw_vec(h, q);
     for (size_t i = 0; i < ns; i++) {
@@ -605,17 +612,36 @@ static inline void vb_hnsw_connect(vb_hnsw_t *h, vb_hnsw_ctx_t *c, const vb_dist
  * Insert row q (its vector, level and link blocks are in place) into the graph. `locked` is set
  * when other threads insert at the same time. The scratch must be reserved for n rows and
  * ef_construction.
+ *
+ * With `locked`, q's own spinlock is held from the start to the end of its insert, as hnswlib's
+ * addPoint holds lock_el. q is linked top-down, so once it is linked on level l another thread
+ * can reach it there and take it as its entry into level l-1 (or 0), where q's list is still
+ * empty. Without the lock that thread's beam search would stop at q, link its own node only to q
+ * and append itself to q's empty list, which q's connect then overwrote: the other node was left
+ * with no in-edge (the unreachable clusters the crash matrix found). With the lock, that thread
+ * waits until q is linked on every level. Waits cannot form a cycle: a thread waits for q only
+ * after finding q through an edge that q's inserter wrote after its own search on that level, and
+ * holds only its own node p, which it links on a level only after its search there; for q's
+ * inserter to need p it would have to find an edge to p written before its own search ended.
+ * Lock order: own node, then ep_mu, then at most one other node at a time (held only to copy or
+ * rewrite its list).
  */
 static inline int vb_hnsw_insert(vb_hnsw_t *h, vb_hnsw_ctx_t *c, const vb_distance_ops_t *ops, uint32_t q,
                                  int locked) {
     int L = h->levels[q];
-    if (locked) pthread_mutex_lock(&h->ep_mu);
+    if (locked) {
+        vb_hnsw_lock(h, q); /* uncontended: nothing links to q yet */
+        pthread_mutex_lock(&h->ep_mu);
+    }
     uint32_t ep = h->entry;
     int maxl = h->max_level;
     if (ep == VB_HNSW_NONE) {
         h->entry = q;
         h->max_level = L;
-        if (locked) pthread_mutex_unlock(&h->ep_mu);
+        if (locked) {
+            pthread_mutex_unlock(&h->ep_mu);
+            vb_hnsw_unlock(h, q);
+        }
         return VB_OK;
     }
     /* A node that raises the top level keeps the lock for its whole insert, so only one such node
@@ -625,12 +651,12 @@ static inline int vb_hnsw_insert(vb_hnsw_t *h, vb_hnsw_ctx_t *c, const vb_distan
 
     const float *qv = vb_hnsw_vec(h, q);
     float epd = -ops->dot(qv, vb_hnsw_vec(h, ep), h->d);
-    for (int l = maxl; l > L; l--) vb_hnsw_greedy(h, c, ops, qv, l, locked, &ep, &epd);
+    for (int l = maxl; l > L; l--) vb_hnsw_greedy(h, c, ops, qv, l, locked, q, &ep, &epd);
 
     int rc = VB_OK;
     for (int l = (L < maxl ? L : maxl); l >= 0; l--) {
         size_t ntop;
-        rc = vb_hnsw_search_layer_build(h, c, ops, qv, ep, epd, l, h->ef_construction, locked, &ntop);
+        rc = vb_hnsw_search_layer_build(h, c, ops, qv, ep, epd, l, h->ef_construction, locked, q, &ntop);
         if (rc) break;
         vb_maxheap_drain_sorted(c->top, ntop, c->sel);
         size_t ns = vb_hnsw_select(h, ops, c->sel, ntop, h->M, c->out);
@@ -650,6 +676,7 @@ static inline int vb_hnsw_insert(vb_hnsw_t *h, vb_hnsw_ctx_t *c, const vb_distan
         }
     }
     if (hold) pthread_mutex_unlock(&h->ep_mu);
+    if (locked) vb_hnsw_unlock(h, q);
     return rc;
 }
 

@@ -295,6 +295,50 @@ cdef class Graph:
         arr.flags.writeable = False
         return arr
 
+    def unreachable(self):
+        """Rows a search can never reach (debug/test helper): uint32 (k,) ascending, empty when none.
+
+        Walks the graph the way a search does: a BFS on the top layer from the entry point, then on
+        each lower layer a BFS seeded with every node reached on the layer above, down to layer 0.
+        A row not reached on layer 0 is unreachable. Unreachable rows are legal in a loaded graph;
+        a parallel build must not create more of them than a serial one (none at the usual M).
+        O(edges) time, O(n) memory.
+        """
+        if self.adding:
+            raise RuntimeError("unreachable() cannot run while add() is in progress")
+        cdef size_t n = self.h.n
+        if n == 0:
+            return np.empty(0, dtype=np.uint32)
+        seen_arr = np.zeros(n, dtype=np.uint8)      # (n,) 1 once reached on the current layer or above
+        queue_arr = np.empty(n, dtype=np.uint32)    # (n,) BFS queue; [0, nq) are the reached nodes
+        cdef uint8_t[::1] seen = seen_arr
+        cdef uint32_t[::1] queue = queue_arr
+        cdef const uint32_t *ln
+        cdef size_t nq = 0, head, j, cnt
+        cdef uint32_t r, nb
+        cdef int l
+        with nogil:
+            seen[self.h.entry] = 1
+            queue[nq] = self.h.entry
+            nq += 1
+            for l in range(self.h.max_level, -1, -1):
+                head = 0  # every node reached so far has level >= l, so it seeds this layer's BFS
+                while head < nq:
+                    r = queue[head]
+                    head += 1
+                    if l == 0:
+                        ln = self.h.links0 + <size_t>r * (1 + self.h.M0)
+                    else:
+                        ln = self.h.up_links + self.h.up_off[r] + <size_t>(l - 1) * (1 + self.h.M)
+                    cnt = ln[0]
+                    for j in range(1, cnt + 1):
+                        nb = ln[j]
+                        if not seen[nb]:
+                            seen[nb] = 1
+                            queue[nq] = nb
+                            nq += 1
+        return np.flatnonzero(seen_arr == 0).astype(np.uint32)
+
     def stats(self):
         """Graph shape and search counters (a dict of ints)."""
         cdef size_t n = self.h.n, i, e0 = 0, eu = 0, mx0 = 0, c
