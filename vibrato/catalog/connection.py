@@ -33,7 +33,7 @@ def open_writer(path: str, *, busy_timeout_ms: int = 30_000, wal_autocheckpoint_
     conn.pragma("foreign_keys", "ON")
     conn.pragma("temp_store", "MEMORY")
     conn.pragma("journal_size_limit", journal_size_limit)
-    conn.pragma("cache_size", -64000)
+    conn.pragma("cache_size", -16000)  # 16 MB: appends and key-index probes; more only grows RSS
     conn.wal_autocheckpoint(wal_autocheckpoint_pages)
     apsw.bestpractice.connection_dqs(conn)
     apsw.bestpractice.connection_optimize(conn)

@@ -16,6 +16,9 @@ import threading
 import numpy as np
 
 
+PENDING_FLUSH = 4096
+
+
 class FilterIndex:
     def __init__(self, capacity: int = 1 << 16):
         self._lock = threading.Lock()
@@ -49,7 +52,11 @@ class FilterIndex:
             self.size = max(self.size, top)
             for vid, row_tags in zip(ids.tolist(), tags):
                 for t in row_tags:
-                    self._pending.setdefault(t, []).append(vid)
+                    pend = self._pending.setdefault(t, [])
+                    pend.append(vid)
+                    if len(pend) >= PENDING_FLUSH:  # ints in a list cost ~36 B each, 8 B in an array
+                        self._tags.setdefault(t, []).append(np.asarray(pend, dtype=np.int64))
+                        pend.clear()
 
     def add_columns(self, id_start: int, live: np.ndarray, bpm: np.ndarray, tag_dict: list,
                     tag_offsets: np.ndarray, tag_ids: np.ndarray):
