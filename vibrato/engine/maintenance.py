@@ -81,7 +81,7 @@ def scrub_one(engine, state):
         state["scrub_pos"] += 1
     engine.unscrubbed.discard(seg.id)
     try:
-        seg.reader.verify()
+        seg.reader.verify(evict=True)
     except Exception as exc:  # noqa: BLE001 - any failure means the file cannot be trusted
         log.error("scrub: segment %s failed verification: %s", seg.id, exc)
         engine.add_blocker(f"active segment {seg.id} invalid: {exc}")

@@ -404,13 +404,16 @@ class SegmentReader:
         return np.searchsorted(self._tag_offsets, pos, side="right").astype(np.int64) - 1
 
     # ------------------------------------------------------------------------ integrity / IO
-    def verify(self, *, skip_vectors: bool = False) -> int:
+    def verify(self, *, skip_vectors: bool = False, evict: bool = False) -> int:
         """Re-read the whole file and check the header CRC, every section's CRC32C, that all padding
         is zero and that every source_file string is valid UTF-8. Returns the bytes checked.
 
         skip_vectors: leave the (bulk) vector section unread — the quick check the engine runs at
         start-up so that opening a large data dir is not a full scan; the background scrubber
         verifies the vectors later.
+        evict: afterwards, drop the file's page-cache pages that no mapping uses
+        (posix_fadvise DONTNEED), so a background scrub does not push the queries' working set out
+        of the page cache; pages this process has mapped and touched stay.
 
         Raises SegmentChecksumError naming the section and file, SegmentFormatError, OSError.
         Reads with pread (GIL released), so it neither populates the mapping nor is slowed by
@@ -418,7 +421,11 @@ class SegmentReader:
         """
         self._check_open()
         skip = (1 << int(_S.VECTORS)) if skip_vectors else 0
-        nbytes = _segio.verify_fd(self._layout, self._fd, self._path, skip_kinds=skip)
+        try:
+            nbytes = _segio.verify_fd(self._layout, self._fd, self._path, skip_kinds=skip)
+        finally:
+            if evict:
+                os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_DONTNEED)
         _segio.check_source_utf8(self._layout, self._mapping, self._path)
         return nbytes
 
