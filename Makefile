@@ -18,7 +18,7 @@ SERVE_ARGS ?= --data-dir $(DATA_DIR) --collection default --dim 128 --port $(POR
 	--audio-colocated true --public-health-metrics true --bootstrap-admin-key true
 PYTEST_ARGS ?=
 
-.PHONY: serve test bench install install-test clean
+.PHONY: serve test test-debug bench install install-test clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,20 @@ serve: $(VENV)/.installed
 
 test: $(VENV)/.installed-test
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The native tests once more against a build with Cython's bounds/wraparound/initialisation checks
+# on (VIBRATO_DEBUG_CYTHON=1), installed into its own venv (not in place) so the release build in
+# .venv is untouched. pytest runs from tests/ so `import vibrato` finds the installed debug build.
+DEBUG_VENV ?= .venv-debug
+NATIVE_TESTS := test_kernels.py test_hnsw.py test_pq.py test_segment.py test_segment_fuzz.py
+test-debug:
+	$(PYTHON) -m venv $(DEBUG_VENV)
+	$(DEBUG_VENV)/bin/python -m pip install -q $(BUILD_DEPS)
+	rm -rf build/temp.* build/lib.*
+	VIBRATO_DEBUG_CYTHON=1 $(DEBUG_VENV)/bin/python -m pip install -q --no-build-isolation '.[test]'
+	rm -rf build/temp.* build/lib.*
+	cd tests && ../$(DEBUG_VENV)/bin/python -c "import vibrato, sys; sys.exit('debug run would test the source tree' if 'site-packages' not in vibrato.__file__ else 0)"
+	cd tests && ../$(DEBUG_VENV)/bin/pytest -p no:cacheprovider -q $(NATIVE_TESTS) $(PYTEST_ARGS)
 
 # Benchmarks report, never assert. numpy is compared at its best: the OPENBLAS_* tuning variables
 # this machine sets are removed for the kernel/PQ command only. BENCH_N sizes the engine benchmark

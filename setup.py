@@ -47,7 +47,9 @@ def ext(name):
 extensions = [ext(m) for m in MODULES
               if os.path.exists(f"vibrato/_native/{m}.pyx") and (not ONLY or m in ONLY)]
 
+# Debug builds generate their C into a separate directory, so a later release build never reuses
+# C code generated with the checks turned on.
 setup(
     ext_modules=cythonize(extensions, compiler_directives=directives, nthreads=os.cpu_count() or 1,
-                          force=DEBUG),
+                          force=DEBUG, build_dir="build/cython-debug" if DEBUG else None),
 )
