@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # madvise A/B harness (runbook §11): query latency of the real `vibrato serve-v2` with
-# --vector-madvise-mode normal vs random, cold (segment pages dropped with posix_fadvise DONTNEED while
-# no server runs) and warm, same queries, on one ~0.5 GB segment. Harness: perf/bench_madvise_ab.py.
+# --vector-madvise-mode normal vs random, cold (segment pages dropped with posix_fadvise DONTNEED) and
+# warm, same queries, on one ~0.5 GB segment larger than the server's page-cache share (the server
+# runs in a memory cgroup that leaves room for 40% of it). Harness: perf/bench_madvise_ab.py.
 #
 #   bash scripts/perf/run_madvise_ab.sh                                  # report only
 #   VIBRATO_ENFORCE_MADVISE_GATE=1 bash scripts/perf/run_madvise_ab.sh   # fail if random p99 > 1.30 x normal p99
 #
 # Knobs: VIBRATO_MADVISE_ROWS (250000), VIBRATO_MADVISE_DIM (512), VIBRATO_MADVISE_QUERIES (300),
-# VIBRATO_MADVISE_GATE_RATIO (1.30), VIBRATO_MADVISE_DATA_DIR (reuse a built data dir across runs).
+# VIBRATO_MADVISE_GATE_RATIO (1.30), VIBRATO_MADVISE_CACHE_SHARE (0.4; 0 = no cgroup),
+# VIBRATO_MADVISE_DATA_DIR (reuse a built data dir across runs).
 # Output: p50/p99 per mode and cache state, the ratios, perf/results/madvise_ab_<ts>.json
 # (pytest-benchmark) and perf/results/madvise_ab_summary.json.
 set -euo pipefail
