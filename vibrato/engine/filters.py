@@ -8,7 +8,9 @@ space; tiers slice it zero-copy (`mask[id_start:id_end + 1]`).
 Layout:
   bpm  float32[capacity]   bpm by id (0.0 where unknown)
   live bool[capacity]      True when the id holds a live vector (not a tombstone, not replayed away)
-  tags {tag: [int64 arrays]}  posting lists, appended in id order; concatenated lazily
+  tags  per tag either a posting list (int64 arrays appended in id order, concatenated lazily) or,
+        once the tag is on more than 1 in DENSE_FRACTION ids, a bitmap (1 bit per id, packed in
+        uint8, little bit order): a tag on every row then costs 1/8 byte per id instead of 8
 Thread-safety: appends and reads take the index lock; masks handed out are private copies.
 """
 import threading
@@ -17,6 +19,15 @@ import numpy as np
 
 
 PENDING_FLUSH = 4096
+DENSE_FRACTION = 32  # int64 postings (64 bits each) cost more than a bitmap above size/64; 2x hysteresis
+
+
+def _bitmap_bytes(capacity: int) -> int:
+    return (capacity + 7) // 8
+
+
+def _set_bits(bits: np.ndarray, ids: np.ndarray):
+    np.bitwise_or.at(bits, ids >> 3, np.left_shift(1, ids & 7).astype(np.uint8))
 
 
 class FilterIndex:
@@ -25,7 +36,9 @@ class FilterIndex:
         self.bpm = np.zeros(capacity, dtype=np.float32)
         self.live = np.zeros(capacity, dtype=bool)
         self.size = 0  # one past the largest id known
-        self._tags: dict[str, list] = {}
+        self._tags: dict[str, list] = {}          # sparse tags: posting parts
+        self._dense: dict[str, np.ndarray] = {}    # dense tags: packed bitmaps over capacity
+        self._counts: dict[str, int] = {}          # postings held per sparse tag (pending excluded)
         self._pending: dict[str, list] = {}
 
     # ------------------------------------------------------------ building
@@ -39,6 +52,30 @@ class FilterIndex:
         bpm[:cap] = self.bpm
         live[:cap] = self.live
         self.bpm, self.live = bpm, live
+        for tag, bits in self._dense.items():
+            grown = np.zeros(_bitmap_bytes(new_cap), dtype=np.uint8)
+            grown[:bits.shape[0]] = bits
+            self._dense[tag] = grown
+
+    def _append_postings(self, tag: str, ids: np.ndarray):
+        """Add ids (int64) to a tag: OR them into its bitmap, or append them to its posting list and
+        switch it to a bitmap once it is dense."""
+        bits = self._dense.get(tag)
+        if bits is not None:
+            _set_bits(bits, ids)
+            return
+        self._tags.setdefault(tag, []).append(ids)
+        count = self._counts.get(tag, 0) + ids.shape[0]
+        self._counts[tag] = count
+        if count * DENSE_FRACTION > self.bpm.shape[0]:
+            bits = np.zeros(_bitmap_bytes(self.bpm.shape[0]), dtype=np.uint8)
+            for part in self._tags.pop(tag):
+                _set_bits(bits, part)
+            pending = self._pending.pop(tag, None)
+            if pending:
+                _set_bits(bits, np.asarray(pending, dtype=np.int64))
+            self._counts.pop(tag, None)
+            self._dense[tag] = bits
 
     def add_rows(self, ids: np.ndarray, bpm: np.ndarray, tags: list):
         """Append ingested rows (ids ascending, tags already normalised)."""
@@ -55,8 +92,9 @@ class FilterIndex:
                     pend = self._pending.setdefault(t, [])
                     pend.append(vid)
                     if len(pend) >= PENDING_FLUSH:  # ints in a list cost ~36 B each, 8 B in an array
-                        self._tags.setdefault(t, []).append(np.asarray(pend, dtype=np.int64))
+                        ids_t = np.asarray(pend, dtype=np.int64)
                         pend.clear()
+                        self._append_postings(t, ids_t)
 
     def add_columns(self, id_start: int, live: np.ndarray, bpm: np.ndarray, tag_dict: list,
                     tag_offsets: np.ndarray, tag_ids: np.ndarray):
@@ -77,7 +115,7 @@ class FilterIndex:
                 for chunk_tags, chunk_rows in zip(np.split(sorted_tags, bounds), np.split(sorted_rows, bounds)):
                     tag = tag_dict[int(chunk_tags[0])]
                     keep = live[chunk_rows]
-                    self._tags.setdefault(tag, []).append(chunk_rows[keep] + id_start)
+                    self._append_postings(tag, chunk_rows[keep] + id_start)
 
     def kill_range(self, id_start: int, id_end: int):
         """Mark ids [id_start, id_end] dead (replay-to-lsn)."""
@@ -87,19 +125,22 @@ class FilterIndex:
                 self.live[lo:hi] = False
 
     # ------------------------------------------------------------ queries
-    def _postings(self, tag: str):
+    def _tag_mask(self, tag: str, n: int) -> np.ndarray:
+        """Bool mask over ids [0, n) of the rows carrying `tag`."""
         pending = self._pending.pop(tag, None)
-        parts = self._tags.get(tag)
         if pending:
-            parts = (parts or []) + [np.asarray(pending, dtype=np.int64)]
-            self._tags[tag] = parts
-        if not parts:
-            return None
-        if len(parts) > 1:
-            merged = np.concatenate(parts)
-            self._tags[tag] = [merged]
-            return merged
-        return parts[0]
+            self._append_postings(tag, np.asarray(pending, dtype=np.int64))
+        bits = self._dense.get(tag)
+        if bits is not None:
+            return np.unpackbits(bits, count=n, bitorder="little").view(bool)
+        sub = np.zeros(n, dtype=bool)
+        parts = self._tags.get(tag)
+        if parts:
+            if len(parts) > 1:
+                parts = self._tags[tag] = [np.concatenate(parts)]
+            post = parts[0]
+            sub[post[post < n]] = True
+        return sub
 
     def evaluate(self, flt) -> np.ndarray:
         """flt = (tags_any|None, tags_all|None, bpm_gte|None, bpm_lte|None) -> bool mask over ids."""
@@ -111,17 +152,11 @@ class FilterIndex:
                 if not tags_all:
                     mask[:] = False
                 for tag in tags_all:
-                    post = self._postings(tag)
-                    sub = np.zeros(n, dtype=bool)
-                    if post is not None:
-                        sub[post[post < n]] = True
-                    mask &= sub
+                    mask &= self._tag_mask(tag, n)
             if tags_any is not None:
                 sub = np.zeros(n, dtype=bool)
                 for tag in tags_any:
-                    post = self._postings(tag)
-                    if post is not None:
-                        sub[post[post < n]] = True
+                    sub |= self._tag_mask(tag, n)
                 mask &= sub
             if lo is not None:
                 mask &= self.bpm[:n] >= lo

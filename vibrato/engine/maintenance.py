@@ -13,6 +13,7 @@ import os
 import time
 
 from vibrato.catalog import audit, jobs, segments as seg_sql, wal
+from vibrato.engine.memory import release_free_memory
 
 log = logging.getLogger("vibrato.engine")
 
@@ -65,6 +66,7 @@ def run_once(engine):
     if engine.unscrubbed or time.monotonic() - state["last_scrub"] > SCRUB_EVERY_SECS:
         state["last_scrub"] = time.monotonic()
         scrub_one(engine, state)
+    release_free_memory()
 
 
 def scrub_one(engine, state):

@@ -28,6 +28,7 @@ from aiohttp import web
 
 from vibrato import apikeys
 from vibrato.config import Config
+from vibrato.engine.memory import tune_allocator
 from vibrato.server import handlers as h
 from vibrato.server import openapi
 from vibrato.server import state as K
@@ -202,6 +203,7 @@ def bind_host(host: str) -> str:
 
 def serve(config: Config) -> None:
     """Run serve-v2 until SIGTERM/SIGINT. Raises on startup failure (locked data dir, port in use)."""
+    tune_allocator()
     asyncio.run(_serve(config))
 
 

@@ -1,0 +1,84 @@
+"""FilterIndex against a brute-force model: tags_any / tags_all / bpm ranges over ids appended by
+ingest (add_rows) and by segment columns (add_columns), with ids killed by replay, across the
+switch of frequent tags from posting lists to bitmaps and the capacity growth of those bitmaps."""
+import numpy as np
+from hypothesis import given, settings, strategies as st
+
+from vibrato.engine.filters import PENDING_FLUSH, FilterIndex
+
+TAGS = ["kick", "snare", "pad", "fx", "rare"]
+
+
+def model_mask(rows, live, flt):
+    tags_any, tags_all, lo, hi = flt
+    out = np.zeros(len(rows), dtype=bool)
+    for i, (bpm, tags) in enumerate(rows):
+        ok = live[i]
+        if tags_all is not None:
+            ok = ok and bool(tags_all) and all(t in tags for t in tags_all)
+        if tags_any is not None:
+            ok = ok and any(t in tags for t in tags_any)
+        if lo is not None:
+            ok = ok and bpm >= lo
+        if hi is not None:
+            ok = ok and bpm <= hi
+        out[i] = ok
+    return out
+
+
+def random_rows(rng, n, weights):
+    rows = []
+    for _ in range(n):
+        tags = [t for t, w in zip(TAGS, weights) if rng.random() < w]
+        rows.append((float(rng.integers(60, 180)), tags))
+    return rows
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31), capacity=st.sampled_from([16, 64, 1024]),
+       batches=st.lists(st.tuples(st.booleans(), st.integers(1, 300)), min_size=1, max_size=8))
+def test_filters_match_model(seed, capacity, batches):
+    rng = np.random.default_rng(seed)
+    weights = [0.9, 0.5, 0.1, 0.02, 0.001]  # dense ... sparse tags
+    index, rows, live = FilterIndex(capacity=capacity), [], []
+    for from_segment, n in batches:
+        new = random_rows(rng, n, weights)
+        start = len(rows)
+        if from_segment:
+            seg_live = rng.random(n) > 0.1
+            dict_ = sorted({t for _, tags in new for t in tags})
+            offsets, tag_ids = [0], []
+            for _, tags in new:
+                tag_ids += [dict_.index(t) for t in tags]
+                offsets.append(len(tag_ids))
+            index.add_columns(start, seg_live, np.array([b for b, _ in new], np.float32), dict_,
+                              np.array(offsets, np.int64), np.array(tag_ids, np.int64))
+            live += seg_live.tolist()
+        else:
+            index.add_rows(np.arange(start, start + n, dtype=np.int64),
+                           np.array([b for b, _ in new], np.float32), [tags for _, tags in new])
+            live += [True] * n
+        rows += new
+        if rng.random() < 0.3 and len(rows) > 2:  # replay-to-lsn kills a range
+            lo = int(rng.integers(0, len(rows)))
+            hi = int(rng.integers(lo, len(rows)))
+            index.kill_range(lo, hi)
+            live[lo:hi + 1] = [False] * (hi + 1 - lo)
+        for flt in ((["kick"], None, None, None), (None, ["kick", "snare"], None, None),
+                    (["rare", "fx"], None, 100.0, None), (None, ["pad"], None, 120.0),
+                    (["missing"], None, None, None), (None, [], None, None), (None, None, 90.0, 150.0)):
+            got = index.evaluate(flt)
+            assert got.shape == (len(rows),)
+            np.testing.assert_array_equal(got, model_mask(rows, live, flt), err_msg=str(flt))
+
+
+def test_frequent_tag_becomes_a_bitmap_and_rare_tag_stays_a_posting_list():
+    index = FilterIndex(capacity=1024)
+    n = 4 * PENDING_FLUSH
+    ids = np.arange(n, dtype=np.int64)
+    tags = [["all"] + (["rare"] if i % 1000 == 0 else []) for i in range(n)]
+    index.add_rows(ids, np.full(n, 120.0, np.float32), tags)
+    assert index.evaluate((["all"], None, None, None)).all()
+    assert np.flatnonzero(index.evaluate((["rare"], None, None, None))).tolist() == list(range(0, n, 1000))
+    assert "all" in index._dense and "rare" not in index._dense
+    assert index._dense["all"].nbytes * 8 >= n  # one bit per id, not 8 bytes
