@@ -34,6 +34,7 @@ log = logging.getLogger("vibrato.engine")
 
 PQ_SUBSPACE_CHOICES = (16, 12, 10, 8, 6, 5, 4, 3, 2)
 L2_MERGE_MIN_SEGMENTS = 4
+PQ_TRAIN_SAMPLE = 65_536  # 256 rows per centroid, as faiss caps k-means training
 
 
 def choose_pq_m(dim: int) -> int:
@@ -218,8 +219,13 @@ def merge(engine, inputs, out_level):
     common = dict(level=out_level, id_start=id_start, vectors=vectors, live=live, start_time_ms=start,
                   duration_ms=duration, bpm=bpm, tags=tags, source_file=sources)
     if archive:
+        # Train on a sample gathered directly (not on a copy of every live row): the merge's peak
+        # memory stays one copy of the vectors however large the output grows.
+        rows = np.flatnonzero(live)
+        if rows.shape[0] > PQ_TRAIN_SAMPLE:
+            rows = np.sort(np.random.default_rng(42).choice(rows, PQ_TRAIN_SAMPLE, replace=False))
         pq = ProductQuantizer(dim, m)
-        pq.train(vectors[live], seed=42)
+        pq.train(vectors[rows], seed=42, sample=PQ_TRAIN_SAMPLE)
         codes = pq.encode(vectors)
         return SegmentData(**common, pq_codebook=pq.to_bytes(), pq_codes=codes), True
     index = HnswIndex(dim, m=cfg.hnsw_m, ef_construction=cfg.hnsw_ef_construction, seed=id_start)
