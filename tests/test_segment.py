@@ -94,6 +94,23 @@ def test_roundtrip(tmp_path, kind):
     check_roundtrip(path, info, data, tags, sources)
 
 
+@pytest.mark.parametrize("n,dim", [(1, 1), (33, 129), (600, 64)])
+def test_read_vectors_into_equals_the_mapping_and_checks_its_output(tmp_path, n, dim):
+    data = make_data(n=n, dim=dim, kind="raw")
+    path, _ = write(tmp_path, data)
+    with SegmentReader.open(path) as r:
+        out = np.full((n + 2, dim), np.nan, dtype=np.float32)
+        r.read_vectors_into(out[1:n + 1])
+        np.testing.assert_array_equal(out[1:n + 1], data.vectors)
+        assert np.isnan(out[0]).all() and np.isnan(out[n + 1]).all()  # nothing written outside
+        strided = np.zeros((n, 2 * dim), np.float32)[:, ::2]
+        for bad in (np.zeros((n, dim), np.float64), np.zeros((n + 1, dim), np.float32), strided):
+            if bad is strided and bad.flags.c_contiguous:  # a 1 x 1 array is contiguous whatever its strides
+                continue
+            with pytest.raises(ValueError, match="out must be"):
+                r.read_vectors_into(bad)
+
+
 @pytest.mark.parametrize("n,dim", [(1, 1), (1, 4096), (2, 3), (3, 7), (17, 129), (1000, 1)])
 @pytest.mark.parametrize("kind", ["raw", "archive"])
 def test_edge_shapes(tmp_path, n, dim, kind):

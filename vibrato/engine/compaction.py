@@ -198,7 +198,7 @@ def merge(engine, inputs, out_level):
         a = s.id_start - id_start
         r = s.reader
         rows_live = s.live
-        vectors[a:a + s.n] = r.vectors
+        r.read_vectors_into(vectors[a:a + s.n])
         vectors[a:a + s.n][~rows_live] = 0.0
         live[a:a + s.n] = rows_live
         start[a:a + s.n] = np.where(rows_live, r.start_time_ms, 0)
