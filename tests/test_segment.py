@@ -8,6 +8,7 @@ import pytest
 
 from vibrato._native import segio
 from vibrato.segment import (MADVISE_MODES, SegmentChecksumError, SegmentData, SegmentFormatError, SegmentKind,
+                             StreamedVectors,
                              SegmentReader, StringsCSR, TagsCSR, publish_segment, write_segment_tmp)
 from vibrato.segment import format as F
 from vibrato.segment import writer as W
@@ -94,6 +95,48 @@ def test_roundtrip(tmp_path, kind):
     check_roundtrip(path, info, data, tags, sources)
 
 
+def _streamed(vectors, rows_per, mutate=None):
+    def chunks():
+        buf = np.empty((rows_per, vectors.shape[1]), np.float32)  # reused, as compaction does
+        for lo in range(0, vectors.shape[0], rows_per):
+            out = buf[:min(rows_per, vectors.shape[0] - lo)]
+            out[:] = vectors[lo:lo + out.shape[0]]
+            if mutate is not None:
+                mutate(out)
+            yield out
+    return StreamedVectors(vectors.shape[0], vectors.shape[1], chunks)
+
+
+@pytest.mark.parametrize("kind", ["raw", "archive"])
+@pytest.mark.parametrize("rows_per", [1, 7, 1000])
+def test_streamed_vectors_write_the_same_file_as_an_array(tmp_path, kind, rows_per):
+    data = make_data(n=300, dim=24, kind=kind)
+    a, _ = write(tmp_path, data, "array.vdb")
+    data.vectors, vectors = _streamed(data.vectors, rows_per), data.vectors
+    b, info = write(tmp_path, data, "streamed.vdb")
+    assert a.read_bytes() == b.read_bytes()
+    with SegmentReader.open(b) as r:
+        assert np.array_equal(r.vectors, vectors) and r.verify() == info.size_bytes
+
+
+def test_streamed_vectors_that_break_their_promise_are_refused_and_leave_no_file(tmp_path):
+    calls = []
+
+    def drift(chunk):  # a different byte on the second (write) pass
+        calls.append(1)
+        if len(calls) > 4:
+            chunk[0, 0] += 1.0
+    rows = np.random.default_rng(1).standard_normal((101, 8), dtype=np.float32)
+    for n, stream, message in ((101, _streamed(rows[:100], 25), "100 rows, 101 declared"),
+                               (99, _streamed(rows[:100], 25), "more than the declared 99"),
+                               (100, _streamed(rows[:100], 25, drift), "other bytes than the checksum pass")):
+        data = make_data(n=n, dim=8)
+        data.vectors = StreamedVectors(n, 8, stream.chunks)
+        with pytest.raises(ValueError, match=message):
+            write_segment_tmp(tmp_path / "x.vdb.tmp", data)
+        assert not (tmp_path / "x.vdb.tmp").exists()
+
+
 @pytest.mark.parametrize("n,dim", [(1, 1), (33, 129), (600, 64)])
 def test_read_vectors_into_equals_the_mapping_and_checks_its_output(tmp_path, n, dim):
     data = make_data(n=n, dim=dim, kind="raw")
@@ -104,7 +147,14 @@ def test_read_vectors_into_equals_the_mapping_and_checks_its_output(tmp_path, n,
         np.testing.assert_array_equal(out[1:n + 1], data.vectors)
         assert np.isnan(out[0]).all() and np.isnan(out[n + 1]).all()  # nothing written outside
         strided = np.zeros((n, 2 * dim), np.float32)[:, ::2]
-        for bad in (np.zeros((n, dim), np.float64), np.zeros((n + 1, dim), np.float32), strided):
+        tail = np.empty((n - n // 2, dim), np.float32)
+        r.read_vectors_into(tail, start=n // 2)
+        np.testing.assert_array_equal(tail, data.vectors[n // 2:])
+        with pytest.raises(ValueError, match="outside"):
+            r.read_vectors_into(np.zeros((n + 1, dim), np.float32))
+        with pytest.raises(ValueError, match="outside"):
+            r.read_vectors_into(tail, start=n // 2 + 1)
+        for bad in (np.zeros((n, dim), np.float64), np.zeros((n, dim + 1), np.float32), strided):
             if bad is strided and bad.flags.c_contiguous:  # a 1 x 1 array is contiguous whatever its strides
                 continue
             with pytest.raises(ValueError, match="out must be"):

@@ -35,6 +35,7 @@ log = logging.getLogger("vibrato.engine")
 PQ_SUBSPACE_CHOICES = (16, 12, 10, 8, 6, 5, 4, 3, 2)
 L2_MERGE_MIN_SEGMENTS = 4
 PQ_TRAIN_SAMPLE = 65_536  # 256 rows per centroid, as faiss caps k-means training
+MERGE_CHUNK_BYTES = 8 << 20
 
 
 def choose_pq_m(dim: int) -> int:
@@ -173,17 +174,48 @@ def _fail(engine, jid, out_id, input_ids, registered, tmp, final, details, exc):
         log.error("could not record compaction failure: %s", e)
 
 
+def _vector_chunks(inputs, id_start: int, dim: int):
+    """The merged output's vectors in row order, MERGE_CHUNK_BYTES at a time, read from the inputs
+    with pread (tombstones and id gaps as zero rows). Returns a function that starts a new pass,
+    so the output can be written without ever holding all of it in memory."""
+    rows_per = max(1, MERGE_CHUNK_BYTES // (dim * 4))
+
+    def chunks():
+        buf = np.empty((rows_per, dim), dtype=np.float32)
+        cursor = id_start
+        for s in inputs:
+            gap = s.id_start - cursor  # ids replayed away between inputs
+            while gap > 0:
+                c = min(gap, rows_per)
+                buf[:c] = 0.0
+                yield buf[:c]
+                gap -= c
+            for lo in range(0, s.n, rows_per):
+                out = buf[:min(s.n, lo + rows_per) - lo]
+                s.reader.read_vectors_into(out, start=lo)
+                dead = ~s.live[lo:lo + out.shape[0]]
+                if dead.any():
+                    out[dead] = 0.0
+                yield out
+            cursor = s.id_end + 1
+    return chunks
+
+
 def merge(engine, inputs, out_level):
-    """SegmentData for the merged output (+ whether it is a PQ archive)."""
+    """SegmentData for the merged output (+ whether it is a PQ archive).
+
+    Archive outputs (which grow with the collection) stream their vectors: one pass gathers the PQ
+    training sample, one encodes, and the writer reads them twice more (checksum, write), each pass
+    holding MERGE_CHUNK_BYTES. Raw outputs hold their vectors, which the graph build needs."""
     from vibrato.index import HnswIndex
     from vibrato.pq import ProductQuantizer
-    from vibrato.segment import SegmentData, StringsCSR, TagsCSR
+    from vibrato.segment import SegmentData, StreamedVectors, StringsCSR, TagsCSR
 
     cfg = engine.config
     dim = engine.dim
     id_start, id_end = inputs[0].id_start, inputs[-1].id_end
     n = id_end - id_start + 1
-    vectors = np.zeros((n, dim), dtype=np.float32)
+    chunks = _vector_chunks(inputs, id_start, dim)
     live = np.zeros(n, dtype=bool)
     start = np.zeros(n, dtype=np.uint32)
     duration = np.zeros(n, dtype=np.uint32)
@@ -198,8 +230,6 @@ def merge(engine, inputs, out_level):
         a = s.id_start - id_start
         r = s.reader
         rows_live = s.live
-        r.read_vectors_into(vectors[a:a + s.n])
-        vectors[a:a + s.n][~rows_live] = 0.0
         live[a:a + s.n] = rows_live
         start[a:a + s.n] = np.where(rows_live, r.start_time_ms, 0)
         duration[a:a + s.n] = np.where(rows_live, r.duration_ms, 0)
@@ -216,18 +246,33 @@ def merge(engine, inputs, out_level):
     m = choose_pq_m(dim)
     # PQ training needs at least 256 rows (one per centroid)
     archive = out_level >= 2 and int(live.sum()) >= max(cfg.pq_min_rows, 256) and m > 0
-    common = dict(level=out_level, id_start=id_start, vectors=vectors, live=live, start_time_ms=start,
+    common = dict(level=out_level, id_start=id_start, live=live, start_time_ms=start,
                   duration_ms=duration, bpm=bpm, tags=tags, source_file=sources)
     if archive:
-        # Train on a sample gathered directly (not on a copy of every live row): the merge's peak
-        # memory stays one copy of the vectors however large the output grows.
         rows = np.flatnonzero(live)
         if rows.shape[0] > PQ_TRAIN_SAMPLE:
             rows = np.sort(np.random.default_rng(42).choice(rows, PQ_TRAIN_SAMPLE, replace=False))
+        sample = np.empty((rows.shape[0], dim), dtype=np.float32)
+        off = taken = 0
+        for chunk in chunks():
+            upto = int(np.searchsorted(rows, off + chunk.shape[0]))
+            sample[taken:upto] = chunk[rows[taken:upto] - off]
+            taken, off = upto, off + chunk.shape[0]
         pq = ProductQuantizer(dim, m)
-        pq.train(vectors[rows], seed=42, sample=PQ_TRAIN_SAMPLE)
-        codes = pq.encode(vectors)
-        return SegmentData(**common, pq_codebook=pq.to_bytes(), pq_codes=codes), True
+        pq.train(sample, seed=42, sample=PQ_TRAIN_SAMPLE)
+        del sample
+        codes = np.empty((n, pq.m), dtype=np.uint8)
+        off = 0
+        for chunk in chunks():
+            codes[off:off + chunk.shape[0]] = pq.encode(chunk)
+            off += chunk.shape[0]
+        return SegmentData(**common, vectors=StreamedVectors(n, dim, chunks), pq_codebook=pq.to_bytes(),
+                           pq_codes=codes), True
+    vectors = np.empty((n, dim), dtype=np.float32)
+    off = 0
+    for chunk in chunks():
+        vectors[off:off + chunk.shape[0]] = chunk
+        off += chunk.shape[0]
     index = HnswIndex(dim, m=cfg.hnsw_m, ef_construction=cfg.hnsw_ef_construction, seed=id_start)
     index.add(vectors, threads=build_threads())
-    return SegmentData(**common, graph=index.graph_bytes()), False
+    return SegmentData(**common, vectors=vectors, graph=index.graph_bytes()), False

@@ -11,13 +11,13 @@ Layout and rules: :mod:`vibrato.segment.format`. Typical use (the engine's check
         seg.vectors, seg.live, seg.metadata(0)
 """
 from vibrato._native.segio import SegmentChecksumError, SegmentFormatError
-from vibrato.segment.data import SegmentData, StringsCSR, TagsCSR
+from vibrato.segment.data import SegmentData, StreamedVectors, StringsCSR, TagsCSR
 from vibrato.segment.format import MADVISE_MODES, Section, SegmentKind
 from vibrato.segment.reader import SegmentReader
 from vibrato.segment.writer import SectionInfo, SegmentInfo, fsync_dir, publish_segment, write_segment_tmp
 
 __all__ = [
-    "SegmentData", "TagsCSR", "StringsCSR", "SegmentKind", "Section", "MADVISE_MODES",
+    "SegmentData", "StreamedVectors", "TagsCSR", "StringsCSR", "SegmentKind", "Section", "MADVISE_MODES",
     "write_segment_tmp", "publish_segment", "fsync_dir", "SegmentInfo", "SectionInfo",
     "SegmentReader", "SegmentFormatError", "SegmentChecksumError",
 ]

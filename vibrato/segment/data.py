@@ -196,6 +196,27 @@ class TagsCSR:
                        np.concatenate(ids).astype("<u4") if ids else np.zeros(0, dtype="<u4"))
 
 
+class StreamedVectors:
+    """(n, dim) float32 vectors produced in chunks instead of held in memory, so that writing a
+    large segment (a compaction's output) needs one chunk of memory, not the whole section.
+
+    ``chunks()`` must yield C-contiguous float32 arrays of shape (rows, dim), in row order, whose
+    rows add up to n; the writer calls it twice (checksum pass, then write pass) and checks that
+    both passes produce the same bytes. A yielded array may be reused by the next step.
+    """
+
+    dtype = np.dtype("<f4")
+    ndim = 2
+
+    def __init__(self, n: int, dim: int, chunks):
+        self.shape = (int(n), int(dim))
+        self.chunks = chunks
+
+    @property
+    def nbytes(self) -> int:
+        return self.shape[0] * self.shape[1] * 4
+
+
 @dataclass(eq=False)
 class SegmentData:
     """The content of one segment, validated and normalised on construction (and again on write).
@@ -211,7 +232,7 @@ class SegmentData:
 
     level: int
     id_start: int
-    vectors: np.ndarray  # (n, dim) float32; a non-contiguous array is copied once
+    vectors: np.ndarray | StreamedVectors  # (n, dim) float32; a non-contiguous array is copied once
     live: np.ndarray  # (n,) bool (or 0/1 integers); False = tombstone
     start_time_ms: np.ndarray  # (n,) integers in [0, 2^32)
     duration_ms: np.ndarray  # (n,) integers in [0, 2^32)
@@ -244,7 +265,7 @@ class SegmentData:
     def validate(self) -> "SegmentData":
         """Check every field and normalise it in place; raises ValueError naming the field."""
         v = self.vectors
-        if not isinstance(v, np.ndarray):
+        if not isinstance(v, (np.ndarray, StreamedVectors)):
             raise ValueError(f"vectors must be a numpy float32 array, got {type(v).__name__}")
         if v.dtype != np.float32:
             raise ValueError(f"vectors must have dtype float32, got {v.dtype}")
@@ -255,7 +276,8 @@ class SegmentData:
             raise ValueError(f"vectors must have 1..{F.MAX_COUNT} rows, got {n}")
         if not 1 <= dim <= F.MAX_DIM:
             raise ValueError(f"vectors must have dim in 1..{F.MAX_DIM}, got {dim}")
-        self.vectors = np.ascontiguousarray(v, dtype="<f4")
+        if isinstance(v, np.ndarray):
+            self.vectors = np.ascontiguousarray(v, dtype="<f4")
 
         self.level = _int_in(self.level, "level", 0, F.MAX_LEVEL)
         self.id_start = _int_in(self.id_start, "id_start", 0, F.MAX_ID - (n - 1))

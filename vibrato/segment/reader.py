@@ -223,24 +223,29 @@ class SegmentReader:
         self._check_open()
         return self._vectors
 
-    def read_vectors_into(self, out: np.ndarray) -> None:
-        """Copy every vector into ``out`` ((count, dim) float32, C-contiguous) with pread.
+    def read_vectors_into(self, out: np.ndarray, start: int = 0) -> None:
+        """Copy rows [start, start + len(out)) into ``out`` ((rows, dim) float32, C-contiguous) with
+        pread.
 
         For bulk copies (compaction): unlike reading through the mapping, this neither adds the
         file's pages to this process's resident set nor is slowed by MADV_RANDOM on the mapping.
         """
         self._check_open()
-        if out.dtype != np.float32 or out.shape != self._vectors.shape or not out.flags.c_contiguous:
-            raise ValueError(f"out must be a C-contiguous float32 array of shape {self._vectors.shape}")
-        off, length, _ = self._sections[_S.VECTORS.label]
+        n, dim = self._vectors.shape
+        if (not isinstance(out, np.ndarray) or out.dtype != np.float32 or out.ndim != 2 or out.shape[1] != dim
+                or not out.flags.c_contiguous):
+            raise ValueError(f"out must be a C-contiguous float32 array of shape (rows, {dim})")
+        if not 0 <= start <= n - out.shape[0]:
+            raise ValueError(f"rows [{start}, {start + out.shape[0]}) are outside the segment's {n} rows")
+        off = self._sections[_S.VECTORS.label][0] + start * dim * 4
         view = memoryview(out).cast("B")
-        done = 0
+        length, done = len(view), 0
         while done < length:
-            n = os.preadv(self._fd, [view[done:min(length, done + (64 << 20))]], off + done)
-            if n <= 0:
+            got = os.preadv(self._fd, [view[done:min(length, done + (64 << 20))]], off + done)
+            if got <= 0:
                 raise SegmentFormatError(f"{self._path}: vectors section ends early ({done} of {length} bytes)",
                                          self._path, "vectors")
-            done += n
+            done += got
 
     @property
     def live(self) -> np.ndarray:

@@ -20,7 +20,7 @@ import numpy as np
 
 from vibrato._native import segio as _segio
 from vibrato.segment import format as F
-from vibrato.segment.data import SegmentData
+from vibrato.segment.data import StreamedVectors, SegmentData
 
 _IOV_MAX = 1024  # Linux's UIO_MAXIOV
 _WRITE_CHUNK = 1 << 30  # stay below Linux's 0x7ffff000 bytes per write call
@@ -91,7 +91,34 @@ def _section_buffers(data: SegmentData) -> dict[F.Section, memoryview]:
         bufs[S.PQ_CODES] = data.pq_codes
     elif data.graph is not None:
         bufs[S.GRAPH] = data.graph
-    return {k: memoryview(b).cast("B") if not isinstance(b, bytes) else memoryview(b) for k, b in bufs.items()}
+    return {k: b if isinstance(b, StreamedVectors) else memoryview(b).cast("B") if not isinstance(b, bytes)
+            else memoryview(b) for k, b in bufs.items()}
+
+
+def _stream_chunks(stream: StreamedVectors):
+    """The stream's chunks as byte views, checked against its declared shape."""
+    n, dim = stream.shape
+    rows = 0
+    for chunk in stream.chunks():
+        if not (isinstance(chunk, np.ndarray) and chunk.dtype == np.float32 and chunk.ndim == 2
+                and chunk.shape[1] == dim and chunk.flags.c_contiguous):
+            raise ValueError(f"streamed vectors: a chunk must be a C-contiguous float32 (rows, {dim}) array")
+        rows += chunk.shape[0]
+        if rows > n:
+            raise ValueError(f"streamed vectors: more than the declared {n} rows")
+        if chunk.shape[0]:
+            yield memoryview(chunk).cast("B")
+    if rows != n:
+        raise ValueError(f"streamed vectors: {rows} rows, {n} declared")
+
+
+def _crc(buf) -> int:
+    if not isinstance(buf, StreamedVectors):
+        return _segio.crc32c(buf)
+    crc = 0
+    for chunk in _stream_chunks(buf):
+        crc = _segio.crc32c(chunk, crc)
+    return crc
 
 
 def _write_all(fd: int, bufs: list) -> int:
@@ -136,8 +163,9 @@ def write_segment_tmp(tmp_path, data: SegmentData) -> SegmentInfo:
     data.validate()
     path = os.fspath(tmp_path)
     bufs = _section_buffers(data)
-    offsets, file_size = F.plan_layout({k: len(b) for k, b in bufs.items()})
-    sections = {k: (offsets[k], len(b), _segio.crc32c(b)) for k, b in bufs.items()}
+    lengths = {k: b.nbytes if isinstance(b, StreamedVectors) else len(b) for k, b in bufs.items()}
+    offsets, file_size = F.plan_layout(lengths)
+    sections = {k: (offsets[k], lengths[k], _crc(b)) for k, b in bufs.items()}
     kind = data.kind
     has_graph = kind is F.SegmentKind.RAW and data.graph is not None
     header = F.pack_header(kind=kind, has_graph=has_graph, count=data.count, id_start=data.id_start, dim=data.dim,
@@ -146,17 +174,30 @@ def write_segment_tmp(tmp_path, data: SegmentData) -> SegmentInfo:
 
     pieces = [memoryview(header)]
     pos = len(header)
-    for sec in sorted(bufs, key=lambda k: (offsets[k], len(bufs[k]))):  # empty sections first at a tie
+    for sec in sorted(bufs, key=lambda k: (offsets[k], lengths[k])):  # empty sections first at a tie
         if offsets[sec] > pos:
             pieces.append(memoryview(bytes(offsets[sec] - pos)))
             pos = offsets[sec]
         pieces.append(bufs[sec])
-        pos += len(bufs[sec])
+        pos += lengths[sec]
     assert pos == file_size
 
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
     try:
-        written = _write_all(fd, pieces)
+        written, run = 0, []
+        for piece in pieces + [None]:
+            if piece is None or isinstance(piece, StreamedVectors):
+                written += _write_all(fd, run)
+                run = []
+            if isinstance(piece, StreamedVectors):
+                crc = 0
+                for chunk in _stream_chunks(piece):
+                    crc = _segio.crc32c(chunk, crc)
+                    written += _write_all(fd, [chunk])
+                if crc != sections[F.Section.VECTORS][2]:
+                    raise ValueError("streamed vectors: the write pass produced other bytes than the checksum pass")
+            elif piece is not None:
+                run.append(piece)
         if written != file_size:
             raise OSError(f"{path}: wrote {written} bytes, expected {file_size}")
         os.fsync(fd)
