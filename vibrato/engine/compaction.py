@@ -34,7 +34,10 @@ log = logging.getLogger("vibrato.engine")
 
 PQ_SUBSPACE_CHOICES = (16, 12, 10, 8, 6, 5, 4, 3, 2)
 L2_MERGE_MIN_SEGMENTS = 4
-PQ_TRAIN_SAMPLE = 65_536  # 256 rows per centroid, as faiss caps k-means training
+# Rows the archive codebook is trained on: 128 per centroid. Training holds this sample twice (ours
+# + the kernel's subspace copy), 32 MB at 128-d; on the text set recall@10 after the 80-candidate
+# rerank is 0.931 with 16k rows, 0.936 with all 20k.
+PQ_TRAIN_SAMPLE = 32_768
 MERGE_CHUNK_BYTES = 8 << 20
 
 
