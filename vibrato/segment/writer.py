@@ -20,7 +20,7 @@ import numpy as np
 
 from vibrato._native import segio as _segio
 from vibrato.segment import format as F
-from vibrato.segment.data import StreamedVectors, SegmentData
+from vibrato.segment.data import SegmentData, StreamedVectors
 
 _IOV_MAX = 1024  # Linux's UIO_MAXIOV
 _WRITE_CHUNK = 1 << 30  # stay below Linux's 0x7ffff000 bytes per write call
