@@ -38,7 +38,6 @@ class FilterIndex:
         self.size = 0  # one past the largest id known
         self._tags: dict[str, list] = {}          # sparse tags: posting parts
         self._dense: dict[str, np.ndarray] = {}    # dense tags: packed bitmaps over capacity
-        self._counts: dict[str, int] = {}          # postings held per sparse tag (pending excluded)
         self._pending: dict[str, list] = {}
 
     # ------------------------------------------------------------ building
@@ -64,17 +63,15 @@ class FilterIndex:
         if bits is not None:
             _set_bits(bits, ids)
             return
-        self._tags.setdefault(tag, []).append(ids)
-        count = self._counts.get(tag, 0) + ids.shape[0]
-        self._counts[tag] = count
-        if count * DENSE_FRACTION > self.bpm.shape[0]:
+        parts = self._tags.setdefault(tag, [])
+        parts.append(ids)
+        if sum(p.shape[0] for p in parts) * DENSE_FRACTION > self.bpm.shape[0]:
             bits = np.zeros(_bitmap_bytes(self.bpm.shape[0]), dtype=np.uint8)
             for part in self._tags.pop(tag):
                 _set_bits(bits, part)
             pending = self._pending.pop(tag, None)
             if pending:
                 _set_bits(bits, np.asarray(pending, dtype=np.int64))
-            self._counts.pop(tag, None)
             self._dense[tag] = bits
 
     def add_rows(self, ids: np.ndarray, bpm: np.ndarray, tags: list):
