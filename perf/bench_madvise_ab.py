@@ -177,22 +177,11 @@ class MemoryCgroup:
     def limit(self, nbytes: int):
         (self.path / "memory.limit_in_bytes").write_text(str(int(nbytes)))
 
-    def usage(self) -> int:
-        return int((self.path / "memory.usage_in_bytes").read_text())
-
     def remove(self):
         try:
             self.path.rmdir()
         except OSError:
             pass
-
-
-def anon_bytes(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 class ModeServer:
@@ -219,7 +208,7 @@ class ModeServer:
         # tables, graph) stay; mincore says how much that is.
         resident = drop_page_cache(dataset["data"])
         if cg is not None:
-            limit = anon_bytes(srv.pid) + 64 * 2**20 + CACHE_SHARE * segment_bytes(dataset["data"])
+            limit = srv.rss_anon_bytes() + 64 * 2**20 + CACHE_SHARE * segment_bytes(dataset["data"])
             cg.limit(limit)
             print(f"[madvise] {mode}: server in memory cgroup {cg.path.name}, limit {limit / 2**20:.0f} MiB "
                   f"(page cache share {CACHE_SHARE:.0%} of {segment_bytes(dataset['data']) / 2**20:.0f} MiB)")

@@ -172,12 +172,19 @@ class GateServer:
         self._close_logs()
 
     # -------------------------------------------------------------- process sampling (Linux /proc)
-    def rss_bytes(self) -> int:
+    def _status_bytes(self, field: str) -> int:
+        """A kB field of /proc/<pid>/status, in bytes (0 when absent)."""
         with open(f"/proc/{self.pid}/status") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
         return 0
+
+    def rss_bytes(self) -> int:
+        return self._status_bytes("VmRSS")
+
+    def rss_anon_bytes(self) -> int:
+        return self._status_bytes("RssAnon")
 
     def open_fds(self) -> int:
         return len(os.listdir(f"/proc/{self.pid}/fd"))

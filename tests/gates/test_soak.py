@@ -143,14 +143,6 @@ class Soak:
                 return
 
 
-def rss_anon(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 def write_plot(rows, png: Path):
     import matplotlib
     matplotlib.use("Agg")
@@ -217,7 +209,7 @@ def test_mixed_workload_soak():
                     ops = sum(soak.counts[k] for k in ("ingest", "query", "checkpoint", "compact"))
                     lat = [dt for (ts, dt) in soak.latencies if ts > last_t]
                 assert srv.alive(), f"server died during the soak:\n{srv.tail()}"
-                row = {"t_s": round(now - soak.t0, 2), "rss_bytes": srv.rss_bytes(), "rss_anon_bytes": rss_anon(srv.pid),
+                row = {"t_s": round(now - soak.t0, 2), "rss_bytes": srv.rss_bytes(), "rss_anon_bytes": srv.rss_anon_bytes(),
                        "open_fds": srv.open_fds(), "tmp_vdb_files": len(tmp_segment_files(data)),
                        "sqlite_wal_bytes": sqlite_wal_bytes(data),
                        "active_segments": admin.stats()["active_segments"], "ops_total": ops,
