@@ -33,6 +33,10 @@ def test_validation_messages(eng):
         eng.ingest_batch([{"vector": v, "metadata": {"bpm": float("nan")}}])
     with pytest.raises(BadRequestError, match="start_time_ms"):
         eng.ingest(v, {"start_time_ms": -1})
+    with pytest.raises(BadRequestError, match="duration_ms must be between 0 and 65535, got 65536"):
+        eng.ingest(v, {"duration_ms": 65536})
+    with pytest.raises(BadRequestError, match=r"vectors\[0\].metadata.duration_ms"):
+        eng.ingest_batch([{"vector": v, "metadata": {"duration_ms": 2**16}}])
     with pytest.raises(BadRequestError, match="tags has 65 tags; the limit is 64"):
         eng.ingest(v, {"tags": [f"t{i}" for i in range(65)]})
     with pytest.raises(BadRequestError, match="bpm_gte .* must be <= filter.bpm_lte"):
@@ -50,6 +54,7 @@ def test_validation_messages(eng):
     assert eng.identify([[1.0]], k=0) == []  # k=0 short-circuits before the dimension check
     assert eng.query(v, k=0) == []
     assert eng.stats()["total_vectors"] == 0, "nothing invalid was written"
+    assert eng.ingest(v, {"duration_ms": 65535})[1]  # the bound itself is accepted
 
 
 def test_tags_and_keys_are_normalised(eng):

@@ -103,6 +103,20 @@ VALIDATION_CASES = [
      ["metadata.source_id"]),
     ("/v2/vectors", {"vector": vec(1), "metadata": {"start_time_ms": 2**32}}, 422, "validation_error",
      ["metadata.start_time_ms"]),
+    # integer bounds of the contract: start_time_ms u32, duration_ms u16, k/ef u64 (single and batch)
+    ("/v2/vectors", {"vector": vec(1), "metadata": {"start_time_ms": -1}}, 422, "validation_error",
+     ["metadata.start_time_ms"]),
+    ("/v2/vectors", {"vector": vec(1), "metadata": {"duration_ms": 65536}}, 422, "validation_error",
+     ["metadata.duration_ms", "65535"]),
+    ("/v2/vectors", {"vector": vec(1), "metadata": {"duration_ms": -1}}, 422, "validation_error",
+     ["metadata.duration_ms"]),
+    ("/v2/vectors/batch", {"vectors": [{"vector": vec(1)}, {"vector": vec(1), "metadata": {"duration_ms": 70000}}]},
+     422, "validation_error", ["vectors[1].metadata.duration_ms", "65535"]),
+    ("/v2/vectors/batch", {"vectors": [{"vector": vec(1), "metadata": {"start_time_ms": 2**32}}]},
+     422, "validation_error", ["vectors[0].metadata.start_time_ms"]),
+    # (a raw body: 2**64 does not fit the client's JSON encoder)
+    ("/v2/query", '{"vector": %s, "k": %d}' % (vec(1), 2**64), 422, "validation_error", ["k"]),
+    ("/v2/identify", '{"vectors": [%s], "ef": %d}' % (vec(1), 2**64), 422, "validation_error", ["ef"]),
     ("/v2/vectors", {"vector": vec(1), "metadata": {"bpm": 1e39}}, 400, "bad_request", ["metadata.bpm"]),
     ("/v2/vectors", {"vector": vec(1), "metadata": {"tags": ["a" * 129]}}, 400, "bad_request",
      ["metadata.tags[0]", "129", "128"]),
@@ -128,7 +142,8 @@ def test_validation_errors_are_json_with_field_names(env):
     async def body(client, tokens):
         headers = auth(tokens["admin"])
         for path, payload, status, code, fragments in VALIDATION_CASES:
-            resp = await client.post(path, data=orjson.dumps(payload),
+            data = payload.encode() if isinstance(payload, str) else orjson.dumps(payload)
+            resp = await client.post(path, data=data,
                                      headers={**headers, "Content-Type": "application/json"})
             await expect_error(resp, status, code, *fragments)
     run(env, body)

@@ -16,6 +16,7 @@ from vibrato.errors import BadRequestError
 
 F32_MAX = float(np.finfo(np.float32).max)
 U32_MAX = 2**32 - 1
+U16_MAX = 2**16 - 1  # duration_ms is a u16 in the contract, though segments store it as u32
 METADATA_FIELDS = ("source_file", "start_time_ms", "duration_ms", "bpm", "tags")
 FILTER_FIELDS = ("tags_any", "tags_all", "bpm_gte", "bpm_lte")
 SEARCH_TIERS = ("active", "all", "archive")
@@ -81,8 +82,8 @@ def check_metadata(meta, limits: Limits, where: str = "metadata") -> tuple:
         raise BadRequestError(f"{where}.source_file must be a string")
     if _utf8_len_over(src, limits.max_source_file_bytes):
         raise BadRequestError(f"{where}.source_file is longer than {limits.max_source_file_bytes} bytes")
-    start = _uint32(meta.get("start_time_ms", 0), f"{where}.start_time_ms")
-    dur = _uint32(meta.get("duration_ms", 0), f"{where}.duration_ms")
+    start = _uint(meta.get("start_time_ms", 0), f"{where}.start_time_ms")
+    dur = _uint(meta.get("duration_ms", 0), f"{where}.duration_ms", U16_MAX)
     bpm = meta.get("bpm", 0.0)
     if isinstance(bpm, bool) or not isinstance(bpm, (int, float)):
         raise BadRequestError(f"{where}.bpm must be a number")
@@ -108,16 +109,16 @@ def check_tags(tags, limits: Limits, where: str) -> list[str]:
     return normalize_tags(tags)
 
 
-def _uint32(value, where):
-    if type(value) is int and 0 <= value <= U32_MAX:
+def _uint(value, where, maximum=U32_MAX):
+    if type(value) is int and 0 <= value <= maximum:
         return value
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         if isinstance(value, float) and value.is_integer():
             value = int(value)
         else:
             raise BadRequestError(f"{where} must be an integer")
-    if not 0 <= value <= U32_MAX:
-        raise BadRequestError(f"{where} must be between 0 and {U32_MAX}, got {value}")
+    if not 0 <= value <= maximum:
+        raise BadRequestError(f"{where} must be between 0 and {maximum}, got {value}")
     return int(value)
 
 

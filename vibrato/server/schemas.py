@@ -289,7 +289,7 @@ class Object(Spec):
 METADATA = Object("Metadata", {
     "source_file": (Str(limit=("max_source_file_bytes", "--max-source-file-bytes")), False, ""),
     "start_time_ms": (Int(U32_MAX), False, 0),
-    "duration_ms": (Int(U32_MAX), False, 0),
+    "duration_ms": (Int(U16_MAX), False, 0),
     "bpm": (Float32(), False, 0.0),
     "tags": (Tags(description="trimmed, lower-cased, sorted and de-duplicated on ingest"), False, []),
 }, description="Frame metadata; every field is optional")
