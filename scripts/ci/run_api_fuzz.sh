@@ -10,6 +10,6 @@
 # Knobs: VIBRATO_FUZZ_MAX_EXAMPLES (100 per operation and mode), VIBRATO_FUZZ_REQUEST_TIMEOUT_SECS (10).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-PY=python3; [ -x .venv/bin/python ] && PY=.venv/bin/python
+. scripts/lib/venv.sh  # installs what the script needs (quietly when up to date); sets PY
 set -x
 "$PY" -m pytest tests/gates/test_api_fuzz.py -p no:cacheprovider -o addopts="" -rA -s --timeout=0 "$@"

@@ -14,7 +14,7 @@
 # gate fails when acknowledged writes are lost).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-PY=python3; [ -x .venv/bin/python ] && PY=.venv/bin/python
+. scripts/lib/venv.sh  # installs what the script needs (quietly when up to date); sets PY
 export VIBRATO_CRASH_SEEDS="${VIBRATO_CRASH_SEEDS:-10}"
 export VIBRATO_JEPSEN_CRASH_SEEDS="${VIBRATO_JEPSEN_CRASH_SEEDS:-2}"
 echo "[crash-matrix] VIBRATO_CRASH_SEEDS=$VIBRATO_CRASH_SEEDS VIBRATO_JEPSEN_CRASH_SEEDS=$VIBRATO_JEPSEN_CRASH_SEEDS"

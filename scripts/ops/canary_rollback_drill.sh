@@ -14,6 +14,6 @@
 # VIBRATO_CANARY_MAX_QUERY_P99_MS (250), VIBRATO_CANARY_DIM (16, seeded mode).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-PY=python3; [ -x .venv/bin/python ] && PY=.venv/bin/python
+. scripts/lib/venv.sh  # installs what the script needs (quietly when up to date); sets PY
 set -x
 exec "$PY" scripts/ops/canary_drill.py "$@"

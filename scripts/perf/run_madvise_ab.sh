@@ -14,7 +14,7 @@
 # (pytest-benchmark) and perf/results/madvise_ab_summary.json.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-PY=python3; [ -x .venv/bin/python ] && PY=.venv/bin/python
+. scripts/lib/venv.sh  # installs what the script needs (quietly when up to date); sets PY
 mkdir -p perf/results
 OUT="perf/results/madvise_ab_$(date +%Y%m%d-%H%M%S).json"
 echo "[madvise] VIBRATO_ENFORCE_MADVISE_GATE=${VIBRATO_ENFORCE_MADVISE_GATE:-0} rows=${VIBRATO_MADVISE_ROWS:-250000} dim=${VIBRATO_MADVISE_DIM:-512}"

@@ -11,6 +11,6 @@
 # _ENABLE_ADMIN_CHAOS (0), _MAX_ELAPSED_SECS (0 = report only), _STARTUP_RETRIES (4).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-PY=python3; [ -x .venv/bin/python ] && PY=.venv/bin/python
+. scripts/lib/venv.sh  # installs what the script needs (quietly when up to date); sets PY
 set -x
 exec "$PY" perf/stress_million_ops.py "$@"

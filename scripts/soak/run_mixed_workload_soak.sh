@@ -14,7 +14,7 @@
 # VIBRATO_SOAK_WORKERS (4), VIBRATO_SOAK_OUT (perf/results/soak: CSV + PNG per run).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-PY=python3; [ -x .venv/bin/python ] && PY=.venv/bin/python
+. scripts/lib/venv.sh  # installs what the script needs (quietly when up to date); sets PY
 export VIBRATO_SOAK_SECS="${VIBRATO_SOAK_SECS:-90}"
 export VIBRATO_SOAK_SEED="${VIBRATO_SOAK_SEED:-42}"
 echo "[soak] VIBRATO_SOAK_SECS=$VIBRATO_SOAK_SECS VIBRATO_SOAK_SEED=$VIBRATO_SOAK_SEED"
