@@ -8,6 +8,7 @@ Paths stored in the catalog or a journal are hostile input (a tampered snapshot 
 catalog): each one must be a plain file name inside its expected sub-directory, and is resolved
 with `resolve_rel`, never joined blindly. Files are opened with O_NOFOLLOW.
 """
+import errno
 import os
 import stat
 from pathlib import Path
@@ -54,3 +55,18 @@ def resolve_rel(data_dir, rel, subdir: str, what: str) -> Path:
     if not isinstance(rel, str) or not rel.startswith(subdir + "/"):
         raise UnsafePathError(f"{what}: {rel!r} is not inside {subdir}/")
     return Path(data_dir) / subdir / plain_name(rel[len(subdir) + 1:], what)
+
+
+def open_regular(path, flags: int = os.O_RDONLY, *, dir_fd=None, what: str = "file") -> int:
+    """os.open that never follows a symlink and accepts only a regular file (UnsafePathError else).
+    FileNotFoundError passes through, so callers can tell "missing" from "unsafe"."""
+    try:
+        fd = os.open(os.fspath(path), flags | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UnsafePathError(f"{what} {os.fspath(path)!r} is a symlink; only regular files are accepted") from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise UnsafePathError(f"{what} {os.fspath(path)!r} is not a regular file")
+    return fd
