@@ -235,7 +235,10 @@ async def _serve(config: Config) -> None:
         log.info(f"Starting Vibrato v2 server on http://{shown}:{config.port}",
                  extra={"fields": {"data_dir": str(config.data_dir), "collection": config.collection,
                                    "dim": config.dim, "pid": os.getpid()}})
+        from vibrato.server.notify import Notifier  # systemd READY=1/STOPPING=1; no-op without NOTIFY_SOCKET
+        notifier = Notifier.start(app[K.ENGINE])
         await stop.wait()
+        notifier.stopping()
         log.info("shutdown requested: no longer accepting connections, finishing in-flight requests",
                  extra={"fields": {"in_flight": app[K.INFLIGHT].count}})
         for s in list(runner.sites):
