@@ -76,8 +76,16 @@ def _open_catalog(data_dir) -> Catalog:
 
 
 def _mkdirs(*paths) -> None:
+    """mkdir -p where every directory created (parents too, unlike os.makedirs) gets DIR_MODE."""
     for p in paths:
-        Path(p).mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+        p = Path(p)
+        for d in [*reversed(p.parents), p]:
+            if d.is_dir():
+                continue
+            try:
+                d.mkdir(mode=DIR_MODE)
+            except FileExistsError:
+                pass
 
 
 def _create_file(path) -> int:
