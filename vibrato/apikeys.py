@@ -60,6 +60,13 @@ class InvalidAuthError(AuthError):
         super().__init__("invalid api key")
 
 
+class DuplicateAuthError(AuthError):
+    code, status, outcome = "bad_request", 400, "invalid"
+
+    def __init__(self):
+        super().__init__("more than one Authorization header")
+
+
 class ForbiddenError(AuthError):
     code, status, outcome = "forbidden", 403, "forbidden"
 
@@ -89,6 +96,18 @@ def parse_roles(text: str) -> tuple[str, ...]:
         if role in ROLES and role not in out:
             out.append(role)
     return tuple(out)
+
+
+def single_authorization(values) -> str | None:
+    """The one ``Authorization`` header value of a request (None when absent).
+
+    Several headers are ambiguous (one hop may read the first, the next the last): DuplicateAuthError (400).
+    """
+    if not values:
+        return None
+    if len(values) > 1:
+        raise DuplicateAuthError()
+    return values[0]
 
 
 def parse_authorization(value: str | None) -> tuple[str, str]:

@@ -108,7 +108,9 @@ def cli():
                                         "--sqlite-wal-autocheckpoint-pages", "--quarantine-max-files",
                                         "--quarantine-max-bytes", "--orphan-ttl-hours", "--vector-madvise-mode"])
 @click.option_panel("Network", options=["--port", "--host", "--public-health-metrics", "--bootstrap-admin-key",
-                                        "--shutdown-timeout-secs", "--server-threads", "--log-level"])
+                                        "--shutdown-timeout-secs", "--server-threads", "--log-level",
+                                        "--keepalive-timeout-secs", "--header-timeout-secs", "--body-timeout-secs",
+                                        "--max-connections"])
 @click.option_panel("Background work", options=["--checkpoint-interval-secs", "--compaction-interval-secs",
                                                 "--audio-colocated", "--background-io-mb-per-sec",
                                                 "--hot-index-shards", "--audit-retention-days"])
@@ -155,6 +157,18 @@ def cli():
               show_default=True, help="Audit rows older than this are pruned (0 keeps them).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
               default="info", show_default=True, help="JSON log lines go to stderr.")
+@click.option("--keepalive-timeout-secs", type=click.FloatRange(0, min_open=True),
+              default=_DEFAULTS.keepalive_timeout_secs, show_default=True,
+              help="Close a connection idle (no request in progress) this long, also before its first request.")
+@click.option("--header-timeout-secs", type=click.FloatRange(0, min_open=True),
+              default=_DEFAULTS.header_timeout_secs, show_default=True,
+              help="Time to receive a whole request head from its first byte (408 and close after).")
+@click.option("--body-timeout-secs", type=click.FloatRange(0), default=_DEFAULTS.body_timeout_secs,
+              show_default=True,
+              help="Time to receive a request body after its head (408 and close after); "
+                   "0 = max(30, --max-body-bytes / 64 KiB/s).")
+@click.option("--max-connections", type=click.IntRange(1), default=_DEFAULTS.max_connections, show_default=True,
+              help="Open client connections; beyond it new ones are answered 503 and closed.")
 @click.option("--max-body-bytes", type=click.IntRange(1), default=_LIMITS.max_body_bytes, show_default=True,
               help="Largest JSON request body (413 above it).")
 @click.option("--max-k", type=click.IntRange(1), default=_LIMITS.max_k, show_default=True)
@@ -175,7 +189,8 @@ def serve_v2(data_dir, collection, dim, port, host, checkpoint_interval_secs, co
              sqlite_wal_autocheckpoint_pages, quarantine_max_files, quarantine_max_bytes, background_io_mb_per_sec,
              hot_index_shards, vector_madvise_mode, bootstrap_admin_key, shutdown_timeout_secs, server_threads,
              audit_retention_days, log_level, max_body_bytes, max_k, max_ef, max_batch, max_identify_frames,
-             max_tags, max_tag_bytes, max_source_file_bytes, max_idempotency_key_bytes):
+             max_tags, max_tag_bytes, max_source_file_bytes, max_idempotency_key_bytes, keepalive_timeout_secs,
+             header_timeout_secs, body_timeout_secs, max_connections):
     """Run the v2 HTTP server until SIGTERM/SIGINT (graceful shutdown, exit 0)."""
     from vibrato.server import logs
     from vibrato.server.app import serve
@@ -186,6 +201,8 @@ def serve_v2(data_dir, collection, dim, port, host, checkpoint_interval_secs, co
             public_health_metrics=public_health_metrics, bootstrap_admin_key=bootstrap_admin_key,
             shutdown_timeout_secs=shutdown_timeout_secs, audit_retention_days=audit_retention_days,
             server_threads=server_threads, log_level=log_level.lower(),
+            keepalive_timeout_secs=keepalive_timeout_secs, header_timeout_secs=header_timeout_secs,
+            body_timeout_secs=body_timeout_secs, max_connections=max_connections,
             checkpoint_interval_secs=checkpoint_interval_secs, compaction_interval_secs=compaction_interval_secs,
             orphan_ttl_hours=orphan_ttl_hours, audio_colocated=audio_colocated,
             background_io_mb_per_sec=background_io_mb_per_sec, catalog_read_timeout_ms=catalog_read_timeout_ms,

@@ -37,6 +37,10 @@ class Config:
     audit_retention_days: int = 30        # audit rows older than this are pruned (0 keeps them forever)
     server_threads: int = 0               # executor threads for blocking work; 0 = min(32, 4 * cpus + 4)
     key_cache_ttl_secs: float = 1.0       # API-key cache entry lifetime; revocation applies within it (D17)
+    keepalive_timeout_secs: float = 75.0  # an idle connection (no request in progress) is closed after this
+    header_timeout_secs: float = 10.0     # time allowed to receive a request head, from its first byte
+    body_timeout_secs: float = 0.0        # time allowed to receive a body; 0 = max(30 s, max_body_bytes / 64 KiB/s)
+    max_connections: int = 1024           # open client connections; beyond it new ones get 503 and are closed
     log_level: str = "info"
     # background work
     checkpoint_interval_secs: int = 30
@@ -67,6 +71,13 @@ class Config:
     vector_madvise_mode: str = "normal"
     limits: Limits = field(default_factory=Limits)
 
+    @property
+    def effective_body_timeout_secs(self) -> float:
+        """--body-timeout-secs, or when 0 the time to receive --max-body-bytes at 64 KiB/s (at least 30 s)."""
+        if self.body_timeout_secs > 0:
+            return float(self.body_timeout_secs)
+        return max(30.0, self.limits.max_body_bytes / 65536.0)
+
     def replace(self, **changes) -> "Config":
         return dataclasses.replace(self, **changes)
 
@@ -84,6 +95,11 @@ class Config:
                      "quarantine_max_files", "quarantine_max_bytes", "background_io_mb_per_sec"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        for name in ("keepalive_timeout_secs", "header_timeout_secs", "max_connections"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
+        if self.body_timeout_secs < 0:
+            raise ValueError(f"--body-timeout-secs must be >= 0, got {self.body_timeout_secs}")
         for name, lo, hi in (("hot_exact_rows", 16, 1 << 22), ("checkpoint_max_rows", 1, 1 << 24),
                              ("compaction_max_inputs", 2, 64), ("hnsw_m", 2, 256),
                              ("hnsw_ef_construction", 1, 4096), ("archive_rerank_factor", 1, 1024)):

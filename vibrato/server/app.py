@@ -11,9 +11,11 @@ cleanup contexts when the app starts (STYLE (d)), in this order, and closed in r
 3. audit writer — flushes every 250 ms / 500 events; flushed on shutdown.
 4. background loops — a readiness watcher that logs when recovery finishes.
 
-`serve(config)` runs the app until SIGTERM/SIGINT, then shuts down gracefully (SPEC D22): stop
-accepting, let in-flight requests finish (up to `shutdown_timeout_secs`), flush the audit queue,
-`engine.close()` (TRUNCATE-checkpoints the SQLite WAL and releases the lock).
+`serve(config)` runs the app behind the hardened connection layer of `protocol.py` (keep-alive,
+header and body timeouts, the connection cap, value-free 400s) until SIGTERM/SIGINT, then shuts
+down gracefully (SPEC D22): stop accepting, let in-flight requests finish (up to
+`shutdown_timeout_secs`), flush the audit queue, `engine.close()` (TRUNCATE-checkpoints the SQLite
+WAL and releases the lock).
 """
 import asyncio
 import logging
@@ -34,7 +36,9 @@ from vibrato.server import openapi
 from vibrato.server import state as K
 from vibrato.server.audit import AuditWriter
 from vibrato.server.metrics import ServerMetrics
-from vibrato.server.middlewares import access_middleware, auth_middleware, error_middleware, request_id_middleware
+from vibrato.server.middlewares import (access_middleware, auth_middleware, deferred_expect_handler, error_middleware,
+                                        request_id_middleware)
+from vibrato.server.protocol import loop_exception_handler, make_runner
 from vibrato.server.schemas import Validator
 from vibrato.server.state import Policy
 
@@ -105,9 +109,9 @@ def create_app(config: Config, engine=None) -> web.Application:
     app[K.METRICS].in_flight_fn = lambda: inflight.count
     for r in ROUTES:
         if r.method == "GET":
-            app.router.add_get(r.path, r.handler)
+            app.router.add_get(r.path, r.handler, expect_handler=deferred_expect_handler)
         else:
-            app.router.add_route(r.method, r.path, r.handler)
+            app.router.add_route(r.method, r.path, r.handler, expect_handler=deferred_expect_handler)
     holder = _Resources(engine)
     app.cleanup_ctx.append(holder.engine_ctx)
     app.cleanup_ctx.append(holder.executor_ctx)
@@ -207,14 +211,41 @@ def serve(config: Config) -> None:
     asyncio.run(_serve(config))
 
 
+FD_RESERVE = 256  # descriptors kept for the engine (catalog, segments, WAL), logs and refused sockets
+
+
+def fd_budget(max_connections: int) -> int:
+    """Raise the soft open-file limit to fit `max_connections` plus FD_RESERVE if the hard limit
+    allows; otherwise warn and return the connection cap that does fit."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not POSIX
+        return max_connections
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = max_connections + FD_RESERVE
+    if soft != resource.RLIM_INFINITY and soft < want:
+        target = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    if soft != resource.RLIM_INFINITY and soft < want:
+        cap = max(1, min(max_connections, soft - FD_RESERVE if soft > 2 * FD_RESERVE else soft // 2))
+        log.warning("open-file limit %d is below --max-connections %d + %d reserved; capping connections at %d "
+                    "(raise `ulimit -n` / LimitNOFILE=)", soft, max_connections, FD_RESERVE, cap)
+        return cap
+    return max_connections
+
+
 async def _serve(config: Config) -> None:
     loop = asyncio.get_running_loop()
+    loop.set_exception_handler(loop_exception_handler)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     app = create_app(config)
-    runner = web.AppRunner(app, handle_signals=False, access_log=None,
-                           shutdown_timeout=config.shutdown_timeout_secs)
+    runner = make_runner(app, config.replace(max_connections=fd_budget(config.max_connections)))
     try:
         await runner.setup()
     except BaseException:

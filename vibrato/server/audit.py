@@ -9,6 +9,14 @@ counted. `close()` flushes what is left (graceful shutdown, SPEC D22).
 
 Rows carry the request time (not the flush time, which has its own column), the key id, the client
 address, the endpoint, the action, the status, the latency and JSON details.
+
+Auth failures are aggregated so a flood of bad tokens cannot fill the table: per (client address,
+endpoint, status) and window (`auth_window_secs`, 60 s from the first failure), the first failure
+is written as usual; later ones are only counted, and when the window ends one summary row is
+written with `details = {"error", "aggregated": true, "count": <failures after the first>,
+"first_ts", "last_ts", "window_secs"}` (ts, request id and error of the last one, mean latency).
+At most `auth_max_keys` windows are tracked; failures of further keys are counted in one overflow
+summary (client `NULL`, endpoint `*`, `"overflow": true`) — memory stays bounded.
 """
 import asyncio
 import logging
@@ -22,9 +30,33 @@ from vibrato.catalog import audit as audit_sql
 log = logging.getLogger("vibrato.audit")
 
 
+class _Window:
+    __slots__ = ("ends", "count", "first_ts", "last_ts", "request_id", "action", "status", "latency_sum", "error")
+
+    def __init__(self, ends: float):
+        self.ends = ends
+        self.count = 0
+        self.first_ts = self.last_ts = 0.0
+        self.request_id = self.action = self.error = ""
+        self.status = 0
+        self.latency_sum = 0.0
+
+    def add(self, ts, request_id, action, status, latency_ms, error):
+        if not self.count:
+            self.first_ts = ts
+        self.count += 1
+        self.last_ts = ts
+        self.request_id, self.action, self.status, self.error = request_id, action, status, error
+        self.latency_sum += latency_ms
+
+
+_OVERFLOW = ("*overflow*",)
+
+
 class AuditWriter:
     def __init__(self, catalog, metrics, *, interval: float = 0.25, batch: int = 500, capacity: int = 4096,
-                 retention_days: int = 30, prune_every_secs: float = 3600.0):
+                 retention_days: int = 30, prune_every_secs: float = 3600.0, auth_window_secs: float = 60.0,
+                 auth_max_keys: int = 1024):
         self.catalog = catalog
         self.metrics = metrics
         self.interval = interval
@@ -38,10 +70,55 @@ class AuditWriter:
         self._task = None
         self._prune_task = None
         self._closing = False
+        self.auth_window_secs = auth_window_secs
+        self.auth_max_keys = auth_max_keys
+        self._windows = {}  # (client_ip, endpoint, status) -> _Window, in window-end order
 
     def record(self, *, ts: float, request_id: str, api_key_id, endpoint: str, action: str, status: int,
-               latency_ms: float, client_ip, details: dict) -> None:
-        """Queue one event (non-blocking; drops and counts when the queue is full)."""
+               latency_ms: float, client_ip, details: dict, auth_failure: bool = False) -> None:
+        """Queue one event (non-blocking; drops and counts when the queue is full). An auth failure
+        within the window of an earlier one from the same client, endpoint and status is only counted."""
+        if auth_failure and self._aggregated(ts, request_id, endpoint, action, status, latency_ms, client_ip,
+                                             details):
+            return
+        self._append(ts, request_id, api_key_id, endpoint, action, status, latency_ms, client_ip, details)
+
+    def _aggregated(self, ts, request_id, endpoint, action, status, latency_ms, client_ip, details) -> bool:
+        now = time.monotonic()
+        self._expire(now)
+        key = (client_ip, endpoint, int(status))
+        window = self._windows.get(key)
+        if window is None:
+            if len(self._windows) < self.auth_max_keys:
+                self._windows[key] = _Window(now + self.auth_window_secs)
+                return False  # the first failure of a window is written in full
+            key = _OVERFLOW
+            window = self._windows.get(key)
+            if window is None:  # the overflow window itself may exceed the cap by one
+                window = self._windows[key] = _Window(now + self.auth_window_secs)
+        window.add(ts, request_id, action, int(status), latency_ms, str(details.get("error", "")))
+        return True
+
+    def _expire(self, now: float, everything: bool = False) -> None:
+        """Write the summary of every window that ended (all of them when closing)."""
+        windows = self._windows
+        while windows:
+            key = next(iter(windows))
+            window = windows[key]
+            if window.ends > now and not everything:
+                break
+            del windows[key]
+            if window.count:
+                overflow = key is _OVERFLOW
+                details = {"error": window.error, "aggregated": True, "count": window.count,
+                           "first_ts": round(window.first_ts, 3), "last_ts": round(window.last_ts, 3),
+                           "window_secs": self.auth_window_secs}
+                if overflow:
+                    details["overflow"] = True
+                self._append(window.last_ts, window.request_id, None, "*" if overflow else key[1], window.action,
+                             window.status, window.latency_sum / window.count, None if overflow else key[0], details)
+
+    def _append(self, ts, request_id, api_key_id, endpoint, action, status, latency_ms, client_ip, details):
         if len(self._queue) >= self.capacity:
             self.metrics.audit_failures += 1
             return
@@ -65,6 +142,7 @@ class AuditWriter:
             await self.flush()
 
     async def flush(self):
+        self._expire(time.monotonic(), everything=self._closing)
         while self._queue:
             n = min(len(self._queue), self.batch)
             now = int(time.time())

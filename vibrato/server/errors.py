@@ -4,8 +4,9 @@ Codes are stable snake_case; messages name the field, the bad value and the limi
 """
 from vibrato.errors import BadRequestError, VibratoError
 
-__all__ = ["BadRequestError", "InvalidJsonError", "MethodNotAllowedError", "NotFoundRouteError",
-           "PayloadTooLargeError", "UnsupportedMediaTypeError", "ValidationError", "error_body"]
+__all__ = ["BadRequestError", "ExpectationFailedError", "InvalidJsonError", "MethodNotAllowedError",
+           "NotFoundRouteError", "PayloadTooLargeError", "RequestTimeoutError", "UnsupportedMediaTypeError",
+           "ValidationError", "error_body"]
 
 
 class ValidationError(VibratoError):
@@ -28,6 +29,18 @@ class PayloadTooLargeError(VibratoError):
 class UnsupportedMediaTypeError(VibratoError):
     code = "unsupported_media_type"
     status = 415
+
+
+class RequestTimeoutError(VibratoError):
+    """The request body did not arrive within --body-timeout-secs (408; the connection is closed)."""
+    code = "request_timeout"
+    status = 408
+
+
+class ExpectationFailedError(VibratoError):
+    """An `Expect` header other than 100-continue (417)."""
+    code = "expectation_failed"
+    status = 417
 
 
 class NotFoundRouteError(VibratoError):

@@ -8,7 +8,9 @@
 3. `error_middleware` — every exception becomes a JSON `{"code","message"}` response; unexpected
    ones are logged with their traceback and answered 500.
 4. `auth_middleware` — checks the API key before the body is read (SPEC D15). A cached key costs
-   no I/O; a cache miss does one catalog read on the executor.
+   no I/O; a cache miss does one catalog read on the executor. More than one `Authorization`
+   header is a 400. `Expect: 100-continue` is answered only after authorization (the routes'
+   `expect_handler` defers it here), so an unauthenticated client never gets to send its body.
 """
 import asyncio
 import logging
@@ -17,16 +19,21 @@ import secrets
 import time
 
 import orjson
-from aiohttp import web
+from aiohttp import http_exceptions, web
+from aiohttp.http import HttpVersion11
+from aiohttp.web_protocol import RequestPayloadError
 
 from vibrato import apikeys
 from vibrato.errors import VibratoError
 from vibrato.server import state as K
-from vibrato.server.errors import MethodNotAllowedError, NotFoundRouteError, error_body
+from vibrato.server.errors import (ExpectationFailedError, MethodNotAllowedError, NotFoundRouteError,
+                                   error_body)
 from vibrato.server.logs import REQUEST_ID
 
 log = logging.getLogger("vibrato.server")
 access_log = logging.getLogger("vibrato.access")
+
+EXPECT_REFUSED = web.RequestKey("expect_refused", bool)  # a final answer to an unanswered Expect
 
 
 def json_response(payload, status: int = 200, headers=None) -> web.Response:
@@ -61,8 +68,10 @@ async def request_id_middleware(request: web.Request, handler):
     try:
         response = await handler(request)
         response.headers["x-request-id"] = rid
-        if inflight.draining:
-            response.force_close()  # shutting down: no further requests on this connection
+        if inflight.draining or request.get(EXPECT_REFUSED, False):
+            # Shutting down, or the client still holds a body it was told not to send (or was
+            # cut off mid-body): no further requests on this connection.
+            response.force_close()
         return response
     finally:
         REQUEST_ID.reset(token)
@@ -96,7 +105,8 @@ async def access_middleware(request: web.Request, handler):
             details = {"error": request.get(K.ERROR_MESSAGE, "")}
         app[K.AUDIT].record(ts=ts, request_id=request[K.REQUEST_ID], api_key_id=request.get(K.KEY_ID),
                             endpoint=policy.path, action=policy.action, status=status,
-                            latency_ms=elapsed * 1000.0, client_ip=request.remote, details=details)
+                            latency_ms=elapsed * 1000.0, client_ip=request.remote, details=details,
+                            auth_failure=auth_failed)
     if access_log.isEnabledFor(logging.INFO):
         access_log.info("request", extra={"fields": {
             "method": request.method, "path": request.path, "status": status,
@@ -112,7 +122,16 @@ async def error_middleware(request: web.Request, handler):
         request[K.ERROR_MESSAGE] = exc.message
         if exc.status >= 500 and not isinstance(exc, apikeys.AuthError):
             log.error("%s: %s", exc.code, exc.message)
+        if exc.status == 408:
+            request[EXPECT_REFUSED] = True  # the rest of the body is not read: close the connection
         return json_response(error_body(exc.code, exc.message), exc.status)
+    except (RequestPayloadError, http_exceptions.HttpProcessingError) as exc:
+        # Broken body framing (chunked encoding, content length, compression). The exception text
+        # quotes request bytes, so neither it nor a traceback is logged or echoed.
+        request[K.ERROR_MESSAGE] = "malformed request body"
+        request[EXPECT_REFUSED] = True
+        log.info("malformed request body: %s", type(exc).__name__)
+        return json_response(error_body("bad_request", "malformed request body"), 400)
     except web.HTTPException as exc:
         headers = {}
         if exc.status == 405:
@@ -138,6 +157,24 @@ def _http_code(status: int) -> str:
             413: "payload_too_large", 415: "unsupported_media_type"}.get(status, f"http_{status}")
 
 
+async def deferred_expect_handler(request: web.Request) -> None:
+    """The routes' `expect_handler`: aiohttp's default would send `100 Continue` before any
+    middleware runs; `auth_middleware` sends it once the request is authorized."""
+    return None
+
+
+async def _continue(request: web.Request) -> None:
+    """Answer an `Expect` header (HTTP/1.1 only, like aiohttp's default handler)."""
+    expect = request.headers.get("Expect")
+    if expect is None or request.version != HttpVersion11:
+        return
+    if expect.strip().lower() != "100-continue":
+        request[EXPECT_REFUSED] = True
+        raise ExpectationFailedError("unsupported Expect header; only 100-continue is supported")
+    await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    request.writer.output_size = 0  # the interim response is not the response
+
+
 @web.middleware
 async def auth_middleware(request: web.Request, handler):
     policy = route_policy(request)
@@ -147,10 +184,13 @@ async def auth_middleware(request: web.Request, handler):
     if policy.public_when_flag and request.app[K.CONFIG].public_health_metrics:
         role = None
     if role is None:
+        if "Expect" in request.headers:
+            await _continue(request)
         return await handler(request)
     store = request.app[K.KEYSTORE]
     try:
-        key_id, secret = apikeys.parse_authorization(request.headers.get("Authorization"))
+        key_id, secret = apikeys.parse_authorization(apikeys.single_authorization(
+            request.headers.getall("Authorization", ())))
         record = store.lookup(key_id)
         if record is store.MISS:
             loop = asyncio.get_running_loop()
@@ -161,6 +201,10 @@ async def auth_middleware(request: web.Request, handler):
         request.app[K.METRICS].auth_failures += 1
         if isinstance(exc, apikeys.AuthBackendError):
             log.error("auth backend failure: %s", exc.__cause__)
+        if "Expect" in request.headers:
+            request[EXPECT_REFUSED] = True
         raise
     request[K.KEY_ID] = key_id
+    if "Expect" in request.headers:
+        await _continue(request)
     return await handler(request)
