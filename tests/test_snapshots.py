@@ -2,6 +2,7 @@
 snapshot lifecycle commands (list, verify, prune, create --out-dir). Real engines, real files."""
 import json
 import os
+import shlex
 from pathlib import Path
 
 import pytest
@@ -304,3 +305,213 @@ def test_snapshot_and_restore_create_private_files(tmp_path):
     assert len(backups) == 2 and any((b / "catalog.sqlite3").exists() for b in backups)
     for p in backups + [q for b in backups for q in b.rglob("*")]:
         assert p.stat().st_mode & 0o777 == (0o700 if p.is_dir() else 0o600), p
+
+
+# ---------------------------------------------------------------------------- lifecycle commands
+def run(*args):
+    from click.testing import CliRunner
+    from vibrato.cli import cli
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def listed(*args):
+    res = run("snapshot-list", *args)
+    assert res.exit_code == 0, res.output
+    return [dict(kv.split("=", 1) for kv in shlex.split(line)) for line in res.stdout.splitlines()]
+
+
+def test_list_and_verify(tmp_path):
+    import hashlib
+
+    d, snap, _ = make_snapshot(tmp_path)
+    second = Path(snapmod.create(d, "default")["snapshot_dir"])
+    rows = listed("--data-dir", d)
+    assert [r["id"] for r in rows] == [snap.name, second.name]
+    m = json.loads((snap / "manifest.json").read_text())
+    assert rows[0]["created"] == str(m["created_at"]) and rows[0]["created_iso"].endswith("Z")
+    assert int(rows[0]["size_bytes"]) == m["catalog_bytes"] + m["segments"][0]["size_bytes"]
+    assert rows[0]["segments"] == "1" and rows[0]["verified"] == "no"
+
+    res = run("snapshot-verify", "--snapshot-dir", snap)
+    assert res.exit_code == 0, res.output
+    assert f"verified={snap.name}" in res.stdout and "segments=1" in res.stdout
+    assert [r["verified"] for r in listed("--data-dir", d)] == ["yes", "no"]
+    assert (snap / "VERIFIED").stat().st_mode & 0o777 == 0o600
+    snapshot_restore(tmp_path / "fresh", snap)  # the marker does not disturb a restore
+
+    seg = next((snap / "segments").iterdir())
+    raw = bytearray(seg.read_bytes())
+    raw[100] ^= 1
+    seg.write_bytes(bytes(raw))
+    res = run("snapshot-verify", "--snapshot-dir", snap)
+    assert res.exit_code == 1 and "segment checksum mismatch" in res.output
+    assert listed("--data-dir", d)[0]["verified"] == "failed"
+
+    # a segment whose checksum matches but whose structure is damaged (the manifest re-signed)
+    rewrite_manifest(snap, lambda m: m["segments"][0].update(sha256=hashlib.sha256(bytes(raw)).hexdigest()))
+    res = run("snapshot-verify", "--snapshot-dir", snap)
+    assert res.exit_code == 1 and "is damaged" in res.output
+    # a changed manifest invalidates an earlier result
+    rewrite_manifest(second, lambda m: m.update(note="edited"))
+    assert listed("--data-dir", d)[1]["verified"] == "no"
+    res = run("snapshot-verify", "--snapshot-dir", tmp_path / "nowhere")
+    assert res.exit_code == 1 and "not a snapshot directory" in res.output
+
+
+def test_list_reports_a_broken_snapshot_dir(tmp_path):
+    (tmp_path / "snaps" / "snap_1_x").mkdir(parents=True)
+    (tmp_path / "snaps" / ".snap_2_y.partial").mkdir()
+    rows = listed("--snapshots-dir", tmp_path / "snaps")
+    assert len(rows) == 1 and rows[0]["id"] == "snap_1_x" and "error" in rows[0]
+
+
+def fake_snapshots(snaps_dir, ages_secs, now):
+    """Copies of one real snapshot with manifests back-dated by the given ages."""
+    import shutil
+    ids = []
+    for i, age in enumerate(ages_secs):
+        sid = f"snap_{int(now - age)}_{i:016x}"
+        shutil.copytree(snaps_dir / "base", snaps_dir / sid)
+        rewrite_manifest(snaps_dir / sid, lambda m: m.update(snapshot_id=sid, created_at=int(now - age)))
+        ids.append(sid)
+    return ids
+
+
+@pytest.fixture
+def aged(tmp_path):
+    import time
+
+    d, snap, _ = make_snapshot(tmp_path)
+    snaps = d / "snapshots"
+    os.rename(snap, snaps / "base")
+    now = time.time()
+    ids = fake_snapshots(snaps, [10 * 86400, 8 * 86400, 3 * 86400, 3600, 60], now)
+    import shutil
+    shutil.rmtree(snaps / "base")
+    return d, snaps, ids
+
+
+def test_prune_keep_last(aged):
+    d, snaps, ids = aged
+    res = run("snapshot-prune", "--data-dir", d, "--keep-last", 2)
+    assert res.exit_code == 0, res.output
+    assert res.stdout.splitlines() == [f"removed={i}" for i in ids[:3]][::-1] + ["kept=2"]
+    assert sorted(p.name for p in snaps.iterdir()) == ids[3:]
+
+
+def test_prune_older_than_and_combined(aged):
+    d, snaps, ids = aged
+    res = run("snapshot-prune", "--data-dir", d, "--older-than", "7d")
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in snaps.iterdir()) == ids[2:]
+    # both: older than 30 minutes goes, but the newest 3 always stay
+    res = run("snapshot-prune", "--data-dir", d, "--older-than", "30m", "--keep-last", 3)
+    assert res.exit_code == 0 and sorted(p.name for p in snaps.iterdir()) == ids[2:]
+    res = run("snapshot-prune", "--data-dir", d, "--older-than", "30m", "--keep-last", 1)
+    assert res.exit_code == 0 and sorted(p.name for p in snaps.iterdir()) == ids[4:]
+
+
+@pytest.mark.parametrize("bad", ["7", "7w", "d", "-1d", "1.5h"])
+def test_prune_rejects_bad_ages_and_needs_a_rule(tmp_path, bad):
+    res = run("snapshot-prune", "--data-dir", tmp_path / "d", "--older-than", bad)
+    assert res.exit_code == 2 and "unit s, m, h or d" in res.output
+    res = run("snapshot-prune", "--data-dir", tmp_path / "d")
+    assert res.exit_code == 2 and "--keep-last" in res.output
+
+
+def test_prune_refuses_a_snapshot_being_read(aged):
+    import fcntl
+
+    d, snaps, ids = aged
+    fd = os.open(snaps / ids[0], os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)  # what a restore or verify holds
+        res = run("snapshot-prune", "--data-dir", d, "--keep-last", 3)
+        assert res.exit_code == 1 and ids[0] in res.output and "being read" in res.output
+        assert f"removed={ids[1]}" in res.stdout
+        assert sorted(p.name for p in snaps.iterdir()) == [ids[0]] + ids[2:]
+    finally:
+        os.close(fd)
+    # and while prune holds a snapshot, a restore refuses it
+    fd = os.open(snaps / ids[0], os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        with pytest.raises(snapmod.SnapshotError, match="being pruned"):
+            snapshot_restore(d.parent / "fresh", snaps / ids[0])
+    finally:
+        os.close(fd)
+
+
+def test_prune_removes_abandoned_partials_but_not_a_create_in_progress(tmp_path):
+    import fcntl
+
+    d, snap, _ = make_snapshot(tmp_path)
+    snaps = snap.parent
+    (snaps / ".snap_1_dead.partial" / "segments").mkdir(parents=True)
+    live = snaps / ".snap_2_live.partial"
+    live.mkdir()
+    fd = os.open(live, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # what a running create holds
+        res = run("snapshot-prune", "--data-dir", d, "--keep-last", 5)
+        assert res.exit_code == 0, res.output
+        assert "removed_partial=snap_1_dead" in res.stdout and "kept=1" in res.stdout
+        assert live.exists() and snap.exists() and not (snaps / ".snap_1_dead.partial").exists()
+    finally:
+        os.close(fd)
+
+
+def test_prune_releases_pins_so_obsolete_segments_get_collected(tmp_path):
+    from vibrato.catalog import segments as seg_sql
+    from vibrato.engine.maintenance import gc_obsolete
+
+    d = tmp_path / "d"
+    eng = open_engine(d)
+    try:
+        ingest(eng, [f"k{i}" for i in range(40)])
+        eng.checkpoint()
+        eng.checkpoint()
+        snap = Path(eng.snapshot()["details"]["snapshot_dir"])
+        sid = snap.name
+        inputs = eng.catalog.read(seg_sql.list_by_state, eng.cid, ["active"])
+        # a create killed after its rename but before it unpinned leaves its pins behind
+        eng.catalog.write(seg_sql.pin, sid, [r["id"] for r in inputs])
+        eng.compact()
+        files = [d / r["path"] for r in inputs]
+        assert all(f.exists() for f in files), "pinned inputs are kept"
+        res = run("snapshot-prune", "--data-dir", d, "--keep-last", 0)  # while the engine runs
+        assert res.exit_code == 0 and f"removed={sid}" in res.stdout, res.output
+        assert not snap.exists()
+        assert sid not in {p for p in eng.catalog.read(
+            lambda c: [r[0] for r in c.execute("SELECT snapshot_id FROM snapshot_pins")])}
+        assert gc_obsolete(eng) == 2 and not any(f.exists() for f in files)
+    finally:
+        eng.close()
+
+
+def test_create_out_dir_restore_list_and_prune(tmp_path):
+    d = tmp_path / "d"
+    with open_engine(d) as eng:
+        ingest(eng, [f"k{i}" for i in range(30)])
+        eng.checkpoint()
+        ingest(eng, ["tail"])
+        expected = dump(eng)
+    out = tmp_path / "offdisk" / "vibrato"
+    res = run("snapshot-create", "--data-dir", d, "--out-dir", out)
+    assert res.exit_code == 0, res.output
+    kv = dict(line.split("=", 1) for line in res.stdout.splitlines())
+    snap = Path(kv["snapshot_dir"])
+    assert snap.parent == out and snap.name == kv["snapshot_id"] and kv["segments"] == "1"
+    assert not list((d / "snapshots").iterdir())
+    assert out.stat().st_mode & 0o777 == 0o700 and (tmp_path / "offdisk").stat().st_mode & 0o777 == 0o700
+    m = json.loads((snap / "manifest.json").read_text())
+    assert all(not os.path.isabs(e["source_path"]) and "/" not in e["snapshot_file"] for e in m["segments"])
+    assert [r["id"] for r in listed("--snapshots-dir", out)] == [snap.name]
+    assert run("snapshot-verify", "--snapshot-dir", snap).exit_code == 0
+    res = run("snapshot-restore", "--data-dir", tmp_path / "fresh", "--snapshot-dir", snap)
+    assert res.exit_code == 0, res.output
+    with open_engine(tmp_path / "fresh") as e2:
+        assert dump(e2) == expected
+    res = run("snapshot-prune", "--snapshots-dir", out, "--keep-last", 0)
+    assert res.exit_code == 0 and f"removed={snap.name}" in res.stdout
+    assert listed("--snapshots-dir", out) == []

@@ -283,15 +283,38 @@ def key_list(data_dir):
 
 
 # ---------------------------------------------------------------------------- snapshots and replay
+class DurationParam(click.ParamType):
+    """An age such as 90s, 30m, 12h or 7d (a unit is required: a bare number is too easy to misread)."""
+    name = "N{s|m|h|d}"
+    UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int):
+            return value
+        text = str(value).strip().lower()
+        if len(text) < 2 or text[-1] not in self.UNITS or not text[:-1].isdigit():
+            self.fail(f"expected a number with a unit s, m, h or d (for example 7d), got {value!r}", param, ctx)
+        return int(text[:-1]) * self.UNITS[text[-1]]
+
+
+def snapshots_dir_option(f):
+    return click.option("--snapshots-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+                        help="A directory of snapshots (e.g. a snapshot-create --out-dir); "
+                             "default <data-dir>/snapshots.")(f)
+
+
 @cli.command("snapshot-create")
 @data_dir_option
 @click.option("--collection", default="default", show_default=True)
-def snapshot_create(data_dir, collection):
+@click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Write the snapshot into OUT_DIR/<snapshot_id> instead of <data-dir>/snapshots/ "
+                   "(e.g. another disk); restore works from there.")
+def snapshot_create(data_dir, collection, out_dir):
     """Write a consistent snapshot under <data-dir>/snapshots/ (works while a server runs)."""
     from vibrato import engine
     try:
         with _Progress() as progress:
-            out = engine.snapshot_create(data_dir, collection, progress=progress)
+            out = engine.snapshot_create(data_dir, collection, progress=progress, out_dir=out_dir)
     except Exception as exc:  # noqa: BLE001
         _fail(exc)
     click.echo(f"snapshot_id={out['snapshot_id']}")
@@ -312,6 +335,73 @@ def snapshot_restore(data_dir, snapshot_dir):
     except Exception as exc:  # noqa: BLE001
         _fail(exc)
     click.echo(f"restored_snapshot={out['restored_snapshot']}")
+
+
+@cli.command("snapshot-list")
+@data_dir_option
+@snapshots_dir_option
+def snapshot_list(data_dir, snapshots_dir):
+    """One line per snapshot, oldest first: id, created (unix secs and UTC ISO 8601), size in bytes,
+    segments, verified (the last snapshot-verify result for the current manifest: yes, no or failed).
+    Reads manifests only, so it is cheap and safe while a server runs."""
+    import time
+    from vibrato.engine import snapshot
+    try:
+        rows = snapshot.list_snapshots(snapshots_dir or Config(data_dir=data_dir).snapshots_dir)
+    except Exception as exc:  # noqa: BLE001
+        _fail(exc)
+    for s in rows:
+        if s["error"] is not None:
+            click.echo(f"id={s['snapshot_id']} error={shlex.quote(s['error'])}")
+            continue
+        iso = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(s["created_at"]))
+        click.echo(f"id={s['snapshot_id']} created={s['created_at']} created_iso={iso} size_bytes={s['size_bytes']} "
+                   f"segments={s['segments']} verified={s['verified']}")
+
+
+@cli.command("snapshot-verify")
+@click.option("--snapshot-dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="A snapshot directory.")
+def snapshot_verify(snapshot_dir):
+    """Check a snapshot as a restore would: manifest, every checksum, every segment's structure and the
+    catalog's references. Exit 1 on any mismatch. The result is recorded for snapshot-list."""
+    from vibrato.engine import snapshot
+    try:
+        with _Progress() as progress:
+            out = snapshot.verify(snapshot_dir, progress=progress)
+    except Exception as exc:  # noqa: BLE001
+        _fail(exc)
+    click.echo(f"verified={out['snapshot_id']}")
+    click.echo(f"segments={out['segments']}")
+    click.echo(f"bytes_checked={out['bytes_checked']}")
+
+
+@cli.command("snapshot-prune")
+@data_dir_option
+@snapshots_dir_option
+@click.option("--keep-last", type=click.IntRange(0), default=None, help="Keep the newest N snapshots.")
+@click.option("--older-than", type=DurationParam(), default=None,
+              help="Remove snapshots created longer ago than this (90s, 30m, 12h, 7d); the newest "
+                   "--keep-last stay regardless.")
+def snapshot_prune(data_dir, snapshots_dir, keep_last, older_than):
+    """Remove old snapshots (and leftovers of creates that died); prints each removed id. A snapshot that
+    a restore or verify is reading is not removed (exit 1). Safe while a server runs."""
+    from vibrato.engine import snapshot
+    if keep_last is None and older_than is None:
+        raise click.UsageError("give --keep-last N and/or --older-than AGE")
+    try:
+        res = snapshot.prune(snapshots_dir or Config(data_dir=data_dir).snapshots_dir, keep_last=keep_last,
+                             older_than_secs=older_than, data_dir=data_dir)
+    except Exception as exc:  # noqa: BLE001
+        _fail(exc)
+    for sid in res["removed"]:
+        click.echo(f"removed={sid}")
+    for sid in res["abandoned"]:
+        click.echo(f"removed_partial={sid}")
+    click.echo(f"kept={len(res['kept'])}")
+    if res["refused"]:
+        _error(f"snapshot {', '.join(res['refused'])} is being read (a restore or verify holds it); not removed, "
+               "run prune again later")
 
 
 @cli.command("replay-to-lsn")

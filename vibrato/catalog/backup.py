@@ -28,7 +28,7 @@ def copy_for_snapshot(src_path, dest_path, collection_id: str, *, file_mode: int
     src = apsw.Connection(str(src_path), flags=apsw.SQLITE_OPEN_READONLY)
     try:
         src.set_busy_timeout(busy_timeout_ms)
-        dest = apsw.Connection(str(dest_path))
+        dest = apsw.Connection(str(dest_path), flags=apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_NOFOLLOW)
         try:
             with dest.backup("main", src, "main") as b:
                 b.step(-1)
@@ -58,7 +58,8 @@ def read_copy(path) -> dict:
     Raises ValueError when the file is not a readable Vibrato catalog."""
     uri = "file:" + os.path.abspath(os.fspath(path)).replace("?", "%3f").replace("#", "%23") + "?immutable=1"
     try:
-        conn = apsw.Connection(uri, flags=apsw.SQLITE_OPEN_READONLY | apsw.SQLITE_OPEN_URI)
+        conn = apsw.Connection(uri, flags=apsw.SQLITE_OPEN_READONLY | apsw.SQLITE_OPEN_URI
+                               | apsw.SQLITE_OPEN_NOFOLLOW)
     except apsw.Error as exc:
         raise ValueError(f"not a readable SQLite file: {exc}") from None
     try:

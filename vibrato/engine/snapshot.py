@@ -721,10 +721,14 @@ def list_snapshots(snapshots_dir) -> list[dict]:
                 info["size_bytes"] = cat_bytes + sum(int(e.get("size_bytes", 0)) for e in m["segments"])
                 info["segments"] = len(m["segments"])
                 info["verified"] = _verification(path, snap.manifest_bytes)
+                written_ns = os.stat(MANIFEST, dir_fd=snap.fd, follow_symlinks=False).st_mtime_ns
         except (SnapshotError, OSError) as exc:
             info["error"] = getattr(exc, "message", None) or str(exc)
+            written_ns = 0
+        # created_at has whole seconds; when the manifest was written orders snapshots within one
+        info["order"] = (info["created_at"] is None, info["created_at"] or 0, written_ns, name)
         out.append(info)
-    out.sort(key=lambda s: (s["created_at"] is None, s["created_at"] or 0, s["snapshot_id"]))
+    out.sort(key=lambda s: s["order"])
     return out
 
 
@@ -739,8 +743,7 @@ def prune(snapshots_dir, *, keep_last: int | None = None, older_than_secs: int |
         raise SnapshotError("prune needs --keep-last and/or --older-than")
     snapshots_dir = Path(snapshots_dir)
     now = time.time() if now is None else now
-    snaps = [s for s in list_snapshots(snapshots_dir) if s["error"] is None]
-    snaps.sort(key=lambda s: (s["created_at"], s["snapshot_id"]), reverse=True)
+    snaps = [s for s in list_snapshots(snapshots_dir) if s["error"] is None][::-1]  # newest first
     keep = snaps[:keep_last] if keep_last is not None else []
     res = {"removed": [], "abandoned": [], "refused": [], "kept": [s["snapshot_id"] for s in keep]}
     for s in snaps[len(keep):]:
