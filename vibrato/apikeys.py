@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from vibrato import datadir
 from vibrato.catalog import keys as keys_sql
 from vibrato.errors import NotFoundError, VibratoError
 from vibrato.ids import long_id
@@ -144,15 +145,17 @@ def hash_secret(pepper: str, secret: str) -> str:
 
 # ---------------------------------------------------------------------------- pepper
 def load_pepper(data_dir) -> str:
-    """The pepper from the environment, or the data dir's pepper file (created once, mode 0600)."""
+    """The pepper from the environment, or the data dir's pepper file (created once, mode 0600).
+
+    The file is never followed through a symlink and must be owned by the effective user and not
+    writable by group/others (whoever can replace it can mint valid keys)."""
     env = os.environ.get(PEPPER_ENV)
     if env:
         return env
-    data_dir = Path(data_dir)
-    data_dir.mkdir(parents=True, exist_ok=True)
+    data_dir = datadir.prepare(data_dir)
     path = data_dir / PEPPER_FILE
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, datadir.FILE_MODE)
     except FileExistsError:
         return _read_pepper(path)
     try:
@@ -160,26 +163,22 @@ def load_pepper(data_dir) -> str:
         os.fsync(fd)
     finally:
         os.close(fd)
-    _fsync_dir(data_dir)
+    datadir.fsync_dir(data_dir)
     return _read_pepper(path)
 
 
 def _read_pepper(path: Path) -> str:
     # A racing creator may not have written yet: wait briefly for the content.
     for _ in range(50):
-        text = path.read_text().strip()
+        fd = datadir.open_private(path, os.O_RDONLY, "pepper file")
+        try:
+            text = os.read(fd, 4096).decode(errors="replace").strip()
+        finally:
+            os.close(fd)
         if text:
             return text
         time.sleep(0.01)
     raise VibratoError(f"pepper file {path} is empty; delete it or set {PEPPER_ENV}", code="pepper_invalid")
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # ---------------------------------------------------------------------------- key management

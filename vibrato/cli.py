@@ -40,9 +40,20 @@ def bool_option(name, default, help_text):
                         show_default=True, help=help_text + " Bare flag means true.")
 
 
+def _checked_data_dir(ctx, param, value):
+    """Every command that opens a data dir refuses one another local user could tamper with."""
+    from vibrato import datadir
+    try:
+        datadir.check_private(value)
+    except Exception as exc:  # noqa: BLE001 - UnsafeDataDirError, or an unreadable path
+        _fail(exc)
+    return value
+
+
 def data_dir_option(f):
     return click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("vibrato_data"),
-                        show_default=True, help="Data directory.")(f)
+                        show_default=True, callback=_checked_data_dir,
+                        help="Data directory (owned by the user running Vibrato, mode 0700).")(f)
 
 
 def _error(message: str):
@@ -226,9 +237,11 @@ def serve_v2(data_dir, collection, dim, port, host, checkpoint_interval_secs, co
 
 # ---------------------------------------------------------------------------- API keys
 def _open_catalog(data_dir: Path):
+    """The catalog of a data dir, creating the whole layout as the server would (private, checked)."""
+    from vibrato import datadir
     from vibrato.catalog import Catalog
     config = Config(data_dir=data_dir)
-    config.data_dir.mkdir(parents=True, exist_ok=True)
+    datadir.prepare(config.data_dir)
     return Catalog(config.catalog_path, read_timeout_ms=config.catalog_read_timeout_ms)
 
 

@@ -70,3 +70,120 @@ def open_regular(path, flags: int = os.O_RDONLY, *, dir_fd=None, what: str = "fi
         os.close(fd)
         raise UnsafePathError(f"{what} {os.fspath(path)!r} is not a regular file")
     return fd
+
+
+# ---------------------------------------------------------------------------- ownership and modes
+CATALOG_FILES = ("catalog.sqlite3", "catalog.sqlite3-wal", "catalog.sqlite3-shm")
+PRIVATE_FILES = CATALOG_FILES + ("api_pepper", "LOCK")
+
+
+def _user(uid: int) -> str:
+    try:
+        import pwd
+        return pwd.getpwuid(uid).pw_name
+    except (KeyError, ImportError):
+        return str(uid)
+
+
+def _refuse_owner(path, what: str, uid: int):
+    me = os.geteuid()
+    raise UnsafeDataDirError(
+        f"{what} {path} is owned by {_user(uid)} (uid {uid}) but Vibrato runs as {_user(me)} (uid {me}); "
+        f"anyone who owns it can plant keys or files: run Vibrato as its owner, or if its content is "
+        f"trusted: chown -R {_user(me)} {path}")
+
+
+def check_entry(path, what: str, *, directory: bool = False) -> os.stat_result | None:
+    """lstat `path` (None when absent) and refuse a symlink, the wrong file type, another owner or
+    group/other write permission."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    kind = "directory" if directory else "file"
+    if stat.S_ISLNK(st.st_mode):
+        raise UnsafeDataDirError(f"{what} {path} is a symlink; Vibrato follows no symlink inside a data dir: "
+                                 f"replace it with a real {kind}")
+    if not (stat.S_ISDIR(st.st_mode) if directory else stat.S_ISREG(st.st_mode)):
+        raise UnsafeDataDirError(f"{what} {path} is not a regular {kind}")
+    if st.st_uid != os.geteuid():
+        _refuse_owner(path, what, st.st_uid)
+    if st.st_mode & 0o022:
+        raise UnsafeDataDirError(f"{what} {path} is writable by group/others (mode {stat.S_IMODE(st.st_mode):04o}): "
+                                 f"chmod {DIR_MODE if directory else FILE_MODE:o} {path}")
+    return st
+
+
+def _check_ancestors(path: Path):
+    """Every directory above the data dir must be owned by root or us and not writable by others
+    (unless sticky, like /tmp): whoever can rename an ancestor can swap the data dir."""
+    me = os.geteuid()
+    for parent in path.parents:
+        try:
+            st = os.stat(parent)
+        except FileNotFoundError:
+            continue
+        if st.st_uid not in (0, me):
+            raise UnsafeDataDirError(
+                f"data dir {path} lies under {parent}, owned by {_user(st.st_uid)} (uid {st.st_uid}), who can "
+                f"replace it: put the data dir on a path owned by root or {_user(me)}")
+        if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+            raise UnsafeDataDirError(
+                f"data dir {path} lies under {parent}, writable by group/others without the sticky bit "
+                f"(mode {stat.S_IMODE(st.st_mode):04o}), so anyone can replace it: chmod go-w {parent}")
+
+
+def check_private(data_dir) -> None:
+    """Refuse a data dir that someone other than the effective user could tamper with: the dir (a
+    symlink to it is resolved), its layout dirs, catalog (+ -wal/-shm), pepper and LOCK must not be
+    symlinks, must be owned by the effective uid and not writable by group/others. An absent data dir
+    (or file) passes: it will be created private."""
+    path = Path(os.path.abspath(data_dir))
+    if not os.path.lexists(path):
+        _check_ancestors(path)
+        return
+    real = path.resolve()
+    _check_ancestors(real)
+    if check_entry(real, "data dir", directory=True) is None:
+        raise UnsafeDataDirError(f"data dir {path} is a dangling symlink")
+    for sub in LAYOUT:
+        check_entry(real / sub, f"data dir {sub}/", directory=True)
+    for name in PRIVATE_FILES:
+        check_entry(real / name, f"data dir file {name}")
+
+
+def prepare(data_dir) -> Path:
+    """Create the data dir and its layout (DIR_MODE) if missing, then check_private it. Returns the path."""
+    path = Path(data_dir)
+    check_private(path)  # before creating anything inside someone else's directory
+    os.makedirs(path, mode=DIR_MODE, exist_ok=True)
+    for sub in LAYOUT:
+        try:
+            os.mkdir(path / sub, DIR_MODE)
+        except FileExistsError:
+            pass
+    check_private(path)
+    return path
+
+
+def open_private(path, flags: int, what: str) -> int:
+    """os.open with O_NOFOLLOW | O_CLOEXEC (created FILE_MODE); the file must be a regular file owned
+    by the effective uid, not writable by group/others, and is tightened to FILE_MODE if they could
+    read it (a file left by an older version)."""
+    try:
+        fd = open_regular(path, flags, what=what)
+    except UnsafePathError as exc:
+        raise UnsafeDataDirError(f"{exc.message}: replace it with a real file owned by {_user(os.geteuid())}") from None
+    try:
+        st = os.fstat(fd)
+        if st.st_uid != os.geteuid():
+            _refuse_owner(path, what, st.st_uid)
+        if st.st_mode & 0o022:
+            raise UnsafeDataDirError(f"{what} {path} is writable by group/others "
+                                     f"(mode {stat.S_IMODE(st.st_mode):04o}): chmod {FILE_MODE:o} {path}")
+        if st.st_mode & 0o077:
+            os.fchmod(fd, FILE_MODE)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd

@@ -5,11 +5,17 @@ group commit, not from NORMAL), IMMEDIATE transactions, a 30 s busy timeout, jou
 an explicit auto-checkpoint size. Readers: read-only, a busy timeout capped at the read timeout.
 Both: foreign keys on, double-quoted strings off, query-planner optimisation, SQLite's log routed to
 `logging`.
+
+Files: the catalog is created 0600 before SQLite opens it, because SQLite gives -wal and -shm the
+main file's mode; no connection follows a symlink (SQLITE_OPEN_NOFOLLOW).
 """
 import logging
+import os
 
 import apsw
 import apsw.bestpractice
+
+from vibrato import datadir
 
 log = logging.getLogger("vibrato.catalog")
 
@@ -23,10 +29,22 @@ def _route_sqlite_log():
         _logging_configured = True
 
 
+def _precreate_private(path) -> None:
+    """Create the catalog file 0600 (or tighten an existing one of ours), and its -wal/-shm."""
+    os.close(datadir.open_private(path, os.O_RDWR | os.O_CREAT, "catalog"))
+    for suffix in ("-wal", "-shm"):
+        try:
+            os.close(datadir.open_private(f"{path}{suffix}", os.O_RDONLY, "catalog"))
+        except FileNotFoundError:
+            pass
+
+
 def open_writer(path: str, *, busy_timeout_ms: int = 30_000, wal_autocheckpoint_pages: int = 1000,
                 journal_size_limit: int = 64 * 1024 * 1024) -> apsw.Connection:
     _route_sqlite_log()
-    conn = apsw.Connection(str(path), flags=apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_CREATE)
+    _precreate_private(path)
+    conn = apsw.Connection(str(path), flags=apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_CREATE
+                           | apsw.SQLITE_OPEN_NOFOLLOW)
     conn.set_busy_timeout(busy_timeout_ms)
     conn.pragma("journal_mode", "wal")
     conn.pragma("synchronous", "FULL")
@@ -43,7 +61,7 @@ def open_writer(path: str, *, busy_timeout_ms: int = 30_000, wal_autocheckpoint_
 
 def open_reader(path: str, *, busy_timeout_ms: int) -> apsw.Connection:
     _route_sqlite_log()
-    conn = apsw.Connection(str(path), flags=apsw.SQLITE_OPEN_READONLY)
+    conn = apsw.Connection(str(path), flags=apsw.SQLITE_OPEN_READONLY | apsw.SQLITE_OPEN_NOFOLLOW)
     conn.set_busy_timeout(max(1, busy_timeout_ms))
     conn.pragma("foreign_keys", "ON")
     conn.pragma("temp_store", "MEMORY")

@@ -14,6 +14,7 @@ import time
 
 import numpy as np
 
+from vibrato import datadir
 from vibrato.catalog import Catalog, collections, jobs, orphans, segments as seg_sql, wal
 from vibrato.config import Config
 from vibrato.engine import checkpoint as _checkpoint
@@ -60,9 +61,7 @@ class Engine:
 
     def __init__(self, config: Config):
         self.config = config
-        for d in (config.data_dir, config.segments_dir, config.quarantine_dir, config.snapshots_dir,
-                  config.tmp_dir, config.logs_dir):
-            d.mkdir(parents=True, exist_ok=True)
+        datadir.prepare(config.data_dir)  # the layout, private; refuses a dir others could tamper with
         self._dir_lock = DataDirLock(config.data_dir).acquire("serve")
         from vibrato.engine.snapshot import finish_interrupted_restore
         try:

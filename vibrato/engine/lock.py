@@ -1,11 +1,14 @@
 """Exclusive ownership of a data directory by one process (fcntl lock on `data_dir/LOCK`).
 
 The kernel drops the lock when the process dies, so a SIGKILLed server never leaves a stale lock.
+LOCK is opened with O_NOFOLLOW and is private (0600, in a 0700 data dir): another local user can
+neither point it elsewhere nor take a shared lock on it to block the server.
 """
 import fcntl
 import os
 from pathlib import Path
 
+from vibrato import datadir
 from vibrato.errors import DataDirLockedError
 
 LOCK_NAME = "LOCK"
@@ -17,7 +20,7 @@ class DataDirLock:
         self._fd = None
 
     def acquire(self, purpose: str = "serve") -> "DataDirLock":
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = datadir.open_private(self.path, os.O_RDWR | os.O_CREAT, "data dir lock")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -55,9 +58,10 @@ class DataDirLock:
 def is_locked(data_dir) -> bool:
     """True when another process holds the data dir (used by offline commands to refuse)."""
     path = Path(data_dir) / LOCK_NAME
-    if not path.exists():
+    try:
+        fd = datadir.open_private(path, os.O_RDONLY, "data dir lock")
+    except FileNotFoundError:
         return False
-    fd = os.open(path, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         fcntl.flock(fd, fcntl.LOCK_UN)

@@ -5,6 +5,8 @@
 * checkpointed vector blobs in the WAL are dropped after `wal_retention_secs` (ids, metadata and
   idempotency keys stay);
 * finished job rows, deleted segment rows and audit rows past their retention are purged;
+* a path read from the catalog is trusted only as a plain name inside segments/ (quarantine/): a row
+  naming anything else is never acted on and degrades readiness (`unsafe_row_blocker`);
 * segments whose vectors were not checksummed at start-up are verified first, one per pass; after
   that one active segment per minute is re-verified in rotation; a failure degrades readiness live.
 """
@@ -13,6 +15,7 @@ import os
 import time
 
 from vibrato.catalog import audit, jobs, segments as seg_sql, wal
+from vibrato.datadir import UnsafePathError, resolve_rel
 from vibrato.engine.memory import release_free_memory
 
 log = logging.getLogger("vibrato.engine")
@@ -21,9 +24,25 @@ JOB_RETENTION_SECS = 7 * 86400
 SCRUB_EVERY_SECS = 60.0
 
 
+def segment_file(data_dir, rel):
+    """The file of a segment row: `rel` must read 'segments/NAME' (UnsafePathError otherwise)."""
+    return resolve_rel(data_dir, rel, "segments", "segment path")
+
+
+def quarantine_file(data_dir, rel):
+    """The file of an orphan row: `rel` must read 'quarantine/NAME' (UnsafePathError otherwise)."""
+    return resolve_rel(data_dir, rel, "quarantine", "quarantine path")
+
+
+def unsafe_row_blocker(what: str, exc: Exception) -> str:
+    return (f"unsafe catalog row: {what}: {exc}; its file was not touched: restore the catalog from a "
+            f"trusted snapshot or correct the row")
+
+
 def gc_obsolete(engine) -> int:
     """Delete the files of obsolete segments that no snapshot has pinned. Returns files deleted."""
     cfg = engine.config
+    unsafe = getattr(engine, "unsafe_segments", set())
 
     def read(conn):
         return seg_sql.list_by_state(conn, engine.cid, ["obsolete"]), seg_sql.pinned_segment_ids(conn)
@@ -31,10 +50,17 @@ def gc_obsolete(engine) -> int:
     rows, pinned = engine.catalog.read(read)
     done = []
     for row in rows:
-        if row["id"] in pinned:
+        if row["id"] in pinned or row["id"] in unsafe:
             continue
         try:
-            os.unlink(cfg.data_dir / row["path"])
+            path = segment_file(cfg.data_dir, row["path"])
+        except UnsafePathError as exc:
+            log.error("obsolete segment %s: %s; not deleted", row["id"], exc)
+            unsafe.add(row["id"])
+            engine.add_blocker(unsafe_row_blocker(f"segment {row['id']} (obsolete)", exc))
+            continue
+        try:
+            os.unlink(path)
         except FileNotFoundError:
             pass
         except OSError as exc:

@@ -1,5 +1,9 @@
 """Startup recovery (runbook §6), in this order:
 
+  0. catalog path check: every segment row's path (any state) must read 'segments/NAME' and every
+     live orphan's 'quarantine/NAME' (a tampered catalog, e.g. from a snapshot, is hostile input).
+     A row that does not is a blocker and is skipped by every later step: its path is never
+     unlinked, renamed or opened. A segment file that is a symlink is a blocker too, never followed.
   1. temp cleanup: stale `tmp/*.tmp` files from interrupted writes are removed
   2. orphan sweep: `segments/*.vdb` files unknown to the catalog go to `quarantine/` (caps: oldest
      quarantined files are evicted first; a file that still does not fit is deleted)
@@ -20,6 +24,7 @@
 import logging
 import os
 import shutil
+import stat
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -27,12 +32,14 @@ import numpy as np
 import orjson
 
 from vibrato.catalog import collections, jobs, orphans, segments as seg_sql, wal
-from vibrato.engine.maintenance import gc_obsolete
+from vibrato.datadir import UnsafePathError
+from vibrato.engine.maintenance import gc_obsolete, quarantine_file, segment_file, unsafe_row_blocker
 from vibrato.engine.tiers import SegmentHandle
 
 log = logging.getLogger("vibrato.engine")
 
 HOT_REBUILD_BATCH = 20_000
+SEGMENT_STATES = ("building", "pending_activate", "active", "compacting", "obsolete", "failed", "deleted")
 
 
 def recover(engine, progress=None) -> dict:
@@ -41,8 +48,12 @@ def recover(engine, progress=None) -> dict:
     rep = {"temp_files_removed": 0, "quarantined": 0, "quarantine_evictions": 0, "gc_deleted": 0,
            "obsolete_deleted": 0, "jobs_rolled_forward": 0, "jobs_rolled_back": 0, "segments_failed": 0,
            "active_segments": 0, "hot_rows": 0, "blockers": []}
-    step = _stepper(progress, 8)
+    step = _stepper(progress, 9)
+    engine.unsafe_segments = set()  # segment ids whose row names an untrusted path: never acted on
+    engine.unsafe_orphans = set()
 
+    step("catalog path check")
+    check_catalog_paths(engine, rep)
     step("temp cleanup")
     rep["temp_files_removed"] = clean_tmp(cfg)
     step("orphan sweep")
@@ -89,6 +100,33 @@ def _stepper(progress, total):
     return step
 
 
+def check_catalog_paths(engine, rep):
+    data_dir = engine.config.data_dir
+
+    def read(conn):
+        return (seg_sql.list_by_state(conn, engine.cid, SEGMENT_STATES), seg_sql.all_paths(conn),
+                orphans.live(conn))
+
+    rows, all_paths, live = engine.catalog.read(read)
+    for row in rows:
+        try:
+            segment_file(data_dir, row["path"])
+        except UnsafePathError as exc:
+            engine.unsafe_segments.add(row["id"])
+            rep["blockers"].append(unsafe_row_blocker(f"segment {row['id']} ({row['state']})", exc))
+    for path in sorted(all_paths - {r["path"] for r in rows}, key=repr):  # other collections' rows
+        try:
+            segment_file(data_dir, path)
+        except UnsafePathError as exc:
+            rep["blockers"].append(unsafe_row_blocker("segment of another collection", exc))
+    for o in live:
+        try:
+            quarantine_file(data_dir, o["quarantine_path"])
+        except UnsafePathError as exc:
+            engine.unsafe_orphans.add(o["id"])
+            rep["blockers"].append(unsafe_row_blocker(f"orphan {o['id']}", exc))
+
+
 def clean_tmp(cfg) -> int:
     n = 0
     for entry in os.scandir(cfg.tmp_dir):
@@ -105,10 +143,15 @@ def sweep_orphans(engine, rep):
     cfg = engine.config
     known = engine.catalog.read(seg_sql.all_paths)
     for entry in sorted(os.scandir(cfg.segments_dir), key=lambda e: e.name):
-        if not entry.is_file() or not entry.name.endswith(".vdb"):
+        if not entry.name.endswith(".vdb"):
             continue
         rel = f"segments/{entry.name}"
         if rel in known:
+            continue
+        if entry.is_symlink():
+            rep["blockers"].append(f"unsafe data dir: {rel} is a symlink (not followed, not moved): remove it")
+            continue
+        if not entry.is_file(follow_symlinks=False):
             continue
         size = entry.stat().st_size
         rep["quarantine_evictions"] += enforce_quarantine_cap(engine, incoming=size)
@@ -132,13 +175,19 @@ def enforce_quarantine_cap(engine, incoming: int = 0) -> int:
     live = engine.catalog.read(orphans.live)
     files = len(live)
     used = sum(o["size_bytes"] for o in live)
+    unsafe = getattr(engine, "unsafe_orphans", set())
     for o in live:
         if files + 1 <= cfg.quarantine_max_files and used + incoming <= cfg.quarantine_max_bytes:
             break
+        if o["id"] in unsafe:
+            continue
         try:
-            os.unlink(cfg.data_dir / o["quarantine_path"])
+            os.unlink(quarantine_file(cfg.data_dir, o["quarantine_path"]))
         except FileNotFoundError:
             pass
+        except UnsafePathError as exc:
+            log.error("orphan %s: %s; not evicted", o["id"], exc)
+            continue
         engine.catalog.write(orphans.mark_deleted, o["id"], "cap_evict")
         files -= 1
         used -= o["size_bytes"]
@@ -150,12 +199,16 @@ def quarantine_gc(engine) -> int:
     cfg = engine.config
     cutoff = time.time() - cfg.orphan_ttl_hours * 3600
     n = 0
+    unsafe = getattr(engine, "unsafe_orphans", set())
     for o in engine.catalog.read(orphans.live):
-        if o["quarantined_at"] < cutoff:
+        if o["quarantined_at"] < cutoff and o["id"] not in unsafe:
             try:
-                os.unlink(cfg.data_dir / o["quarantine_path"])
+                os.unlink(quarantine_file(cfg.data_dir, o["quarantine_path"]))
             except FileNotFoundError:
                 pass
+            except UnsafePathError as exc:
+                log.error("orphan %s: %s; not deleted", o["id"], exc)
+                continue
             engine.catalog.write(orphans.mark_deleted, o["id"], "ttl_gc")
             n += 1
     return n
@@ -163,12 +216,17 @@ def quarantine_gc(engine) -> int:
 
 def open_verified(engine, row, *, quick: bool = False):
     """Open a segment file, check it against its catalog row and verify its checksums (all of them,
-    or with quick=True all but the vector section's)."""
+    or with quick=True all but the vector section's). UnsafePathError: the row's path is not a
+    plain name in segments/, or the file is a symlink (neither is followed, nor may be removed)."""
     from vibrato.segment import SegmentReader
 
-    path = engine.config.data_dir / row["path"]
-    if not path.exists():
-        raise FileNotFoundError(f"segment file \"{row['path']}\" missing")
+    path = segment_file(engine.config.data_dir, row["path"])
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"segment file \"{row['path']}\" missing") from None
+    if stat.S_ISLNK(st.st_mode):
+        raise UnsafePathError(f"segment file {row['path']!r} is a symlink; it is never followed")
     reader = SegmentReader.open(path, madvise=engine.config.vector_madvise_mode)
     if reader.dim != engine.dim:
         raise ValueError(f"dim {reader.dim} != collection dim {engine.dim}")
@@ -183,9 +241,17 @@ def open_verified(engine, row, *, quick: bool = False):
 
 def _remove_file(engine, rel_path):
     try:
-        os.unlink(engine.config.data_dir / rel_path)
+        os.unlink(segment_file(engine.config.data_dir, rel_path))
     except FileNotFoundError:
         pass
+    except UnsafePathError as exc:  # callers skip such rows first; never unlink outside segments/
+        log.error("not removing %r: %s", rel_path, exc)
+
+
+def _unsafe(engine, rep, row, exc):
+    """A row whose file must not be touched: a blocker, and every later step skips the row."""
+    engine.unsafe_segments.add(row["id"])
+    rep["blockers"].append(unsafe_row_blocker(f"segment {row['id']} ({row['state']})", exc))
 
 
 def reconcile_jobs(engine, rep):
@@ -197,8 +263,13 @@ def reconcile_jobs(engine, rep):
                       {**job["details"], "phase": "failed", "error": "segment row missing (rolled back)"})
             rep["jobs_rolled_back"] += 1
             continue
+        if row["id"] in engine.unsafe_segments:
+            continue  # left in flight: the blocker names it
         try:
             open_verified(engine, row).close()
+        except UnsafePathError as exc:
+            _unsafe(engine, rep, row, exc)
+            continue
         except Exception as exc:  # noqa: BLE001 - any defect means: roll back
             _remove_file(engine, row["path"])
 
@@ -221,11 +292,16 @@ def reconcile_jobs(engine, rep):
     for job in cat.read(jobs.inflight, "compaction", cid):
         out = cat.read(seg_sql.find, job["output_segment_id"]) if job["output_segment_id"] else None
         inputs = job["input_segments"]
+        if (out is not None and out["id"] in engine.unsafe_segments) or engine.unsafe_segments & set(inputs):
+            continue  # left in flight: the blocker names it
         ok = False
         if out is not None:
             try:
                 open_verified(engine, out).close()
                 ok = True
+            except UnsafePathError as exc:
+                _unsafe(engine, rep, out, exc)
+                continue
             except Exception as exc:  # noqa: BLE001
                 _remove_file(engine, out["path"])
                 err = str(exc)
@@ -253,7 +329,8 @@ def validate_and_load(engine, rep, progress) -> list:
     cat, cid = engine.catalog, engine.cid
     # Inputs left `compacting` without an in-flight job go back to active; leftovers in
     # building/pending_activate without a job are promoted if valid.
-    rows = cat.read(seg_sql.list_by_state, cid, ["active", "compacting", "building", "pending_activate"])
+    rows = [r for r in cat.read(seg_sql.list_by_state, cid, ["active", "compacting", "building", "pending_activate"])
+            if r["id"] not in engine.unsafe_segments]
     results = [None] * len(rows)
 
     def check(i):
@@ -268,6 +345,9 @@ def validate_and_load(engine, rep, progress) -> list:
                 progress("recovery: verifying segments", n + 1, len(rows))
     handles = []
     for row, (status, value) in zip(rows, results):
+        if status == "bad" and isinstance(value, UnsafePathError):
+            _unsafe(engine, rep, row, value)
+            continue
         if status == "bad":
             if row["state"] == "active" or row["state"] == "compacting":
                 rep["blockers"].append(f"{'active' if row['state'] == 'active' else 'compacting'} segment "

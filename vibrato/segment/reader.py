@@ -78,7 +78,7 @@ class SegmentReader:
         expect = None if kind is None else F.SegmentKind(kind)
         self = cls()
         path = os.fspath(path)
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)  # a symlink is ELOOP: never followed
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):

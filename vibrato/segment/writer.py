@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from vibrato._native import segio as _segio
+from vibrato.datadir import FILE_MODE, fsync_dir
 from vibrato.segment import format as F
 from vibrato.segment.data import SegmentData, StreamedVectors
 
@@ -182,7 +183,7 @@ def write_segment_tmp(tmp_path, data: SegmentData) -> SegmentInfo:
         pos += lengths[sec]
     assert pos == file_size
 
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
     try:
         written, run = 0, []
         for piece in pieces + [None]:
@@ -214,15 +215,6 @@ def write_segment_tmp(tmp_path, data: SegmentData) -> SegmentInfo:
         dim=data.dim, level=data.level, id_start=data.id_start, id_end=data.id_start + data.count - 1,
         pq_m=data.pq_m, has_graph=has_graph, checksum=layout.header_crc,
         sections=tuple(SectionInfo(name, off, ln, crc) for name, (off, ln, crc) in layout.sections.items()))
-
-
-def fsync_dir(path) -> None:
-    """fsync a directory, making the names created/renamed in it durable."""
-    fd = os.open(os.fspath(path), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def publish_segment(tmp_path, final_path) -> None:
