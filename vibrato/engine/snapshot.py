@@ -411,10 +411,10 @@ def _stage_file(snap: _Snapshot, e: dict, dest: Path | None, budget: _Budget | N
         if "size_bytes" in e and st.st_size != e["size_bytes"]:
             raise SnapshotError(f"segment checksum mismatch for {src}: it is {st.st_size} bytes, the manifest "
                                 f"says {e['size_bytes']}")
-        h = hashlib.sha256()
         if dest is None:  # hash only
             sha, _ = _hash_fd(fd)
             return _check_sha(sha, e["sha256"], src)
+        h = hashlib.sha256()
         out = _create_file(dest)
         if _compressed(e):
             _decompress_capped(fd, h, out, e, budget, src)
@@ -697,7 +697,8 @@ def _verification(path: Path, manifest_bytes: bytes) -> str:
 
 def list_snapshots(snapshots_dir) -> list[dict]:
     """Every snapshot directory, oldest first, from its manifest alone (nothing is hashed):
-    snapshot_id, path, created_at, size_bytes, segments, verified (yes/no/failed), error."""
+    snapshot_id, path, created_at, size_bytes, segments, verified (yes/no/failed), error, and order
+    (the sort key)."""
     snapshots_dir = Path(snapshots_dir)
     out = []
     try:
