@@ -129,8 +129,10 @@ IMAGE_UID="${USER_IN_IMAGE%%:*}"
 WORK="$(mktemp -d /tmp/vibrato-smoke.XXXXXX)"
 DATA="$WORK/data"
 mkdir -p "$DATA"
-# The host dir must be writable by the image's non-root user.
-chown "$USER_IN_IMAGE" "$DATA" 2>/dev/null || chmod 0777 "$DATA"
+# The host dir must be owned by the image's non-root user (the server refuses a data dir owned by
+# someone else or writable by group/others, so a chmod 0777 would not do).
+chown "$USER_IN_IMAGE" "$DATA" || die "cannot chown $DATA to the image's user $USER_IN_IMAGE (run as root)"
+chmod 0700 "$DATA"
 cleanup() {
     rc=$?
     if [ $rc -ne 0 ]; then
