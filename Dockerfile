@@ -1,4 +1,5 @@
-# Vibrato server image: `vibrato serve-v2` as in the runbook, on a slim Python base.
+# Vibrato server image: `vibrato serve-v2` with the runbook's flags (docs/CONTRACT.md §7.2, runbook §1),
+# on a slim Python base.
 #
 #   podman build --format docker -t vibrato:latest .          (docker build -t vibrato:latest . works too)
 #   podman run -d -p 8080:8080 -v /srv/vibrato:/var/lib/vibrato vibrato:latest

@@ -1,5 +1,6 @@
 # Two commands set up everything on a fresh machine (README.md):
-#   make serve   create/refresh .venv, install vibrato, run the server from the runbook
+#   make serve   create/refresh .venv, install vibrato, run the server with the runbook's flags
+#                (docs/CONTRACT.md §7.2, runbook §1)
 #   make test    create/refresh .venv, install vibrato with its test extra, run the test suite
 # `make bench` runs the benchmarks under perf/.
 

@@ -5,7 +5,7 @@ Measures, on real files and real SQLite (durable, fsynced commits):
   * single-vector ingest/s from 8 threads (group commit)
   * query latency per tier (hot exact, L0/L1 raw HNSW, L2 PQ archive with exact rerank), k=10
   * checkpoint time per 100k vectors and compaction time per 100k vectors
-  * open/recovery time of a data dir with N vectors in segments plus a WAL tail (SPEC §4)
+  * open/recovery time of a data dir with N vectors in segments plus a WAL tail (CONTRACT.md §5)
   * snapshot and restore throughput (MB/s)
   * RSS after recovery and after a query workload, per million vectors
 Sizes: VIBRATO_BENCH_N (default 1,000,000 rows in segments), VIBRATO_BENCH_TAIL (50,000).

@@ -1,4 +1,4 @@
-"""madvise A/B (SPEC §5, runbook §11): query latency of the real `vibrato serve-v2` with
+"""madvise A/B (CONTRACT.md §6, runbook §11): query latency of the real `vibrato serve-v2` with
 `--vector-madvise-mode normal` vs `random`, on one segment larger than the server's page-cache
 share, measured cold and warm. Run through `bash scripts/perf/run_madvise_ab.sh` (pytest-benchmark).
 
@@ -22,10 +22,11 @@ Protocol, identical for both modes (same data dir, same queries, same order, sam
   and touched cannot be dropped) -> check with mincore that < 10% is resident -> cold pass:
   VIBRATO_MADVISE_QUERIES (300) queries -> warm pass: the same queries again.
 Each pass is one pytest-benchmark entry (`benchmark.pedantic`, one query per round), so its JSON
-holds every round; p50/p99 are computed from the server-reported `query_time_ms` (as the reference
-does) and from client wall time, and stored in `extra_info`. The summary prints p50/p99 per mode
-and cache state and the random/normal p99 ratios. VIBRATO_ENFORCE_MADVISE_GATE=1 fails the run when
-random p99 > 1.30 x normal p99 (cold or warm; VIBRATO_MADVISE_GATE_RATIO changes 1.30).
+holds every round; p50/p99 are computed from the server-reported `query_time_ms` (as v2.1's
+harness does, CONTRACT.md R6) and from client wall time, and stored in `extra_info`. The summary
+prints p50/p99 per mode and cache state and the random/normal p99 ratios.
+VIBRATO_ENFORCE_MADVISE_GATE=1 fails the run when random p99 > 1.30 x normal p99 (cold or warm;
+VIBRATO_MADVISE_GATE_RATIO changes 1.30).
 """
 import ctypes
 import json
@@ -53,7 +54,8 @@ GATE_RATIO = float(os.environ.get("VIBRATO_MADVISE_GATE_RATIO", "1.30"))
 MODES = ("normal", "random")
 RESULTS: dict = {}
 # The page-cache share: the server runs in a memory cgroup whose limit leaves room for only this
-# fraction of the segment in the page cache (SPEC §5: "a segment larger than the page cache share").
+# fraction of the segment in the page cache (CONTRACT.md §6, madvise A/B: a segment larger than
+# the server's page-cache share).
 # 0 disables the cgroup (the whole file then fits in this machine's page cache).
 CACHE_SHARE = float(os.environ.get("VIBRATO_MADVISE_CACHE_SHARE", "0.4"))
 CGROUP_V1 = Path("/sys/fs/cgroup/memory")

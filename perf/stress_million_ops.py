@@ -1,12 +1,12 @@
-"""Stress benchmark (reference tests.md §1.12): mixed operations from concurrent clients against the
-real `vibrato serve-v2`; reports ops/s and latencies, and checks the invariants at the end.
+"""Stress benchmark (CONTRACT.md §6, Stress; v2.1's is R7): mixed operations from concurrent
+clients against the real `vibrato serve-v2`; reports ops/s and latencies, and checks the invariants at the end.
 A benchmark, not a timed test: it fails only on wrong results (or on VIBRATO_STRESS_MAX_ELAPSED_SECS
 when that is set). Run: `bash scripts/perf/run_stress.sh` (smoke) or
 `VIBRATO_STRESS_TOTAL_OPS=1000000 bash scripts/perf/run_stress.sh` (the million).
 
 Workload: 128 warm-up single ingests seed a query bank (<= 4096 vectors, random replacement). Then
-VIBRATO_STRESS_CONCURRENCY (16) asyncio clients split VIBRATO_STRESS_TOTAL_OPS (20,000 by default; the
-reference's 1,000,000 for the long form) evenly; each op rolls 0..99 from the seed: < 60 query (bank
+VIBRATO_STRESS_CONCURRENCY (16) asyncio clients split VIBRATO_STRESS_TOTAL_OPS (20,000 by default; v2.1's
+1,000,000 for the long form, CONTRACT.md R7) evenly; each op rolls 0..99 from the seed: < 60 query (bank
 vector, k 10, ef 40, no metadata; any non-200 fails the run), otherwise buffer a write (unique key
 `stress-{seed}-{worker}-{idx}`); 100 buffered writes are flushed as one POST /v2/vectors/batch (at most
 VIBRATO_STRESS_WRITE_FLUSH_PARALLELISM (4) flushes at once, up to VIBRATO_STRESS_WRITE_FLUSH_RETRIES (4)

@@ -1,4 +1,4 @@
-"""Catalog (APSW) behaviour: migrations, group commit isolation (SPEC D2), durability settings,
+"""Catalog (APSW) behaviour: migrations, group commit isolation (CONTRACT.md D2), durability settings,
 read timeouts, WAL maintenance that never stalls writers behind a long reader."""
 import hashlib
 import threading

@@ -1,7 +1,7 @@
-"""WAL growth guard (SPEC §5, runbook §10): the SQLite `-wal` file of catalog.sqlite3 stays under its
+"""WAL growth guard (CONTRACT.md §6, runbook §10): the SQLite `-wal` file of catalog.sqlite3 stays under its
 configured bound while timeout-prone readers scan the whole catalog and writers keep committing.
 
-Setup, after the reference's `sqlite_wal_growth_stays_bounded_under_timeout_prone_reads`:
+Setup, after v2.1's `sqlite_wal_growth_stays_bounded_under_timeout_prone_reads` (CONTRACT.md R6):
 * an engine (the real ingest path: validation, group commit, fsync) with a 32-page
   `sqlite_wal_autocheckpoint_pages`, a small `sqlite_wal_max_bytes` and a fast PASSIVE timer;
 * a second `Catalog` handle with a 1 ms read timeout running full metadata scans in a loop

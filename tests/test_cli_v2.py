@@ -1,4 +1,4 @@
-"""CLI tests: flag parsing and defaults of serve-v2 (api.md §9.1), the key commands, snapshot-create /
+"""CLI tests: flag parsing and defaults of serve-v2 (CONTRACT.md §1.8), the key commands, snapshot-create /
 snapshot-restore / replay-to-lsn, exit codes. In-process through click's CliRunner, plus subprocesses."""
 import os
 import stat
@@ -36,6 +36,7 @@ def serve_params(*args):
 
 
 def test_serve_v2_defaults_match_the_reference():
+    """Every default is v2.1's (CONTRACT.md §1.8, R1)."""
     params = serve_params()
     for name, value in SERVE_DEFAULTS.items():
         assert str(params[name]) == str(value) if name == "data_dir" else params[name] == value, name
@@ -83,7 +84,7 @@ def test_key_create_list_revoke(tmp_path):
     assert len(lines) == 2 and lines[0].startswith("id=vbk_") and lines[1].startswith("token=")
     key_id, token = lines[0][3:], lines[1][6:]
     assert token.startswith(key_id + ".") and len(token.split(".")[1]) == 48
-    # D18: the pepper file was created once with mode 0600 and the stored hash uses it.
+    # CONTRACT.md D18: the pepper file was created once with mode 0600 and the stored hash uses it.
     pepper_file = data / "api_pepper"
     assert stat.S_IMODE(pepper_file.stat().st_mode) == 0o600
     with Catalog(data / "catalog.sqlite3") as cat:

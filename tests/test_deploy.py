@@ -215,7 +215,8 @@ def test_dashboard_is_grafana_json():
         assert p["targets"], p["title"]
         for t in p["targets"]:
             assert t["expr"].strip() and t["refId"] and t["datasource"]["uid"] == "${DS_PROMETHEUS}"
-    # Runbook §8: stats fields, background counters, segment states — each on the dashboard.
+    # CONTRACT.md §7.1 (SLO triage checklist): stats fields, background counters, segment states — each
+    # on the dashboard.
     names = _names(_dashboard_exprs())
     for name in ("vibrato_wal_pending", "vibrato_checkpoint_jobs_inflight", "vibrato_compaction_jobs_inflight",
                  "vibrato_checkpoint_total", "vibrato_compaction_total", "vibrato_active_segments",

@@ -1,7 +1,7 @@
 """Concurrency: ingest and query threads while checkpoint and compaction run.
 
 Every acknowledged write must be visible to the next query that starts after the acknowledgement
-(read-your-writes, SPEC D5), whatever tier it is in at that moment; ids stay dense; counts agree.
+(read-your-writes, CONTRACT.md D5), whatever tier it is in at that moment; ids stay dense; counts agree.
 """
 import threading
 

@@ -132,7 +132,7 @@ def test_archive_scores_are_exact_and_recall_holds(tmp_path, shared_data):
             res = e.query(q, k=10, search_tier="archive", include_metadata=False)
             for r in res[:3]:
                 exact = float(np.dot(base[r["id"]].astype(np.float64), q.astype(np.float64)))
-                assert abs(r["score"] - exact) < 1e-4  # SPEC D14: exact, not PQ-approximate, scores
+                assert abs(r["score"] - exact) < 1e-4  # CONTRACT.md D14: exact, not PQ-approximate, scores
             hits += len({r["id"] for r in res} & set(g.tolist()))
         recall = hits / gt.size
         assert recall >= 0.9, recall

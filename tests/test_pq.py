@@ -210,7 +210,7 @@ def test_warm_start_from_own_centroids_is_a_fixed_point(data32, pq32):
     assert mse1 <= mse0 * 1.001
 
 
-# -- the archive quality bar (SPEC section 4: recall@10 >= 0.9 after rerank) ----------------------------
+# -- the archive quality bar (CONTRACT.md §5: recall@10 >= 0.9 after rerank) ----------------------------
 
 
 @pytest.fixture(scope="module")

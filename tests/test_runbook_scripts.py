@@ -1,4 +1,5 @@
-"""Every runbook script installs what it needs before it runs, so it works verbatim on a fresh clone.
+"""Every runbook script (the gate scripts of CONTRACT.md §6) installs what it needs before it runs,
+so it works verbatim on a fresh clone.
 
 Each script is run from a scratch checkout that has no .venv: a stand-in Makefile whose
 `install-test` target makes .venv/bin/python (a wrapper around this interpreter, which has vibrato and

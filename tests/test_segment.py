@@ -14,7 +14,7 @@ from vibrato.segment import format as F
 from vibrato.segment import writer as W
 
 TAG_POOL = ["", "a,b", "x,y,z", "rock", "électro", "ß", "日本語", "🎵", "tag with spaces", "z" * 300]
-LONG_SOURCE = "ä" * 40000 + "🎶"  # > 65535 bytes and ending in a 4-byte character (reference truncated it)
+LONG_SOURCE = "ä" * 40000 + "🎶"  # > 65535 bytes, ending in a 4-byte char (v2.1 truncated it, CONTRACT.md R3)
 
 
 def make_data(n=50, dim=16, kind="raw", seed=0, graph=True, m=4, tags=None, sources=None, level=1, id_start=1000):
@@ -89,7 +89,7 @@ def test_roundtrip(tmp_path, kind):
     sources = [f"s{i},x/ü🎵.wav" for i in range(n)]
     sources[7] = LONG_SOURCE
     sources[8] = ""
-    data = make_data(n=n, dim=100, kind=kind, tags=tags, sources=sources, m=3)  # n*m % 4 != 0 (reference bug)
+    data = make_data(n=n, dim=100, kind=kind, tags=tags, sources=sources, m=3)  # n*m % 4 != 0 (v2.1 bug, CONTRACT.md R3)
     path, info = write(tmp_path, data)
     assert info.kind == kind and info.count == n and info.live_count == int(data.live.sum())
     check_roundtrip(path, info, data, tags, sources)
@@ -245,7 +245,7 @@ def test_madvise_modes_apply(tmp_path, mode):
     with SegmentReader.open(path, madvise=mode, strict_madvise=True) as r:
         assert r.advice == mode and r.advice_error is None
         flags = _vma_flags(r.vectors.ctypes.data)
-        if flags is not None:  # the kernel really recorded the advice (the reference's was EINVAL)
+        if flags is not None:  # the kernel really recorded the advice (v2.1's was EINVAL, CONTRACT.md R3)
             assert ("rr" in flags) == (mode == "random")
             assert ("sr" in flags) == (mode == "sequential")
         for other in sorted(MADVISE_MODES):
@@ -355,7 +355,7 @@ def test_wrong_magic_version_and_kind(tmp_path):
     with pytest.raises(SegmentFormatError, match="segment kind is archive, expected raw"):
         SegmentReader.open(arc, kind=SegmentKind.RAW)
     SegmentReader.open(arc, kind="archive").close()
-    ref_v1 = tmp_path / "ref.vdb"  # the reference's v1 format
+    ref_v1 = tmp_path / "ref.vdb"  # v2.1's v1 format (CONTRACT.md R3)
     ref_v1.write_bytes(b"VIBDB001" + struct.pack("<II", 1, 2) + b"\0" * 8)
     with pytest.raises(SegmentFormatError, match="bad magic"):
         SegmentReader.open(ref_v1)
@@ -603,7 +603,7 @@ def test_constants_match_the_c_header():
 
 
 def test_parse_header_reports_overflowing_sizes():
-    """count * dim * 4 that wraps in 64 bits is rejected (the reference's wrapping size check)."""
+    """count * dim * 4 that wraps in 64 bits is rejected (v2.1's wrapping size check, CONTRACT.md R3)."""
     data = make_data(n=3, dim=2)
     raw = bytearray(F.pack_header(kind=SegmentKind.RAW, has_graph=False, count=2**31 - 1, id_start=0, dim=4096,
                                   level=0, pq_m=0, file_size=4096 + 24,

@@ -1,4 +1,5 @@
-"""Malformed segment files (SPEC section 5, "fuzz every file parser"): no crash, no hang, a clear error.
+"""Malformed segment files (CONTRACT.md §6, Malformed input: file parsers): no crash, no hang,
+a clear error.
 
 Valid files are mutated (truncated, bit-flipped, header fields and section-table entries overwritten
 with huge / boundary / overlapping values, column bytes rewritten) and opened. Every case must end in

@@ -97,10 +97,10 @@ def test_ingest_query_identify_hot_then_checkpointed(server):
         res = c.identify(track[5:13], k=3)["results"]
         top = res[0]
         assert top["id"] == first + 5
-        assert top["score"] == pytest.approx(1.0, abs=1e-3)  # mean per-frame inner product (D1)
+        assert top["score"] == pytest.approx(1.0, abs=1e-3)  # mean per-frame inner product (CONTRACT.md D1)
         assert top["start_timestamp_ms"] == 125 and top["duration_ms"] == 25 * 8
         no_meta = c.identify(track[5:13], k=1, include_metadata=False)["results"][0]
-        assert "metadata" not in no_meta and no_meta["start_timestamp_ms"] == 125  # D7
+        assert "metadata" not in no_meta and no_meta["start_timestamp_ms"] == 125  # CONTRACT.md D7
         hits = c.query(track[3], k=1, filter={"tags_any": ["song"], "bpm_gte": 119.5, "bpm_lte": 120.5})["results"]
         assert hits[0]["id"] == first + 3 and hits[0]["metadata"]["source_file"] == "song.wav"
         assert c.query(track[3], k=5, filter={"tags_all": ["nope"]})["results"] == []
@@ -209,14 +209,14 @@ def test_auth_roles_revocation_and_audit(server):
     assert qc.query(v, k=1)["results"]
     with pytest.raises(VibratoHTTPError) as err:
         qc.stats()
-    assert err.value.status == 403  # D19
+    assert err.value.status == 403  # CONTRACT.md D19
     out = run_cli("key-revoke", "--data-dir", server.data, "--key-id", query_id)
     assert out.returncode == 0 and out.stdout.strip() == f"revoked={query_id}"
-    time.sleep(1.05)  # D17: the server's key cache lives at most 1 s
+    time.sleep(1.05)  # CONTRACT.md D17: the server's key cache lives at most 1 s
     with pytest.raises(VibratoHTTPError) as err:
         qc.query(v, k=1)
     assert err.value.status == 403
-    with pytest.raises(VibratoHTTPError) as err:  # D16: wrong secret on a revoked key is 401
+    with pytest.raises(VibratoHTTPError) as err:  # CONTRACT.md D16: wrong secret on a revoked key is 401
         server.client(query_id + "." + "a" * 48).query(v, k=1)
     assert err.value.status == 401 and err.value.code == "invalid_authorization"
     with pytest.raises(VibratoHTTPError) as err:
@@ -272,7 +272,7 @@ def test_limits_are_configurable_by_flags(tmp_path):
 # ---------------------------------------------------------------------------- lifecycle
 def test_sigterm_shutdown_restart_persistence_and_lock(tmp_path):
     data = tmp_path / "data"
-    srv = ServerProcess(data, host="localhost").wait_ready()  # D26: hostnames
+    srv = ServerProcess(data, host="localhost").wait_ready()  # CONTRACT.md D26: hostnames
     c = srv.client(srv.bootstrap_token)
     rng = np.random.default_rng(3)
     x = unit(rng, 50)
@@ -367,7 +367,8 @@ def test_private_health_and_metrics(tmp_path):
         assert "vibrato_query_requests_total" in srv.client(srv.bootstrap_token).metrics()
 
 
-# ---------------------------------------------------------------------------- runbook §1-§2 verbatim
+# ---------------------------------------------------------------------------- runbook verbatim
+# CONTRACT.md §7.2 (runbook §1-§2: bootstrap and start, API key lifecycle)
 def test_runbook_sections_1_and_2_verbatim(tmp_path):
     with socket.socket() as s:
         try:
@@ -396,7 +397,7 @@ def test_runbook_sections_1_and_2_verbatim(tmp_path):
                                  cwd=tmp_path, capture_output=True, text=True, timeout=60)
         assert revoked.returncode == 0 and revoked.stdout == f"revoked={key_id}\n"
         curl = shutil.which("curl")
-        if curl:  # runbook §3, verbatim (with the bootstrap token)
+        if curl:  # CONTRACT.md §7.2 (runbook §3), verbatim (with the bootstrap token)
             for cmd in (f'curl -X POST http://127.0.0.1:8080/v2/admin/checkpoint -H "Authorization: Bearer {token}"',
                         f'curl -X POST http://127.0.0.1:8080/v2/admin/compact -H "Authorization: Bearer {token}"',
                         f'curl http://127.0.0.1:8080/v2/admin/stats -H "Authorization: Bearer {token}"'):

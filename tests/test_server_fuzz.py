@@ -1,5 +1,6 @@
-"""Malformed-input fuzzing of request validation (SPEC §5): arbitrary JSON and mutated valid bodies
-either validate or fail with a 400/422 `VibratoError` naming a field — never another exception."""
+"""Malformed-input fuzzing of request validation (CONTRACT.md §6, Malformed input): arbitrary JSON and
+mutated valid bodies either validate or fail with a 400/422 `VibratoError` naming a field — never
+another exception."""
 import math
 
 import numpy as np

@@ -229,7 +229,7 @@ def test_auth_outcomes(env):
             (auth("vbk_1700000000a1b2c3d4e5f6a7b8c9d0e1f2." + "0" * 48), 401, "invalid_authorization", ""),
             (auth(tokens["ingest"]), 403, "forbidden", "insufficient role"),
             (auth(tokens["revoked"]), 403, "forbidden", "insufficient role"),
-            # D16: a wrong secret on a revoked key is 401, never a revocation oracle.
+            # CONTRACT.md D16: a wrong secret on a revoked key is 401, never a revocation oracle.
             (auth(tokens["revoked"].split(".")[0] + "." + "1" * 48), 401, "invalid_authorization", ""),
         ]
         for headers, status, code, msg in cases:
@@ -240,10 +240,10 @@ def test_auth_outcomes(env):
                                  headers={"Authorization": f"bEaReR \t {tokens['query']}",
                                           "Content-Type": "application/json"})
         assert resp.status == 200, await resp.text()
-        # Authentication precedes body parsing (D15): bad body + no key = 401.
+        # Authentication precedes body parsing (CONTRACT.md D15): bad body + no key = 401.
         resp = await client.post("/v2/query", data=b"not json", headers={"Content-Type": "text/plain"})
         await expect_error(resp, 401, "missing_authorization")
-        # D19: stats reports auth errors like every other endpoint.
+        # CONTRACT.md D19: stats reports auth errors like every other endpoint.
         resp = await client.get("/v2/admin/stats")
         await expect_error(resp, 401, "missing_authorization")
         resp = await client.get("/v2/admin/stats", headers=auth(tokens["query"]))
@@ -292,7 +292,7 @@ def test_revocation_applies_within_one_second(env):
         q = orjson.dumps({"vector": vec(1)})
         assert (await client.post("/v2/query", data=q, headers=h)).status == 200  # now cached
         await asyncio.to_thread(apikeys.revoke_key, engine.catalog, key_id)
-        await asyncio.sleep(1.05)  # the cache TTL is 1 s (D17)
+        await asyncio.sleep(1.05)  # the cache TTL is 1 s (CONTRACT.md D17)
         await expect_error(await client.post("/v2/query", data=q, headers=h), 403, "forbidden")
     run(env, body)
 
@@ -326,6 +326,7 @@ def test_scores_are_shortest_float32_and_audit_rows(env):
     run(env, body)
 
 
+# v2.1's 22 series, names, types and order (CONTRACT.md §1.6, R1).
 REFERENCE_SERIES = [
     ("vibrato_query_requests_total", "counter"), ("vibrato_identify_requests_total", "counter"),
     ("vibrato_ingest_requests_total", "counter"), ("vibrato_auth_failures_total", "counter"),
@@ -424,7 +425,7 @@ def test_vector_decoding_matches_numpy_reference():
 
 
 def test_recovery_window_live_ready_and_not_ready(tmp_path, monkeypatch):
-    """D21: while recovery runs, live is 200, ready is 503 `recovering` and data calls are 503 not_ready."""
+    """CONTRACT.md D21: while recovery runs, live is 200, ready is 503 `recovering` and data calls are 503 not_ready."""
     import threading
     monkeypatch.delenv("VIBRATO_API_PEPPER", raising=False)
     gate = threading.Event()

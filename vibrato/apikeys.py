@@ -1,17 +1,17 @@
 """API keys: token format, header parsing, pepper, hashing, role checks and a short-lived cache.
 
-Token: ``vbk_<unix secs><24 hex>.<48 hex secret>`` (api.md §1.1). Only
+Token: ``vbk_<unix secs><24 hex>.<48 hex secret>`` (CONTRACT.md §1.4, Token). Only
 ``hex(SHA-256(pepper + ":" + secret))`` is stored (catalog table ``api_keys``, SQL in
 ``vibrato.catalog.keys``); the secret is shown once and never stored.
 
-Pepper (SPEC D18): ``VIBRATO_API_PEPPER`` if set and non-empty, otherwise a random pepper created
+Pepper (CONTRACT.md D18): ``VIBRATO_API_PEPPER`` if set and non-empty, otherwise a random pepper created
 once in ``<data_dir>/api_pepper`` (mode 0600) and shared by the CLI and the server. There is no
 built-in default.
 
-Verification order (SPEC D16): the secret is checked before revocation is reported, so a wrong
+Verification order (CONTRACT.md D16): the secret is checked before revocation is reported, so a wrong
 secret is always 401 and only the holder of the secret learns that the key is revoked (403).
 
-Cache (SPEC D17): records and unknown ids are cached for at most ``ttl`` seconds (1 s), so a
+Cache (CONTRACT.md D17): records and unknown ids are cached for at most ``ttl`` seconds (1 s), so a
 revocation made by the CLI in another process takes effect in a running server within 1 s.
 The cache itself never touches SQLite: on a miss the caller loads the record with `KeyStore.load`
 (a catalog read, run off the event loop) and hands it to `KeyStore.check`.
@@ -43,7 +43,7 @@ _SECRET_RE = re.compile(r"[0-9a-f]{48}\Z")
 
 # ---------------------------------------------------------------------------- errors
 class AuthError(VibratoError):
-    """An authentication/authorization outcome other than success (api.md §1.7)."""
+    """An authentication/authorization outcome other than success (CONTRACT.md §1.4, Outcomes)."""
     outcome = "internal"
 
 
@@ -112,10 +112,10 @@ def single_authorization(values) -> str | None:
 
 
 def parse_authorization(value: str | None) -> tuple[str, str]:
-    """Split an ``Authorization`` header into (key_id, secret) exactly as api.md §1.2.
+    """Split an ``Authorization`` header into (key_id, secret) exactly as CONTRACT.md §1.4 (Header parsing).
 
     Raises MissingAuthError (absent or not visible ASCII) or InvalidAuthError (bad shape). On top of
-    the reference's checks the id and secret must have the issued formats, so a malformed token is
+    v2.1's checks the id and secret must have the issued formats, so a malformed token is
     rejected without a catalog lookup.
     """
     if value is None or not value or not _visible_ascii(value):

@@ -1,7 +1,7 @@
 """One frozen, typed configuration shared by `serve-v2`, the engine and the admin commands.
 
-Field names match the serve-v2 flags (with dashes as underscores); defaults are the reference's.
-Limits (SPEC D20) are documented here and answered with 400/413 by the server.
+Field names match the serve-v2 flags (with dashes as underscores); defaults are v2.1's (CONTRACT.md §1.8, R1).
+Limits (CONTRACT.md D20) are documented here and answered with 400/413 by the server.
 """
 import dataclasses
 from dataclasses import dataclass, field
@@ -20,7 +20,7 @@ class Limits:
     max_tag_bytes: int = 128          # utf-8 bytes per tag
     max_source_file_bytes: int = 4096
     max_idempotency_key_bytes: int = 256
-    max_body_bytes: int = 2 * 1024 * 1024  # the reference's (axum's) default body limit
+    max_body_bytes: int = 2 * 1024 * 1024  # v2.1's (axum's) default body limit (CONTRACT.md §2)
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ class Config:
     shutdown_timeout_secs: float = 30.0   # graceful shutdown: wait this long for in-flight requests
     audit_retention_days: int = 30        # audit rows older than this are pruned (0 keeps them forever)
     server_threads: int = 0               # executor threads for blocking work; 0 = min(32, 4 * cpus + 4)
-    key_cache_ttl_secs: float = 1.0       # API-key cache entry lifetime; revocation applies within it (D17)
+    key_cache_ttl_secs: float = 1.0       # API-key cache entry lifetime; revocation applies within it (CONTRACT.md D17)
     keepalive_timeout_secs: float = 75.0  # an idle connection (no request in progress) is closed after this
     header_timeout_secs: float = 10.0     # time allowed to receive a request head, from its first byte
     body_timeout_secs: float = 0.0        # time allowed to receive a body; 0 = max(30 s, max_body_bytes / 64 KiB/s)
@@ -58,16 +58,16 @@ class Config:
     quarantine_max_files: int = 50
     quarantine_max_bytes: int = 5_368_709_120
     # tiers and indexes
-    hot_index_shards: int = 8          # accepted for the reference CLI; the hot tier is organised in
-                                       # hot_exact_rows chunks instead (identify stays exact, SPEC D1)
+    hot_index_shards: int = 8          # accepted for v2.1's CLI; the hot tier is organised in
+                                       # hot_exact_rows chunks instead (identify stays exact, CONTRACT.md D1)
     hot_exact_rows: int = 16_384       # hot rows scanned exactly; sealed chunks beyond get an HNSW
     checkpoint_max_rows: int = 50_000  # rows per L0 segment; also triggers an early checkpoint
     compaction_max_inputs: int = 8
-    l2_merge_max_rows: int = 4_000_000  # L2 archive segments are merged until this size (D24)
+    l2_merge_max_rows: int = 4_000_000  # L2 archive segments are merged until this size (CONTRACT.md D24)
     hnsw_m: int = 16
     hnsw_ef_construction: int = 100    # 200 builds 2.6x slower for +0.002 recall@10 (text set, ef 64)
     pq_min_rows: int = 256
-    archive_rerank_factor: int = 8     # exact rerank of k * factor ADC candidates (D14)
+    archive_rerank_factor: int = 8     # exact rerank of k * factor ADC candidates (CONTRACT.md D14)
     vector_madvise_mode: str = "normal"
     limits: Limits = field(default_factory=Limits)
 
@@ -107,7 +107,7 @@ class Config:
             if not lo <= v <= hi:
                 raise ValueError(f"{name} must be between {lo} and {hi}, got {v}")
 
-    # derived paths (the reference's data-dir layout)
+    # derived paths (the data-dir layout, CONTRACT.md §4.1)
     @property
     def catalog_path(self) -> Path:
         return self.data_dir / "catalog.sqlite3"

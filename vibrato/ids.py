@@ -1,4 +1,4 @@
-"""Identifier formats shared with the reference: jobs/segments/snapshots `<p>_<secs>_<16hex>`,
+"""Identifier formats kept from v2.1 (CONTRACT.md §1.2): jobs/segments/snapshots `<p>_<secs>_<16hex>`,
 keys/collections `<p>_<secs><24hex>`, request ids `req_<secs>_<16hex>`."""
 import secrets
 import time

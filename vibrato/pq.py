@@ -5,7 +5,7 @@ subvector is replaced by the index of its nearest of 256 centroids (one byte), s
 m=16 takes 16 bytes instead of 512. Queries are scored against codes by asymmetric distance
 computation (ADC): a per-query table ``table[j, c] = dot(q_j, centroid[j, c])`` is summed over the
 row's codes. ADC scores are approximate; the engine re-ranks the best candidates exactly against the
-float32 vectors kept on disk (SPEC D14).
+float32 vectors kept on disk (CONTRACT.md D14).
 
 Arrays: ``X`` (n, dim) float32, ``codes`` (n, m) uint8, ``centroids`` (m, 256, dsub) float32, all
 C-contiguous; wrong dtype, shape or layout is a ValueError naming the argument, never a silent copy.

@@ -1,7 +1,7 @@
 /*
  * Vibrato native core: shared definitions.
  *
- * Conventions (see STYLE.md): C11, static inline in headers, the vb_ prefix on every symbol,
+ * Conventions: C11, static inline in headers, the vb_ prefix on every symbol,
  * functions that can fail return 0 or a negative VB_E* code and never abort or exit.
  */
 #pragma once

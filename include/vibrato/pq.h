@@ -1,7 +1,7 @@
 /*
  * Product quantization (PQ) with 8-bit codes: k-means training, encode, decode, ADC tables, and ADC
  * scans with top-k selection. The archive tier uses it to pick candidates that are then re-ranked
- * exactly against the float32 vectors (SPEC D14).
+ * exactly against the float32 vectors (CONTRACT.md D14).
  *
  * Shapes and layouts (faiss names: d = dim, m subspaces, dsub = d / m, ksub = 256):
  *   x          float32 (n, d) row-major; subvector j of row i is x[i*d + j*dsub .. + dsub)
@@ -24,7 +24,7 @@
  *   - Training is deterministic for a given (data, seed, iters, sample, SIMD level). Different
  *     SIMD levels may round distances differently and so may break near-ties differently.
  *
- * Defects of the reference PQ deliberately not copied (shared/reference/core.md section 3): empty
+ * Defects of v2.1's PQ deliberately not copied (CONTRACT.md D38; v2.1's PQ is CONTRACT.md R4): empty
  * clusters are re-seeded deterministically (never from an unseeded RNG), training uses a seeded
  * subsample instead of every row, the ADC lookup loop is SIMD, untrusted codebook bytes are fully
  * validated (no panics on D % m != 0 or m = 0), and ADC tables are inner products (our score).

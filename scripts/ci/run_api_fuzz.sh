@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Malformed-input gate for the HTTP API (SPEC §5): schemathesis cases generated from the server's own
-# GET /v2/openapi.json (positive and negative modes) plus raw malformed bodies, against a real
-# `vibrato serve-v2`: no 5xx, JSON error bodies, no hang (per-request timeout), no crash.
+# Malformed-input gate for the HTTP API (CONTRACT.md §6, Malformed input): schemathesis cases generated
+# from the server's own GET /v2/openapi.json (positive and negative modes) plus raw malformed bodies,
+# against a real `vibrato serve-v2`: no 5xx, JSON error bodies, no hang (per-request timeout), no crash.
 # Harness: tests/gates/test_api_fuzz.py. (File parsers are fuzzed by tests/test_segment_fuzz.py.)
 #
 #   bash scripts/ci/run_api_fuzz.sh

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Crash matrix gate (runbook §9): SIGKILL the real `vibrato serve-v2` during ingest, checkpoint and
-# compaction windows and in a concurrent batch-writer ("Jepsen") workload, restart, verify every
-# acknowledged write and that nothing un-attempted exists. Harness: tests/gates/test_crash_matrix.py.
+# Crash matrix gate (CONTRACT.md §6, runbook §9): SIGKILL the real `vibrato serve-v2` during ingest,
+# checkpoint and compaction windows and in a concurrent batch-writer ("Jepsen") workload, restart,
+# verify every acknowledged write and that nothing un-attempted exists. Harness:
+# tests/gates/test_crash_matrix.py.
 #
 #   VIBRATO_CRASH_SEEDS=10 bash scripts/ci/run_crash_matrix.sh     # PR subset (default 10)
 #   VIBRATO_CRASH_SEEDS=100 bash scripts/ci/run_crash_matrix.sh    # nightly

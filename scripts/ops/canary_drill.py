@@ -1,4 +1,4 @@
-"""Canary + rollback drill (runbook §13), driven by scripts/ops/canary_rollback_drill.sh.
+"""Canary + rollback drill (CONTRACT.md §6, runbook §13), driven by scripts/ops/canary_rollback_drill.sh.
 
 1. Data dir: DATA_DIR if set (an operator's; no server may be running on it), else a temp dir seeded
    with VIBRATO_CANARY_SEED_ROWS (5000) vectors through a real server (checkpointed, plus a 10% WAL

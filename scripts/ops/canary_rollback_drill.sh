@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Canary + rollback drill (runbook §13): snapshot (`vibrato snapshot-create`), run a canary
+# Canary + rollback drill (CONTRACT.md §6, runbook §13): snapshot (`vibrato snapshot-create`), run a canary
 # `vibrato serve-v2` under real traffic, check SLOs from /v2/metrics and integrity from
 # /v2/admin/stats, stop it (SIGTERM), `vibrato snapshot-restore`, restart and verify that the data
 # equals the snapshot (counts, next id, sampled vectors and metadata). Exits non-zero on any miss.

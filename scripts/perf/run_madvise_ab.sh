@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# madvise A/B harness (runbook §11): query latency of the real `vibrato serve-v2` with
+# madvise A/B harness (CONTRACT.md §6, runbook §11): query latency of the real `vibrato serve-v2` with
 # --vector-madvise-mode normal vs random, cold (segment pages dropped with posix_fadvise DONTNEED) and
 # warm, same queries, on one ~0.5 GB segment larger than the server's page-cache share (the server
 # runs in a memory cgroup that leaves room for 40% of it). Harness: perf/bench_madvise_ab.py.

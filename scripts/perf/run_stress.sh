@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Stress benchmark (reference tests.md §1.12): mixed queries (60%) and batched writes (40%) from
-# VIBRATO_STRESS_CONCURRENCY (16) concurrent clients against the real `vibrato serve-v2`; reports ops/s
-# and checks dense ids, exact counts and that sampled writes are findable. Harness: perf/stress_million_ops.py.
+# Stress benchmark (CONTRACT.md §6, Stress; v2.1's is R7): mixed queries (60%) and batched writes (40%)
+# from VIBRATO_STRESS_CONCURRENCY (16) concurrent clients against the real `vibrato serve-v2`; reports
+# ops/s and checks dense ids, exact counts and that sampled writes are findable. Harness:
+# perf/stress_million_ops.py.
 #
 #   bash scripts/perf/run_stress.sh                                   # smoke: 20,000 ops
 #   VIBRATO_STRESS_TOTAL_OPS=1000000 bash scripts/perf/run_stress.sh  # the million

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Container smoke (runbook §14): build the Dockerfile, run `vibrato serve-v2` in it as the image's
-# non-root user with a host data dir mounted, wait for health, create a key with
-# `<engine> exec ... vibrato key-create`, ingest a vector, query it back (id and score checked),
-# stop with SIGTERM and require a clean exit (code 0, "shutdown complete" in the log).
+# Container smoke (CONTRACT.md §6, runbook §14): build the Dockerfile, run `vibrato serve-v2` in it as
+# the image's non-root user with a host data dir mounted, wait for health, create a key with `<engine>
+# exec ... vibrato key-create`, ingest a vector, query it back (id and score checked), stop with SIGTERM
+# and require a clean exit (code 0, "shutdown complete" in the log).
 #
 #   bash scripts/smoke/container_smoke.sh
 #

@@ -70,7 +70,7 @@ def run_cli(*args, env=None, timeout=300, check=True) -> dict:
 
 
 def create_key(data_dir, name="gate", roles="admin,query,ingest") -> str:
-    """`vibrato key-create` (the runbook's command); returns the token."""
+    """`vibrato key-create` (CONTRACT.md §7.2, runbook §2: the key command); returns the token."""
     return run_cli("key-create", "--data-dir", data_dir, "--name", name, "--roles", roles)["token"]
 
 
@@ -269,7 +269,7 @@ class WorkDir:
 
 
 def percentile(values, q: float) -> float:
-    """Nearest-rank percentile on a sorted copy (the reference's round((n-1) * q) index)."""
+    """Nearest-rank percentile on a sorted copy (v2.1's round((n-1) * q) index, CONTRACT.md R6)."""
     if not len(values):
         return float("nan")
     s = sorted(values)

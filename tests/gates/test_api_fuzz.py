@@ -1,9 +1,9 @@
-"""Malformed-input gate for the HTTP API (SPEC §5): schemathesis generates requests from the server's
-own OpenAPI description (`GET /v2/openapi.json`), valid and invalid (positive and negative modes),
-and sends them to a real `vibrato serve-v2` with an admin key.
+"""Malformed-input gate for the HTTP API (CONTRACT.md §6, Malformed input): schemathesis
+generates requests from the server's own OpenAPI description (`GET /v2/openapi.json`), valid and
+invalid (positive and negative modes), and sends them to a real `vibrato serve-v2` with an admin key.
 
 Per generated case: no 5xx (schemathesis' `not_a_server_error`), an error answer is a JSON
-`{"code", "message"}` body (SPEC D12), the request finishes within VIBRATO_FUZZ_REQUEST_TIMEOUT_SECS
+`{"code", "message"}` body (CONTRACT.md D12), the request finishes within VIBRATO_FUZZ_REQUEST_TIMEOUT_SECS
 (10; no hang) and the server process is still alive (no crash). Bounded: VIBRATO_FUZZ_MAX_EXAMPLES
 (100) cases per operation and mode, derandomized (the same cases every run) so a failure replays.
 After the run the server must still answer ready and shut down cleanly on SIGTERM.

@@ -1,4 +1,4 @@
-"""Crash matrix gate (SPEC §5, runbook §9): SIGKILL the real `vibrato serve-v2` during ingest,
+"""Crash matrix gate (CONTRACT.md §6, runbook §9): SIGKILL the real `vibrato serve-v2` during ingest,
 checkpoint and compaction windows, restart it, and prove that
 
 * every acknowledged write is there: re-POSTing it with the same payload and idempotency key answers
@@ -364,7 +364,7 @@ def test_jepsen_random_kill(seed):
             if INJECT == "drop-sqlite-wal":
                 drop_sqlite_wal(data)
             print(f"[{label}] killed at {kill_ms:.0f} ms: attempted={len(ledger.order)} acked={len(ledger.acked)}")
-            srv = GateServer(data, dim=DIM, log_dir=work)  # a new port, like the reference
+            srv = GateServer(data, dim=DIM, log_dir=work)  # a new port, as v2.1's harness does (CONTRACT.md R6)
             srv.wait_ready()
             summary = verify_after_restart(srv, token, ledger, label, verify_cap=JEPSEN_VERIFY_CAP)
             assert srv.terminate() == 0, f"[{label}] graceful shutdown failed:\n{srv.tail()}"

@@ -1,4 +1,4 @@
-"""Mixed-workload soak gate (SPEC §5, runbook §12) against the real `vibrato serve-v2`.
+"""Mixed-workload soak gate (CONTRACT.md §6, runbook §12) against the real `vibrato serve-v2`.
 
 Workers share one paced schedule of operations at VIBRATO_SOAK_TARGET_OPS_PER_SEC. Each operation
 rolls 0..99 from (seed, op index): < 60 single ingest with a unique idempotency key (201 required),
@@ -9,8 +9,8 @@ compactions (60 s). Every 200 operations an unauthenticated /v2/health/ready mus
 Before the clock starts the store is preloaded with VIBRATO_SOAK_PRELOAD (50,000) vectors in batches
 and checkpointed, so caches that are bounded by design (SQLite's 64 MB page cache, the hot tier's
 first chunk) are warm; RSS and fd baselines are the first sample taken after VIBRATO_SOAK_WARMUP_SECS
-of mixed load: 60 s like the reference (whose first sample comes one 60 s interval in), or a third
-of a shorter run. Without that, a 90 s soak starting from an empty 60 MB process measures cache
+of mixed load: 60 s as in v2.1's soak (whose first sample comes one 60 s interval in, CONTRACT.md R6),
+or a third of a shorter run. Without that, a 90 s soak starting from an empty 60 MB process measures cache
 warm-up, not leaks.
 
 Every sample interval the harness records the server's RSS (VmRSS and RssAnon), open fds,
@@ -21,7 +21,7 @@ asserts:
 * open fds <= first + VIBRATO_SOAK_MAX_FD_GROWTH (256);
 * temp segment files <= VIBRATO_SOAK_MAX_TMP_VDB_FILES (8) at every sample and 0 once idle;
 * SQLite -wal <= VIBRATO_SOAK_MAX_SQLITE_WAL_BYTES (64 MiB, the server's TRUNCATE threshold);
-* active segments <= VIBRATO_SOAK_MAX_ACTIVE_SEGMENTS (64; 0 disables) at every sample (SPEC D24:
+* active segments <= VIBRATO_SOAK_MAX_ACTIVE_SEGMENTS (64; 0 disables) at every sample (CONTRACT.md D24:
   "segment count stays bounded");
 * exact counts: total_vectors == acknowledged ingests, ids dense 0..n-1, sampled ingested vectors
   found by a self-query, no operation failed.
@@ -263,7 +263,7 @@ def test_mixed_workload_soak():
             if MAX_ACTIVE_SEGMENTS:
                 assert seg_peak <= MAX_ACTIVE_SEGMENTS, \
                     (f"active segments reached {seg_peak}, limit {MAX_ACTIVE_SEGMENTS}: the segment count is not "
-                     f"bounded (SPEC D24); segments by level now: {c.stats()['segments_by_level']}")
+                     f"bounded (CONTRACT.md D24); segments by level now: {c.stats()['segments_by_level']}")
 
             st = c.stats()
             n = len(soak.ingested)

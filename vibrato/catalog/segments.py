@@ -2,7 +2,7 @@
 
 States: building -> pending_activate -> active -> (compacting -> active | obsolete) ; failed ;
 deleted (obsolete file removed, row kept for history until purged). Paths are relative to the
-data directory, so a data dir can be moved or restored elsewhere (SPEC D9).
+data directory, so a data dir can be moved or restored elsewhere (CONTRACT.md D9).
 """
 import time
 

@@ -1,6 +1,6 @@
 """Checkpoint: the oldest hot rows (un-checkpointed WAL) become one L0 segment.
 
-Durable order (each step is safe to crash after; recovery rolls forward or back, SPEC D4):
+Durable order (each step is safe to crash after; recovery rolls forward or back, CONTRACT.md D4):
   1. job row `building` (start/end LSN, segment id) ............................ catalog commit
   2. write tmp/<seg>.vdb.tmp, fsync the file
   3. segment row `building` (path relative to the data dir) .................... catalog commit
@@ -10,7 +10,7 @@ Durable order (each step is safe to crash after; recovery rolls forward or back,
   7. publish the segment to queries and hide the hot rows (one swap under the state lock)
 A failure before 6 leaves the WAL rows pending and the hot tier untouched; the partial file is
 removed and the job/segment rows are marked failed. After 6 only in-memory steps remain.
-Ingest continues throughout (it only appends to the hot tier; SPEC D5).
+Ingest continues throughout (it only appends to the hot tier; CONTRACT.md D5).
 """
 import logging
 import os

@@ -4,14 +4,14 @@ Policy (one step per call):
   * >= 2 L0 segments            -> up to 8 adjacent L0s merge into one L1 raw segment (new graph);
   * else >= 2 L1 segments       -> up to 8 adjacent L1s merge into one L2 archive segment: PQ codes
                                    for candidate selection + the float32 vectors for exact rerank
-                                   (SPEC D14); raw L2 when rows < pq_min_rows or no PQ split fits dim;
+                                   (CONTRACT.md D14); raw L2 when rows < pq_min_rows or no PQ split fits dim;
   * else L2 segments            -> the smallest adjacent run of L2s whose rows fit l2_merge_max_rows
                                    merges into one L2 when there are >= 4 L2 segments, or when the run
                                    holds a raw L2 (too small for PQ when it was made); tiered merging
-                                   keeps the count bounded (SPEC D24).
+                                   keeps the count bounded (CONTRACT.md D24).
 "Adjacent" means consecutive in the id order of ALL active segments, so the output's id range
 [first.start, last.end] overlaps no other segment. Overlapping inputs are an integrity error and the
-inputs stay active (SPEC D13). Rows dead in the inputs (tombstones, replayed-away ids) are written as
+inputs stay active (CONTRACT.md D13). Rows dead in the inputs (tombstones, replayed-away ids) are written as
 tombstones: zero vector, no metadata.
 
 Durable order mirrors checkpoint: job row (inputs `compacting`) -> tmp file fsynced -> output row

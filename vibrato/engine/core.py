@@ -169,7 +169,7 @@ class Engine:
         return dict(self._recovery, blockers=list(self._blockers), ready=self.readiness()[0])
 
     def add_blocker(self, blocker: str):
-        """A failure found after startup (e.g. by the scrubber) degrades readiness live (SPEC D21)."""
+        """A failure found after startup (e.g. by the scrubber) degrades readiness live (CONTRACT.md D21)."""
         with self._state_lock:
             if blocker not in self._blockers:
                 self._blockers.append(blocker)

@@ -2,13 +2,13 @@
 
 Rows arrive in commit order (ids and LSNs ascending) through `append`, which the engine calls under
 its state lock from the catalog writer thread, before the write is acknowledged (read-your-writes,
-SPEC D5). Storage is a list of fixed-capacity chunks; rows inside a chunk are written once and never
+CONTRACT.md D5). Storage is a list of fixed-capacity chunks; rows inside a chunk are written once and never
 moved, so a `HotView` (chunk, lo, hi) taken under the state lock can be read later without locks.
 
 Search: the growing chunk (and any sealed chunk whose graph is not built yet) is scanned exactly with
 the SIMD kernels; sealed chunks get an HNSW graph built in the background ("exact scan below a size
 threshold, HNSW above"). Identify and metadata look rows up by id, so results are exact and
-independent of this organisation (SPEC D1).
+independent of this organisation (CONTRACT.md D1).
 """
 from dataclasses import dataclass
 

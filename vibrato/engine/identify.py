@@ -2,7 +2,7 @@
 
 Frames of a track are ingested consecutively, so frame i of a match starting at id s is id s + i.
 Across every searched tier (ids are dense across tiers, so a match may span hot tier and segments,
-SPEC D1):
+CONTRACT.md D1):
   1. anchors: a few frames spread evenly over the query (norm salience is meaningless for unit
      vectors, so spacing is what matters);
   2. each anchor's nearest neighbours give candidate starts s = hit - anchor_offset;

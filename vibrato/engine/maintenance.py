@@ -1,4 +1,4 @@
-"""Housekeeping that keeps every store bounded (SPEC D24), run by the background loop.
+"""Housekeeping that keeps every store bounded (CONTRACT.md D24), run by the background loop.
 
 * obsolete segment files are deleted once no snapshot pins them (queries that still hold one keep
   reading it: an unlinked file stays mapped); their rows become `deleted` and are purged later;

@@ -1,4 +1,4 @@
-"""Startup recovery (runbook §6), in this order:
+"""Startup recovery (CONTRACT.md §4.5), in this order:
 
   0. catalog path check: every segment row's path (any state) must read 'segments/NAME' and every
      live orphan's 'quarantine/NAME' (a tampered catalog, e.g. from a snapshot, is hostile input).
@@ -13,7 +13,7 @@
      (output failed and removed, WAL rows stay pending, inputs back to active). Neither loses data,
      so neither is a readiness blocker.
   5. segment validation and state promotion/failure: structure plus every section checksum except
-     the bulk vector section (start-up must not be a full scan, SPEC §4; the background scrubber
+     the bulk vector section (start-up must not be a full scan, CONTRACT.md §5; the background scrubber
      verifies the vectors next and degrades readiness if they fail). An ACTIVE segment that fails is
      a blocker (its rows would be lost). Outputs of interrupted jobs are verified in full.
   6. load active segments; overlapping id ranges are an integrity blocker

@@ -3,7 +3,7 @@
 * `lower_thread_priority()`: nice +15 and the idle I/O class for the calling thread (Linux); native
   worker threads it starts inherit the nice value.
 * `IoThrottle`: a reservation token bucket in bytes/s for background segment I/O. Manual admin calls
-  are not throttled (the reference's throttle slowed them too).
+  are not throttled (CONTRACT.md D37; v2.1's throttle slowed them too, R5).
 """
 import ctypes
 import logging

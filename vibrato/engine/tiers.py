@@ -13,7 +13,7 @@ from vibrato.engine.hot import HotView, _topk
 
 class SegmentHandle:
     """A loaded segment. raw: HNSW over the mmapped vectors; archive: PQ codes for candidate
-    selection + exact rerank against the float32 vectors kept in the file (SPEC D14)."""
+    selection + exact rerank against the float32 vectors kept in the file (CONTRACT.md D14)."""
 
     def __init__(self, row: dict, reader, dead_ranges=(), rerank_factor: int = 8):
         from vibrato.index import HnswIndex
@@ -90,7 +90,7 @@ class SegmentHandle:
 
 
 def tier_filter(search_tier: str):
-    """(include_hot, segment predicate) for a search_tier value (reference semantics)."""
+    """(include_hot, segment predicate) for a search_tier value (CONTRACT.md §1.3, Search tiers)."""
     if search_tier == "active":
         return True, lambda s: s.level <= 1
     if search_tier == "archive":

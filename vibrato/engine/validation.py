@@ -1,4 +1,4 @@
-"""Validate and normalise ingest input before anything is written (SPEC D3, D20).
+"""Validate and normalise ingest input before anything is written (CONTRACT.md D3, D20).
 
 Every error is a BadRequestError whose message names the field, the bad value and the limit.
 `prepare_rows` turns API items into catalog WAL rows plus the arrays the hot tier needs.
@@ -25,8 +25,8 @@ _F32 = struct.Struct("<f")
 
 
 def normalize_tags(tags) -> list[str]:
-    """Trim, ASCII-lowercase (other letters untouched, as the reference), drop empties, sort (code
-    point order = UTF-8 byte order), de-duplicate."""
+    """Trim, ASCII-lowercase (other letters untouched, as in v2.1), drop empties, sort (code point
+    order = UTF-8 byte order), de-duplicate (CONTRACT.md §1.3, Tags)."""
     out = set()
     for t in tags:
         t = t.strip()

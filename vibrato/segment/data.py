@@ -227,7 +227,7 @@ class SegmentData:
     the documented dtypes, ``tags`` a TagsCSR, ``source_file`` a StringsCSR.
 
     Not checked here: that vectors are finite (the engine rejects non-finite input at ingest,
-    SPEC D3), and the content of the opaque graph / codebook blobs.
+    CONTRACT.md D3), and the content of the opaque graph / codebook blobs.
     """
 
     level: int

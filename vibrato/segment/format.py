@@ -4,7 +4,7 @@ A segment holds ``count`` rows with dense ids ``id_start .. id_start + count - 1
 ``id_start + i``). Two kinds share one layout:
 
 * RAW: float32 vectors + metadata columns + (optionally, flag HAS_GRAPH) an opaque HNSW graph blob.
-* ARCHIVE: float32 vectors (kept for exact reranking, SPEC D14) + metadata + an opaque PQ codebook
+* ARCHIVE: float32 vectors (kept for exact reranking, CONTRACT.md D14) + metadata + an opaque PQ codebook
   blob + PQ codes ``uint8[count][pq_m]``; never a graph.
 
 Every integer is little-endian. Every byte of the file is covered by a checksum: the header CRC
@@ -74,7 +74,7 @@ length, tag ids < ntags and ascending per row, the dictionary valid UTF-8, sorte
 source strings' UTF-8 is checked by ``verify()`` and, lazily, when a row is decoded. The two opaque
 blobs are validated by their owners (``HnswIndex.from_graph``, ``ProductQuantizer.from_bytes``).
 
-What this fixes from the reference's .vdb v2 (shared/reference/core.md sections 4-5, 10): checksums
+What this fixes from v2.1's .vdb v2 (CONTRACT.md D38; v2.1's format is CONTRACT.md R3): checksums
 on everything, overflow-checked sizes, every section aligned (the PQ codebook too), page-aligned
 vectors so madvise can apply, columnar metadata without truncation or comma-joined tags,
 ``duration_ms`` as uint32.

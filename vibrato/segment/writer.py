@@ -1,7 +1,7 @@
 """Writing segment files: ``write_segment_tmp`` (write + fsync) and ``publish_segment`` (rename +
 fsync the directory).
 
-Durable order, as the engine runs it (SPEC D4; STYLE (c) "Order durable steps")::
+Durable order, as the engine runs it (CONTRACT.md D4: every step is safe to crash after)::
 
     info = write_segment_tmp(tmp_path, data)     # 1. whole file written, fsync(file): durable bytes
     catalog: insert segment row (state building)  # 2. the catalog knows the final path

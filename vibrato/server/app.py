@@ -1,10 +1,10 @@
 """The aiohttp application factory and the `serve-v2` runner.
 
 `create_app(config, engine=None)` builds the app and does nothing else: resources are opened by
-cleanup contexts when the app starts (STYLE (d)), in this order, and closed in reverse:
+cleanup contexts when the app starts, in this order, and closed in reverse:
 
 1. engine — `Engine.open_config(config, recover_async=True)` takes the data-dir lock, opens the
-   catalog and starts recovery in the background, so the port binds at once (SPEC D21); then the
+   catalog and starts recovery in the background, so the port binds at once (CONTRACT.md D21); then the
    pepper, the bootstrap admin key (printed on stdout before the port is bound) and the key store.
    An engine passed in by the caller is used as is and not closed.
 2. executor — the ThreadPoolExecutor for every blocking call (engine, catalog reads for auth).
@@ -13,7 +13,7 @@ cleanup contexts when the app starts (STYLE (d)), in this order, and closed in r
 
 `serve(config)` runs the app behind the hardened connection layer of `protocol.py` (keep-alive,
 header and body timeouts, the connection cap, value-free 400s) until SIGTERM/SIGINT, then shuts
-down gracefully (SPEC D22): stop accepting, let in-flight requests finish (up to
+down gracefully (CONTRACT.md D22): stop accepting, let in-flight requests finish (up to
 `shutdown_timeout_secs`), flush the audit queue, `engine.close()` (TRUNCATE-checkpoints the SQLite
 WAL and releases the lock).
 """
@@ -198,7 +198,7 @@ async def _watch_readiness(app: web.Application):
 
 # ---------------------------------------------------------------------------- the serve-v2 runner
 def bind_host(host: str) -> str:
-    """Hostnames, IPv4 and IPv6 literals (with or without brackets) are accepted (SPEC D26)."""
+    """Hostnames, IPv4 and IPv6 literals (with or without brackets) are accepted (CONTRACT.md D26)."""
     host = host.strip()
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]

@@ -1,11 +1,11 @@
-"""The audit writer (api.md §8 with SPEC D26 fixes).
+"""The audit writer (CONTRACT.md §1.7, with the CONTRACT.md D26 fixes).
 
 Handlers call `record(...)` on the event loop; it appends to a bounded in-memory queue and never
 blocks (a full queue drops the event and counts it in `vibrato_audit_failures_total`). A task on
 the loop flushes every `interval` seconds, or as soon as `batch` events are queued, as one
 `catalog.write(audit.insert_many, rows)` transaction. The write is submitted with
 `Catalog.write_async`, so no SQLite call ever runs on the loop. A failed batch is dropped and
-counted. `close()` flushes what is left (graceful shutdown, SPEC D22).
+counted. `close()` flushes what is left (graceful shutdown, CONTRACT.md D22).
 
 Rows carry the request time (not the flush time, which has its own column), the key id, the client
 address, the endpoint, the action, the status, the latency and JSON details.

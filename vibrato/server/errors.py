@@ -1,6 +1,6 @@
 """HTTP-level errors (all `VibratoError`s, so one error middleware turns every one into JSON).
 
-Codes are stable snake_case; messages name the field, the bad value and the limit (STYLE (g)).
+Codes are stable snake_case; messages name the field, the bad value and the limit.
 """
 from vibrato.errors import BadRequestError, VibratoError
 

@@ -162,7 +162,7 @@ async def identify(request: web.Request) -> web.Response:
     request[K.AUDIT_DETAILS] = {"k": req["k"], "ef": req["ef"],
                                 "len": 0 if req["vectors"] is None else len(req["vectors"])}
     engine = request.app[K.ENGINE]
-    if req["k"] == 0:  # the reference answers before any dimension check
+    if req["k"] == 0:  # answered before any dimension check, as v2.1 (CONTRACT.md §1.3)
         _require_ready(engine)
         return json_response({"data": {"results": [], "query_time_ms": 0.0}})
     results, secs = await _blocking(request, _timed, engine.identify, req["vectors"], k=req["k"], ef=req["ef"],

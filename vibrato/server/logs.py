@@ -1,4 +1,4 @@
-"""Structured logging: one JSON object per line on stderr, with the current request id (SPEC D26).
+"""Structured logging: one JSON object per line on stderr, with the current request id (CONTRACT.md D26).
 
 Secrets never reach the log: the server itself never logs a header value, and as a second line of
 defence the formatter redacts anything that looks like a credential (`Bearer <x>`, the secret half

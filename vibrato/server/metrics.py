@@ -1,9 +1,9 @@
-"""Prometheus metrics for one app (SPEC D25), exposed through `prometheus_client`.
+"""Prometheus metrics for one app (CONTRACT.md D25), exposed through `prometheus_client`.
 
 Everything is registered on a `CollectorRegistry` owned by the app (no global registry). A custom
-collector yields metric families, so the 22 reference series (api.md §2.11) keep their names,
+collector yields metric families, so the 22 v2.1 series (CONTRACT.md §1.6) keep their names,
 types and `le` labels exactly (`le="10"`, not `le="10.0"`) and no `_created` series appear.
-On top of the reference: HELP lines, `vibrato_query_latency_us` buckets continued up to 10 s,
+On top of v2.1's: HELP lines, `vibrato_query_latency_us` buckets continued up to 10 s,
 per-route request counters by method and status, per-route latency histograms up to 10 s,
 `vibrato_ready`, `vibrato_http_requests_in_flight`, and every other numeric field of `engine.stats()`.
 
@@ -17,13 +17,13 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 
 CONTENT_TYPE = "text/plain; version=0.0.4"
 
-# The reference's µs buckets, then continued to 10 s (additions only; the first nine are unchanged).
+# v2.1's µs buckets (CONTRACT.md §1.6), then continued to 10 s (additions only; the first nine are unchanged).
 QUERY_LATENCY_BUCKETS_US = (10, 25, 50, 100, 250, 500, 1000, 2500, 5000,
                             10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000, 2_500_000, 5_000_000,
                             10_000_000)
 HTTP_LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
-# (stats field, metric name, type, help) for the reference series read from engine.stats(), in order.
+# (stats field, metric name, type, help) for the v2.1 series read from engine.stats(), in order.
 _STATS_SERIES = [
     ("checkpoint_total", "vibrato_checkpoint_total", "counter", "Completed (non-idle) checkpoints, manual and background."),
     ("compaction_total", "vibrato_compaction_total", "counter", "Completed compactions."),
@@ -49,7 +49,7 @@ _REFERENCE_STATS_FIELDS = {s[0] for s in _STATS_SERIES if s[0]} | {"ready", "liv
 
 
 def _label(bound: float) -> str:
-    """Bucket label like the reference: integers without '.0'."""
+    """Bucket label as in v2.1 (CONTRACT.md §1.6): integers without '.0'."""
     return str(int(bound)) if float(bound).is_integer() else repr(float(bound))
 
 
@@ -146,7 +146,7 @@ class _Collector:
             value = _number(stats.get(field, 0))
             cls = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
             yield cls(name, doc, value=value)
-        # Additions (names outside the reference's 22).
+        # Additions (names outside v2.1's 22, CONTRACT.md §1.6).
         yield GaugeMetricFamily("vibrato_ready", "1 when the engine is ready to serve data requests.",
                                 value=1 if stats.get("ready") else 0)
         yield GaugeMetricFamily("vibrato_http_requests_in_flight", "HTTP requests being handled (this one included).",

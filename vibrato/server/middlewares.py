@@ -1,13 +1,13 @@
-"""Middlewares, outermost first (STYLE (d)):
+"""Middlewares, outermost first:
 
 1. `request_id_middleware` — take a valid `x-request-id` or make `req_<secs>_<16hex>`, put it in a
-   contextvar for the logs, set it on every response (errors, 404/405, metrics included; SPEC D12).
+   contextvar for the logs, set it on every response (errors, 404/405, metrics included; CONTRACT.md D12).
 2. `access_middleware` — per-route request counters and latency histograms, the audit event and
    one structured access-log line; it sees the final response because everything inside it
    returns one.
 3. `error_middleware` — every exception becomes a JSON `{"code","message"}` response; unexpected
    ones are logged with their traceback and answered 500.
-4. `auth_middleware` — checks the API key before the body is read (SPEC D15). A cached key costs
+4. `auth_middleware` — checks the API key before the body is read (CONTRACT.md D15). A cached key costs
    no I/O; a cache miss does one catalog read on the executor. More than one `Authorization`
    header is a 400. `Expect: 100-continue` is answered only after authorization (the routes'
    `expect_handler` defers it here), so an unauthenticated client never gets to send its body.

@@ -2,7 +2,7 @@
 
 Under `Type=notify` (deploy/systemd/vibrato.service) systemd counts the service as started only
 when the main process sends `READY=1`. serve-v2 binds its port at once and recovers the engine in
-the background (SPEC D21), so `READY=1` is sent when `engine.readiness()` first turns true, i.e.
+the background (CONTRACT.md D21), so `READY=1` is sent when `engine.readiness()` first turns true, i.e.
 exactly when `GET /v2/health/ready` would answer 200 — not when the port binds. `STOPPING=1` is sent
 at the start of the SIGTERM drain; `STATUS=...` lines show the recovery report in `systemctl status`.
 

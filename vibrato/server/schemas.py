@@ -3,7 +3,7 @@
 Each request body is described once, as a tree of field specs; the same tree validates requests
 and produces the OpenAPI schema (`json_schema()`), so documentation and behaviour cannot drift.
 
-Outcomes (SPEC D3, D12, D20):
+Outcomes (CONTRACT.md D3, D12, D20):
   * 422 `validation_error` — wrong shape: unknown field (misspelled filter clauses included), missing
     required field, wrong type, `null` for a non-optional field, negative/fractional/overflowing
     integer, unknown `search_tier`, an array where an object is expected. The message names the field.
@@ -430,7 +430,7 @@ class Validator:
         if not frames:
             raise BadRequestError("identify requires at least one vector")
         if req["k"] == 0:
-            req["vectors"] = None  # the reference answers k=0 with an empty list before any dim check
+            req["vectors"] = None  # k=0: an empty list before any dim check, as v2.1 (CONTRACT.md §1.3)
             return req
         req["vectors"] = decode_vectors(frames, self.dim, lambda i: f"vectors[{i}]",
                                         lambda i, n: f"dimension mismatch at vectors[{i}]: expected {self.dim}, "

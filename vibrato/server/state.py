@@ -1,4 +1,4 @@
-"""Typed keys for everything the app and its requests carry (no globals; STYLE (d)).
+"""Typed keys for everything the app and its requests carry (no globals).
 
 AppKeys hold per-app resources created by `create_app`'s cleanup contexts; RequestKeys hold
 per-request values set by the middlewares and handlers.
