@@ -2,16 +2,18 @@
 
 Three daemon threads, each lowering its own CPU and I/O priority when `audio_colocated`:
   checkpoint   every checkpoint_interval_secs, or at once when the hot tier reaches
-               checkpoint_max_rows; also builds graphs for sealed hot chunks
+               checkpoint_max_rows; also builds graphs for sealed hot chunks (pipeline.build_graph)
   compaction   every compaction_interval_secs, as many steps as there is work
-  housekeeping every few seconds: prune checkpointed WAL blobs past the retention window, purge old
-               job/segment/audit rows, delete obsolete files, scrub one segment's checksums
+  housekeeping every few seconds (maintenance.run_once): delete obsolete segment files and expired
+               quarantined files, prune checkpointed WAL blobs past the retention window, purge
+               old job/segment/audit rows, scrub one segment's checksums
 An interval of 0 disables that loop. Errors are logged and counted, never fatal.
 """
 import logging
 import threading
 import time
 
+from vibrato.engine.pipeline import build_graph
 from vibrato.engine.throttle import lower_thread_priority
 
 log = logging.getLogger("vibrato.engine")
@@ -73,18 +75,14 @@ class BackgroundWorkers:
                 next_due = time.monotonic() + interval
 
     def _build_hot_graphs(self):
-        from vibrato.index import HnswIndex
-
-        eng, cfg = self.engine, self.engine.config
+        eng = self.engine
         with eng._state_lock:
             todo = eng.hot.sealed_without_index()
         for ch in todo:
             if self._stop.is_set():
                 return
             try:
-                index = HnswIndex(eng.dim, m=cfg.hnsw_m, ef_construction=cfg.hnsw_ef_construction, seed=0)
-                index.add(ch.vectors, threads=1)
-                ch.index = index
+                ch.index = build_graph(eng.config, eng.dim, ch.vectors, seed=0, threads=1)
             except Exception as exc:  # noqa: BLE001
                 log.warning("hot chunk graph build failed: %s", exc)
                 return

@@ -14,18 +14,17 @@ Policy (one step per call):
 inputs stay active (CONTRACT.md D13). Rows dead in the inputs (tombstones, replayed-away ids) are written as
 tombstones: zero vector, no metadata.
 
-Durable order mirrors checkpoint: job row (inputs `compacting`) -> tmp file fsynced -> output row
-`building` -> rename + dir fsync -> validate + load -> ONE transaction (output active, inputs
-obsolete, job completed) -> publish -> delete input files not pinned by a snapshot. A failure before
-the transaction puts the inputs back to active and removes the output.
+The durable order is pipeline.py's: the job row marks the inputs `compacting`; activation makes
+the output active and the inputs obsolete in one transaction; publishing swaps them in memory, then
+input files not pinned by a snapshot are deleted. A failure before activation puts the inputs back
+to active and removes the output.
 """
 import logging
-import os
 
 import numpy as np
 
 from vibrato.catalog import jobs, segments as seg_sql
-from vibrato.engine.checkpoint import build_threads, info_size, load_handle, publish_file, write_tmp
+from vibrato.engine import pipeline
 from vibrato.engine.faults import fault_point
 from vibrato.errors import IntegrityError
 from vibrato.ids import job_id as new_id
@@ -92,89 +91,67 @@ def _first_run(segs, level, max_inputs):
 
 
 def run(engine, *, background: bool = False) -> dict:
-    cfg = engine.config
     with engine.compaction_lock:
         jid = new_id("cmp")
-        inputs, out_level = plan(engine.segment_handles, cfg)
+        inputs, out_level = plan(engine.segment_handles, engine.config)
         if not inputs:
             return {"job_id": jid, "state": "idle", "details": {"reason": "not_enough_compaction_candidates"}}
-        out_id = new_id("seg")
-        rel_path = f"segments/{out_id}.vdb"
-        final = cfg.data_dir / rel_path
-        tmp = cfg.tmp_dir / f"{out_id}.vdb.tmp"
-        input_ids = [s.id for s in inputs]
-        details = {"phase": "start", "output_segment": out_id, "input_segments": input_ids}
-
-        def start(conn):
-            jobs.create_compaction(conn, jid, engine.cid, out_id, input_ids, details)
-            seg_sql.set_states(conn, input_ids, "compacting")
-        engine.catalog.write(start)
-        registered = False
-        try:
-            data, archive = merge(engine, inputs, out_level)
-            fault_point("compaction:before_write")
-            info = write_tmp(engine, tmp, data, throttle=background)
-            fault_point("compaction:segment_written")
-            row = {"id": out_id, "collection_id": engine.cid, "level": out_level,
-                   "kind": "archive" if archive else "raw", "path": rel_path,
-                   "row_count": data.vectors.shape[0], "live_count": int(np.count_nonzero(data.live)),
-                   "vector_id_start": inputs[0].id_start, "vector_id_end": inputs[-1].id_end,
-                   "start_lsn": None, "end_lsn": None, "state": "building", "size_bytes": info_size(info, tmp)}
-
-            def register(conn):
-                seg_sql.insert(conn, row)
-                jobs.set_state(conn, "compaction", jid, "building", {**details, "phase": "segment_written"})
-            engine.catalog.write(register)
-            registered = True
-            fault_point("compaction:registered")
-            publish_file(tmp, final)
-            fault_point("compaction:renamed")
-            handle = load_handle(engine, row, final)
-            fault_point("compaction:loaded")
-
-            def activate(conn):
-                seg_sql.set_state(conn, out_id, "active")
-                seg_sql.set_states(conn, input_ids, "obsolete")
-                jobs.set_state(conn, "compaction", jid, "completed",
-                               {"phase": "completed", "output_segment": out_id, "input_segments": input_ids})
-            engine.catalog.write(activate)
-        except BaseException as exc:
-            engine.bump("compaction_failures_total")
-            _fail(engine, jid, out_id, input_ids, registered, tmp, final, details, exc)
-            raise
-        try:
-            fault_point("compaction:activated")
-        finally:
-            engine.publish(add=[handle], remove=inputs)
-        engine.bump("compaction_total")
+        job = Compaction(engine, jid, inputs, out_level)
+        row = pipeline.run(engine, job, background=background, fault=fault_point)
         from vibrato.engine.maintenance import gc_obsolete
         gc_obsolete(engine)
-        log.info("compaction %s: %s -> %s (L%d, %s, %d rows)", jid, input_ids, out_id, out_level, row["kind"],
-                 row["row_count"])
+        log.info("compaction %s: %s -> %s (L%d, %s, %d rows)", jid, job.input_ids, job.segment_id, out_level,
+                 row["kind"], row["row_count"])
         return {"job_id": jid, "state": "completed",
-                "details": {"input_segments": input_ids, "output_segment": out_id, "output_level": out_level,
-                            "archive_pq": archive}}
+                "details": {"input_segments": job.input_ids, "output_segment": job.segment_id,
+                            "output_level": out_level, "archive_pq": row["kind"] == "archive"}}
 
 
-def _fail(engine, jid, out_id, input_ids, registered, tmp, final, details, exc):
-    log.error("compaction %s failed: %s", jid, exc)
-    for path in (tmp, final):
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
-        except OSError as e:
-            log.warning("could not remove %s: %s", path, e)
+class Compaction(pipeline.SegmentJob):
+    kind = "compaction"
 
-    def mark(conn):
-        seg_sql.set_states(conn, input_ids, "active")
-        if registered:
-            seg_sql.set_state(conn, out_id, "failed", error=str(exc))
-        jobs.set_state(conn, "compaction", jid, "failed", {**details, "phase": "failed", "error": str(exc)})
-    try:
-        engine.catalog.write(mark)
-    except Exception as e:  # noqa: BLE001 - recovery reconciles the job at the next start
-        log.error("could not record compaction failure: %s", e)
+    def __init__(self, engine, jid, inputs, out_level):
+        self.inputs, self.out_level = inputs, out_level
+        self.input_ids = [s.id for s in inputs]
+        out_id = new_id("seg")
+        super().__init__(engine, jid, out_id, {"phase": "start", "output_segment": out_id,
+                                               "input_segments": self.input_ids})
+
+    def start(self, conn):
+        jobs.create_compaction(conn, self.job_id, self.engine.cid, self.segment_id, self.input_ids, self.details)
+        seg_sql.set_states(conn, self.input_ids, "compacting")
+
+    def build(self):
+        data, archive = merge(self.engine, self.inputs, self.out_level)
+        return data, {"level": self.out_level, "kind": "archive" if archive else "raw",
+                      "vector_id_start": self.inputs[0].id_start, "vector_id_end": self.inputs[-1].id_end,
+                      "start_lsn": None, "end_lsn": None}
+
+    def activate(self, conn, row):
+        activate(conn, self.job_id, self.segment_id, self.input_ids,
+                 {"phase": "completed", "output_segment": self.segment_id, "input_segments": self.input_ids})
+
+    def roll_back(self, conn, registered, error):
+        roll_back(conn, self.job_id, self.segment_id if registered else None, self.input_ids, self.details, error)
+
+    def publish(self, handle):
+        self.engine.publish(add=[handle], remove=self.inputs)
+
+
+# ---------------------------------------------------------------- catalog transactions (also recovery's)
+def activate(conn, jid, out_id, input_ids, details):
+    """Output active, inputs obsolete, job completed: ONE transaction."""
+    seg_sql.set_state(conn, out_id, "active")
+    seg_sql.set_states(conn, input_ids, "obsolete")
+    jobs.set_state(conn, "compaction", jid, "completed", details)
+
+
+def roll_back(conn, jid, out_id, input_ids, details, error, seg_error=None):
+    """Inputs back to active, output failed (when it has a row), job failed: ONE transaction."""
+    seg_sql.set_states(conn, input_ids, "active")
+    if out_id is not None:
+        seg_sql.set_state(conn, out_id, "failed", error=error if seg_error is None else seg_error)
+    jobs.set_state(conn, "compaction", jid, "failed", {**details, "phase": "failed", "error": error})
 
 
 def _vector_chunks(inputs, id_start: int, dim: int):
@@ -210,7 +187,6 @@ def merge(engine, inputs, out_level):
     Archive outputs (which grow with the collection) stream their vectors: one pass gathers the PQ
     training sample, one encodes, and the writer reads them twice more (checksum, write), each pass
     holding MERGE_CHUNK_BYTES. Raw outputs hold their vectors, which the graph build needs."""
-    from vibrato.index import HnswIndex
     from vibrato.pq import ProductQuantizer
     from vibrato.segment import SegmentData, StreamedVectors, StringsCSR, TagsCSR
 
@@ -276,6 +252,5 @@ def merge(engine, inputs, out_level):
     for chunk in chunks():
         vectors[off:off + chunk.shape[0]] = chunk
         off += chunk.shape[0]
-    index = HnswIndex(dim, m=cfg.hnsw_m, ef_construction=cfg.hnsw_ef_construction, seed=id_start)
-    index.add(vectors, threads=build_threads())
-    return SegmentData(**common, vectors=vectors, graph=index.graph_bytes()), False
+    graph = pipeline.build_graph(cfg, dim, vectors, seed=id_start).graph_bytes()
+    return SegmentData(**common, vectors=vectors, graph=graph), False

@@ -2,6 +2,7 @@
 
 * obsolete segment files are deleted once no snapshot pins them (queries that still hold one keep
   reading it: an unlinked file stays mapped); their rows become `deleted` and are purged later;
+* quarantined orphan files past `orphan_ttl_hours` are deleted (also at start-up, by recovery);
 * checkpointed vector blobs in the WAL are dropped after `wal_retention_secs` (ids, metadata and
   idempotency keys stay);
 * finished job rows, deleted segment rows and audit rows past their retention are purged;
@@ -14,7 +15,7 @@ import logging
 import os
 import time
 
-from vibrato.catalog import audit, jobs, segments as seg_sql, wal
+from vibrato.catalog import audit, jobs, orphans, segments as seg_sql, wal
 from vibrato.datadir import UnsafePathError, resolve_rel
 from vibrato.engine.memory import release_free_memory
 
@@ -73,10 +74,39 @@ def gc_obsolete(engine) -> int:
     return len(done)
 
 
+def quarantine_gc(engine) -> int:
+    """Delete quarantined files older than orphan_ttl_hours (rows kept, marked deleted). Returns files deleted."""
+    cfg = engine.config
+    cutoff = time.time() - cfg.orphan_ttl_hours * 3600
+    n = 0
+    unsafe = getattr(engine, "unsafe_orphans", set())
+    for o in engine.catalog.read(orphans.live):
+        if o["quarantined_at"] < cutoff and o["id"] not in unsafe and delete_quarantined(engine, o, "ttl_gc"):
+            n += 1
+    return n
+
+
+def delete_quarantined(engine, orphan: dict, reason: str) -> bool:
+    """Delete one quarantined file and mark its row deleted with `reason` (ttl_gc, cap_evict).
+    False, touching nothing, when the row's path is not a plain name in quarantine/."""
+    try:
+        os.unlink(quarantine_file(engine.config.data_dir, orphan["quarantine_path"]))
+    except FileNotFoundError:
+        pass
+    except UnsafePathError as exc:
+        log.error("orphan %s: %s; not %s", orphan["id"], exc, "evicted" if reason == "cap_evict" else "deleted")
+        return False
+    engine.catalog.write(orphans.mark_deleted, orphan["id"], reason)
+    return True
+
+
 def run_once(engine):
     now = int(time.time())
     cfg = engine.config
     gc_obsolete(engine)
+    expired = quarantine_gc(engine)
+    if expired:
+        log.info("deleted %d quarantined file(s) older than %d h", expired, cfg.orphan_ttl_hours)
     pruned = engine.catalog.write(wal.prune_vectors, engine.cid, now - cfg.wal_retention_secs)
     if pruned:
         engine.bump("wal_rows_pruned_total", pruned)

@@ -7,11 +7,11 @@
   1. temp cleanup: stale `tmp/*.tmp` files from interrupted writes are removed
   2. orphan sweep: `segments/*.vdb` files unknown to the catalog go to `quarantine/` (caps: oldest
      quarantined files are evicted first; a file that still does not fit is deleted)
-  3. quarantine TTL GC
+  3. quarantine TTL GC (maintenance.quarantine_gc; housekeeping runs it too)
   4. in-flight job reconciliation: a checkpoint/compaction whose output file validates is rolled
-     forward (exactly what its activation transaction would have done); otherwise rolled back
-     (output failed and removed, WAL rows stay pending, inputs back to active). Neither loses data,
-     so neither is a readiness blocker.
+     forward (through the operation's own activation transaction); otherwise rolled back (output
+     failed and removed, WAL rows stay pending, inputs back to active). Neither loses data, so
+     neither is a readiness blocker.
   5. segment validation and state promotion/failure: structure plus every section checksum except
      the bulk vector section (start-up must not be a full scan, CONTRACT.md §5; the background scrubber
      verifies the vectors next and degrades readiness if they fail). An ACTIVE segment that fails is
@@ -33,7 +33,9 @@ import orjson
 
 from vibrato.catalog import collections, jobs, orphans, segments as seg_sql, wal
 from vibrato.datadir import UnsafePathError
-from vibrato.engine.maintenance import gc_obsolete, quarantine_file, segment_file, unsafe_row_blocker
+from vibrato.engine import checkpoint, compaction
+from vibrato.engine.maintenance import (delete_quarantined, gc_obsolete, quarantine_file, quarantine_gc, segment_file,
+                                       unsafe_row_blocker)
 from vibrato.engine.tiers import SegmentHandle
 
 log = logging.getLogger("vibrato.engine")
@@ -179,39 +181,12 @@ def enforce_quarantine_cap(engine, incoming: int = 0) -> int:
     for o in live:
         if files + 1 <= cfg.quarantine_max_files and used + incoming <= cfg.quarantine_max_bytes:
             break
-        if o["id"] in unsafe:
+        if o["id"] in unsafe or not delete_quarantined(engine, o, "cap_evict"):
             continue
-        try:
-            os.unlink(quarantine_file(cfg.data_dir, o["quarantine_path"]))
-        except FileNotFoundError:
-            pass
-        except UnsafePathError as exc:
-            log.error("orphan %s: %s; not evicted", o["id"], exc)
-            continue
-        engine.catalog.write(orphans.mark_deleted, o["id"], "cap_evict")
         files -= 1
         used -= o["size_bytes"]
         evicted += 1
     return evicted
-
-
-def quarantine_gc(engine) -> int:
-    cfg = engine.config
-    cutoff = time.time() - cfg.orphan_ttl_hours * 3600
-    n = 0
-    unsafe = getattr(engine, "unsafe_orphans", set())
-    for o in engine.catalog.read(orphans.live):
-        if o["quarantined_at"] < cutoff and o["id"] not in unsafe:
-            try:
-                os.unlink(quarantine_file(cfg.data_dir, o["quarantine_path"]))
-            except FileNotFoundError:
-                pass
-            except UnsafePathError as exc:
-                log.error("orphan %s: %s; not deleted", o["id"], exc)
-                continue
-            engine.catalog.write(orphans.mark_deleted, o["id"], "ttl_gc")
-            n += 1
-    return n
 
 
 def open_verified(engine, row, *, quick: bool = False):
@@ -255,73 +230,61 @@ def _unsafe(engine, rep, row, exc):
 
 
 def reconcile_jobs(engine, rep):
+    """Each in-flight job rolls forward through its operation's own activate transaction when its
+    output validates, back through its roll_back otherwise (its output file removed)."""
     cat, cid = engine.catalog, engine.cid
-    for job in cat.read(jobs.inflight, "checkpoint", cid):
-        row = cat.read(seg_sql.find, job["segment_id"]) if job["segment_id"] else None
-        if row is None:
-            cat.write(jobs.set_state, "checkpoint", job["id"], "failed",
-                      {**job["details"], "phase": "failed", "error": "segment row missing (rolled back)"})
+    for kind, output_of, inputs_of, forward, back in _JOB_KINDS:
+        for job in cat.read(jobs.inflight, kind, cid):
+            out_id, inputs = output_of(job), inputs_of(job)
+            out = cat.read(seg_sql.find, out_id) if out_id else None
+            if (out is not None and out["id"] in engine.unsafe_segments) or engine.unsafe_segments & set(inputs):
+                continue  # left in flight: the blocker names it
+            exc = None
+            if out is not None:
+                try:
+                    open_verified(engine, out).close()
+                except UnsafePathError as e:
+                    _unsafe(engine, rep, out, e)
+                    continue
+                except Exception as e:  # noqa: BLE001 - any defect means: roll back
+                    _remove_file(engine, out["path"])
+                    exc = e
+                else:
+                    cat.write(forward, cid, job, out)
+                    rep["jobs_rolled_forward"] += 1
+                    continue
+            cat.write(back, job, out, exc)
             rep["jobs_rolled_back"] += 1
-            continue
-        if row["id"] in engine.unsafe_segments:
-            continue  # left in flight: the blocker names it
-        try:
-            open_verified(engine, row).close()
-        except UnsafePathError as exc:
-            _unsafe(engine, rep, row, exc)
-            continue
-        except Exception as exc:  # noqa: BLE001 - any defect means: roll back
-            _remove_file(engine, row["path"])
 
-            def back(conn, row=row, job=job, exc=exc):
-                seg_sql.set_state(conn, row["id"], "failed", error=f"rolled back: {exc}")
-                jobs.set_state(conn, "checkpoint", job["id"], "failed",
-                               {**job["details"], "phase": "failed", "error": f"rolled back: {exc}"})
-            cat.write(back)
-            rep["jobs_rolled_back"] += 1
-            continue
 
-        def forward(conn, row=row, job=job):
-            seg_sql.set_state(conn, row["id"], "active")
-            wal.mark_checkpointed(conn, cid, job["start_lsn"], job["end_lsn"])
-            jobs.set_state(conn, "checkpoint", job["id"], "completed",
-                           {**job["details"], "phase": "completed", "recovered": True})
-        cat.write(forward)
-        rep["jobs_rolled_forward"] += 1
+def _recovered(job) -> dict:
+    return {**job["details"], "phase": "completed", "recovered": True}
 
-    for job in cat.read(jobs.inflight, "compaction", cid):
-        out = cat.read(seg_sql.find, job["output_segment_id"]) if job["output_segment_id"] else None
-        inputs = job["input_segments"]
-        if (out is not None and out["id"] in engine.unsafe_segments) or engine.unsafe_segments & set(inputs):
-            continue  # left in flight: the blocker names it
-        ok = False
-        if out is not None:
-            try:
-                open_verified(engine, out).close()
-                ok = True
-            except UnsafePathError as exc:
-                _unsafe(engine, rep, out, exc)
-                continue
-            except Exception as exc:  # noqa: BLE001
-                _remove_file(engine, out["path"])
-                err = str(exc)
-        if ok:
-            def forward(conn, out=out, job=job, inputs=inputs):
-                seg_sql.set_state(conn, out["id"], "active")
-                seg_sql.set_states(conn, inputs, "obsolete")
-                jobs.set_state(conn, "compaction", job["id"], "completed",
-                               {**job["details"], "phase": "completed", "recovered": True})
-            cat.write(forward)
-            rep["jobs_rolled_forward"] += 1
-        else:
-            def back(conn, out=out, job=job, inputs=inputs):
-                if out is not None:
-                    seg_sql.set_state(conn, out["id"], "failed", error="rolled back")
-                seg_sql.set_states(conn, inputs, "active")
-                jobs.set_state(conn, "compaction", job["id"], "failed",
-                               {**job["details"], "phase": "failed", "error": "rolled back at recovery"})
-            cat.write(back)
-            rep["jobs_rolled_back"] += 1
+
+def _checkpoint_forward(conn, cid, job, out):
+    checkpoint.activate(conn, cid, job["id"], out["id"], job["start_lsn"], job["end_lsn"], _recovered(job))
+
+
+def _checkpoint_back(conn, job, out, exc):
+    error = "segment row missing (rolled back)" if out is None else f"rolled back: {exc}"
+    checkpoint.roll_back(conn, job["id"], None if out is None else out["id"], job["details"], error)
+
+
+def _compaction_forward(conn, cid, job, out):
+    compaction.activate(conn, job["id"], out["id"], job["input_segments"], _recovered(job))
+
+
+def _compaction_back(conn, job, out, exc):
+    compaction.roll_back(conn, job["id"], None if out is None else out["id"], job["input_segments"],
+                         job["details"], "rolled back at recovery", seg_error="rolled back")
+
+
+# (job table, its output segment id, its input segment ids, roll forward, roll back)
+_JOB_KINDS = (
+    ("checkpoint", lambda job: job["segment_id"], lambda job: (), _checkpoint_forward, _checkpoint_back),
+    ("compaction", lambda job: job["output_segment_id"], lambda job: job["input_segments"],
+     _compaction_forward, _compaction_back),
+)
 
 
 def validate_and_load(engine, rep, progress) -> list:
