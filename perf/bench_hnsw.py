@@ -14,8 +14,8 @@ state; figures are medians over --runs and ratios are taken against the peer of 
      mean latency per query, auto strategy vs a forced exact SIMD scan of the allowed rows (and
      numpy's X[allowed] @ q for reference). --big adds a 200k synthetic set (clustered unit rows),
      where the graph path matters more.
-  5. subsequence (identify) on shared/data/audio: 100 noisy 75-frame queries, top-1 track and start
-     frame accuracy, latency p50/p99.
+  5. identify through the engine on shared/data/audio: 100 noisy 75-frame queries, top-1 track and
+     start frame accuracy, latency p50/p99.
 
 Requires the bench extra: hnswlib==0.8.0 faiss-cpu==1.15.1 matplotlib==3.11.2 threadpoolctl==3.8.0.
 Results: printed as markdown tables and saved to perf/results/bench_hnsw.json; draw the plot with
@@ -260,30 +260,37 @@ def bench_filtered(name, X, Q, runs, index=None):
 
 
 def bench_subsequence(runs):
-    print("\n## 4. subsequence search (identify) on shared/data/audio")
+    """Identify runs in the engine (vibrato/engine/identify.py: anchors, candidate starts, exact window
+    scores across every tier); this times it over the layout tests/test_engine_search.py uses."""
+    import tempfile
+
+    from vibrato.engine import Engine
+
+    print("\n## 4. identify (engine) on shared/data/audio")
     A = DATA / "audio"
     frames = np.load(A / "frames.npy")
     queries = np.load(A / "queries.npy")
     truth = np.load(A / "queries_truth.npy")
     frame_track = np.load(A / "frame_track.npy")
-    index = HnswIndex(128, m=M, ef_construction=EFC, seed=0)
-    _, build_s = timed(index.add, frames, threads=1)
-    configs = [("default (8 anchors x 32, no spread)", {}),
-               ("4 anchors x 16", {"anchors": 4, "anchor_k": 16}),
-               ("12 anchors x 32, +-1 spread", {"anchors": 12, "anchor_k": 32, "spread": True})]
-    out = {"build_s": build_s, "configs": []}
-    print(f"index over {len(frames)} frames built in {build_s:.2f} s (threads=1)")
-    print("\n| config | start correct | track correct | p50 ms | p99 ms |")
+    out = {"configs": []}
+    print("\n| layout | start correct | track correct | p50 ms | p99 ms |")
     print("|---|---:|---:|---:|---:|")
-    for label, kw in configs:
-        lat, start_ok, track_ok = [], 0, 0
-        for r in range(runs):
-            for q, (track, start) in zip(queries, truth):
-                (s, _), dt = timed(index.search_subsequence, q, 5, 100, **kw)
-                lat.append(dt)
-                if r == 0:
-                    start_ok += int(s[0] == start)
-                    track_ok += int(s[0] >= 0 and frame_track[s[0]] == track)
+    for label, max_rows, checkpoints in (("all frames in 1 segment", len(frames), 1),
+                                         ("2 segments + hot tier", 15000, 2)):
+        with tempfile.TemporaryDirectory() as tmp, \
+                Engine.open(Path(tmp) / "d", dim=128, background=False, checkpoint_max_rows=max_rows) as e:
+            for i in range(0, len(frames), 5000):
+                e.ingest_batch([{"vector": f} for f in frames[i:i + 5000]])
+            for _ in range(checkpoints):
+                e.checkpoint()
+            lat, start_ok, track_ok = [], 0, 0
+            for r in range(runs):
+                for q, (track, start) in zip(queries, truth):
+                    res, dt = timed(e.identify, q, 5, 100, include_metadata=False)
+                    lat.append(dt)
+                    if r == 0 and res:
+                        start_ok += int(res[0]["id"] == start)
+                        track_ok += int(frame_track[res[0]["id"]] == track)
         res = {"config": label, "start_correct": start_ok, "track_correct": track_ok, "queries": len(queries),
                "p50_ms": float(np.percentile(lat, 50) * 1e3), "p99_ms": float(np.percentile(lat, 99) * 1e3)}
         out["configs"].append(res)

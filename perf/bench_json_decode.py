@@ -56,11 +56,11 @@ def main():
         body = orjson.dumps({"vectors": [{"vector": v, "metadata": {"tags": ["a"]}} for v in x]},
                             option=orjson.OPT_SERIALIZE_NUMPY)
         rows = [it["vector"] for it in orjson.loads(body)["vectors"]]
-        assert np.array_equal(naive_decode(rows, dim), decode_vectors(rows, dim, str, str, False))
+        assert np.array_equal(naive_decode(rows, dim), decode_vectors(rows, dim, "batch", False))
         t_naive = best(lambda: naive_decode(rows, dim))
-        t_bulk = best(lambda: decode_vectors(rows, dim, str, str, False))
+        t_bulk = best(lambda: decode_vectors(rows, dim, "batch", False))
         print(f"{f'decode {n} x {dim}':38s}{t_naive:11.3f}{t_bulk:11.3f}{t_naive / t_bulk:7.1f}x")
-        t_bulk_scan = best(lambda: decode_vectors(rows, dim, str, str, True))
+        t_bulk_scan = best(lambda: decode_vectors(rows, dim, "batch", True))
         print(f"{f'  bulk + per-row type scan':38s}{'':11s}{t_bulk_scan:11.3f}{t_naive / t_bulk_scan:7.1f}x")
         t_loads = best(lambda: orjson.loads(body))
         t_full = best(lambda: validator.ingest_batch(orjson.loads(body), b"true" in body or b"false" in body))

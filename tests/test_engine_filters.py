@@ -66,10 +66,22 @@ def test_filters_match_model(seed, capacity, batches):
             live[lo:hi + 1] = [False] * (hi + 1 - lo)
         for flt in ((["kick"], None, None, None), (None, ["kick", "snare"], None, None),
                     (["rare", "fx"], None, 100.0, None), (None, ["pad"], None, 120.0),
-                    (["missing"], None, None, None), (None, [], None, None), (None, None, 90.0, 150.0)):
-            got = index.evaluate(flt)
-            assert got.shape == (len(rows),)
-            np.testing.assert_array_equal(got, model_mask(rows, live, flt), err_msg=str(flt))
+                    (["missing"], None, None, None), (None, [], None, None), (None, None, 90.0, 150.0),
+                    ([], None, None, None), (["fx", "kick"], ["rare"], None, None),
+                    (["pad", "rare"], ["kick", "fx"], 80.0, 170.0), (None, ["missing", "kick"], None, None)):
+            allowed = index.evaluate(flt)
+            got = allowed.to_mask()
+            assert got.shape == (len(rows),) and allowed.n == len(rows)
+            want = model_mask(rows, live, flt)
+            np.testing.assert_array_equal(got, want, err_msg=str(flt))
+            assert allowed.count == int(want.sum())
+            if allowed.sparse:  # sorted, unique, in range
+                assert (np.diff(allowed.ids) > 0).all() and (allowed.ids < len(rows)).all()
+            lo, hi = sorted(int(x) for x in rng.integers(-2, len(rows) + 3, 2))
+            np.testing.assert_array_equal(allowed.ids_in(lo, hi), np.flatnonzero(want) [
+                (np.flatnonzero(want) >= lo) & (np.flatnonzero(want) < hi)])
+            padded = np.concatenate([np.zeros(2, bool), want, np.zeros(3, bool)])
+            np.testing.assert_array_equal(allowed.mask_in(lo, hi), padded[lo + 2:hi + 2])
 
 
 def test_frequent_tag_becomes_a_bitmap_and_rare_tag_stays_a_posting_list():
@@ -78,7 +90,37 @@ def test_frequent_tag_becomes_a_bitmap_and_rare_tag_stays_a_posting_list():
     ids = np.arange(n, dtype=np.int64)
     tags = [["all"] + (["rare"] if i % 1000 == 0 else []) for i in range(n)]
     index.add_rows(ids, np.full(n, 120.0, np.float32), tags)
-    assert index.evaluate((["all"], None, None, None)).all()
-    assert np.flatnonzero(index.evaluate((["rare"], None, None, None))).tolist() == list(range(0, n, 1000))
+    assert index.evaluate((["all"], None, None, None)).to_mask().all()
+    rare = index.evaluate((["rare"], None, None, None))
+    assert rare.sparse and rare.ids.tolist() == list(range(0, n, 1000))
     assert "all" in index._dense and "rare" not in index._dense
     assert index._dense["all"].nbytes * 8 >= n  # one bit per id, not 8 bytes
+
+
+def test_selective_tag_filters_are_answered_from_posting_lists(monkeypatch):
+    """A filter on a rare tag (alone, with a frequent tag, with bpm) never scans the id space."""
+    index = FilterIndex(capacity=1024)
+    n = 20 * PENDING_FLUSH
+    tags = [["all"] + (["rare"] if i % 997 == 0 else []) for i in range(n)]
+    index.add_rows(np.arange(n, dtype=np.int64), (60 + np.arange(n) % 100).astype(np.float32), tags)
+
+    def no_scan(*a, **kw):
+        raise AssertionError("the id space was scanned")
+    monkeypatch.setattr(index, "_tag_mask", no_scan)
+    want = [i for i in range(0, n, 997)]
+    for flt, ids in (((["rare"], None, None, None), want), ((None, ["all", "rare"], None, None), want),
+                     ((None, ["rare"], 100.0, 120.0), [i for i in want if 100 <= 60 + i % 100 <= 120]),
+                     ((["rare", "missing"], ["all"], None, None), want)):
+        allowed = index.evaluate(flt)
+        assert allowed.sparse and allowed.ids.tolist() == ids, flt
+
+
+def test_unsorted_posting_parts_are_merged_in_id_order():
+    """Segments loaded after newer rows (or out of id order) still give sorted ids."""
+    index = FilterIndex(capacity=1 << 16)
+    index.add_rows(np.arange(500, 600, dtype=np.int64), np.zeros(100, np.float32), [["t"]] * 100)
+    index.evaluate((None, ["t"], None, None))  # flushes the pending ids into a posting part
+    index.add_columns(0, np.ones(100, bool), np.zeros(100, np.float32), ["t"], np.arange(101, dtype=np.int64),
+                      np.zeros(100, np.int64))
+    allowed = index.evaluate((None, ["t"], None, None))
+    assert allowed.sparse and allowed.ids.tolist() == list(range(100)) + list(range(500, 600))

@@ -27,7 +27,7 @@ def test_validation_messages(eng):
         eng.ingest_batch([{"vector": v}, {"vector": [1.0, 2.0]}])
     bad = v.astype(np.float64).copy()
     bad[3] = 1e39
-    with pytest.raises(BadRequestError, match=r"vector\[3\] is not a finite float32"):
+    with pytest.raises(BadRequestError, match=r"vector\[3\] is not finite: 1e\+39 is outside the float32 range"):
         eng.ingest(bad)
     with pytest.raises(BadRequestError, match=r"vectors\[0\].metadata.bpm"):
         eng.ingest_batch([{"vector": v, "metadata": {"bpm": float("nan")}}])
@@ -37,13 +37,13 @@ def test_validation_messages(eng):
         eng.ingest(v, {"duration_ms": 65536})
     with pytest.raises(BadRequestError, match=r"vectors\[0\].metadata.duration_ms"):
         eng.ingest_batch([{"vector": v, "metadata": {"duration_ms": 2**16}}])
-    with pytest.raises(BadRequestError, match="tags has 65 tags; the limit is 64"):
+    with pytest.raises(BadRequestError, match=r"tags has 65 tags, exceeding the limit of 64 \(--max-tags\)"):
         eng.ingest(v, {"tags": [f"t{i}" for i in range(65)]})
-    with pytest.raises(BadRequestError, match="bpm_gte .* must be <= filter.bpm_lte"):
+    with pytest.raises(BadRequestError, match=r"bpm_gte \(130.0\) must not be greater than filter.bpm_lte \(120.0\)"):
         eng.query(v, filter={"bpm_gte": 130, "bpm_lte": 120})
     with pytest.raises(BadRequestError, match="filter.tags is not a known filter clause"):
         eng.query(v, filter={"tags": ["x"]})
-    with pytest.raises(BadRequestError, match="k = 1001 exceeds the limit of 1000"):
+    with pytest.raises(BadRequestError, match=r"k=1001 exceeds the limit of 1000 \(--max-k\)"):
         eng.query(v, k=1001)
     with pytest.raises(BadRequestError, match="search_tier"):
         eng.query(v, search_tier="cold")
@@ -51,6 +51,21 @@ def test_validation_messages(eng):
         eng.identify([])
     with pytest.raises(BadRequestError, match=r"dimension mismatch at vectors\[1\]: expected 16, got 2"):
         eng.identify([v, [1.0, 2.0]])
+    with pytest.raises(BadRequestError, match=r"vectors has 4097 items, exceeding the limit of 4096"):
+        eng.identify([v] * 4097)
+    with pytest.raises(BadRequestError, match=r"vectors has 10001 items, exceeding the limit of 10000 \(--max-batch\)"):
+        eng.ingest_batch([{"vector": v}] * 10001)
+    # NUL is refused in every string, as over HTTP (CONTRACT.md §2)
+    with pytest.raises(BadRequestError, match=r"metadata.tags\[1\] contains a NUL character"):
+        eng.ingest(v, {"tags": ["a", "b\x00c"]})
+    with pytest.raises(BadRequestError, match=r"vectors\[0\].metadata.source_file contains a NUL character"):
+        eng.ingest_batch([{"vector": v, "metadata": {"source_file": "a\x00b"}}])
+    with pytest.raises(BadRequestError, match=r"idempotency_key contains a NUL character"):
+        eng.ingest(v, idempotency_key="k\x00")
+    with pytest.raises(BadRequestError, match=r"filter.tags_any\[0\] contains a NUL character"):
+        eng.query(v, filter={"tags_any": ["\x00"]})
+    with pytest.raises(BadRequestError, match=r"metadata.tags\[0\] is 129 bytes, exceeding the limit of 128 bytes"):
+        eng.ingest(v, {"tags": ["x" * 129]})
     assert eng.identify([[1.0]], k=0) == []  # k=0 short-circuits before the dimension check
     assert eng.query(v, k=0) == []
     assert eng.stats()["total_vectors"] == 0, "nothing invalid was written"

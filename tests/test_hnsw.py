@@ -1,4 +1,4 @@
-"""HNSW index: recall against brute force, filters, subsequence search, persistence, hostile input.
+"""HNSW index: recall against brute force, filters, graph bytes round trips, hostile input.
 
 No timing assertions here (benchmarks live in perf/bench_hnsw.py).
 """
@@ -13,6 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from vibrato._native import hnsw as native
+from vibrato._native import segio
 from vibrato.index import HnswIndex
 
 
@@ -41,16 +42,6 @@ def text_index(text):
     idx = HnswIndex(128, m=16, ef_construction=200, seed=0)
     idx.add(base, threads=2)  # exercises the locked parallel insert path
     return idx
-
-
-@pytest.fixture(scope="module")
-def audio(shared_data):
-    d = shared_data / "audio"
-    frames = np.load(d / "frames.npy")
-    idx = HnswIndex(128, m=16, ef_construction=200, seed=0)
-    idx.add(frames, threads=2)
-    return (idx, frames, np.load(d / "queries.npy"), np.load(d / "queries_truth.npy"),
-            np.load(d / "frame_track.npy"))
 
 
 @pytest.fixture(scope="module")
@@ -194,7 +185,7 @@ def _py_unreachable(blob: bytes, m: int) -> list:
 
 def _assert_every_node_reachable(idx: HnswIndex, x: np.ndarray, ef: int = 64) -> None:
     """(a) the graph walk from the entry point reaches every row; (b) every row's self-query returns
-    itself as top-1 (or an exact duplicate of its vector). Rows are labelled 0..n-1."""
+    itself as top-1 (or an exact duplicate of its vector). Rows have the ids 0..n-1."""
     lost = idx._unreachable()
     assert lost.size == 0, f"{lost.size} of {len(idx)} rows unreachable from the entry point: {lost[:20].tolist()}"
     ids, _ = idx.search(x, k=1, ef=ef)
@@ -272,69 +263,12 @@ def test_empty_index():
     assert len(idx) == 0
     ids, scores = idx.search(np.ones(4, np.float32), k=3)
     assert (ids == -1).all() and np.isneginf(scores).all()
-    starts, s2 = idx.search_subsequence(np.ones((2, 4), np.float32), k=2)
-    assert (starts == -1).all()
     g = HnswIndex.from_graph(np.empty((0, 4), np.float32), idx.graph_bytes(), id_base=7)
     assert len(g) == 0
     g.add(np.eye(4, dtype=np.float32))  # borrowed (empty) vectors: add must switch to owned storage
-    assert g.labels().tolist() == [7, 8, 9, 10] and g.search(np.eye(4, dtype=np.float32)[1], k=1)[0][0, 0] == 8
+    assert g.search(np.eye(4, dtype=np.float32), k=1)[0][:, 0].tolist() == [7, 8, 9, 10]
     idx.add(np.empty((0, 4), np.float32))
     assert len(idx) == 0
-
-
-def test_labels_round_trip(tmp_path):
-    rng = np.random.default_rng(2)
-    x = unit_rows(rng, 300, 16)
-    labels = rng.choice(10**12, size=300, replace=False).astype(np.uint64)
-    idx = HnswIndex(16, m=8, ef_construction=64)
-    idx.add(x, ids=labels)
-    ids, scores = idx.search(x[:20], k=1, ef=64)
-    np.testing.assert_array_equal(ids[:, 0], labels[:20].astype(np.int64))
-    np.testing.assert_array_equal(idx.labels(), labels.astype(np.int64))
-    # default labels continue after the largest one
-    idx.add(x[:2])
-    assert idx.labels()[-2:].tolist() == [int(labels.max()) + 1, int(labels.max()) + 2]
-    # filter by labels, and save/load keeps them
-    allowed = labels[100:110].astype(np.int64)
-    ids, _ = idx.search(x[0], k=10, ef=64, allowed=allowed)
-    assert set(ids[0].tolist()) == set(allowed.tolist())
-    p = tmp_path / "lab.vbh"
-    idx.save(p)
-    back = HnswIndex.load(p)
-    np.testing.assert_array_equal(back.labels(), idx.labels())
-    assert back.next_label() == idx.next_label()
-    np.testing.assert_array_equal(back.search(x[:5], k=3)[0], idx.search(x[:5], k=3)[0])
-
-
-def test_consecutive_labels_need_no_table():
-    idx = HnswIndex(4)
-    idx.add(np.ones((3, 4), np.float32), ids=np.array([10, 11, 12], np.int64))
-    idx.add(np.ones((2, 4), np.float32))
-    assert idx._labels is None and idx.labels().tolist() == [10, 11, 12, 13, 14]
-    idx.add(np.ones((1, 4), np.float32), ids=np.array([100], np.int64))
-    assert idx.labels().tolist() == [10, 11, 12, 13, 14, 100]
-
-
-@pytest.mark.parametrize("ids,message", [
-    (np.array([1, 1, 2], np.int64), "duplicate label 1"),
-    (np.array([-1, 5, 6], np.int64), r"ids must be in \[0"),
-    (np.array([0, 1], np.int64), r"shape \(3,\)"),
-    (np.array([0.0, 1.0, 2.0]), "int64 or uint64"),
-    ([0, 1, 2], "int64 or uint64"),
-    (np.array([2**63, 1, 2], np.uint64), r"ids must be in \[0"),
-])
-def test_bad_ids(ids, message):
-    idx = HnswIndex(4)
-    with pytest.raises(ValueError, match=message):
-        idx.add(np.ones((3, 4), np.float32), ids=ids)
-    assert len(idx) == 0
-
-
-def test_existing_label_rejected():
-    idx = HnswIndex(4)
-    idx.add(np.ones((3, 4), np.float32))
-    with pytest.raises(ValueError, match="label 2 is already in the index"):
-        idx.add(np.ones((1, 4), np.float32), ids=np.array([2], np.uint64))
 
 
 BAD = [
@@ -356,11 +290,9 @@ BAD = [
     (lambda: HnswIndex(8).search(np.ones(8, np.float32), allowed=np.ones(3, bool)), r"shape \(0,\)"),
     (lambda: HnswIndex(8).search(np.ones(8, np.float32), allowed=np.ones(3, np.float32)), "dtype bool"),
     (lambda: HnswIndex(8).search(np.ones(8, np.float32), allowed=[1, 2]), "bool mask over rows"),
+    (lambda: HnswIndex(8).search(np.ones(8, np.float32), allowed=np.array([1, 2])), "dtype bool"),
     (lambda: HnswIndex(8).search(np.ones(8, np.float32), mode="fast"), "mode must be one of"),
     (lambda: HnswIndex(8).search(np.array([np.inf] * 8, np.float32)), "non-finite"),
-    (lambda: HnswIndex(8).search_subsequence(np.ones((0, 8), np.float32)), "at least one frame"),
-    (lambda: HnswIndex(8).search_subsequence(np.ones((2, 8), np.float32), valid=np.ones(2, np.uint8)),
-     "valid must be None"),
     (lambda: HnswIndex.from_graph(np.ones((2, 8), np.float64), b""), "float32"),
     (lambda: HnswIndex.from_graph(np.ones((8, 2), np.float32).T, b""), "C-contiguous"),
     (lambda: HnswIndex.from_graph(np.ones((2, 8), np.float32), 17), "bytes-like"),
@@ -392,11 +324,10 @@ def test_filtered_recall(text, text_index, selectivity):
     mask = rng.random(len(base)) < selectivity
     scores = np.where(mask[None, :], q @ base.T, -np.inf)
     gt = np.argsort(-scores, axis=1)[:, :10]
-    for allowed in (mask, np.flatnonzero(mask).astype(np.int64)):
-        ids, sc = text_index.search(q, k=10, ef=64, allowed=allowed)
-        assert mask[ids[ids >= 0]].all(), "a disallowed row was returned"
-        assert (ids >= 0).all()  # at least 20 rows are allowed, k = 10
-        assert recall_at(ids, gt) >= 0.95
+    ids, sc = text_index.search(q, k=10, ef=64, allowed=mask)
+    assert mask[ids[ids >= 0]].all(), "a disallowed row was returned"
+    assert (ids >= 0).all()  # at least 20 rows are allowed, k = 10
+    assert recall_at(ids, gt) >= 0.95
     # a single query (mask walked per query) equals its row of the batch (allowed rows listed once)
     one_ids, one_scores = text_index.search(q[3], k=10, ef=64, allowed=mask)
     np.testing.assert_array_equal(one_ids[0], ids[3])
@@ -417,7 +348,8 @@ def test_filtered_recall_each_strategy(text, text_index, selectivity, mode):
 
 def test_filter_fewer_allowed_than_k(text_index, text):
     base, queries, _ = text
-    allowed = np.array([5, 17, 19999, 10**15], np.int64)  # an unknown label is ignored
+    allowed = np.zeros(len(base), bool)
+    allowed[[5, 17, 19999]] = True
     ids, scores = text_index.search(queries[:3], k=10, allowed=allowed)
     for row in ids:
         assert sorted(row[:3].tolist()) == [5, 17, 19999] and (row[3:] == -1).all()
@@ -429,27 +361,25 @@ def test_filter_fewer_allowed_than_k(text_index, text):
 def test_filter_strategy_counters(text, text_index):
     base, queries, _ = text
     before = text_index.stats()
-    text_index.search(queries[:4], k=10, allowed=np.arange(50, dtype=np.int64))  # 0.25%: exact scan
+    text_index.search(queries[:4], k=10, allowed=np.arange(len(base)) < 50)  # 0.25%: exact scan
     mid = text_index.stats()
     assert mid["scan_searches"] - before["scan_searches"] == 4
     text_index.search(queries[:4], k=10, allowed=np.ones(len(base), bool))  # 100%: plain graph search
     assert text_index.stats()["graph_searches"] - mid["graph_searches"] == 4
 
 
-# ---------------------------------------------------------------------------------------- persistence
+# ---------------------------------------------------------------------------------------- graph bytes
 
 
-def test_save_load_round_trip(tmp_path, small):
+def test_graph_bytes_round_trip(small):
     idx, x, q = small
-    p = tmp_path / "i.vbh"
-    idx.save(p)
-    back = HnswIndex.load(p)
+    back = HnswIndex.from_graph(x.copy(), idx.graph_bytes())
     assert len(back) == len(idx) and back.dim == 32 and back.m == 8 and back.ef_construction == 100
     a, b = idx.search(q, k=10, ef=40), back.search(q, k=10, ef=40)
     np.testing.assert_array_equal(a[0], b[0])
     np.testing.assert_array_equal(a[1], b[1])
     assert back.graph_bytes() == idx.graph_bytes()
-    # adding after load copies the vectors once and continues the same level sequence
+    # adding after from_graph copies the vectors once and continues the same level sequence
     more = unit_rows(np.random.default_rng(9), 100, 32)
     ref = HnswIndex(32, m=8, ef_construction=100, seed=3)
     ref.add(x, threads=1)
@@ -472,11 +402,9 @@ def test_from_graph_read_only_mmap(tmp_path, small):
     a, b = idx.search(q, k=10, ef=40), g.search(q, k=10, ef=40)
     np.testing.assert_array_equal(a[0] + 1000, b[0])
     np.testing.assert_array_equal(a[1], b[1])
-    labels = np.arange(1000, 1000 + len(x), dtype=np.int64)
-    np.testing.assert_array_equal(g.labels(), labels)
-    ids, _ = g.search(q[0], k=3, allowed=np.array([1005, 1006, 1007], np.int64))
+    assert g.id_base == 1000
+    ids, _ = g.search(q[0], k=3, allowed=(np.arange(len(x)) >= 5) & (np.arange(len(x)) < 8))
     assert sorted(ids[0].tolist()) == [1005, 1006, 1007]
-    assert g.next_label() == 1000 + len(x)
 
 
 def test_vectors_stay_valid_across_add():
@@ -492,64 +420,6 @@ def test_from_graph_shape_mismatch(small):
     idx, x, _ = small
     with pytest.raises(ValueError, match=r"vectors have shape \(2999, 32\) but the graph has 3000 nodes"):
         HnswIndex.from_graph(np.ascontiguousarray(x[:-1]), idx.graph_bytes())
-
-
-# ---------------------------------------------------------------------------------------- subsequence
-
-
-def test_subsequence_audio_accuracy(audio):
-    idx, frames, queries, truth, frame_track = audio
-    hits_start = hits_track = 0
-    for q, (track, start) in zip(queries, truth):
-        starts, scores = idx.search_subsequence(q, k=5, ef=100)
-        assert starts.shape == (5,) and scores.shape == (5,)
-        assert np.all(np.diff(scores) <= 0)
-        hits_track += frame_track[starts[0]] == track
-        hits_start += starts[0] == start
-    assert hits_start >= 95 and hits_track >= 95
-
-
-def test_subsequence_scores_are_exact_means(audio):
-    idx, frames, queries, truth, _ = audio
-    q = queries[3]
-    starts, scores = idx.search_subsequence(q, k=3)
-    for s, sc in zip(starts, scores):
-        want = np.mean(np.sum(q.astype(np.float64) * frames[s:s + len(q)].astype(np.float64), axis=1))
-        assert sc == pytest.approx(want, abs=1e-5)
-
-
-def test_subsequence_valid_rejects_windows(audio):
-    idx, frames, queries, truth, _ = audio
-    q, start = queries[0], int(truth[0, 1])
-    valid = np.ones(len(frames), bool)
-    valid[start + 40] = False  # one bad frame inside the true window
-    starts, _ = idx.search_subsequence(q, k=5, valid=valid)
-    assert all(s + len(q) <= start + 40 or s > start + 40 for s in starts if s >= 0)
-    starts_c, _ = idx.search_subsequence(q, k=5, valid=lambda labels: labels != start + 40)
-    np.testing.assert_array_equal(starts, starts_c)
-
-
-def test_subsequence_window_bounds_and_labels():
-    rng = np.random.default_rng(4)
-    x = unit_rows(rng, 400, 16)
-    idx = HnswIndex(16, m=8, ef_construction=64)
-    idx.add(x)
-    # the excerpt is the last 10 rows: found; a 12-frame excerpt ending past the data is rejected
-    starts, scores = idx.search_subsequence(x[390:], k=1)
-    assert starts[0] == 390 and scores[0] == pytest.approx(1.0, abs=1e-5)
-    tail = np.vstack([x[392:], x[:4]])
-    starts, _ = idx.search_subsequence(tail, k=5)
-    assert all(s + 12 <= 400 for s in starts if s >= 0)
-    # explicit labels with a hole: windows spanning the missing label are rejected
-    labels = np.arange(400, dtype=np.int64) + 10**9
-    labels[200:] += 1  # label 10**9 + 200 does not exist
-    lab_idx = HnswIndex(16, m=8, ef_construction=64)
-    lab_idx.add(x, ids=labels)
-    starts, _ = lab_idx.search_subsequence(x[100:120], k=1)
-    assert starts[0] == 10**9 + 100
-    starts, _ = lab_idx.search_subsequence(x[195:205], k=3)
-    for s in starts[starts >= 0]:
-        assert not (s <= 10**9 + 200 < s + 10)
 
 
 # ---------------------------------------------------------------------------------------- SIMD levels
@@ -585,15 +455,12 @@ print(r, rf)
 
 
 def _fuzz_base():
-    rng = np.random.default_rng(1)
     idx = HnswIndex(8, m=3, ef_construction=16, seed=1)
-    idx.add(unit_rows(rng, 60, 8), threads=1)
-    lab = HnswIndex(8, m=3, ef_construction=16, seed=2)
-    lab.add(unit_rows(rng, 30, 8), ids=rng.choice(1000, 30, replace=False).astype(np.int64), threads=1)
-    return idx, lab
+    idx.add(unit_rows(np.random.default_rng(1), 60, 8), threads=1)
+    return idx
 
 
-FUZZ_INDEX, FUZZ_LABELLED = _fuzz_base()
+FUZZ_INDEX = _fuzz_base()
 FUZZ_GRAPH = FUZZ_INDEX.graph_bytes()
 FUZZ_VECTORS = FUZZ_INDEX.vectors().copy()
 FUZZ_Q = unit_rows(np.random.default_rng(3), 4, 8)
@@ -603,35 +470,20 @@ INTERESTING = [0, 1, 2, 3, 7, 8, 59, 60, 61, 255, 2**16, 2**31 - 1, 2**31, 2**32
 
 def _fix_graph_crc(blob: bytearray) -> None:
     if len(blob) >= 4:
-        blob[-4:] = struct.pack("<I", native.crc32c(bytes(blob[:-4])))
-
-
-def _fix_file_crcs(buf: bytearray) -> None:
-    """Recompute every checksum the header points at (where the pointers still make sense)."""
-    if len(buf) < 128:
-        return
-    offs = struct.unpack_from("<6Q", buf, 48)
-    for i, at in enumerate((96, 100, 104)):
-        off, ln = offs[2 * i], offs[2 * i + 1]
-        if off <= len(buf) and ln <= len(buf) - off:
-            struct.pack_into("<I", buf, at, native.crc32c(bytes(buf[off:off + ln])))
-    struct.pack_into("<I", buf, 124, native.crc32c(bytes(buf[:124])))
+        blob[-4:] = struct.pack("<I", segio.crc32c(bytes(blob[:-4])))
 
 
 def _exercise(idx: HnswIndex) -> None:
-    """A loaded index must be fully usable: search, filtered search, subsequence, re-serialise."""
+    """A loaded index must be fully usable: search, filtered search, re-serialise."""
     n = len(idx)
     ids, scores = idx.search(FUZZ_Q, k=5, ef=8)
-    labels = set(idx.labels().tolist())
-    assert all(i == -1 or i in labels for i in ids.ravel().tolist())
+    assert all(-1 <= i < n for i in ids.ravel().tolist())
     if n:
         mask = np.zeros(n, bool)
         mask[::3] = True
         for mode in ("auto", "graph"):
             ids, _ = idx.search(FUZZ_Q, k=3, ef=4, allowed=mask, mode=mode)
-            allowed = set(idx.labels()[mask].tolist())
-            assert all(i == -1 or i in allowed for i in ids.ravel().tolist())
-        idx.search_subsequence(FUZZ_Q[:2], k=2, ef=8)
+            assert all(i == -1 or mask[i] for i in ids.ravel().tolist())
     HnswIndex.from_graph(np.ascontiguousarray(idx.vectors()), idx.graph_bytes())
 
 
@@ -684,44 +536,12 @@ def test_fuzz_graph_blob(ops, fix_crc, header_bias):
     _exercise(idx)
 
 
-def _file_bytes(index, tmp_path_factory=None):
-    import tempfile
-    with tempfile.TemporaryDirectory() as d:
-        p = os.path.join(d, "f.vbh")
-        index.save(p)
-        with open(p, "rb") as f:
-            return f.read()
-
-
-FUZZ_FILES = [_file_bytes(FUZZ_INDEX), _file_bytes(FUZZ_LABELLED)]
-
-
-@FUZZ_SETTINGS
-@given(which=st.integers(0, 1), ops=st.lists(mutation, min_size=1, max_size=3), fix_crc=st.booleans(),
-       header_bias=st.booleans())
-def test_fuzz_index_file(tmp_path_factory, which, ops, fix_crc, header_bias):
-    buf = _mutate(bytearray(FUZZ_FILES[which]), ops, header_bias)
-    if fix_crc:
-        _fix_file_crcs(buf)
-    path = tmp_path_factory.getbasetemp() / "fuzz.vbh"
-    path.write_bytes(bytes(buf))
-    try:
-        idx = HnswIndex.load(path)
-    except ValueError as e:
-        assert str(e)
-        return
-    _exercise(idx)
-
-
 @settings(max_examples=500, deadline=None, derandomize=True)
 @given(data=st.binary(min_size=0, max_size=300), prefix=st.booleans())
 def test_fuzz_random_bytes(data, prefix):
     blob = (b"VBHNSWG1" + data) if prefix else data
     with pytest.raises(ValueError):
         HnswIndex.from_graph(FUZZ_VECTORS, blob)
-    fblob = (b"VBHNSWF1" + data) if prefix else data
-    with pytest.raises(ValueError):
-        HnswIndex._from_file_bytes(np.frombuffer(fblob, np.uint8))
 
 
 def _graph_with(field_off, fmt, value, fix=True):
@@ -767,25 +587,3 @@ def test_upper_layer_link_to_lower_node_rejected():
     _fix_graph_crc(blob)
     with pytest.raises(ValueError, match=f"node {first} links to {low} on layer 1, but node {low} only reaches level 0"):
         HnswIndex.from_graph(FUZZ_VECTORS, bytes(blob))
-
-
-def test_file_errors_say_what_is_wrong(tmp_path):
-    good = bytearray(FUZZ_FILES[0])
-    p = tmp_path / "bad.vbh"
-    p.write_bytes(bytes(good[:100]))
-    with pytest.raises(ValueError, match="truncated: 100 bytes"):
-        HnswIndex.load(p)
-    bad = bytearray(good)
-    bad[200] ^= 1
-    p.write_bytes(bytes(bad))
-    with pytest.raises(ValueError, match="vectors checksum mismatch"):
-        HnswIndex.load(p)
-    bad = bytearray(good)
-    struct.pack_into("<Q", bad, 16, 2**40)  # n, with the header CRC fixed
-    _fix_file_crcs(bad)
-    p.write_bytes(bytes(bad))
-    with pytest.raises(ValueError, match="row count"):
-        HnswIndex.load(p)
-    p.write_bytes(b"NOTANIDX" + bytes(good[8:]))
-    with pytest.raises(ValueError, match="bad magic"):
-        HnswIndex.load(p)

@@ -110,7 +110,7 @@ def test_public_api_matches_native():
     assert int(np.argmax(K.dot_many(q, X))) == 5
     assert K.l2sq_many(q, X, np.array([5, 6], dtype=np.int64))[0] == 0.0
     assert K.dot_matrix(X[:3], X).shape == (3, 100)
-    assert K.isa() in ("scalar", "neon", "avx2", "avx512")
+    assert K.isa() in ("scalar", "neon", "avx2", "avx512", "avx512vbmi")
 
 
 def test_empty_inputs():
@@ -145,6 +145,31 @@ BAD_CALLS = [
 def test_bad_input_is_a_clear_value_error(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+@pytest.mark.parametrize("threads", [0, 257, True, 1.5, "2"])
+def test_threads_argument_is_checked_the_same_in_every_module(threads):
+    """One threads_for (vibrato/_native/_common.pxd) for the distance and PQ wrappers: same rule, same words."""
+    from vibrato._native import pq as P
+    q, X = np.ones(4, np.float32), np.ones((8, 4), np.float32)
+    calls = [lambda: K.dot_many(q, X, threads=threads), lambda: K.dot_matrix(X, X, threads=threads),
+             lambda: P.adc_scan(np.zeros((2, 256), np.float32), np.zeros((3, 2), np.uint8), 1, threads=threads),
+             lambda: P.encode(np.zeros((2, 256, 2), np.float32), X, threads=threads)]
+    messages = set()
+    for call in calls:
+        with pytest.raises(ValueError, match="threads must be") as e:
+            call()
+        messages.add(str(e.value))
+    assert len(messages) == 1, messages
+
+
+def test_simd_levels_are_one_ordered_list():
+    """Every level that runs here has a name VIBRATO_SIMD accepts; PQ has a kernel set per level."""
+    from vibrato._native import pq as P
+    names = [cpu.level_name(lvl) for lvl in LEVELS]
+    assert names[0] == "scalar" and LEVELS == sorted(LEVELS) and "unknown" not in names
+    assert P.kernels() == names
+    assert K.isa() == cpu.level_name(cpu.selected_level())
 
 
 def test_unsupported_level_rejected():

@@ -418,8 +418,8 @@ def test_vector_decoding_matches_numpy_reference():
     v = Validator(Config(dim=4))
     rng = np.random.default_rng(0)
     x = rng.standard_normal((50, 4)).astype(np.float32)
-    items = v.ingest_batch(orjson.loads(orjson.dumps({"vectors": [{"vector": r.tolist()} for r in x]})))
-    assert np.array_equal(np.stack([it["vector"] for it in items]), x)
+    prep = v.ingest_batch(orjson.loads(orjson.dumps({"vectors": [{"vector": r.tolist()} for r in x]})))
+    assert np.array_equal(prep.vectors, x)
     mixed = v.query({"vector": [1, 2.5, -3, 0]})
     assert mixed["vector"].dtype == np.float32 and mixed["vector"].tolist() == [1.0, 2.5, -3.0, 0.0]
 

@@ -14,8 +14,10 @@ __all__ = ["dot", "l2sq", "dot_many", "l2sq_many", "dot_matrix", "l2sq_matrix", 
 
 
 def isa() -> str:
-    """Name of the SIMD level the kernels run at: 'scalar', 'neon', 'avx2' or 'avx512'."""
-    return _cpu.level_name(_distance.isa_level())
+    """Name of the process-wide SIMD level every kernel table is picked from: 'scalar', 'neon', 'avx2',
+    'avx512' or 'avx512vbmi' (the best this CPU runs, or VIBRATO_SIMD). Levels without a distance
+    kernel of their own use the next lower one (avx512vbmi runs the avx512 distance kernels)."""
+    return _cpu.level_name(_cpu.selected_level())
 
 
 def dot(a, b) -> float:

@@ -6,8 +6,11 @@
  */
 #pragma once
 
+#include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
+#include <string.h>
 
 #define VB_OK 0
 #define VB_ENOMEM (-1)   /* an allocation failed */
@@ -34,31 +37,70 @@
 #define VB_AARCH64 1
 #endif
 
-/* SIMD levels, ordered: a higher level on x86 implies the lower ones are available. */
+/*
+ * SIMD levels, ordered: a higher level on x86 implies the lower ones are available. One level is chosen
+ * per process (vibrato._native.cpu: the CPU's best, or VIBRATO_SIMD) and every kernel table (distance.h,
+ * pq.h) is picked from it; a table without its own variant for a level uses the next lower one.
+ */
 typedef enum {
     VB_SIMD_SCALAR = 0,
     VB_SIMD_NEON = 1,
-    VB_SIMD_AVX2 = 2,   /* AVX2 + FMA */
-    VB_SIMD_AVX512 = 3, /* AVX-512F */
+    VB_SIMD_AVX2 = 2,       /* AVX2 + FMA */
+    VB_SIMD_AVX512 = 3,     /* AVX-512F */
+    VB_SIMD_AVX512VBMI = 4, /* AVX-512F + BW + VBMI (byte permutes: the PQ lookup kernel) */
 } vb_simd_level_t;
 
-/* Overflow-checked size arithmetic for anything derived from untrusted counts. */
-static inline int vb_mul_overflow(size_t a, size_t b, size_t *out) {
-#if defined(__GNUC__) || defined(__clang__)
-    return __builtin_mul_overflow(a, b, out);
-#else
-    if (a != 0 && b > SIZE_MAX / a) return 1;
-    *out = a * b;
-    return 0;
+/*
+ * Overflow-checked arithmetic for anything derived from untrusted counts: 1 on overflow, else 0 with
+ * the result in *out. Type-generic (size_t or uint64_t operands and result), as the builtins are.
+ */
+#define vb_mul_overflow(a, b, out) __builtin_mul_overflow((a), (b), (out))
+#define vb_add_overflow(a, b, out) __builtin_add_overflow((a), (b), (out))
+
+/*
+ * Little-endian integers at any alignment. Every on-disk integer (segments, graphs, codebooks) goes
+ * through these; memcpy compiles to a plain load or store on x86-64 and aarch64.
+ */
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "Vibrato's file formats are little-endian and are read in native byte order: little-endian hosts only"
 #endif
+
+static inline uint32_t vb_load_le32(const uint8_t *p) {
+    uint32_t v;
+    memcpy(&v, p, 4);
+    return v;
 }
 
-static inline int vb_add_overflow(size_t a, size_t b, size_t *out) {
-#if defined(__GNUC__) || defined(__clang__)
-    return __builtin_add_overflow(a, b, out);
-#else
-    if (b > SIZE_MAX - a) return 1;
-    *out = a + b;
-    return 0;
-#endif
+static inline uint64_t vb_load_le64(const uint8_t *p) {
+    uint64_t v;
+    memcpy(&v, p, 8);
+    return v;
+}
+
+static inline void vb_store_le32(uint8_t *p, uint32_t v) { memcpy(p, &v, 4); }
+static inline void vb_store_le64(uint8_t *p, uint64_t v) { memcpy(p, &v, 8); }
+
+/*
+ * splitmix64: the next 64 random bits from state *s. Small, fast and fully determined by its state, so
+ * seeded results (HNSW level draws, PQ training) reproduce across platforms and library versions.
+ */
+static inline uint64_t vb_splitmix64(uint64_t *s) {
+    uint64_t z = (*s += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+/*
+ * Writes a printf-style message into msg (msglen bytes, may be NULL/0) and returns code: the loaders of
+ * untrusted bytes use it to say what failed, the bad value and the limit.
+ */
+static inline int vb_fail(char *msg, size_t msglen, int code, const char *fmt, ...) {
+    if (msg && msglen) {
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(msg, msglen, fmt, ap);
+        va_end(ap);
+    }
+    return code;
 }

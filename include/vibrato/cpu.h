@@ -27,7 +27,8 @@ static inline vb_simd_level_t vb_cpu_max_level(void) {
     int zmm_saved = (xcr0 & 0xE6) == 0xE6;         /* + opmask, ZMM_Hi256, Hi16_ZMM */
     if (zmm_saved && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx2") &&
         __builtin_cpu_supports("fma"))
-        return VB_SIMD_AVX512;
+        return __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vbmi") ? VB_SIMD_AVX512VBMI
+                                                                                          : VB_SIMD_AVX512;
     if (ymm_saved && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
         return VB_SIMD_AVX2;
     return VB_SIMD_SCALAR;
@@ -53,6 +54,7 @@ static inline const char *vb_simd_level_name(int level) {
     case VB_SIMD_NEON: return "neon";
     case VB_SIMD_AVX2: return "avx2";
     case VB_SIMD_AVX512: return "avx512";
+    case VB_SIMD_AVX512VBMI: return "avx512vbmi";
     default: return "unknown";
     }
 }

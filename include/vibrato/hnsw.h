@@ -21,7 +21,7 @@
  * level >= l (guaranteed by construction and checked when a graph is loaded), so searches never
  * bounds-check.
  *
- * Thread-safety: searches (vb_hnsw_search*, vb_hnsw_subseq) only read the graph and may run from
+ * Thread-safety: searches (vb_hnsw_search) only read the graph and may run from
  * any number of threads at once; each takes its scratch (visited list + heaps) from a mutex-guarded
  * pool. vb_hnsw_add must not run concurrently with anything else on the same index (the Python
  * wrapper enforces it); internally it may insert with several threads, using one spinlock per node
@@ -38,19 +38,15 @@
 #include <pthread.h>
 #include <sched.h>
 #include <stdatomic.h>
-#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "vibrato/common.h"
 #include "vibrato/crc32c.h"
 #include "vibrato/distance.h"
+#include "vibrato/heap.h"
 #include "vibrato/parallel.h"
 #include "vibrato/visited.h"
-
-#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
-#error "vibrato/hnsw.h serialises with native byte order and supports little-endian hosts only"
-#endif
 
 #define VB_HNSW_MAX_LEVEL 16          /* levels are clamped to this (a level of 16 needs M^16 nodes) */
 #define VB_HNSW_MAX_DIM 4096
@@ -64,118 +60,18 @@
 #define VB_HNSW_FORCE_GRAPH 1
 #define VB_HNSW_FORCE_SCAN 2
 
-typedef struct {
-    float d;     /* distance = -inner product */
-    uint32_t id; /* internal row */
-} vb_hnsw_pair_t;
-
-/* ---------------------------------------------------------------------------------------------
- * Binary heaps over vb_hnsw_pair_t arrays (no allocation: capacity is the caller's contract).
- * Ties on d are broken by id so results do not depend on insertion order into the heap.
- * ------------------------------------------------------------------------------------------- */
-
-static inline int vb_pair_lt(vb_hnsw_pair_t a, vb_hnsw_pair_t b) {
-    return a.d < b.d || (a.d == b.d && a.id < b.id);
-}
-
-/* min-heap: h[0] is the smallest */
-static inline void vb_minheap_push(vb_hnsw_pair_t *h, size_t *n, vb_hnsw_pair_t x) {
-    size_t i = (*n)++;
-    while (i) {
-        size_t p = (i - 1) >> 1;
-        if (!vb_pair_lt(x, h[p])) break;
-        h[i] = h[p];
-        i = p;
-    }
-    h[i] = x;
-}
-
-static inline void vb_minheap_pop(vb_hnsw_pair_t *h, size_t *n) {
-    size_t m = --(*n);
-    if (!m) return;
-    vb_hnsw_pair_t x = h[m];
-    size_t i = 0;
-    for (;;) {
-        size_t c = 2 * i + 1;
-        if (c >= m) break;
-        if (c + 1 < m && vb_pair_lt(h[c + 1], h[c])) c++;
-        if (!vb_pair_lt(h[c], x)) break;
-        h[i] = h[c];
-        i = c;
-    }
-    h[i] = x;
-}
-
-/* max-heap: h[0] is the largest */
-static inline void vb_maxheap_push(vb_hnsw_pair_t *h, size_t *n, vb_hnsw_pair_t x) {
-    size_t i = (*n)++;
-    while (i) {
-        size_t p = (i - 1) >> 1;
-        if (!vb_pair_lt(h[p], x)) break;
-        h[i] = h[p];
-        i = p;
-    }
-    h[i] = x;
-}
-
-static inline void vb_maxheap_sift_down(vb_hnsw_pair_t *h, size_t m, size_t i, vb_hnsw_pair_t x) {
-    for (;;) {
-        size_t c = 2 * i + 1;
-        if (c >= m) break;
-        if (c + 1 < m && vb_pair_lt(h[c], h[c + 1])) c++;
-        if (!vb_pair_lt(x, h[c])) break;
-        h[i] = h[c];
-        i = c;
-    }
-    h[i] = x;
-}
-
-static inline void vb_maxheap_pop(vb_hnsw_pair_t *h, size_t *n) {
-    size_t m = --(*n);
-    if (m) vb_maxheap_sift_down(h, m, 0, h[m]);
-}
-
-/* Replace the largest element by x (x must be smaller for the heap to stay meaningful). */
-static inline void vb_maxheap_replace_top(vb_hnsw_pair_t *h, size_t n, vb_hnsw_pair_t x) {
-    vb_maxheap_sift_down(h, n, 0, x);
-}
-
-/* Pop a max-heap of n elements into out[0..n) in ascending order (the heap is consumed). */
-static inline void vb_maxheap_drain_sorted(vb_hnsw_pair_t *h, size_t n, vb_hnsw_pair_t *out) {
-    while (n) {
-        out[n - 1] = h[0];
-        vb_maxheap_pop(h, &n);
-    }
-}
-
-static inline void vb_minheap_heapify(vb_hnsw_pair_t *h, size_t n) {
-    for (size_t k = n / 2; k-- > 0;) {
-        vb_hnsw_pair_t x = h[k];
-        size_t i = k;
-        for (;;) {
-            size_t c = 2 * i + 1;
-            if (c >= n) break;
-            if (c + 1 < n && vb_pair_lt(h[c + 1], h[c])) c++;
-            if (!vb_pair_lt(h[c], x)) break;
-            h[i] = h[c];
-            i = c;
-        }
-        h[i] = x;
-    }
-}
-
 /* ---------------------------------------------------------------------------------------------
  * Per-search scratch (one per thread at a time, from the index's pool).
  * ------------------------------------------------------------------------------------------- */
 
 typedef struct vb_hnsw_ctx {
     vb_visited_t vis;
-    vb_hnsw_pair_t *cand; /* (cand_cap,) min-heap of candidates to expand */
+    vb_pair_t *cand; /* (cand_cap,) min-heap of candidates to expand */
     size_t cand_cap;
-    vb_hnsw_pair_t *top; /* (top_cap,) max-heap of the best results so far */
+    vb_pair_t *top; /* (top_cap,) max-heap of the best results so far */
     size_t top_cap;
-    vb_hnsw_pair_t *sel; /* (sel_cap,) heuristic input, sorted ascending */
-    vb_hnsw_pair_t *out; /* (sel_cap,) heuristic output */
+    vb_pair_t *sel; /* (sel_cap,) heuristic input, sorted ascending */
+    vb_pair_t *out; /* (sel_cap,) heuristic output */
     size_t sel_cap;
     uint32_t *ids; /* (buf_cap,) row buffer: copied link lists, scan blocks */
     float *dist;   /* (buf_cap,) distance buffer for scan blocks */
@@ -201,11 +97,11 @@ static void vb_hnsw_ctx_destroy(void *p) {
     free(c);
 }
 
-static inline int vb_grow_pairs(vb_hnsw_pair_t **p, size_t *cap, size_t want) {
+static inline int vb_grow_pairs(vb_pair_t **p, size_t *cap, size_t want) {
     if (want <= *cap) return VB_OK;
     size_t bytes;
-    if (vb_mul_overflow(want, sizeof(vb_hnsw_pair_t), &bytes)) return VB_ENOMEM;
-    vb_hnsw_pair_t *q = (vb_hnsw_pair_t *)realloc(*p, bytes);
+    if (vb_mul_overflow(want, sizeof(vb_pair_t), &bytes)) return VB_ENOMEM;
+    vb_pair_t *q = (vb_pair_t *)realloc(*p, bytes);
     if (!q) return VB_ENOMEM;
     *p = q;
     *cap = want;
@@ -427,14 +323,6 @@ static inline int vb_hnsw_reserve(vb_hnsw_t *h, size_t want) {
     return VB_OK;
 }
 
-/* splitmix64 (http://prng.di.unimi.it/splitmix64.c) */
-static inline uint64_t vb_splitmix64(uint64_t *s) {
-    uint64_t z = (*s += 0x9E3779B97F4A7C15ull);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-}
-
 /* floor(-ln(U) * mL) with U uniform in (0, 1] (never 0, so never infinite), clamped. */
 static inline int vb_hnsw_draw_level(vb_hnsw_t *h) {
     double u = ((double)(vb_splitmix64(&h->rng) >> 11) + 1.0) * (1.0 / 9007199254740992.0);
@@ -494,12 +382,12 @@ static inline int vb_hnsw_search_layer_build(vb_hnsw_t *h, vb_hnsw_ctx_t *c, con
     size_t ncand = 0, ntop = 0;
     vb_visited_next(&c->vis);
     vb_visited_test_set(&c->vis, ep);
-    vb_hnsw_pair_t e = {epd, ep};
+    vb_pair_t e = {epd, ep};
     vb_minheap_push(c->cand, &ncand, e);
     vb_maxheap_push(c->top, &ntop, e);
     float worst = epd;
     while (ncand) {
-        vb_hnsw_pair_t cur = c->cand[0];
+        vb_pair_t cur = c->cand[0];
         if (cur.d > worst && ntop >= ef) break;
         vb_minheap_pop(c->cand, &ncand);
         size_t cnt = vb_hnsw_read_list(h, cur.id, level, locked, own, c->ids);
@@ -514,7 +402,7 @@ static inline int vb_hnsw_search_layer_build(vb_hnsw_t *h, vb_hnsw_ctx_t *c, con
             if (ntop < ef || dd < worst) {
                 if (ncand + 1 >= c->cand_cap && vb_hnsw_cand_make_room(c, &ncand, worst, ntop >= ef))
                     return VB_ENOMEM;
-                vb_hnsw_pair_t p = {dd, nb};
+                vb_pair_t p = {dd, nb};
                 vb_minheap_push(c->cand, &ncand, p);
                 vb_maxheap_push(c->top, &ntop, p);
                 if (ntop > ef) vb_maxheap_pop(c->top, &ntop);
@@ -526,21 +414,14 @@ static inline int vb_hnsw_search_layer_build(vb_hnsw_t *h, vb_hnsw_ctx_t *c, con
     return VB_OK;
 }
 
-static int vb_pair_cmp(const void *a, const void *b) {
-    const vb_hnsw_pair_t *x = (const vb_hnsw_pair_t *)a, *y = (const vb_hnsw_pair_t *)b;
-    if (vb_pair_lt(*x, *y)) return -1;
-    if (vb_pair_lt(*y, *x)) return 1;
-    return 0;
-}
-
 /*
  * The diversity heuristic (hnswlib getNeighborsByHeuristic2): walk cand[0..nc) (d = distance to
  * the base node) in ascending order and keep c unless an already kept r is closer to c than the
  * base is (dist(c, r) < dist(c, base)); stop at m kept. Fewer than m candidates are all kept.
  * `cand` must be sorted ascending. Writes the kept ones to out and returns how many.
  */
-static inline size_t vb_hnsw_select(const vb_hnsw_t *h, const vb_distance_ops_t *ops, const vb_hnsw_pair_t *cand,
-                                    size_t nc, size_t m, vb_hnsw_pair_t *out) {
+static inline size_t vb_hnsw_select(const vb_hnsw_t *h, const vb_distance_ops_t *ops, const vb_pair_t *cand,
+                                    size_t nc, size_t m, vb_pair_t *out) {
     if (nc <= m) {
         memcpy(out, cand, nc * sizeof(*cand));
         return nc;
@@ -569,7 +450,7 @@ static inline size_t vb_hnsw_select(const vb_hnsw_t *h, const vb_distance_ops_t 
  * include q) and rewritten under that neighbour's lock.
  */
 static inline void vb_hnsw_connect(vb_hnsw_t *h, vb_hnsw_ctx_t *c, const vb_distance_ops_t *ops, uint32_t q,
-                                   const vb_hnsw_pair_t *sel, size_t ns, int level, int locked) {
+                                   const vb_pair_t *sel, size_t ns, int level, int locked) {
     size_t mmax = level ? h->M : h->M0;
     uint32_t *ql = vb_hnsw_list(h, q, level);
     for (size_t i = 0; i < ns; i++) ql[1 + i] = sel[i].id;
@@ -590,7 +471,7 @@ static inline void vb_hnsw_connect(vb_hnsw_t *h, vb_hnsw_ctx_t *c, const vb_dist
                 sl[0] = (uint32_t)(cnt + 1);
             } else {
                 const float *sv = vb_hnsw_vec(h, s);
-                vb_hnsw_pair_t *cand = c->sel;
+                vb_pair_t *cand = c->sel;
                 cand[0].d = -ops->dot(sv, qv, h->d);
                 cand[0].id = q;
                 for (size_t j = 0; j < cnt; j++) {
@@ -661,7 +542,7 @@ static inline int vb_hnsw_insert(vb_hnsw_t *h, vb_hnsw_ctx_t *c, const vb_distan
         vb_maxheap_drain_sorted(c->top, ntop, c->sel);
         size_t ns = vb_hnsw_select(h, ops, c->sel, ntop, h->M, c->out);
         /* c->out is reused by connect's pruning: keep the selection in c->top. */
-        memcpy(c->top, c->out, ns * sizeof(vb_hnsw_pair_t));
+        memcpy(c->top, c->out, ns * sizeof(vb_pair_t));
         ep = c->top[0].id;
         epd = c->top[0].d;
         vb_hnsw_connect(h, c, ops, q, c->top, ns, l, locked);
@@ -809,14 +690,14 @@ static inline int vb_hnsw_search_layer0(const vb_hnsw_t *h, vb_hnsw_ctx_t *c, co
     size_t ncand = 0, ntop = 0, nd = 0;
 
     tags[ep] = tag;
-    vb_hnsw_pair_t e = {epd, ep};
+    vb_pair_t e = {epd, ep};
     vb_minheap_push(c->cand, &ncand, e);
     if (!mask || mask[ep]) vb_maxheap_push(c->top, &ntop, e);
     float worst = ntop ? epd : INFINITY;
     int rc = VB_OK;
 
     while (ncand) {
-        vb_hnsw_pair_t cur = c->cand[0];
+        vb_pair_t cur = c->cand[0];
         if (cur.d > worst && ntop >= ef) break;
         vb_minheap_pop(c->cand, &ncand);
         const uint32_t *ln = links0 + (size_t)cur.id * stride;
@@ -849,7 +730,7 @@ static inline int vb_hnsw_search_layer0(const vb_hnsw_t *h, vb_hnsw_ctx_t *c, co
                     rc = VB_ENOMEM;
                     goto done;
                 }
-                vb_hnsw_pair_t p = {dd, nb};
+                vb_pair_t p = {dd, nb};
                 vb_minheap_push(c->cand, &ncand, p);
                 VB_PREFETCH(links0 + (size_t)nb * stride);
                 if (!mask || mask[nb]) {
@@ -875,7 +756,7 @@ done:
 }
 
 /* Keep the best k of a max-heap of n results and write them best first; pad to k with -1/-inf. */
-static inline void vb_hnsw_emit(vb_hnsw_pair_t *top, size_t n, size_t k, int64_t *rows, float *scores) {
+static inline void vb_hnsw_emit(vb_pair_t *top, size_t n, size_t k, int64_t *rows, float *scores) {
     while (n > k) vb_maxheap_pop(top, &n);
     for (size_t i = n; i < k; i++) {
         rows[i] = -1;
@@ -889,15 +770,11 @@ static inline void vb_hnsw_emit(vb_hnsw_pair_t *top, size_t n, size_t k, int64_t
 }
 
 /* Offer a block of scored rows to a top-k max-heap. */
-static inline void vb_hnsw_offer(vb_hnsw_pair_t *top, size_t *ntop, size_t k, const uint32_t *ids,
+static inline void vb_hnsw_offer(vb_pair_t *top, size_t *ntop, size_t k, const uint32_t *ids,
                                  const float *dots, size_t m) {
     for (size_t i = 0; i < m; i++) {
-        vb_hnsw_pair_t p = {-dots[i], ids[i]};
-        if (*ntop < k) {
-            vb_maxheap_push(top, ntop, p);
-        } else if (vb_pair_lt(p, top[0])) {
-            vb_maxheap_replace_top(top, *ntop, p);
-        }
+        vb_pair_t p = {-dots[i], ids[i]};
+        vb_topk_offer(top, ntop, k, p);
     }
 }
 
@@ -1097,168 +974,6 @@ static inline int vb_hnsw_search(vb_hnsw_t *h, const vb_distance_ops_t *ops, con
 }
 
 /* ---------------------------------------------------------------------------------------------
- * Subsequence search (identify).
- * ------------------------------------------------------------------------------------------- */
-
-/* Labels of the rows: label(r) = base + r, or row_labels[r] with a sorted copy for lookups. */
-typedef struct vb_hnsw_labels {
-    int64_t base;                /* used when row_labels == NULL */
-    const int64_t *row_labels;   /* (n,) label of each row, unique and >= 0, or NULL */
-    const int64_t *sorted;       /* (n,) row_labels sorted ascending */
-    const uint32_t *sorted_rows; /* (n,) row of sorted[i] */
-} vb_hnsw_labels_t;
-
-static inline int64_t vb_hnsw_label(const vb_hnsw_labels_t *lab, uint32_t r) {
-    return lab->row_labels ? lab->row_labels[r] : lab->base + (int64_t)r;
-}
-
-/*
- * Rows of labels s, s+1, ..., s+L-1 into rows[0..L). Returns 0 when a label is missing or its row
- * is not valid (valid == NULL means all rows are).
- */
-static inline int vb_hnsw_window_rows(const vb_hnsw_t *h, const vb_hnsw_labels_t *lab, const uint8_t *valid,
-                                      int64_t s, size_t L, uint32_t *rows) {
-    size_t n = h->n;
-    if (!lab->row_labels) {
-        if (s < lab->base) return 0;
-        uint64_t r0 = (uint64_t)(s - lab->base);
-        if (r0 > n || L > n - r0) return 0;
-        for (size_t i = 0; i < L; i++) {
-            rows[i] = (uint32_t)(r0 + i);
-            if (valid && !valid[r0 + i]) return 0;
-        }
-        return 1;
-    }
-    size_t lo = 0, hi = n; /* first position with sorted[pos] >= s */
-    while (lo < hi) {
-        size_t mid = lo + (hi - lo) / 2;
-        if (lab->sorted[mid] < s) lo = mid + 1;
-        else hi = mid;
-    }
-    if (lo > n || L > n - lo) return 0;
-    for (size_t i = 0; i < L; i++) {
-        if (lab->sorted[lo + i] != s + (int64_t)i) return 0; /* labels are unique, so a gap shows here */
-        uint32_t r = lab->sorted_rows[lo + i];
-        if (valid && !valid[r]) return 0;
-        rows[i] = r;
-    }
-    return 1;
-}
-
-static int vb_i64_cmp(const void *a, const void *b) {
-    int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
-    return (x > y) - (x < y);
-}
-
-/*
- * Find the k start labels s maximising mean_i dot(frames[i], vec(label s + i)) over windows of L
- * consecutive labels that all exist and are valid. frames (L, d). Anchors: n_anchors frames spread
- * evenly over the excerpt; each is searched with anchor_k results (beam max(ef, anchor_k)); a hit
- * with label h at anchor offset o proposes start h - o (and its neighbours h - o +/- 1 when
- * `spread`); the deduplicated starts are scored exactly. Output: starts/scores (k,), best first,
- * padded with -1 / -inf; *ncand = number of distinct windows scored.
- */
-static inline int vb_hnsw_subseq(vb_hnsw_t *h, const vb_distance_ops_t *ops, const float *restrict frames,
-                                 size_t L, size_t k, size_t ef, size_t n_anchors, size_t anchor_k, int spread,
-                                 const uint8_t *valid, const vb_hnsw_labels_t *lab, int64_t *starts,
-                                 float *scores, size_t *ncand) {
-    *ncand = 0;
-    for (size_t i = 0; i < k; i++) {
-        starts[i] = -1;
-        scores[i] = -INFINITY;
-    }
-    if (L == 0 || k == 0 || h->n == 0 || L > h->n) return VB_OK;
-    if (n_anchors < 1) n_anchors = 1;
-    if (n_anchors > L) n_anchors = L;
-    if (anchor_k < 1) anchor_k = 1;
-    if (k > VB_HNSW_MAX_EF || anchor_k > VB_HNSW_MAX_EF || ef > VB_HNSW_MAX_EF) return VB_EINVAL;
-    size_t per_hit = spread ? 3 : 1, ncap, tmp;
-    if (vb_mul_overflow(n_anchors, anchor_k, &tmp) || vb_mul_overflow(tmp, per_hit, &ncap)) return VB_EINVAL;
-
-    int64_t *cand = (int64_t *)malloc(ncap * sizeof(int64_t));
-    int64_t *hit_rows = (int64_t *)malloc(anchor_k * sizeof(int64_t));
-    float *hit_scores = (float *)malloc(anchor_k * sizeof(float));
-    uint32_t *wrows = (uint32_t *)malloc(L * sizeof(uint32_t));
-    vb_hnsw_pair_t *best = (vb_hnsw_pair_t *)malloc((k + 1) * sizeof(vb_hnsw_pair_t));
-    int64_t *best_start = (int64_t *)malloc((k + 1) * sizeof(int64_t));
-    vb_hnsw_ctx_t *c = (vb_hnsw_ctx_t *)vb_pool_get(&h->pool);
-    int rc = VB_OK;
-    if (!cand || !hit_rows || !hit_scores || !wrows || !best || !best_start || !c) {
-        rc = VB_ENOMEM;
-        goto out;
-    }
-    size_t nc = 0, d = h->d;
-    size_t efa = ef > anchor_k ? ef : anchor_k;
-    for (size_t a = 0; a < n_anchors; a++) {
-        size_t off = n_anchors == 1 ? L / 2 : a * (L - 1) / (n_anchors - 1);
-        rc = vb_hnsw_search_one(h, c, ops, frames + off * d, anchor_k, efa, NULL, 0, NULL, VB_HNSW_AUTO,
-                                hit_rows, hit_scores);
-        if (rc) goto out;
-        for (size_t j = 0; j < anchor_k; j++) {
-            if (hit_rows[j] < 0) break;
-            int64_t s = vb_hnsw_label(lab, (uint32_t)hit_rows[j]) - (int64_t)off;
-            if (spread) {
-                cand[nc++] = s - 1;
-                cand[nc++] = s + 1;
-            }
-            cand[nc++] = s;
-        }
-    }
-    qsort(cand, nc, sizeof(int64_t), vb_i64_cmp);
-    /* Score each distinct start; best[] is a heap keyed by (-mean, slot) with best_start[slot]. */
-    size_t nbest = 0, scored = 0;
-    for (size_t i = 0; i < nc; i++) {
-        int64_t s = cand[i];
-        if (i && s == cand[i - 1]) continue;
-        if (s < 0 || !vb_hnsw_window_rows(h, lab, valid, s, L, wrows)) continue;
-        double sum = 0.0;
-        for (size_t t = 0; t < L; t++) {
-            if (t + 2 < L) vb_hnsw_prefetch_vec(vb_hnsw_vec(h, wrows[t + 2]), d);
-            sum += ops->dot(frames + t * d, vb_hnsw_vec(h, wrows[t]), d);
-        }
-        scored++;
-        float mean = (float)(sum / (double)L);
-        /* ties: the lower start wins (candidates arrive in ascending order, so keep the first) */
-        vb_hnsw_pair_t p = {-mean, 0};
-        if (nbest < k) {
-            p.id = (uint32_t)nbest;
-            best_start[nbest] = s;
-            vb_maxheap_push(best, &nbest, p);
-        } else if (p.d < best[0].d) {
-            p.id = best[0].id;
-            best_start[p.id] = s;
-            vb_maxheap_replace_top(best, nbest, p);
-        }
-    }
-    *ncand = scored;
-    /* Drain worst-first into the tail; equal scores keep the lower start first. */
-    {
-        size_t m = nbest;
-        while (m) {
-            starts[m - 1] = best_start[best[0].id];
-            scores[m - 1] = -best[0].d;
-            vb_maxheap_pop(best, &m);
-        }
-        for (size_t i = 1; i < nbest; i++) { /* stable fix-up of ties (heap order ignores start) */
-            for (size_t j = i; j > 0 && scores[j] == scores[j - 1] && starts[j] < starts[j - 1]; j--) {
-                int64_t ts = starts[j];
-                starts[j] = starts[j - 1];
-                starts[j - 1] = ts;
-            }
-        }
-    }
-out:
-    vb_pool_put(&h->pool, c);
-    free(cand);
-    free(hit_rows);
-    free(hit_scores);
-    free(wrows);
-    free(best);
-    free(best_start);
-    return rc;
-}
-
-/* ---------------------------------------------------------------------------------------------
  * Graph serialisation (no vectors). Little-endian, every field at a fixed offset:
  *
  *   0   8  magic "VBHNSWG1"
@@ -1280,19 +995,6 @@ out:
 #define VB_HNSW_GRAPH_MAGIC "VBHNSWG1"
 #define VB_HNSW_GRAPH_HEADER 64
 
-static inline void vb_put_u32(uint8_t *p, uint32_t v) { memcpy(p, &v, 4); }
-static inline void vb_put_u64(uint8_t *p, uint64_t v) { memcpy(p, &v, 8); }
-static inline uint32_t vb_get_u32(const uint8_t *p) {
-    uint32_t v;
-    memcpy(&v, p, 4);
-    return v;
-}
-static inline uint64_t vb_get_u64(const uint8_t *p) {
-    uint64_t v;
-    memcpy(&v, p, 8);
-    return v;
-}
-
 static inline size_t vb_pad4(size_t n) { return (n + 3) & ~(size_t)3; }
 
 /* Bytes of the serialised graph (fits: every part is already allocated in memory). */
@@ -1300,22 +1002,22 @@ static inline size_t vb_hnsw_graph_size(const vb_hnsw_t *h) {
     return VB_HNSW_GRAPH_HEADER + vb_pad4(h->n) + h->n * (1 + h->M0) * 4 + h->up_len * 4 + 4;
 }
 
-/* Serialise into out (exactly vb_hnsw_graph_size bytes). hw: use SSE4.2 for the CRC. */
-static inline int vb_hnsw_graph_write(const vb_hnsw_t *h, uint8_t *out, size_t len, int hw) {
+/* Serialise into out (exactly vb_hnsw_graph_size bytes). */
+static inline int vb_hnsw_graph_write(const vb_hnsw_t *h, uint8_t *out, size_t len) {
     if (len != vb_hnsw_graph_size(h)) return VB_EINVAL;
     memset(out, 0, VB_HNSW_GRAPH_HEADER);
     memcpy(out, VB_HNSW_GRAPH_MAGIC, 8);
-    vb_put_u32(out + 8, 1);
-    vb_put_u32(out + 12, VB_HNSW_GRAPH_HEADER);
-    vb_put_u32(out + 16, (uint32_t)h->d);
-    vb_put_u32(out + 20, (uint32_t)h->M);
-    vb_put_u32(out + 24, (uint32_t)h->M0);
-    vb_put_u32(out + 28, (uint32_t)h->ef_construction);
-    vb_put_u64(out + 32, h->n);
-    vb_put_u32(out + 40, h->n ? h->entry : VB_HNSW_NONE);
-    vb_put_u32(out + 44, h->n ? (uint32_t)h->max_level : 0);
-    vb_put_u64(out + 48, h->up_len / (1 + h->M));
-    vb_put_u64(out + 56, h->rng);
+    vb_store_le32(out + 8, 1);
+    vb_store_le32(out + 12, VB_HNSW_GRAPH_HEADER);
+    vb_store_le32(out + 16, (uint32_t)h->d);
+    vb_store_le32(out + 20, (uint32_t)h->M);
+    vb_store_le32(out + 24, (uint32_t)h->M0);
+    vb_store_le32(out + 28, (uint32_t)h->ef_construction);
+    vb_store_le64(out + 32, h->n);
+    vb_store_le32(out + 40, h->n ? h->entry : VB_HNSW_NONE);
+    vb_store_le32(out + 44, h->n ? (uint32_t)h->max_level : 0);
+    vb_store_le64(out + 48, h->up_len / (1 + h->M));
+    vb_store_le64(out + 56, h->rng);
     uint8_t *p = out + VB_HNSW_GRAPH_HEADER;
     if (h->n) memcpy(p, h->levels, h->n);
     memset(p + h->n, 0, vb_pad4(h->n) - h->n);
@@ -1325,15 +1027,11 @@ static inline int vb_hnsw_graph_write(const vb_hnsw_t *h, uint8_t *out, size_t l
     p += l0;
     if (h->up_len) memcpy(p, h->up_links, h->up_len * 4);
     p += h->up_len * 4;
-    vb_put_u32(p, vb_crc32c(0, out, len - 4, hw));
+    vb_store_le32(p, vb_crc32c(0, out, len - 4));
     return VB_OK;
 }
 
-#define VB_FAIL(code, ...)                                    \
-    do {                                                      \
-        if (msg && msglen) snprintf(msg, msglen, __VA_ARGS__); \
-        return (code);                                        \
-    } while (0)
+#define VB_FAIL(code, ...) return vb_fail(msg, msglen, (code), __VA_ARGS__)
 
 /*
  * Validate a serialised graph and build an index over the borrowed vectors x (xn, xd) (read-only,
@@ -1345,19 +1043,19 @@ static inline int vb_hnsw_graph_write(const vb_hnsw_t *h, uint8_t *out, size_t l
  * msg says what failed. Returns VB_OK, VB_ECORRUPT, VB_EINVAL (vectors do not match) or VB_ENOMEM.
  */
 static inline int vb_hnsw_graph_read_checked(vb_hnsw_t *h, const uint8_t *buf, size_t len, const float *x,
-                                             size_t xn, size_t xd, int hw, char *msg, size_t msglen) {
+                                             size_t xn, size_t xd, char *msg, size_t msglen) {
     memset(h, 0, sizeof(*h));
     h->entry = VB_HNSW_NONE;
     if (len < VB_HNSW_GRAPH_HEADER + 4)
         VB_FAIL(VB_ECORRUPT, "graph truncated: %zu bytes, the header alone needs %d", len, VB_HNSW_GRAPH_HEADER + 4);
     if (memcmp(buf, VB_HNSW_GRAPH_MAGIC, 8) != 0) VB_FAIL(VB_ECORRUPT, "not an HNSW graph: bad magic");
-    uint32_t version = vb_get_u32(buf + 8), hdr = vb_get_u32(buf + 12);
+    uint32_t version = vb_load_le32(buf + 8), hdr = vb_load_le32(buf + 12);
     if (version != 1) VB_FAIL(VB_ECORRUPT, "unsupported graph version %u (this build reads 1)", version);
     if (hdr != VB_HNSW_GRAPH_HEADER)
         VB_FAIL(VB_ECORRUPT, "bad graph header size %u (expected %d)", hdr, VB_HNSW_GRAPH_HEADER);
-    uint32_t d = vb_get_u32(buf + 16), M = vb_get_u32(buf + 20), M0 = vb_get_u32(buf + 24);
-    uint32_t efc = vb_get_u32(buf + 28), entry = vb_get_u32(buf + 40), maxl = vb_get_u32(buf + 44);
-    uint64_t n64 = vb_get_u64(buf + 32), blocks64 = vb_get_u64(buf + 48), rng = vb_get_u64(buf + 56);
+    uint32_t d = vb_load_le32(buf + 16), M = vb_load_le32(buf + 20), M0 = vb_load_le32(buf + 24);
+    uint32_t efc = vb_load_le32(buf + 28), entry = vb_load_le32(buf + 40), maxl = vb_load_le32(buf + 44);
+    uint64_t n64 = vb_load_le64(buf + 32), blocks64 = vb_load_le64(buf + 48), rng = vb_load_le64(buf + 56);
     if (d < 1 || d > VB_HNSW_MAX_DIM) VB_FAIL(VB_ECORRUPT, "graph dimension %u out of range [1, %d]", d, VB_HNSW_MAX_DIM);
     if (M < 2 || M > VB_HNSW_MAX_M) VB_FAIL(VB_ECORRUPT, "graph M=%u out of range [2, %d]", M, VB_HNSW_MAX_M);
     if (M0 != 2 * M) VB_FAIL(VB_ECORRUPT, "graph M0=%u, expected 2*M=%u", M0, 2 * M);
@@ -1379,7 +1077,7 @@ static inline int vb_hnsw_graph_read_checked(vb_hnsw_t *h, const uint8_t *buf, s
         VB_FAIL(VB_ECORRUPT, "graph size mismatch: %llu upper blocks of %zu bytes, but %zu bytes remain",
                 (unsigned long long)blocks64, stride * 4, rest);
     size_t blocks = (size_t)blocks64;
-    uint32_t crc_stored = vb_get_u32(buf + len - 4), crc = vb_crc32c(0, buf, len - 4, hw);
+    uint32_t crc_stored = vb_load_le32(buf + len - 4), crc = vb_crc32c(0, buf, len - 4);
     if (crc != crc_stored)
         VB_FAIL(VB_ECORRUPT, "graph checksum mismatch: stored 0x%08x, computed 0x%08x", crc_stored, crc);
     if (x == NULL && n) VB_FAIL(VB_EINVAL, "no vectors given for a graph of %zu nodes", n);
@@ -1409,10 +1107,10 @@ static inline int vb_hnsw_graph_read_checked(vb_hnsw_t *h, const uint8_t *buf, s
     const uint8_t *l0 = lev + vb_pad4(n);
     for (size_t i = 0; i < n; i++) {
         const uint8_t *p = l0 + i * stride0 * 4;
-        uint32_t cnt = vb_get_u32(p);
+        uint32_t cnt = vb_load_le32(p);
         if (cnt > M0) VB_FAIL(VB_ECORRUPT, "node %zu has %u links on layer 0, above M0=%u", i, cnt, M0);
         for (uint32_t j = 0; j < cnt; j++) {
-            uint32_t nb = vb_get_u32(p + 4 + 4 * (size_t)j);
+            uint32_t nb = vb_load_le32(p + 4 + 4 * (size_t)j);
             if (nb >= n) VB_FAIL(VB_ECORRUPT, "node %zu links to %u on layer 0, out of range [0, %zu)", i, nb, n);
         }
     }
@@ -1421,10 +1119,10 @@ static inline int vb_hnsw_graph_read_checked(vb_hnsw_t *h, const uint8_t *buf, s
     for (size_t i = 0; i < n; i++) {
         for (uint32_t l = 1; l <= lev[i]; l++, blk++) {
             const uint8_t *p = up + blk * stride * 4;
-            uint32_t cnt = vb_get_u32(p);
+            uint32_t cnt = vb_load_le32(p);
             if (cnt > M) VB_FAIL(VB_ECORRUPT, "node %zu has %u links on layer %u, above M=%u", i, cnt, l, M);
             for (uint32_t j = 0; j < cnt; j++) {
-                uint32_t nb = vb_get_u32(p + 4 + 4 * (size_t)j);
+                uint32_t nb = vb_load_le32(p + 4 + 4 * (size_t)j);
                 if (nb >= n) VB_FAIL(VB_ECORRUPT, "node %zu links to %u on layer %u, out of range [0, %zu)", i, nb, l, n);
                 if (lev[nb] < l)
                     VB_FAIL(VB_ECORRUPT, "node %zu links to %u on layer %u, but node %u only reaches level %u", i, nb,
@@ -1467,131 +1165,5 @@ static inline int vb_hnsw_graph_read_checked(vb_hnsw_t *h, const uint8_t *buf, s
     h->x_owned = NULL;
     h->entry = n ? entry : VB_HNSW_NONE;
     h->max_level = n ? (int)maxl : 0;
-    return VB_OK;
-}
-
-/* ---------------------------------------------------------------------------------------------
- * Index file (save/load): params + vectors + labels + graph, each section CRC32C-checked.
- *
- *   0    8  magic "VBHNSWF1"       8   4  u32 version = 1      12  4  u32 flags (bit 0: labels section)
- *   16   8  u64 n                  24  4  u32 d                28  4  u32 reserved (0)
- *   32   8  i64 id_base (label of row r is id_base + r when there is no labels section)
- *   40   8  i64 next_label (the label add() gives the next row when no ids are passed)
- *   48   8  u64 vectors offset     56  8  u64 vectors bytes (= n*d*4)
- *   64   8  u64 labels offset      72  8  u64 labels bytes (= n*8, or 0)
- *   80   8  u64 graph offset       88  8  u64 graph bytes
- *   96   4  u32 CRC32C vectors     100 4  u32 CRC32C labels    104 4  u32 CRC32C graph
- *   108 16  reserved (0)           124 4  u32 CRC32C of bytes [0, 124)
- * Sections start at 64-byte aligned offsets, in this order, after the 128-byte header.
- * ------------------------------------------------------------------------------------------- */
-
-#define VB_HNSW_FILE_MAGIC "VBHNSWF1"
-#define VB_HNSW_FILE_HEADER 128
-
-typedef struct vb_hnsw_file {
-    uint64_t n;
-    uint32_t d, flags;
-    int64_t id_base, next_label;
-    uint64_t vec_off, vec_len, lab_off, lab_len, graph_off, graph_len;
-    uint32_t vec_crc, lab_crc, graph_crc;
-} vb_hnsw_file_t;
-
-static inline size_t vb_align64(size_t n) { return (n + 63) & ~(size_t)63; }
-
-/* Fill offsets for the given lengths (vec_len, lab_len, graph_len set by the caller). */
-static inline int vb_hnsw_file_layout(vb_hnsw_file_t *f) {
-    size_t a, b;
-    f->vec_off = VB_HNSW_FILE_HEADER;
-    if (vb_add_overflow(f->vec_off, f->vec_len, &a)) return VB_EINVAL;
-    f->lab_off = vb_align64(a);
-    if (vb_add_overflow(f->lab_off, f->lab_len, &b)) return VB_EINVAL;
-    f->graph_off = vb_align64(b);
-    return VB_OK;
-}
-
-static inline void vb_hnsw_file_header_write(const vb_hnsw_file_t *f, uint8_t *out, int hw) {
-    memset(out, 0, VB_HNSW_FILE_HEADER);
-    memcpy(out, VB_HNSW_FILE_MAGIC, 8);
-    vb_put_u32(out + 8, 1);
-    vb_put_u32(out + 12, f->flags);
-    vb_put_u64(out + 16, f->n);
-    vb_put_u32(out + 24, f->d);
-    vb_put_u64(out + 32, (uint64_t)f->id_base);
-    vb_put_u64(out + 40, (uint64_t)f->next_label);
-    vb_put_u64(out + 48, f->vec_off);
-    vb_put_u64(out + 56, f->vec_len);
-    vb_put_u64(out + 64, f->lab_off);
-    vb_put_u64(out + 72, f->lab_len);
-    vb_put_u64(out + 80, f->graph_off);
-    vb_put_u64(out + 88, f->graph_len);
-    vb_put_u32(out + 96, f->vec_crc);
-    vb_put_u32(out + 100, f->lab_crc);
-    vb_put_u32(out + 104, f->graph_crc);
-    vb_put_u32(out + 124, vb_crc32c(0, out, 124, hw));
-}
-
-static inline int vb_hnsw_file_section(const char *name, uint64_t off, uint64_t slen, uint64_t min_off, size_t len,
-                                       char *msg, size_t msglen) {
-    if (off < min_off || off % 64)
-        VB_FAIL(VB_ECORRUPT, "%s section offset %llu is misplaced (expected a multiple of 64 >= %llu)", name,
-                (unsigned long long)off, (unsigned long long)min_off);
-    if (off > len || slen > len - off)
-        VB_FAIL(VB_ECORRUPT, "%s section [%llu, +%llu) runs past the end of the file (%zu bytes)", name,
-                (unsigned long long)off, (unsigned long long)slen, len);
-    return VB_OK;
-}
-
-/*
- * Validate an index file's header, section bounds and checksums (the graph section's structure
- * is checked by vb_hnsw_graph_read_checked afterwards). Labels (when present) are n little-endian
- * int64 whose uniqueness and sign the caller checks.
- */
-static inline int vb_hnsw_file_read_checked(const uint8_t *buf, size_t len, int hw, vb_hnsw_file_t *f, char *msg,
-                                            size_t msglen) {
-    memset(f, 0, sizeof(*f));
-    if (len < VB_HNSW_FILE_HEADER)
-        VB_FAIL(VB_ECORRUPT, "index file truncated: %zu bytes, the header alone needs %d", len, VB_HNSW_FILE_HEADER);
-    if (memcmp(buf, VB_HNSW_FILE_MAGIC, 8) != 0) VB_FAIL(VB_ECORRUPT, "not a vibrato HNSW index file: bad magic");
-    uint32_t hcrc = vb_get_u32(buf + 124), hcomp = vb_crc32c(0, buf, 124, hw);
-    if (hcrc != hcomp) VB_FAIL(VB_ECORRUPT, "index header checksum mismatch: stored 0x%08x, computed 0x%08x", hcrc, hcomp);
-    uint32_t version = vb_get_u32(buf + 8);
-    if (version != 1) VB_FAIL(VB_ECORRUPT, "unsupported index file version %u (this build reads 1)", version);
-    f->flags = vb_get_u32(buf + 12);
-    f->n = vb_get_u64(buf + 16);
-    f->d = vb_get_u32(buf + 24);
-    f->id_base = (int64_t)vb_get_u64(buf + 32);
-    f->next_label = (int64_t)vb_get_u64(buf + 40);
-    f->vec_off = vb_get_u64(buf + 48);
-    f->vec_len = vb_get_u64(buf + 56);
-    f->lab_off = vb_get_u64(buf + 64);
-    f->lab_len = vb_get_u64(buf + 72);
-    f->graph_off = vb_get_u64(buf + 80);
-    f->graph_len = vb_get_u64(buf + 88);
-    f->vec_crc = vb_get_u32(buf + 96);
-    f->lab_crc = vb_get_u32(buf + 100);
-    f->graph_crc = vb_get_u32(buf + 104);
-    if (f->flags & ~1u) VB_FAIL(VB_ECORRUPT, "unknown index file flags 0x%x", f->flags);
-    if (f->d < 1 || f->d > VB_HNSW_MAX_DIM)
-        VB_FAIL(VB_ECORRUPT, "index dimension %u out of range [1, %d]", f->d, VB_HNSW_MAX_DIM);
-    if (f->n > VB_HNSW_MAX_N) VB_FAIL(VB_ECORRUPT, "index row count %llu exceeds the limit %u", (unsigned long long)f->n, VB_HNSW_MAX_N);
-    if (f->id_base < 0 || f->next_label < 0)
-        VB_FAIL(VB_ECORRUPT, "negative id_base %lld or next_label %lld", (long long)f->id_base, (long long)f->next_label);
-    size_t vbytes, lbytes;
-    if (vb_mul_overflow((size_t)f->n, (size_t)f->d * 4, &vbytes) || vbytes != f->vec_len)
-        VB_FAIL(VB_ECORRUPT, "vectors section is %llu bytes, expected n*d*4 for n=%llu, d=%u",
-                (unsigned long long)f->vec_len, (unsigned long long)f->n, f->d);
-    if (vb_mul_overflow((size_t)f->n, 8, &lbytes) || ((f->flags & 1) ? lbytes : 0) != f->lab_len)
-        VB_FAIL(VB_ECORRUPT, "labels section is %llu bytes, expected %s", (unsigned long long)f->lab_len,
-                (f->flags & 1) ? "n*8" : "0");
-    if (vb_hnsw_file_section("vectors", f->vec_off, f->vec_len, VB_HNSW_FILE_HEADER, len, msg, msglen)) return VB_ECORRUPT;
-    if (vb_hnsw_file_section("labels", f->lab_off, f->lab_len, f->vec_off + f->vec_len, len, msg, msglen)) return VB_ECORRUPT;
-    if (vb_hnsw_file_section("graph", f->graph_off, f->graph_len, f->lab_off + f->lab_len, len, msg, msglen)) return VB_ECORRUPT;
-    uint32_t c;
-    if ((c = vb_crc32c(0, buf + f->vec_off, f->vec_len, hw)) != f->vec_crc)
-        VB_FAIL(VB_ECORRUPT, "vectors checksum mismatch: stored 0x%08x, computed 0x%08x", f->vec_crc, c);
-    if ((c = vb_crc32c(0, buf + f->lab_off, f->lab_len, hw)) != f->lab_crc)
-        VB_FAIL(VB_ECORRUPT, "labels checksum mismatch: stored 0x%08x, computed 0x%08x", f->lab_crc, c);
-    if ((c = vb_crc32c(0, buf + f->graph_off, f->graph_len, hw)) != f->graph_crc)
-        VB_FAIL(VB_ECORRUPT, "graph section checksum mismatch: stored 0x%08x, computed 0x%08x", f->graph_crc, c);
     return VB_OK;
 }

@@ -11,8 +11,21 @@
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdlib.h>
+#include <unistd.h>
 
 #include "vibrato/common.h"
+
+#define VB_MAX_THREADS 256     /* threads one call may use (callers asking for more get this many) */
+#define VB_AUTO_THREADS_CAP 8  /* threads a large call uses when its caller does not say */
+
+/* min(online CPUs, VB_AUTO_THREADS_CAP), set by vb_parallel_init() (every native module calls it once,
+ * at import); the wrappers use it for threads=None. */
+static size_t vb_auto_threads = 1;
+
+static inline void vb_parallel_init(void) {
+    long n = sysconf(_SC_NPROCESSORS_ONLN);
+    vb_auto_threads = n < 1 ? 1 : n > VB_AUTO_THREADS_CAP ? VB_AUTO_THREADS_CAP : (size_t)n;
+}
 
 /* Process items [begin, end) for worker `tid`. Return 0 or a negative VB_E* code. */
 typedef int (*vb_task_fn)(void *ctx, size_t tid, size_t begin, size_t end);
@@ -55,7 +68,7 @@ static inline int vb_parallel_for(size_t n, size_t nthreads, size_t grain, vb_ta
     size_t max_useful = (n + grain - 1) / grain;
     if (nthreads > max_useful) nthreads = max_useful;
     if (nthreads <= 1) return fn(ctx, 0, 0, n);
-    if (nthreads > 256) nthreads = 256;
+    if (nthreads > VB_MAX_THREADS) nthreads = VB_MAX_THREADS;
 
     vb_pfor_state_t st;
     st.fn = fn;
@@ -65,8 +78,8 @@ static inline int vb_parallel_for(size_t n, size_t nthreads, size_t grain, vb_ta
     atomic_init(&st.next, 0);
     atomic_init(&st.err, 0);
 
-    pthread_t threads[256];
-    vb_pfor_arg_t args[256];
+    pthread_t threads[VB_MAX_THREADS];
+    vb_pfor_arg_t args[VB_MAX_THREADS];
     size_t started = 0;
     for (size_t t = 1; t < nthreads; t++) {
         args[t].st = &st;

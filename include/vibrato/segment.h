@@ -7,22 +7,19 @@
  * checked against the bytes it describes, every product and sum is overflow-checked, and nothing
  * is allocated from a size read from the file.
  *
- * All integers are little-endian; loads go through memcpy, so no pointer passed here needs any
- * alignment (the format aligns sections anyway, so the loads compile to plain moves on x86-64 and
- * aarch64). Little-endian hosts only, like crc32c.h.
+ * All integers are little-endian; loads go through vb_load_le32/64 (common.h), so no pointer passed
+ * here needs any alignment (the format aligns sections anyway). Little-endian hosts only.
  *
  * Errors: functions return VB_OK, VB_ECORRUPT (a structural problem; `err` gets a message naming
  * the field, the bad value and the limit), VB_SEG_ECHECKSUM (a CRC32C mismatch) or VB_SEG_EIO
  * (a read failed; errno is kept in the result). Nothing aborts, nothing exits.
  *
  * Thread-safety: every function is pure over its inputs (plus pread on a caller's fd), so calls
- * may run concurrently once vb_crc32c_init_tables() has run. Callers release the GIL around them.
+ * may run concurrently once vb_crc32c_init() has run. Callers release the GIL around them.
  */
 #pragma once
 
 #include <errno.h>
-#include <stdarg.h>
-#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -123,48 +120,6 @@ typedef struct {
     vb_seg_section_t sec[VB_SEC_NKINDS + 1]; /* indexed by kind; sec[0] unused */
 } vb_seg_layout_t;
 
-static inline uint32_t vb_seg_ld32(const uint8_t *p) {
-    uint32_t v;
-    memcpy(&v, p, 4);
-    return v;
-}
-
-static inline uint64_t vb_seg_ld64(const uint8_t *p) {
-    uint64_t v;
-    memcpy(&v, p, 8);
-    return v;
-}
-
-static inline int vb_seg_fail(char *err, size_t errlen, int code, const char *fmt, ...) {
-    if (err && errlen) {
-        va_list ap;
-        va_start(ap, fmt);
-        vsnprintf(err, errlen, fmt, ap);
-        va_end(ap);
-    }
-    return code;
-}
-
-static inline int vb_seg_mul64(uint64_t a, uint64_t b, uint64_t *out) {
-#if defined(__GNUC__) || defined(__clang__)
-    return __builtin_mul_overflow(a, b, out);
-#else
-    if (a != 0 && b > UINT64_MAX / a) return 1;
-    *out = a * b;
-    return 0;
-#endif
-}
-
-static inline int vb_seg_add64(uint64_t a, uint64_t b, uint64_t *out) {
-#if defined(__GNUC__) || defined(__clang__)
-    return __builtin_add_overflow(a, b, out);
-#else
-    if (b > UINT64_MAX - a) return 1;
-    *out = a + b;
-    return 0;
-#endif
-}
-
 /* Sections a segment with these flags must hold (bit k = kind k); nothing else is allowed. */
 static inline uint32_t vb_seg_required_mask(uint32_t flags) {
     uint32_t m = 0;
@@ -196,125 +151,124 @@ static inline uint32_t vb_seg_sorted_sections(const vb_seg_layout_t *L, uint32_t
  *
  * buf: the first min(file_size, VB_SEG_MAX_HEADER_LEN) bytes of the file (more is fine).
  * file_size: the file's real size (fstat), checked against the size the header records.
- * hw: pass vb_cpu_has_sse42() (cached).
  * Checks, in order: length, magic, version, table size, header CRC32C, recorded file size, flags,
  * field caps (dim, count, level, id range, pq_m), then every table entry (known kind, ascending,
  * reserved zero, alignment, after the header, inside the file with overflow-checked ends), the
  * exact set of sections the flags require, each section's length against count/dim/pq_m, and
  * finally that no two sections overlap. On VB_OK, *out is fully filled.
  */
-static inline int vb_seg_parse_header(const uint8_t *buf, size_t buflen, uint64_t file_size, int hw,
+static inline int vb_seg_parse_header(const uint8_t *buf, size_t buflen, uint64_t file_size,
                                       vb_seg_layout_t *out, char *err, size_t errlen) {
     memset(out, 0, sizeof(*out));
     if (buflen >= VB_SEG_MAGIC_LEN && memcmp(buf, VB_SEG_MAGIC, VB_SEG_MAGIC_LEN) != 0)
-        return vb_seg_fail(err, errlen, VB_ECORRUPT, "bad magic: not a Vibrato segment file");
+        return vb_fail(err, errlen, VB_ECORRUPT, "bad magic: not a Vibrato segment file");
     if (buflen < VB_SEG_HEADER_SIZE || file_size < VB_SEG_HEADER_SIZE)
-        return vb_seg_fail(err, errlen, VB_ECORRUPT,
+        return vb_fail(err, errlen, VB_ECORRUPT,
                            "file is %llu bytes, shorter than the %u-byte segment header",
                            (unsigned long long)(file_size < buflen ? file_size : buflen), VB_SEG_HEADER_SIZE);
     if (memcmp(buf, VB_SEG_MAGIC, VB_SEG_MAGIC_LEN) != 0)
-        return vb_seg_fail(err, errlen, VB_ECORRUPT, "bad magic: not a Vibrato segment file");
-    uint32_t version = vb_seg_ld32(buf + 0x08);
+        return vb_fail(err, errlen, VB_ECORRUPT, "bad magic: not a Vibrato segment file");
+    uint32_t version = vb_load_le32(buf + 0x08);
     if (version != VB_SEG_VERSION)
-        return vb_seg_fail(err, errlen, VB_ECORRUPT,
+        return vb_fail(err, errlen, VB_ECORRUPT,
                            "unsupported segment format version %u (this reader reads version %u)",
                            version, VB_SEG_VERSION);
-    uint32_t nsec = vb_seg_ld32(buf + 0x2C);
+    uint32_t nsec = vb_load_le32(buf + 0x2C);
     if (nsec == 0 || nsec > VB_SEG_MAX_SECTIONS)
-        return vb_seg_fail(err, errlen, VB_ECORRUPT, "section_count %u is outside 1..%u", nsec,
+        return vb_fail(err, errlen, VB_ECORRUPT, "section_count %u is outside 1..%u", nsec,
                            VB_SEG_MAX_SECTIONS);
     uint64_t header_len = VB_SEG_HEADER_SIZE + (uint64_t)nsec * VB_SEG_ENTRY_SIZE;
     if (header_len > buflen || header_len > file_size)
-        return vb_seg_fail(err, errlen, VB_ECORRUPT,
+        return vb_fail(err, errlen, VB_ECORRUPT,
                            "header and section table need %llu bytes, the file has %llu (truncated)",
                            (unsigned long long)header_len,
                            (unsigned long long)(file_size < buflen ? file_size : buflen));
-    uint32_t stored_crc = vb_seg_ld32(buf + VB_SEG_CRC_FIELD);
-    uint32_t crc = vb_crc32c(0, buf, VB_SEG_CRC_FIELD, hw);
-    crc = vb_crc32c(crc, buf + VB_SEG_HEADER_SIZE, (size_t)(header_len - VB_SEG_HEADER_SIZE), hw);
+    uint32_t stored_crc = vb_load_le32(buf + VB_SEG_CRC_FIELD);
+    uint32_t crc = vb_crc32c(0, buf, VB_SEG_CRC_FIELD);
+    crc = vb_crc32c(crc, buf + VB_SEG_HEADER_SIZE, (size_t)(header_len - VB_SEG_HEADER_SIZE));
     if (crc != stored_crc)
-        return vb_seg_fail(err, errlen, VB_SEG_ECHECKSUM,
+        return vb_fail(err, errlen, VB_SEG_ECHECKSUM,
                            "header checksum mismatch: stored 0x%08x, computed 0x%08x", stored_crc, crc);
 
     out->version = version;
-    out->flags = vb_seg_ld32(buf + 0x0C);
-    out->count = vb_seg_ld64(buf + 0x10);
-    out->id_start = vb_seg_ld64(buf + 0x18);
-    out->dim = vb_seg_ld32(buf + 0x20);
-    out->level = vb_seg_ld32(buf + 0x24);
-    out->pq_m = vb_seg_ld32(buf + 0x28);
+    out->flags = vb_load_le32(buf + 0x0C);
+    out->count = vb_load_le64(buf + 0x10);
+    out->id_start = vb_load_le64(buf + 0x18);
+    out->dim = vb_load_le32(buf + 0x20);
+    out->level = vb_load_le32(buf + 0x24);
+    out->pq_m = vb_load_le32(buf + 0x28);
     out->nsections = nsec;
-    out->file_size = vb_seg_ld64(buf + 0x30);
+    out->file_size = vb_load_le64(buf + 0x30);
     out->header_crc = stored_crc;
     out->header_len = header_len;
-    uint32_t reserved = vb_seg_ld32(buf + 0x38);
+    uint32_t reserved = vb_load_le32(buf + 0x38);
 
     if (out->file_size != file_size)
-        return vb_seg_fail(err, errlen, VB_ECORRUPT,
+        return vb_fail(err, errlen, VB_ECORRUPT,
                            "file is %llu bytes but its header records %llu (truncated or extended)",
                            (unsigned long long)file_size, (unsigned long long)out->file_size);
     if (reserved != 0)
-        return vb_seg_fail(err, errlen, VB_ECORRUPT, "reserved header field is 0x%08x, expected 0", reserved);
+        return vb_fail(err, errlen, VB_ECORRUPT, "reserved header field is 0x%08x, expected 0", reserved);
     if (out->flags & ~VB_SEG_FLAGS_KNOWN)
-        return vb_seg_fail(err, errlen, VB_ECORRUPT, "unknown header flags 0x%08x (known: 0x%x)", out->flags,
+        return vb_fail(err, errlen, VB_ECORRUPT, "unknown header flags 0x%08x (known: 0x%x)", out->flags,
                            VB_SEG_FLAGS_KNOWN);
     out->seg_kind = out->flags & VB_SEG_FLAG_KIND_MASK;
     int has_graph = (out->flags & VB_SEG_FLAG_HAS_GRAPH) != 0;
     int has_pq = (out->flags & VB_SEG_FLAG_HAS_PQ) != 0;
     if (out->seg_kind == VB_SEG_KIND_RAW) {
-        if (has_pq) return vb_seg_fail(err, errlen, VB_ECORRUPT, "a raw segment must not set HAS_PQ");
+        if (has_pq) return vb_fail(err, errlen, VB_ECORRUPT, "a raw segment must not set HAS_PQ");
     } else if (out->seg_kind == VB_SEG_KIND_ARCHIVE) {
-        if (!has_pq) return vb_seg_fail(err, errlen, VB_ECORRUPT, "an archive segment must set HAS_PQ");
-        if (has_graph) return vb_seg_fail(err, errlen, VB_ECORRUPT, "an archive segment must not set HAS_GRAPH");
+        if (!has_pq) return vb_fail(err, errlen, VB_ECORRUPT, "an archive segment must set HAS_PQ");
+        if (has_graph) return vb_fail(err, errlen, VB_ECORRUPT, "an archive segment must not set HAS_GRAPH");
     } else {
-        return vb_seg_fail(err, errlen, VB_ECORRUPT, "unknown segment kind %u (0 = raw, 1 = archive)",
+        return vb_fail(err, errlen, VB_ECORRUPT, "unknown segment kind %u (0 = raw, 1 = archive)",
                            out->seg_kind);
     }
     if (out->dim == 0 || out->dim > VB_SEG_MAX_DIM)
-        return vb_seg_fail(err, errlen, VB_ECORRUPT, "dim %u is outside 1..%u", out->dim, VB_SEG_MAX_DIM);
+        return vb_fail(err, errlen, VB_ECORRUPT, "dim %u is outside 1..%u", out->dim, VB_SEG_MAX_DIM);
     if (out->count == 0 || out->count > VB_SEG_MAX_COUNT)
-        return vb_seg_fail(err, errlen, VB_ECORRUPT, "count %llu is outside 1..%llu",
+        return vb_fail(err, errlen, VB_ECORRUPT, "count %llu is outside 1..%llu",
                            (unsigned long long)out->count, (unsigned long long)VB_SEG_MAX_COUNT);
     if (out->level > VB_SEG_MAX_LEVEL)
-        return vb_seg_fail(err, errlen, VB_ECORRUPT, "level %u exceeds %u", out->level, VB_SEG_MAX_LEVEL);
+        return vb_fail(err, errlen, VB_ECORRUPT, "level %u exceeds %u", out->level, VB_SEG_MAX_LEVEL);
     if (out->id_start > VB_SEG_MAX_ID - (out->count - 1))
-        return vb_seg_fail(err, errlen, VB_ECORRUPT, "id range %llu + %llu rows exceeds the int64 id space",
+        return vb_fail(err, errlen, VB_ECORRUPT, "id range %llu + %llu rows exceeds the int64 id space",
                            (unsigned long long)out->id_start, (unsigned long long)out->count);
     if (has_pq ? (out->pq_m == 0 || out->pq_m > out->dim) : out->pq_m != 0)
-        return vb_seg_fail(err, errlen, VB_ECORRUPT, "pq_m %u is invalid (1..dim=%u with PQ, 0 without)",
+        return vb_fail(err, errlen, VB_ECORRUPT, "pq_m %u is invalid (1..dim=%u with PQ, 0 without)",
                            out->pq_m, out->dim);
 
     /* Section table. */
     uint32_t prev_kind = 0;
     for (uint32_t i = 0; i < nsec; i++) {
         const uint8_t *e = buf + VB_SEG_HEADER_SIZE + (size_t)i * VB_SEG_ENTRY_SIZE;
-        uint32_t kind = vb_seg_ld32(e);
-        uint32_t scrc = vb_seg_ld32(e + 4);
-        uint64_t off = vb_seg_ld64(e + 8);
-        uint64_t len = vb_seg_ld64(e + 16);
-        uint64_t res = vb_seg_ld64(e + 24);
+        uint32_t kind = vb_load_le32(e);
+        uint32_t scrc = vb_load_le32(e + 4);
+        uint64_t off = vb_load_le64(e + 8);
+        uint64_t len = vb_load_le64(e + 16);
+        uint64_t res = vb_load_le64(e + 24);
         uint64_t end;
         if (kind == 0 || kind > VB_SEC_NKINDS)
-            return vb_seg_fail(err, errlen, VB_ECORRUPT, "section table entry %u has unknown kind %u", i, kind);
+            return vb_fail(err, errlen, VB_ECORRUPT, "section table entry %u has unknown kind %u", i, kind);
         const char *name = vb_seg_section_name(kind);
         if (kind <= prev_kind)
-            return vb_seg_fail(err, errlen, VB_ECORRUPT,
+            return vb_fail(err, errlen, VB_ECORRUPT,
                                "section table entry %u (%s) is out of order or repeated (kinds must ascend)",
                                i, name);
         prev_kind = kind;
         if (res != 0)
-            return vb_seg_fail(err, errlen, VB_ECORRUPT, "section %s: reserved field is %llu, expected 0", name,
+            return vb_fail(err, errlen, VB_ECORRUPT, "section %s: reserved field is %llu, expected 0", name,
                                (unsigned long long)res);
         uint64_t align = kind == VB_SEC_VECTORS ? VB_SEG_PAGE_ALIGN : VB_SEG_ALIGN;
         if (off % align != 0)
-            return vb_seg_fail(err, errlen, VB_ECORRUPT, "section %s: offset %llu is not %llu-byte aligned",
+            return vb_fail(err, errlen, VB_ECORRUPT, "section %s: offset %llu is not %llu-byte aligned",
                                name, (unsigned long long)off, (unsigned long long)align);
         if (off < header_len)
-            return vb_seg_fail(err, errlen, VB_ECORRUPT,
+            return vb_fail(err, errlen, VB_ECORRUPT,
                                "section %s: offset %llu overlaps the header (%llu bytes)", name,
                                (unsigned long long)off, (unsigned long long)header_len);
-        if (vb_seg_add64(off, len, &end) || end > file_size)
-            return vb_seg_fail(err, errlen, VB_ECORRUPT,
+        if (vb_add_overflow(off, len, &end) || end > file_size)
+            return vb_fail(err, errlen, VB_ECORRUPT,
                                "section %s: offset %llu + length %llu runs past the end of the file (%llu bytes)",
                                name, (unsigned long long)off, (unsigned long long)len,
                                (unsigned long long)file_size);
@@ -328,9 +282,9 @@ static inline int vb_seg_parse_header(const uint8_t *buf, size_t buflen, uint64_
     for (uint32_t k = 1; k <= VB_SEC_NKINDS; k++) {
         uint32_t bit = 1u << k;
         if ((required & bit) && !(out->present & bit))
-            return vb_seg_fail(err, errlen, VB_ECORRUPT, "required section %s is missing", vb_seg_section_name(k));
+            return vb_fail(err, errlen, VB_ECORRUPT, "required section %s is missing", vb_seg_section_name(k));
         if (!(required & bit) && (out->present & bit))
-            return vb_seg_fail(err, errlen, VB_ECORRUPT, "section %s is not allowed with flags 0x%x",
+            return vb_fail(err, errlen, VB_ECORRUPT, "section %s is not allowed with flags 0x%x",
                                vb_seg_section_name(k), out->flags);
     }
 
@@ -338,15 +292,15 @@ static inline int vb_seg_parse_header(const uint8_t *buf, size_t buflen, uint64_
     uint64_t n = out->count, want, n1 = out->count + 1;
 #define VB_SEG_WANT(kind_, a_, b_)                                                                         \
     do {                                                                                                   \
-        if (vb_seg_mul64((a_), (b_), &want) || out->sec[kind_].length != want)                             \
-            return vb_seg_fail(err, errlen, VB_ECORRUPT,                                                   \
+        if (vb_mul_overflow((a_), (b_), &want) || out->sec[kind_].length != want)                             \
+            return vb_fail(err, errlen, VB_ECORRUPT,                                                   \
                                "section %s: length %llu does not match the header (expected %llu * %llu)", \
                                vb_seg_section_name(kind_), (unsigned long long)out->sec[kind_].length,     \
                                (unsigned long long)(a_), (unsigned long long)(b_));                        \
     } while (0)
     uint64_t row_bytes;
-    if (vb_seg_mul64((uint64_t)out->dim, 4, &row_bytes))
-        return vb_seg_fail(err, errlen, VB_ECORRUPT, "dim overflows");
+    if (vb_mul_overflow((uint64_t)out->dim, 4, &row_bytes))
+        return vb_fail(err, errlen, VB_ECORRUPT, "dim overflows");
     VB_SEG_WANT(VB_SEC_VECTORS, n, row_bytes);
     VB_SEG_WANT(VB_SEC_LIVE, n, 1);
     VB_SEG_WANT(VB_SEC_START_TIME_MS, n, 4);
@@ -358,19 +312,19 @@ static inline int vb_seg_parse_header(const uint8_t *buf, size_t buflen, uint64_
 #undef VB_SEG_WANT
     uint64_t dol = out->sec[VB_SEC_TAG_DICT_OFFSETS].length;
     if (dol < 4 || dol % 4 != 0)
-        return vb_seg_fail(err, errlen, VB_ECORRUPT,
+        return vb_fail(err, errlen, VB_ECORRUPT,
                            "section tag_dict_offsets: length %llu is not a positive multiple of 4",
                            (unsigned long long)dol);
     out->ntags = dol / 4 - 1;
     uint64_t til = out->sec[VB_SEC_TAG_IDS].length;
     if (til % 4 != 0)
-        return vb_seg_fail(err, errlen, VB_ECORRUPT, "section tag_ids: length %llu is not a multiple of 4",
+        return vb_fail(err, errlen, VB_ECORRUPT, "section tag_ids: length %llu is not a multiple of 4",
                            (unsigned long long)til);
     out->nnz = til / 4;
     if (out->ntags > UINT32_MAX || out->nnz > UINT32_MAX)
-        return vb_seg_fail(err, errlen, VB_ECORRUPT, "tag dictionary or tag_ids exceed 2^32 entries");
+        return vb_fail(err, errlen, VB_ECORRUPT, "tag dictionary or tag_ids exceed 2^32 entries");
     if (out->sec[VB_SEC_TAG_DICT_BLOB].length > UINT32_MAX)
-        return vb_seg_fail(err, errlen, VB_ECORRUPT, "section tag_dict_blob exceeds 4 GiB");
+        return vb_fail(err, errlen, VB_ECORRUPT, "section tag_dict_blob exceeds 4 GiB");
 
     /* No two sections overlap, and an empty section does not sit inside another one: sort the
      * (at most 14) half-open ranges by (offset, length) and compare neighbours. */
@@ -379,7 +333,7 @@ static inline int vb_seg_parse_header(const uint8_t *buf, size_t buflen, uint64_
     for (uint32_t i = 1; i < m; i++) {
         const vb_seg_section_t *a = &out->sec[order[i - 1]], *b = &out->sec[order[i]];
         if (a->offset + a->length > b->offset) /* ends were checked for overflow above */
-            return vb_seg_fail(err, errlen, VB_ECORRUPT, "sections %s [%llu, +%llu) and %s [%llu, +%llu) overlap",
+            return vb_fail(err, errlen, VB_ECORRUPT, "sections %s [%llu, +%llu) and %s [%llu, +%llu) overlap",
                                vb_seg_section_name(a->kind), (unsigned long long)a->offset,
                                (unsigned long long)a->length, vb_seg_section_name(b->kind),
                                (unsigned long long)b->offset, (unsigned long long)b->length);
@@ -402,13 +356,13 @@ static inline int vb_seg_check_live(const uint8_t *p, size_t n, size_t *bad) {
 /* CSR row pointers, n1 = rows + 1 entries: off[0] == 0, non-decreasing, off[n1-1] == end.
  * *bad = the index of the first entry that breaks it (n1 - 1 when only the last value is wrong). */
 static inline int vb_seg_check_offsets32(const uint8_t *p, size_t n1, uint64_t end, size_t *bad) {
-    if (n1 == 0 || vb_seg_ld32(p) != 0) {
+    if (n1 == 0 || vb_load_le32(p) != 0) {
         *bad = 0;
         return VB_ECORRUPT;
     }
     uint32_t prev = 0;
     for (size_t i = 1; i < n1; i++) {
-        uint32_t v = vb_seg_ld32(p + 4 * i);
+        uint32_t v = vb_load_le32(p + 4 * i);
         if (v < prev) {
             *bad = i;
             return VB_ECORRUPT;
@@ -423,13 +377,13 @@ static inline int vb_seg_check_offsets32(const uint8_t *p, size_t n1, uint64_t e
 }
 
 static inline int vb_seg_check_offsets64(const uint8_t *p, size_t n1, uint64_t end, size_t *bad) {
-    if (n1 == 0 || vb_seg_ld64(p) != 0) {
+    if (n1 == 0 || vb_load_le64(p) != 0) {
         *bad = 0;
         return VB_ECORRUPT;
     }
     uint64_t prev = 0;
     for (size_t i = 1; i < n1; i++) {
-        uint64_t v = vb_seg_ld64(p + 8 * i);
+        uint64_t v = vb_load_le64(p + 8 * i);
         if (v < prev) {
             *bad = i;
             return VB_ECORRUPT;
@@ -449,10 +403,10 @@ static inline int vb_seg_check_offsets64(const uint8_t *p, size_t n1, uint64_t e
 static inline int vb_seg_check_tag_ids(const uint8_t *offs, size_t n, const uint8_t *ids, uint64_t ntags,
                                        size_t *bad) {
     for (size_t r = 0; r < n; r++) {
-        uint32_t a = vb_seg_ld32(offs + 4 * r), b = vb_seg_ld32(offs + 4 * (r + 1));
+        uint32_t a = vb_load_le32(offs + 4 * r), b = vb_load_le32(offs + 4 * (r + 1));
         uint64_t prev = 0;
         for (uint32_t j = a; j < b; j++) {
-            uint64_t id = vb_seg_ld32(ids + 4 * (size_t)j);
+            uint64_t id = vb_load_le32(ids + 4 * (size_t)j);
             if (id >= ntags || (j > a && id <= prev)) {
                 *bad = r;
                 return VB_ECORRUPT;
@@ -467,8 +421,8 @@ static inline int vb_seg_check_tag_ids(const uint8_t *offs, size_t n, const uint
  * for valid UTF-8), hence unique. *bad = the index of the first string not above its predecessor. */
 static inline int vb_seg_check_dict_order(const uint8_t *doffs, size_t ntags, const uint8_t *blob, size_t *bad) {
     for (size_t i = 1; i < ntags; i++) {
-        uint32_t a0 = vb_seg_ld32(doffs + 4 * (i - 1)), a1 = vb_seg_ld32(doffs + 4 * i);
-        uint32_t b1 = vb_seg_ld32(doffs + 4 * (i + 1));
+        uint32_t a0 = vb_load_le32(doffs + 4 * (i - 1)), a1 = vb_load_le32(doffs + 4 * i);
+        uint32_t b1 = vb_load_le32(doffs + 4 * (i + 1));
         size_t la = a1 - a0, lb = b1 - a1;
         int c = memcmp(blob + a0, blob + a1, la < lb ? la : lb);
         if (c > 0 || (c == 0 && la >= lb)) {
@@ -513,7 +467,7 @@ static inline size_t vb_seg_utf8_valid_prefix(const uint8_t *s, size_t len) {
  * *bad = the row of the first invalid string. */
 static inline int vb_seg_check_utf8_csr64(const uint8_t *offs, size_t n, const uint8_t *blob, size_t *bad) {
     for (size_t r = 0; r < n; r++) {
-        uint64_t a = vb_seg_ld64(offs + 8 * r), b = vb_seg_ld64(offs + 8 * (r + 1));
+        uint64_t a = vb_load_le64(offs + 8 * r), b = vb_load_le64(offs + 8 * (r + 1));
         if (vb_seg_utf8_valid_prefix(blob + a, (size_t)(b - a)) != (size_t)(b - a)) {
             *bad = r;
             return VB_ECORRUPT;
@@ -524,7 +478,7 @@ static inline int vb_seg_check_utf8_csr64(const uint8_t *offs, size_t n, const u
 
 static inline int vb_seg_check_utf8_csr32(const uint8_t *offs, size_t n, const uint8_t *blob, size_t *bad) {
     for (size_t r = 0; r < n; r++) {
-        uint32_t a = vb_seg_ld32(offs + 4 * r), b = vb_seg_ld32(offs + 4 * (r + 1));
+        uint32_t a = vb_load_le32(offs + 4 * r), b = vb_load_le32(offs + 4 * (r + 1));
         if (vb_seg_utf8_valid_prefix(blob + a, (size_t)(b - a)) != (size_t)(b - a)) {
             *bad = r;
             return VB_ECORRUPT;
@@ -542,36 +496,36 @@ static inline int vb_seg_check_utf8_csr32(const uint8_t *offs, size_t n, const u
 static inline int vb_seg_check_columns(const uint8_t *base, size_t len, const vb_seg_layout_t *L, char *err,
                                        size_t errlen) {
     if ((uint64_t)len < L->file_size)
-        return vb_seg_fail(err, errlen, VB_ECORRUPT, "buffer holds %llu bytes, the segment %llu",
+        return vb_fail(err, errlen, VB_ECORRUPT, "buffer holds %llu bytes, the segment %llu",
                            (unsigned long long)len, (unsigned long long)L->file_size);
     size_t n = (size_t)L->count, bad = 0;
 #define VB_SEC_PTR(k) (base + L->sec[k].offset)
     if (vb_seg_check_live(VB_SEC_PTR(VB_SEC_LIVE), n, &bad))
-        return vb_seg_fail(err, errlen, VB_ECORRUPT, "section live: row %zu has flag %u (expected 0 or 1)", bad,
+        return vb_fail(err, errlen, VB_ECORRUPT, "section live: row %zu has flag %u (expected 0 or 1)", bad,
                            (unsigned)VB_SEC_PTR(VB_SEC_LIVE)[bad]);
     if (vb_seg_check_offsets32(VB_SEC_PTR(VB_SEC_TAG_OFFSETS), n + 1, L->nnz, &bad))
-        return vb_seg_fail(err, errlen, VB_ECORRUPT,
+        return vb_fail(err, errlen, VB_ECORRUPT,
                            "section tag_offsets: entry %zu breaks 0 = off[0] <= ... <= off[count] = nnz (%llu)",
                            bad, (unsigned long long)L->nnz);
     if (vb_seg_check_offsets32(VB_SEC_PTR(VB_SEC_TAG_DICT_OFFSETS), (size_t)L->ntags + 1,
                                L->sec[VB_SEC_TAG_DICT_BLOB].length, &bad))
-        return vb_seg_fail(err, errlen, VB_ECORRUPT,
+        return vb_fail(err, errlen, VB_ECORRUPT,
                            "section tag_dict_offsets: entry %zu breaks 0 = off[0] <= ... <= off[ntags] = %llu", bad,
                            (unsigned long long)L->sec[VB_SEC_TAG_DICT_BLOB].length);
     if (vb_seg_check_offsets64(VB_SEC_PTR(VB_SEC_SOURCE_OFFSETS), n + 1, L->sec[VB_SEC_SOURCE_BLOB].length, &bad))
-        return vb_seg_fail(err, errlen, VB_ECORRUPT,
+        return vb_fail(err, errlen, VB_ECORRUPT,
                            "section source_offsets: entry %zu breaks 0 = off[0] <= ... <= off[count] = %llu", bad,
                            (unsigned long long)L->sec[VB_SEC_SOURCE_BLOB].length);
     if (vb_seg_check_tag_ids(VB_SEC_PTR(VB_SEC_TAG_OFFSETS), n, VB_SEC_PTR(VB_SEC_TAG_IDS), L->ntags, &bad))
-        return vb_seg_fail(err, errlen, VB_ECORRUPT,
+        return vb_fail(err, errlen, VB_ECORRUPT,
                            "section tag_ids: row %zu has a tag id >= ntags (%llu) or ids not strictly ascending",
                            bad, (unsigned long long)L->ntags);
     if (vb_seg_check_utf8_csr32(VB_SEC_PTR(VB_SEC_TAG_DICT_OFFSETS), (size_t)L->ntags,
                                 VB_SEC_PTR(VB_SEC_TAG_DICT_BLOB), &bad))
-        return vb_seg_fail(err, errlen, VB_ECORRUPT, "section tag_dict_blob: tag %zu is not valid UTF-8", bad);
+        return vb_fail(err, errlen, VB_ECORRUPT, "section tag_dict_blob: tag %zu is not valid UTF-8", bad);
     if (vb_seg_check_dict_order(VB_SEC_PTR(VB_SEC_TAG_DICT_OFFSETS), (size_t)L->ntags,
                                 VB_SEC_PTR(VB_SEC_TAG_DICT_BLOB), &bad))
-        return vb_seg_fail(err, errlen, VB_ECORRUPT,
+        return vb_fail(err, errlen, VB_ECORRUPT,
                            "section tag_dict_blob: tag %zu is not strictly above tag %zu (the dictionary must be "
                            "sorted and unique)",
                            bad, bad - 1);
@@ -591,7 +545,7 @@ typedef struct {
 } vb_seg_verify_t;
 
 /* Read [off, off+len) in chunks; crc != NULL: fold into *crc, else require every byte to be zero. */
-static inline int vb_seg_stream(int fd, uint64_t off, uint64_t len, uint8_t *chunk, size_t chunk_len, int hw,
+static inline int vb_seg_stream(int fd, uint64_t off, uint64_t len, uint8_t *chunk, size_t chunk_len,
                                 uint32_t *crc, vb_seg_verify_t *res) {
     while (len > 0) {
         size_t want = len < chunk_len ? (size_t)len : chunk_len;
@@ -608,7 +562,7 @@ static inline int vb_seg_stream(int fd, uint64_t off, uint64_t len, uint8_t *chu
             return VB_SEG_EIO;
         }
         if (crc) {
-            *crc = vb_crc32c(*crc, chunk, (size_t)got, hw);
+            *crc = vb_crc32c(*crc, chunk, (size_t)got);
         } else {
             for (ssize_t i = 0; i < got; i++)
                 if (chunk[i] != 0) {
@@ -632,7 +586,7 @@ static inline int vb_seg_stream(int fd, uint64_t off, uint64_t len, uint8_t *chu
  * Sections whose kind bit is set in `skip_kinds` (bit 1u << kind) are not read: the engine's
  * start-up check skips the bulk vector section and leaves it to the background scrubber.
  */
-static inline int vb_seg_verify_fd(int fd, const vb_seg_layout_t *L, int hw, size_t chunk_len,
+static inline int vb_seg_verify_fd(int fd, const vb_seg_layout_t *L, size_t chunk_len,
                                    uint32_t skip_kinds, vb_seg_verify_t *res) {
     memset(res, 0, sizeof(*res));
     if (chunk_len < 4096) chunk_len = 4096;
@@ -641,9 +595,9 @@ static inline int vb_seg_verify_fd(int fd, const vb_seg_layout_t *L, int hw, siz
     int rc;
     /* Header: recompute its CRC from the bytes on disk now. */
     uint32_t hcrc = 0;
-    rc = vb_seg_stream(fd, 0, VB_SEG_CRC_FIELD, chunk, chunk_len, hw, &hcrc, res);
+    rc = vb_seg_stream(fd, 0, VB_SEG_CRC_FIELD, chunk, chunk_len, &hcrc, res);
     if (rc == VB_OK) rc = vb_seg_stream(fd, VB_SEG_HEADER_SIZE, L->header_len - VB_SEG_HEADER_SIZE, chunk,
-                                        chunk_len, hw, &hcrc, res);
+                                        chunk_len, &hcrc, res);
     if (rc == VB_OK) {
         uint8_t stored[4];
         ssize_t got;
@@ -652,9 +606,9 @@ static inline int vb_seg_verify_fd(int fd, const vb_seg_layout_t *L, int hw, siz
             res->sys_errno = got < 0 ? errno : 0;
             res->offset = VB_SEG_CRC_FIELD;
             rc = VB_SEG_EIO;
-        } else if ((res->bytes += 4, vb_seg_ld32(stored) != hcrc || hcrc != L->header_crc)) {
+        } else if ((res->bytes += 4, vb_load_le32(stored) != hcrc || hcrc != L->header_crc)) {
             res->kind = 0;
-            res->stored = vb_seg_ld32(stored);
+            res->stored = vb_load_le32(stored);
             res->computed = hcrc;
             rc = VB_SEG_ECHECKSUM;
         }
@@ -666,7 +620,7 @@ static inline int vb_seg_verify_fd(int fd, const vb_seg_layout_t *L, int hw, siz
     for (uint32_t i = 0; i < m && rc == VB_OK; i++) {
         const vb_seg_section_t *s = &L->sec[order[i]];
         if (s->offset > pos) {
-            rc = vb_seg_stream(fd, pos, s->offset - pos, chunk, chunk_len, hw, NULL, res);
+            rc = vb_seg_stream(fd, pos, s->offset - pos, chunk, chunk_len, NULL, res);
             if (rc != VB_OK) break;
             pos = s->offset;
         }
@@ -675,7 +629,7 @@ static inline int vb_seg_verify_fd(int fd, const vb_seg_layout_t *L, int hw, siz
             continue;
         }
         uint32_t c = 0;
-        rc = vb_seg_stream(fd, s->offset, s->length, chunk, chunk_len, hw, &c, res);
+        rc = vb_seg_stream(fd, s->offset, s->length, chunk, chunk_len, &c, res);
         if (rc != VB_OK) break;
         if (c != s->crc) {
             res->kind = s->kind;
@@ -688,7 +642,7 @@ static inline int vb_seg_verify_fd(int fd, const vb_seg_layout_t *L, int hw, siz
         if (s->offset + s->length > pos) pos = s->offset + s->length;
     }
     if (rc == VB_OK && pos < L->file_size)
-        rc = vb_seg_stream(fd, pos, L->file_size - pos, chunk, chunk_len, hw, NULL, res);
+        rc = vb_seg_stream(fd, pos, L->file_size - pos, chunk, chunk_len, NULL, res);
     if (rc == VB_OK) { /* nothing may follow the recorded end */
         uint8_t extra;
         ssize_t got;

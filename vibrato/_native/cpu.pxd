@@ -1,4 +1,4 @@
-from vibrato._native._types cimport vb_simd_level_t
+from vibrato._native._common cimport vb_simd_level_t
 
 cdef extern from "vibrato/cpu.h" nogil:
     vb_simd_level_t vb_cpu_max_level()

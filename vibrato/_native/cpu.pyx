@@ -1,16 +1,19 @@
 """CPU feature detection and the process-wide SIMD level.
 
 The level is decided once, when this module is first imported: the best the CPU and OS support,
-lowered by ``VIBRATO_SIMD=scalar|neon|avx2|avx512`` if set (a request above what the machine can
-run is clamped, with a warning). Every native module reads ``selected_level()`` at import and builds
-its function-pointer table from it; nothing changes it afterwards.
+lowered by ``VIBRATO_SIMD=scalar|neon|avx2|avx512|avx512vbmi`` if set (a request above what the
+machine can run is clamped, with a warning). ``avx512`` is AVX-512F alone; ``avx512vbmi`` adds the
+byte-permute extensions that PQ's lookup kernel uses. Every native module reads ``selected_level()`` at
+import and picks its kernel tables (distance, PQ) from it; nothing changes it afterwards.
 """
-from vibrato._native._types cimport VB_SIMD_SCALAR, VB_SIMD_NEON, VB_SIMD_AVX2, VB_SIMD_AVX512
+from vibrato._native._common cimport (VB_SIMD_SCALAR, VB_SIMD_NEON, VB_SIMD_AVX2, VB_SIMD_AVX512,
+                                     VB_SIMD_AVX512VBMI)
 
 import os
 import warnings
 
-_NAMES = {VB_SIMD_SCALAR: "scalar", VB_SIMD_NEON: "neon", VB_SIMD_AVX2: "avx2", VB_SIMD_AVX512: "avx512"}
+_X86_LEVELS = (VB_SIMD_SCALAR, VB_SIMD_AVX2, VB_SIMD_AVX512, VB_SIMD_AVX512VBMI)
+_NAMES = {lvl: vb_simd_level_name(lvl).decode() for lvl in _X86_LEVELS + (VB_SIMD_NEON,)}
 _BY_NAME = {v: k for k, v in _NAMES.items()}
 
 cdef int _max_level = vb_cpu_max_level()
@@ -41,7 +44,7 @@ def available_levels():
     """Every level that can run here, lowest first (scalar always; neon on aarch64; x86 up to the max)."""
     if _max_level == VB_SIMD_NEON:
         return [VB_SIMD_SCALAR, VB_SIMD_NEON]
-    return [lvl for lvl in (VB_SIMD_SCALAR, VB_SIMD_AVX2, VB_SIMD_AVX512) if lvl <= _max_level]
+    return [lvl for lvl in _X86_LEVELS if lvl <= _max_level]
 
 
 def level_name(int level):

@@ -10,24 +10,15 @@ from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 
 import numpy as np
 
-import os
-
+from vibrato._native._common cimport native_init, threads_for
 from vibrato._native.cpu import selected_level, available_levels
 
+native_init()
 cdef const vb_distance_ops_t *_default_ops = vb_distance_ops_for(selected_level())
 
 # Large scans are split across threads above this many floats (4 MiB): below it the thread start-up
 # costs more than it saves. Callers that already run one task per core (the server) pass threads=1.
 cdef size_t PARALLEL_MIN_FLOATS = 1 << 20
-cdef size_t MAX_THREADS = min(os.cpu_count() or 1, 8)
-
-
-cdef size_t _threads_for(object threads, size_t floats) except 0:
-    if threads is None:
-        return MAX_THREADS if floats >= PARALLEL_MIN_FLOATS else 1
-    if threads < 1:
-        raise ValueError(f"threads must be >= 1, got {threads}")
-    return threads
 
 
 cdef const vb_distance_ops_t *_ops(int level) except NULL:
@@ -131,7 +122,7 @@ cdef object _many(int metric, q, X, ids, int level, object threads):
         idv = ids
         idp = &idv[0]
     outv = out
-    cdef size_t nthreads = _threads_for(threads, n * d)
+    cdef size_t nthreads = threads_for(threads, n * d, PARALLEL_MIN_FLOATS)
     with nogil:
         vb_distance_many(ops, metric, &outv[0], &qv[0], &Xv[0, 0], d, n, idp, nthreads)
     return out
@@ -162,7 +153,8 @@ def distance_matrix(Q, X, int metric=0, int level=-1, threads=None):
     cdef const float[:, ::1] Qv = Q
     cdef const float[:, ::1] Xv = X
     cdef float[:, ::1] outv = out
-    cdef size_t nthreads = _threads_for(threads, <size_t>Qv.shape[0] * Xv.shape[0] * Qv.shape[1] // 16)
+    cdef size_t nthreads = threads_for(threads, <size_t>Qv.shape[0] * Xv.shape[0] * Qv.shape[1] // 16,
+                                       PARALLEL_MIN_FLOATS)
     with nogil:
         vb_distance_matrix_mt(ops, metric, &outv[0, 0], &Qv[0, 0], Qv.shape[0], &Xv[0, 0], Xv.shape[0],
                               Qv.shape[1], nthreads)

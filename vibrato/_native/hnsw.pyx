@@ -1,6 +1,6 @@
 """Cython wrapper over include/vibrato/hnsw.h: the HNSW graph over dense rows 0..n-1.
 
-This layer knows rows only; labels (user ids) live in vibrato.index.HnswIndex, which is the public
+This layer knows rows only; vibrato.index.HnswIndex maps them to ids (id_base + row) and is the public
 face. Inputs are assumed checked by the caller for dtype/shape (the signatures still require
 float32 C-contiguous memoryviews, so a wrong array is a ValueError/TypeError, never a crash).
 Every heavy call releases the GIL. Thread-safety: any number of searches may run at once from
@@ -8,19 +8,17 @@ different Python threads; add() refuses to run while a search is in flight and v
 (RuntimeError), since the C index does not support that overlap.
 """
 from libc.stdint cimport int64_t, uint64_t, uint32_t, uint8_t
-from libc.string cimport memset
 from libc.math cimport isfinite
 
 import numpy as np
 
-from vibrato._native.cpu import selected_level, has_sse42
-from vibrato._native._types cimport VB_OK, VB_ENOMEM, VB_EINVAL, VB_ECORRUPT, VB_ETHREAD
+from vibrato._native.cpu import selected_level
+from vibrato._native._common cimport VB_OK, VB_ENOMEM, VB_EINVAL, check_rc, native_init
 from vibrato._native.distance cimport vb_distance_ops_t, vb_distance_ops_for
 
-vb_crc32c_init_tables()
+native_init()
 
 cdef const vb_distance_ops_t *_ops = vb_distance_ops_for(selected_level())
-cdef int _hw_crc = 1 if has_sse42() else 0
 
 MAX_LEVEL = VB_HNSW_MAX_LEVEL
 MAX_DIM = VB_HNSW_MAX_DIM
@@ -30,32 +28,11 @@ MAX_N = VB_HNSW_MAX_N
 AUTO = VB_HNSW_AUTO
 FORCE_GRAPH = VB_HNSW_FORCE_GRAPH
 FORCE_SCAN = VB_HNSW_FORCE_SCAN
-FILE_HEADER = VB_HNSW_FILE_HEADER
 
 
 def isa_level():
     """The SIMD level the index's distance kernels run at."""
     return _ops.level
-
-
-cdef int _raise(int rc, str what) except -1:
-    if rc == VB_OK:
-        return 0
-    if rc == VB_ENOMEM:
-        raise MemoryError(f"{what}: out of memory")
-    if rc == VB_EINVAL:
-        raise ValueError(f"{what}: invalid argument")
-    if rc == VB_ETHREAD:
-        raise RuntimeError(f"{what}: could not start a worker thread")
-    raise RuntimeError(f"{what}: native error {rc}")
-
-
-def crc32c(const uint8_t[::1] buf not None, uint32_t crc=0):
-    """CRC32C of a bytes-like object (continue a running CRC by passing it)."""
-    cdef uint32_t r
-    with nogil:
-        r = vb_crc32c(crc, &buf[0] if buf.shape[0] else NULL, buf.shape[0], _hw_crc)
-    return r
 
 
 cdef class Graph:
@@ -80,7 +57,7 @@ cdef class Graph:
     @staticmethod
     def create(size_t dim, size_t m, size_t ef_construction, uint64_t seed):
         cdef Graph g = Graph.__new__(Graph)
-        _raise(vb_hnsw_init(&g.h, dim, m, ef_construction, seed), "HNSW init")
+        check_rc(vb_hnsw_init(&g.h, dim, m, ef_construction, seed), "HNSW init")
         g.ready = True
         return g
 
@@ -100,7 +77,7 @@ cdef class Graph:
         msg[0] = 0
         with nogil:
             rc = vb_hnsw_graph_read_checked(&g.h, &graph[0] if graph.shape[0] else NULL, graph.shape[0], xp,
-                                            xn, xd, _hw_crc, msg, sizeof(msg))
+                                            xn, xd, msg, sizeof(msg))
         if rc == VB_ENOMEM:
             raise MemoryError(msg.decode("utf-8", "replace"))
         if rc != VB_OK:
@@ -152,7 +129,7 @@ cdef class Graph:
             self.vectors_ref = None
         if rc == VB_EINVAL:
             raise ValueError(f"adding {m} rows to {self.h.n} would exceed the limit of {VB_HNSW_MAX_N} rows")
-        _raise(rc, "HNSW add")
+        check_rc(rc, "HNSW add")
 
     cdef int _enter(self) except -1:
         if self.adding:
@@ -161,11 +138,11 @@ cdef class Graph:
         return 0
 
     def search(self, const float[:, ::1] q not None, size_t k, size_t ef, mask=None, size_t allowed=0,
-               int mode=0, size_t threads=1, int64_t base=0, labels=None):
+               int mode=0, size_t threads=1, int64_t base=0):
         """Top-k per query: (ids int64 (nq, k), scores float32 (nq, k)), -1/-inf padded.
 
         mask: None or uint8 (n,) with `allowed` nonzero entries (rows that may be returned).
-        ids are labels: base + row, or labels[row] when `labels` (int64 (n,)) is given.
+        ids are base + row.
         """
         if q.shape[1] != self.h.d:
             raise ValueError(f"queries have dimension {q.shape[1]}, the index has {self.h.d}")
@@ -192,77 +169,14 @@ cdef class Graph:
                                     &sv[0, 0])
         finally:
             self.searches -= 1
-        _raise(rc, "HNSW search")
-        cdef const int64_t[::1] lv
+        check_rc(rc, "HNSW search")
         cdef size_t i, total = nq * k
         cdef int64_t *rp = &rv[0, 0]
-        if labels is not None:
-            lv = labels
-            if <size_t>lv.shape[0] != self.h.n:
-                raise ValueError(f"labels has {lv.shape[0]} entries, the index has {self.h.n} rows")
-            for i in range(total):
-                if rp[i] >= 0:
-                    rp[i] = lv[rp[i]]
-        elif base != 0:
+        if base != 0:
             for i in range(total):
                 if rp[i] >= 0:
                     rp[i] += base
         return rows, scores
-
-    def subsequence(self, const float[:, ::1] frames not None, size_t k, size_t ef, size_t anchors,
-                    size_t anchor_k, bint spread, valid=None, int64_t base=0, row_labels=None,
-                    sorted_labels=None, sorted_rows=None):
-        """Best k windows for frames (L, d): (starts int64 (k,), scores float32 (k,), windows scored).
-
-        valid: None or uint8/bool (n,). Labels: label(row) = base + row, or row_labels (n,) int64 with
-        sorted_labels (n,) int64 ascending and sorted_rows (n,) uint32 (its row permutation).
-        """
-        if frames.shape[1] != self.h.d:
-            raise ValueError(f"frames have dimension {frames.shape[1]}, the index has {self.h.d}")
-        starts = np.empty(k, dtype=np.int64)
-        scores = np.empty(k, dtype=np.float32)
-        if k == 0:
-            return starts, scores, 0
-        cdef int64_t[::1] stv = starts
-        cdef float[::1] scv = scores
-        cdef vb_hnsw_labels_t lab
-        cdef const int64_t[::1] rl, sl
-        cdef const uint32_t[::1] sr
-        cdef const uint8_t[::1] vv
-        cdef const uint8_t *vp = NULL
-        cdef size_t n = self.h.n
-        lab.base = base
-        lab.row_labels = NULL
-        lab.sorted = NULL
-        lab.sorted_rows = NULL
-        if row_labels is not None:
-            rl = row_labels
-            sl = sorted_labels
-            sr = sorted_rows
-            if <size_t>rl.shape[0] != n or <size_t>sl.shape[0] != n or <size_t>sr.shape[0] != n:
-                raise ValueError(f"label arrays must have {n} entries")
-            if n:
-                lab.row_labels = &rl[0]
-                lab.sorted = &sl[0]
-                lab.sorted_rows = &sr[0]
-        if valid is not None:
-            vv = valid
-            if <size_t>vv.shape[0] != n:
-                raise ValueError(f"valid has {vv.shape[0]} entries, the index has {n} rows")
-            if n:
-                vp = &vv[0]
-        cdef size_t L = frames.shape[0], ncand = 0
-        cdef const float *fp = &frames[0, 0] if L else NULL
-        cdef int rc
-        self._enter()
-        try:
-            with nogil:
-                rc = vb_hnsw_subseq(&self.h, _ops, fp, L, k, ef, anchors, anchor_k, spread, vp, &lab, &stv[0],
-                                    &scv[0], &ncand)
-        finally:
-            self.searches -= 1
-        _raise(rc, "HNSW subsequence search")
-        return starts, scores, ncand
 
     def graph_bytes(self):
         """The graph (params, entry point, levels, links; no vectors) as bytes, CRC32C-terminated."""
@@ -273,8 +187,8 @@ cdef class Graph:
         cdef uint8_t[::1] ov = out
         cdef int rc
         with nogil:
-            rc = vb_hnsw_graph_write(&self.h, &ov[0], size, _hw_crc)
-        _raise(rc, "HNSW graph_bytes")
+            rc = vb_hnsw_graph_write(&self.h, &ov[0], size)
+        check_rc(rc, "HNSW graph_bytes")
         return bytes(out)
 
     @property
@@ -375,49 +289,3 @@ def first_nonfinite(const float[:, ::1] x not None):
                 bad = i
                 break
     return bad
-
-
-def file_header(uint64_t n, uint32_t d, uint32_t flags, int64_t id_base, int64_t next_label, uint64_t vec_len,
-                uint64_t lab_len, uint64_t graph_len, uint32_t vec_crc, uint32_t lab_crc, uint32_t graph_crc):
-    """The 128-byte index-file header and the section offsets: (header bytes, vec_off, lab_off, graph_off)."""
-    cdef vb_hnsw_file_t f
-    memset(&f, 0, sizeof(f))
-    f.n = n
-    f.d = d
-    f.flags = flags
-    f.id_base = id_base
-    f.next_label = next_label
-    f.vec_len = vec_len
-    f.lab_len = lab_len
-    f.graph_len = graph_len
-    f.vec_crc = vec_crc
-    f.lab_crc = lab_crc
-    f.graph_crc = graph_crc
-    if vb_hnsw_file_layout(&f) != VB_OK:
-        raise ValueError("index file sections too large")
-    out = bytearray(VB_HNSW_FILE_HEADER)
-    cdef uint8_t[::1] ov = out
-    vb_hnsw_file_header_write(&f, &ov[0], _hw_crc)
-    return bytes(out), f.vec_off, f.lab_off, f.graph_off
-
-
-def parse_file(const uint8_t[::1] buf not None):
-    """Validate an index file's header, section bounds and section checksums; return its fields.
-
-    Raises ValueError saying what is wrong. The graph section's structure is validated separately
-    by Graph.from_graph.
-    """
-    cdef vb_hnsw_file_t f
-    cdef char msg[256]
-    cdef int rc
-    msg[0] = 0
-    with nogil:
-        rc = vb_hnsw_file_read_checked(&buf[0] if buf.shape[0] else NULL, buf.shape[0], _hw_crc, &f, msg,
-                                       sizeof(msg))
-    if rc != VB_OK:
-        raise ValueError(msg.decode("utf-8", "replace"))
-    return {
-        "n": f.n, "d": f.d, "flags": f.flags, "id_base": f.id_base, "next_label": f.next_label,
-        "vec_off": f.vec_off, "vec_len": f.vec_len, "lab_off": f.lab_off, "lab_len": f.lab_len,
-        "graph_off": f.graph_off, "graph_len": f.graph_len,
-    }

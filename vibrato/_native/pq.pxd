@@ -10,15 +10,14 @@ cdef extern from "vibrato/pq.h" nogil:
     unsigned int VB_PQ_MAX_ITERS
     unsigned int VB_PQ_MIN_TRAIN
     unsigned int VB_PQ_HEADER_BYTES
+    unsigned int VB_PQ_MAX_SCAN_ROWS
 
     ctypedef uint32_t (*vb_pq_nearest_fn)(const float *x, const float *ct, size_t dsub, float *dist)
     ctypedef void (*vb_pq_l2sq_cols_fn)(float *out, const float *xt, size_t ld, size_t dsub, const float *c, size_t nb)
     ctypedef void (*vb_pq_scores_fn)(float *out, const float *table, const uint8_t *planes, size_t m,
                                      const uint8_t *codes, size_t n)
-    int VB_PQ_KERNEL_COUNT
     ctypedef struct vb_pq_ops_t:
         int level
-        int kernel
         const char *name
         int needs_planes
         const vb_distance_ops_t *dist
@@ -26,7 +25,6 @@ cdef extern from "vibrato/pq.h" nogil:
         vb_pq_l2sq_cols_fn l2sq_cols
         vb_pq_scores_fn scores
     const vb_pq_ops_t *vb_pq_ops_for(int level)
-    const vb_pq_ops_t *vb_pq_ops_kernel(int kernel)
 
     ctypedef struct vb_pq_train_stats_t:
         size_t rows_used
@@ -55,8 +53,5 @@ cdef extern from "vibrato/pq.h" nogil:
         uint64_t payload_bytes
         const uint8_t *payload
     size_t vb_pq_serialized_bytes(size_t dim)
-    int vb_pq_serialize(uint8_t *out, size_t out_len, size_t dim, size_t m, const float *codebook, int crc_hw)
-    int vb_pq_parse(const uint8_t *buf, size_t len, vb_pq_header_t *hdr, const char **why, int crc_hw)
-
-cdef extern from "vibrato/crc32c.h" nogil:
-    void vb_crc32c_init_tables()
+    int vb_pq_serialize(uint8_t *out, size_t out_len, size_t dim, size_t m, const float *codebook)
+    int vb_pq_parse(const uint8_t *buf, size_t len, vb_pq_header_t *hdr, const char **why)

@@ -11,16 +11,13 @@ Layouts: codebook float32 (m, 256, dsub); codes uint8 (n, m); table float32 (m, 
 """
 from libc.stdint cimport int64_t, uint8_t, uint64_t
 
-from vibrato._native._types cimport VB_OK, VB_EINVAL, VB_ENOMEM, VB_ETHREAD
-
-import os
+from vibrato._native._common cimport VB_OK, VB_EINVAL, byte_view, check_rc, native_init, threads_for
 
 import numpy as np
 
-from vibrato._native.cpu import available_levels, has_sse42, selected_level
+from vibrato._native.cpu import available_levels, level_name, selected_level
 
-vb_crc32c_init_tables()
-cdef int _crc_hw = 1 if has_sse42() else 0
+native_init()
 cdef const vb_pq_ops_t *_default_ops = vb_pq_ops_for(selected_level())
 
 KSUB = VB_PQ_KSUB
@@ -29,8 +26,8 @@ MIN_TRAIN_ROWS = VB_PQ_MIN_TRAIN
 MAX_DIM = VB_PQ_MAX_DIM
 MAX_ITERS = VB_PQ_MAX_ITERS
 HEADER_BYTES = VB_PQ_HEADER_BYTES
+MAX_SCAN_ROWS = VB_PQ_MAX_SCAN_ROWS
 
-cdef size_t MAX_THREADS = min(os.cpu_count() or 1, 8)
 # Work sizes above which threads=None uses every core (below them thread start-up costs more).
 cdef size_t ENCODE_PARALLEL_MIN = 1 << 13   # subvectors
 cdef size_t SCAN_PARALLEL_MIN = 1 << 22     # code bytes (4 MiB)
@@ -42,54 +39,27 @@ def isa_level():
 
 
 def kernel_name(int level=-1):
-    """Name of the kernel set a level uses here: 'scalar', 'avx2', 'avx512', 'avx512vbmi' or 'neon'."""
+    """Name of the kernel set a level uses here: 'scalar', 'neon', 'avx2', 'avx512' or 'avx512vbmi'."""
     return _ops(level, None).name.decode()
 
 
 def kernels():
-    """Every kernel set this CPU can run, by name (tests pass them as ``kernel=``)."""
-    out = []
-    cdef const vb_pq_ops_t *o
-    for kk in range(VB_PQ_KERNEL_COUNT):
-        o = vb_pq_ops_kernel(kk)
-        if o != NULL:
-            out.append(o.name.decode())
-    return out
+    """Every kernel set this CPU can run, by name, one per available SIMD level (tests and benchmarks
+    pass them as ``kernel=``; ``VIBRATO_SIMD`` picks the process default among the same sets)."""
+    return [vb_pq_ops_for(lvl).name.decode() for lvl in available_levels()]
 
 
 cdef const vb_pq_ops_t *_ops(int level, object kernel) except NULL:
-    cdef const vb_pq_ops_t *o
     if kernel is not None:
-        for kk in range(VB_PQ_KERNEL_COUNT):
-            o = vb_pq_ops_kernel(kk)
-            if o != NULL and o.name.decode() == kernel:
-                return o
+        for lvl in available_levels():
+            if level_name(lvl) == kernel:
+                return vb_pq_ops_for(lvl)
         raise ValueError(f"kernel {kernel!r} cannot run on this CPU; available: {kernels()}")
     if level < 0:
         return _default_ops
     if level not in available_levels():
         raise ValueError(f"SIMD level {level} cannot run on this CPU; available: {available_levels()}")
     return vb_pq_ops_for(level)
-
-
-cdef size_t _threads_for(object threads, size_t work, size_t parallel_min) except 0:
-    if threads is None:
-        return MAX_THREADS if work >= parallel_min else 1
-    if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)):
-        raise ValueError(f"threads must be None or an int >= 1, got {threads!r}")
-    if threads < 1 or threads > 256:
-        raise ValueError(f"threads must be in [1, 256], got {threads}")
-    return threads
-
-
-cdef int _raise(int rc, str what) except -1:
-    if rc == VB_ENOMEM:
-        raise MemoryError(f"{what}: out of memory")
-    if rc == VB_ETHREAD:
-        raise RuntimeError(f"{what}: could not start worker threads")
-    if rc != VB_OK:
-        raise ValueError(f"{what}: invalid arguments (error {rc})")
-    return 0
 
 
 def _check_array(a, str name, dtype, int ndim, str shape_desc):
@@ -161,7 +131,7 @@ def train(X, int m, iters=15, seed=42, sample=65536, init=None, int level=-1, th
         iv = init
         ip = &iv[0, 0, 0]
     cdef const vb_pq_ops_t *ops = _ops(level, None)
-    cdef size_t nthreads = _threads_for(threads, 1, 0)
+    cdef size_t nthreads = threads_for(threads, 1, 0)
     cdef const float[:, ::1] Xv = X
     codebook = np.empty((m, VB_PQ_KSUB, dsub), dtype=np.float32)
     cdef float[:, :, ::1] cv = codebook
@@ -173,7 +143,7 @@ def train(X, int m, iters=15, seed=42, sample=65536, init=None, int level=-1, th
         rc = vb_pq_train(ops, &Xv[0, 0], n, dim, m, c_iters, c_seed, c_sample, ip, nthreads, &cv[0, 0, 0], &st)
     if rc == VB_EINVAL and st.bad_row != <size_t>-1:
         raise ValueError(f"X row {st.bad_row} contains a non-finite value (NaN or inf)")
-    _raise(rc, "train")
+    check_rc(rc, "train")
     return codebook, {"rows_used": st.rows_used, "iterations": st.iterations, "reseeded": st.reseeded,
                       "inertia": st.inertia}
 
@@ -189,7 +159,7 @@ def encode(codebook, X, int level=-1, threads=None, bint pairwise=False):
     codes = np.empty((n, m), dtype=np.uint8)
     if n == 0:
         return codes
-    cdef size_t nthreads = _threads_for(threads, <size_t>n * m, ENCODE_PARALLEL_MIN)
+    cdef size_t nthreads = threads_for(threads, <size_t>n * m, ENCODE_PARALLEL_MIN)
     cdef const float[:, :, ::1] cv = codebook
     cdef const float[:, ::1] Xv = X
     cdef uint8_t[:, ::1] out = codes
@@ -197,7 +167,7 @@ def encode(codebook, X, int level=-1, threads=None, bint pairwise=False):
     cdef int rc
     with nogil:
         rc = vb_pq_encode(ops, &cv[0, 0, 0], c_dim, c_m, &Xv[0, 0], n, &out[0, 0], nthreads, pairwise)
-    _raise(rc, "encode")
+    check_rc(rc, "encode")
     return codes
 
 
@@ -268,7 +238,7 @@ def adc_scores(table, codes, int level=-1, kernel=None):
     cdef int rc
     with nogil:
         rc = vb_pq_adc_scores(ops, &tv[0, 0], c_m, &codv[0, 0], n, &ov[0])
-    _raise(rc, "adc_scores")
+    check_rc(rc, "adc_scores")
     return out
 
 
@@ -285,6 +255,8 @@ def adc_scan(table, codes, k, allowed=None, int level=-1, threads=None, kernel=N
     cdef Py_ssize_t n = codes.shape[0]
     cdef const uint8_t[::1] av
     cdef const uint8_t *ap = NULL
+    if n > VB_PQ_MAX_SCAN_ROWS:
+        raise ValueError(f"codes has {n} rows; one ADC scan takes at most {VB_PQ_MAX_SCAN_ROWS}")
     if allowed is not None:
         _check_array(allowed, "allowed", np.bool_, 1, "(n,)")
         if allowed.shape[0] != n:
@@ -298,7 +270,7 @@ def adc_scan(table, codes, k, allowed=None, int level=-1, threads=None, kernel=N
     if allowed is not None:
         av = allowed.view(np.uint8)
         ap = &av[0]
-    cdef size_t nthreads = _threads_for(threads, <size_t>n * m, SCAN_PARALLEL_MIN)
+    cdef size_t nthreads = threads_for(threads, <size_t>n * m, SCAN_PARALLEL_MIN)
     cdef const float[:, ::1] tv = table
     cdef const uint8_t[:, ::1] codv = codes
     cdef int64_t[::1] rv = rows
@@ -307,7 +279,7 @@ def adc_scan(table, codes, k, allowed=None, int level=-1, threads=None, kernel=N
     cdef int rc
     with nogil:
         rc = vb_pq_adc_scan(ops, &tv[0, 0], c_m, &codv[0, 0], n, ap, c_k, nthreads, &rv[0], &sv[0], &got)
-    _raise(rc, "adc_scan")
+    check_rc(rc, "adc_scan")
     if got < cap:
         return rows[:got].copy(), scores[:got].copy()
     return rows, scores
@@ -325,8 +297,8 @@ def to_bytes(codebook):
     cdef const float[:, :, ::1] cv = codebook
     cdef int rc
     with nogil:
-        rc = vb_pq_serialize(&bv[0], size, dim, c_m, &cv[0, 0, 0], _crc_hw)
-    _raise(rc, "to_bytes")
+        rc = vb_pq_serialize(&bv[0], size, dim, c_m, &cv[0, 0, 0])
+    check_rc(rc, "to_bytes")
     return bytes(buf)
 
 
@@ -336,13 +308,7 @@ def from_bytes(buf):
     Any truncated, corrupt or adversarial buffer raises ValueError; nothing larger than the buffer is
     ever allocated.
     """
-    try:
-        mv = memoryview(buf)
-    except TypeError:
-        raise ValueError(f"buf must be a bytes-like object, got {type(buf).__name__}") from None
-    if not mv.c_contiguous:
-        raise ValueError("buf must be a contiguous bytes-like object")
-    mv = mv.cast("B")
+    mv = byte_view(buf, "buf")
     cdef const uint8_t[::1] bv = mv
     cdef size_t length = bv.shape[0]
     cdef const uint8_t *p = &bv[0] if length else NULL
@@ -350,7 +316,7 @@ def from_bytes(buf):
     cdef const char *why = NULL
     cdef int rc
     with nogil:
-        rc = vb_pq_parse(p, length, &hdr, &why, _crc_hw)
+        rc = vb_pq_parse(p, length, &hdr, &why)
     if rc != VB_OK:
         reason = why.decode() if why != NULL else f"error {rc}"
         raise ValueError(f"invalid PQ codebook bytes ({length} bytes): {reason}")

@@ -2,11 +2,6 @@
 from libc.stdint cimport uint8_t, uint32_t, uint64_t
 
 
-cdef extern from "vibrato/crc32c.h" nogil:
-    void vb_crc32c_init_tables()
-    uint32_t vb_crc32c(uint32_t crc, const void *buf, size_t length, int hw)
-
-
 cdef extern from "vibrato/segment.h" nogil:
     int VB_SEG_ECHECKSUM
     int VB_SEG_EIO
@@ -64,11 +59,11 @@ cdef extern from "vibrato/segment.h" nogil:
         uint64_t bytes
 
     const char *vb_seg_section_name(uint32_t kind)
-    int vb_seg_parse_header(const uint8_t *buf, size_t buflen, uint64_t file_size, int hw,
-                            vb_seg_layout_t *out, char *err, size_t errlen)
+    int vb_seg_parse_header(const uint8_t *buf, size_t buflen, uint64_t file_size, vb_seg_layout_t *out,
+                            char *err, size_t errlen)
     int vb_seg_check_columns(const uint8_t *base, size_t length, const vb_seg_layout_t *L, char *err,
                              size_t errlen)
-    int vb_seg_verify_fd(int fd, const vb_seg_layout_t *L, int hw, size_t chunk_len, uint32_t skip_kinds,
+    int vb_seg_verify_fd(int fd, const vb_seg_layout_t *L, size_t chunk_len, uint32_t skip_kinds,
                          vb_seg_verify_t *res)
     int vb_seg_check_live(const uint8_t *p, size_t n, size_t *bad)
     int vb_seg_check_offsets32(const uint8_t *p, size_t n1, uint64_t end, size_t *bad)

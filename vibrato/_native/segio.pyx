@@ -20,15 +20,14 @@ from libc.string cimport memcpy
 from posix.mman cimport mmap, munmap, madvise, mincore, PROT_READ, MAP_SHARED, MAP_FAILED
 from posix.unistd cimport sysconf
 
-from vibrato._native.cpu cimport vb_cpu_has_sse42
+from vibrato._native._common cimport byte_view, native_init, vb_crc32c_hw, vb_crc32c_with
 
 import os
 
 cdef extern from "<unistd.h>" nogil:
     enum: _SC_PAGESIZE
 
-vb_crc32c_init_tables()
-cdef int _hw = vb_cpu_has_sse42()
+native_init()
 cdef size_t _page = <size_t>sysconf(_SC_PAGESIZE)
 # Below this many bytes a CRC is cheaper than releasing and re-taking the GIL.
 cdef Py_ssize_t _NOGIL_MIN = 1 << 16
@@ -78,7 +77,7 @@ def section_name(unsigned int kind):
 
 def has_hw_crc():
     """True when CRC32C runs on the SSE4.2 instruction."""
-    return bool(_hw)
+    return bool(vb_crc32c_hw)
 
 
 def crc32c(buffer, unsigned int crc=0, hw=None):
@@ -89,7 +88,7 @@ def crc32c(buffer, unsigned int crc=0, hw=None):
     released for buffers of 64 KiB and more.
     """
     cdef Py_buffer view
-    cdef int use_hw = _hw if hw is None else (1 if hw and _hw else 0)
+    cdef int use_hw = vb_crc32c_hw if hw is None else (1 if hw and vb_crc32c_hw else 0)
     cdef uint32_t c = crc
     try:
         PyObject_GetBuffer(buffer, &view, PyBUF_SIMPLE)
@@ -98,9 +97,9 @@ def crc32c(buffer, unsigned int crc=0, hw=None):
     try:
         if view.len >= _NOGIL_MIN:
             with nogil:
-                c = vb_crc32c(c, view.buf, <size_t>view.len, use_hw)
+                c = vb_crc32c_with(c, view.buf, <size_t>view.len, use_hw)
         else:
-            c = vb_crc32c(c, view.buf, <size_t>view.len, use_hw)
+            c = vb_crc32c_with(c, view.buf, <size_t>view.len, use_hw)
     finally:
         PyBuffer_Release(&view)
     return c
@@ -309,13 +308,13 @@ def parse_header(buf, unsigned long long file_size, path=None):
     Raises SegmentChecksumError for a header CRC mismatch, SegmentFormatError for anything else.
     Nothing is mapped or allocated from the file's numbers.
     """
-    cdef const uint8_t[::1] b = _bytes_view(buf)
+    cdef const uint8_t[::1] b = byte_view(buf, "buf")
     cdef SegmentLayout lay = SegmentLayout.__new__(SegmentLayout)
     cdef char err[512]
     cdef int rc
     err[0] = 0
-    rc = vb_seg_parse_header(&b[0] if b.shape[0] else <const uint8_t *>"", <size_t>b.shape[0], file_size, _hw,
-                             &lay.c, err, sizeof(err))
+    rc = vb_seg_parse_header(&b[0] if b.shape[0] else <const uint8_t *>"", <size_t>b.shape[0], file_size, &lay.c,
+                             err, sizeof(err))
     if rc == VB_SEG_ECHECKSUM:
         raise SegmentChecksumError(_msg(path, err), path, "header")
     if rc != 0:
@@ -371,7 +370,7 @@ def verify_fd(SegmentLayout layout, int fd, path=None, size_t chunk=1 << 20, uns
     cdef vb_seg_verify_t res
     cdef int rc
     with nogil:
-        rc = vb_seg_verify_fd(fd, &layout.c, _hw, chunk, skip_kinds, &res)
+        rc = vb_seg_verify_fd(fd, &layout.c, chunk, skip_kinds, &res)
     where = f"{path}: " if path is not None else ""
     if rc == 0:
         return res.bytes
@@ -396,7 +395,7 @@ def verify_fd(SegmentLayout layout, int fd, path=None, size_t chunk=1 << 20, uns
 def check_offsets(offsets, unsigned long long end):
     """-1 when a uint32/uint64 CSR pointer array is 0 = o[0] <= ... <= o[-1] = end, else the first bad
     index. ``offsets`` is a C-contiguous 1-D numpy array of dtype uint32 or uint64."""
-    cdef const uint8_t[::1] b = _bytes_view(offsets)
+    cdef const uint8_t[::1] b = byte_view(offsets, "offsets")
     cdef size_t bad = 0, n1 = offsets.shape[0]
     cdef int rc
     if n1 == 0:
@@ -413,27 +412,14 @@ def check_offsets(offsets, unsigned long long end):
 def check_tag_rows(offsets, ids, unsigned long long ntags):
     """-1 when every row's tag ids (uint32 CSR, offsets already valid) are < ntags and strictly
     ascending, else the first bad row."""
-    cdef const uint8_t[::1] o = _bytes_view(offsets)
-    cdef const uint8_t[::1] i = _bytes_view(ids)
+    cdef const uint8_t[::1] o = byte_view(offsets, "offsets")
+    cdef const uint8_t[::1] i = byte_view(ids, "ids")
     cdef size_t bad = 0, n = offsets.shape[0] - 1
     cdef const uint8_t *ip = &i[0] if i.shape[0] else <const uint8_t *>""
     cdef int rc
     with nogil:
         rc = vb_seg_check_tag_ids(&o[0], n, ip, ntags, &bad)
     return -1 if rc == 0 else <Py_ssize_t>bad
-
-
-def _bytes_view(obj):
-    """A flat read-only uint8 view of a C-contiguous buffer (numpy arrays of any dtype included)."""
-    try:
-        m = memoryview(obj)
-    except TypeError:
-        raise ValueError(f"expected a buffer, got {type(obj).__name__}") from None
-    if not m.c_contiguous:
-        raise ValueError("expected a C-contiguous buffer")
-    if m.format != "B" or m.ndim != 1:
-        m = m.cast("B")
-    return m
 
 
 cdef str _msg(path, const char *err):

@@ -6,6 +6,7 @@ activates the segment holding the row; the blob is pruned (set NULL) after the r
 while the id, metadata and idempotency key stay. LSNs are AUTOINCREMENT rowids: never reused, and
 consecutive within one transaction because there is one writer.
 """
+import hashlib
 import json
 import time
 
@@ -13,7 +14,9 @@ from vibrato.catalog import collections
 from vibrato.errors import ConflictError
 
 # One ingest row, prepared by the engine (already validated and normalised):
-# (vector_blob, source_file, start_time_ms, duration_ms, bpm, tags_json, idempotency_key|None, payload_sha256)
+# (vector_blob, source_file, start_time_ms, duration_ms, bpm, tags_json, idempotency_key|None, payload digest)
+# The digest is versioned (CONTRACT.md D27): 0x01 + SHA-256 (33 bytes, vibrato.engine.validation), or a bare
+# 32-byte SHA-256 in rows written by 0.3.0, which `_same_payload` recomputes the 0.3.0 way.
 ROW_VECTOR, ROW_SOURCE, ROW_START, ROW_DURATION, ROW_BPM, ROW_TAGS, ROW_KEY, ROW_SHA = range(8)
 
 
@@ -41,10 +44,10 @@ def insert_batch(conn, collection_id: str, rows: list, now: int | None = None) -
         if key is None:
             new_index.append(i)
         elif key in existing:
-            _check_same_payload(key, existing[key][1], r[ROW_SHA], i, len(rows))
+            _check_same_payload(key, existing[key][1], r, i, len(rows))
             results[i] = (existing[key][0], False, None)
         elif key in creator:
-            _check_same_payload(key, rows[creator[key]][ROW_SHA], r[ROW_SHA], i, len(rows))
+            _check_same_payload(key, rows[creator[key]][ROW_SHA], r, i, len(rows))
             results[i] = creator[key]  # resolved to that row's id once ids are allocated
         else:
             creator[key] = i
@@ -70,10 +73,22 @@ def insert_batch(conn, collection_id: str, rows: list, now: int | None = None) -
     return results
 
 
-def _check_same_payload(key, stored_sha, sha, index, n):
-    if bytes(stored_sha) != sha:
+def _check_same_payload(key, stored_sha, row, index, n):
+    if not _same_payload(bytes(stored_sha), row):
         where = f" (vectors[{index}])" if n > 1 else ""
         raise ConflictError(f"idempotency_key '{key}'{where} was already used with a different payload")
+
+
+def _same_payload(stored: bytes, row) -> bool:
+    if stored == row[ROW_SHA]:
+        return True
+    if len(stored) != 32:
+        return False
+    # 0.3.0's digest: SHA-256 of the vector blob, then the fields joined with NUL
+    h = hashlib.sha256(row[ROW_VECTOR])
+    h.update(f"{row[ROW_SOURCE]}\x00{row[ROW_START]}\x00{row[ROW_DURATION]}\x00{row[ROW_BPM]!r}\x00"
+             f"{row[ROW_TAGS]}".encode("utf-8", "surrogatepass"))
+    return stored == h.digest()
 
 
 def pending(conn, collection_id: str, after_lsn: int = 0, limit: int = -1) -> list:

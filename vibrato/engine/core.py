@@ -19,6 +19,7 @@ from vibrato.catalog import Catalog, collections, jobs, orphans, segments as seg
 from vibrato.config import Config
 from vibrato.engine import checkpoint as _checkpoint
 from vibrato.engine import compaction as _compaction
+from vibrato.engine import planner as _planner
 from vibrato.engine import recovery as _recovery
 from vibrato.engine.background import BackgroundWorkers
 from vibrato.engine.filters import FilterIndex
@@ -27,15 +28,10 @@ from vibrato.engine.identify import identify as _identify
 from vibrato.engine.lock import DataDirLock
 from vibrato.engine.throttle import IoThrottle
 from vibrato.engine.tiers import View
-from vibrato.engine.validation import check_filter, check_search, check_vector, prepare_rows
-from vibrato.errors import BadRequestError, NotReadyError
+from vibrato.engine.validation import check_filter, check_identify, check_search, check_vector, prepare_rows
+from vibrato.errors import NotReadyError
 
 log = logging.getLogger("vibrato.engine")
-
-STATS_FIELDS = ("ready", "live", "active_segments", "obsolete_segments", "failed_segments", "hot_vectors",
-                "wal_pending", "total_vectors", "checkpoint_jobs_inflight", "compaction_jobs_inflight",
-                "sqlite_wal_bytes", "catalog_read_timeout_total", "quarantine_files", "quarantine_bytes",
-                "quarantine_evictions_total")
 
 
 class Engine:
@@ -212,21 +208,16 @@ class Engine:
             item["metadata"] = metadata
         if idempotency_key is not None:
             item["idempotency_key"] = idempotency_key
-        (vid, created), = self._ingest([item], batch=False)
+        (vid, created), = self._ingest(prepare_rows([item], self.dim, self.config.limits, batch=False))
         return vid, created
 
     def ingest_batch(self, items) -> list[tuple[int, bool]]:
+        """items: dicts {"vector", "metadata"?, "idempotency_key"?}, or the server's PreparedBatch."""
         self._require_ready()
-        if not isinstance(items, (list, tuple)):
-            raise BadRequestError("vectors must be an array")
-        if len(items) > self.config.limits.max_batch:
-            raise BadRequestError(f"batch has {len(items)} vectors; the limit is {self.config.limits.max_batch}")
-        if not items:
-            return []
-        return self._ingest(items, batch=True)
+        prep = prepare_rows(items, self.dim, self.config.limits)
+        return self._ingest(prep) if prep.rows else []
 
-    def _ingest(self, items, batch: bool):
-        prep = prepare_rows(items, self.dim, self.config.limits, batch)
+    def _ingest(self, prep):
 
         def apply(results):
             # Runs after the commit: the rows are durable whatever happens here, so a failure must
@@ -263,35 +254,18 @@ class Engine:
         if k == 0:
             self.bump("query_total")
             return []
-        mask = self.filters.evaluate(flt) if flt is not None else None
-        view = self.view()
-        ids, scores = view.search(q, k, ef, mask, search_tier)
-        out = []
-        for vid, score in zip(ids.tolist(), scores.tolist()):
-            r = {"id": vid, "score": score}
-            if include_metadata:
-                meta = view.metadata(vid)
-                if meta is not None:
-                    r["metadata"] = meta
-            out.append(r)
+        allowed = self.filters.evaluate(flt) if flt is not None else None
+        out = _planner.query(self.view(), q, k, ef, allowed, search_tier, include_metadata)
         self.bump("query_total")
         return out
 
     def identify(self, vectors, k: int = 5, ef: int = 100, search_tier: str = "all",
                  include_metadata: bool = True) -> list[dict]:
         self._require_ready()
-        if vectors is None or len(vectors) == 0:
-            raise BadRequestError("identify requires at least one vector")
-        check_search(k, ef, search_tier, self.config.limits)
-        if len(vectors) > self.config.limits.max_identify_frames:
-            raise BadRequestError(f"identify has {len(vectors)} frames; the limit is "
-                                  f"{self.config.limits.max_identify_frames}")
-        if k == 0:
+        frames = check_identify(vectors, k, ef, search_tier, self.config.limits, self.dim)
+        if frames is None:  # k == 0: no results, before any dimension check (CONTRACT.md §1.3)
             return []
-        frames = np.empty((len(vectors), self.dim), dtype=np.float32)
-        for i, v in enumerate(vectors):
-            frames[i] = check_vector(v, self.dim, f"vectors[{i}]", f" at vectors[{i}]")
-        out = _identify(self.view(), frames, k, ef, search_tier, include_metadata)
+        out = _planner.shape_identify(_identify(self.view(), frames, k, ef, search_tier, include_metadata))
         self.bump("identify_total")
         return out
 

@@ -20,6 +20,8 @@ import numpy as np
 
 PENDING_FLUSH = 4096
 DENSE_FRACTION = 32  # int64 postings (64 bits each) cost more than a bitmap above size/64; 2x hysteresis
+SPARSE_FRACTION = 64  # evaluate() hands out ids, not a mask, when at most 1 id in this many passes
+_EMPTY = np.empty(0, dtype=np.int64)
 
 
 def _bitmap_bytes(capacity: int) -> int:
@@ -39,6 +41,7 @@ class FilterIndex:
         self._tags: dict[str, list] = {}          # sparse tags: posting parts
         self._dense: dict[str, np.ndarray] = {}    # dense tags: packed bitmaps over capacity
         self._pending: dict[str, list] = {}
+        self._ordered: set = set()                 # sparse tags whose single posting part is sorted
 
     # ------------------------------------------------------------ building
     def _grow(self, needed: int):
@@ -122,34 +125,97 @@ class FilterIndex:
                 self.live[lo:hi] = False
 
     # ------------------------------------------------------------ queries
-    def _tag_mask(self, tag: str, n: int) -> np.ndarray:
-        """Bool mask over ids [0, n) of the rows carrying `tag`."""
+    def _postings(self, tag: str):
+        """The ids carrying a sparse tag (sorted, unique; empty for an unknown tag), or None when the
+        tag is a bitmap. Flushes the tag's pending ids first."""
         pending = self._pending.pop(tag, None)
         if pending:
             self._append_postings(tag, np.asarray(pending, dtype=np.int64))
-        bits = self._dense.get(tag)
-        if bits is not None:
-            return np.unpackbits(bits, count=n, bitorder="little").view(bool)
-        sub = np.zeros(n, dtype=bool)
+        if tag in self._dense:
+            return None
         parts = self._tags.get(tag)
-        if parts:
-            if len(parts) > 1:
-                parts = self._tags[tag] = [np.concatenate(parts)]
-            post = parts[0]
-            sub[post[post < n]] = True
+        if not parts:
+            return _EMPTY
+        if len(parts) > 1 or tag not in self._ordered:
+            post = np.concatenate(parts) if len(parts) > 1 else parts[0]
+            if post.shape[0] > 1 and not (post[1:] > post[:-1]).all():
+                post = np.unique(post)
+            self._tags[tag] = [post]
+            self._ordered.add(tag)
+        return self._tags[tag][0]
+
+    def _has(self, tag: str, ids: np.ndarray) -> np.ndarray:
+        """Bool per id (ids < size): does the row carry `tag`?"""
+        post = self._postings(tag)
+        if post is None:
+            bits = self._dense[tag]
+            return (bits[ids >> 3] >> (ids & 7).astype(np.uint8)) & 1 == 1
+        if post.shape[0] == 0:
+            return np.zeros(ids.shape[0], dtype=bool)
+        pos = np.minimum(np.searchsorted(post, ids), post.shape[0] - 1)
+        return post[pos] == ids
+
+    def _tag_mask(self, tag: str, n: int) -> np.ndarray:
+        """Bool mask over ids [0, n) of the rows carrying `tag`."""
+        post = self._postings(tag)
+        if post is None:
+            return np.unpackbits(self._dense[tag], count=n, bitorder="little").view(bool)
+        sub = np.zeros(n, dtype=bool)
+        sub[post[post < n]] = True
         return sub
 
-    def evaluate(self, flt) -> np.ndarray:
-        """flt = (tags_any|None, tags_all|None, bpm_gte|None, bpm_lte|None) -> bool mask over ids."""
+    def _candidates(self, tags_any, tags_all, n: int):
+        """(sorted ids that include every match, tag those ids all carry or None) from posting lists
+        alone, or None when a bitmap tag keeps the filter from narrowing that way."""
+        best, best_tag = None, None
+        for tag in tags_all or ():
+            post = self._postings(tag)
+            if post is not None and (best is None or post.shape[0] < best.shape[0]):
+                best, best_tag = post, tag
+        if tags_any:
+            posts = [self._postings(tag) for tag in tags_any]
+            if all(p is not None for p in posts):
+                total = sum(p.shape[0] for p in posts)
+                if (best is None or total < best.shape[0]) and total * SPARSE_FRACTION <= max(n, 1) * 8:
+                    best = posts[0] if len(posts) == 1 else np.unique(np.concatenate(posts))
+                    best_tag = tags_any[0] if len(posts) == 1 else None
+                    return best, best_tag, True
+        return (None if best is None else (best, best_tag, False))
+
+    def evaluate(self, flt) -> "Allowed":
+        """flt = (tags_any|None, tags_all|None, bpm_gte|None, bpm_lte|None) -> the ids it allows.
+
+        A filter on a sparse tag is answered from posting lists in O(matches), without touching
+        the rest of the id space; anything else (bpm alone, bitmap tags only) scans the columns."""
         tags_any, tags_all, lo, hi = flt
         with self._lock:
             n = self.size
+            if (tags_all is not None and not tags_all) or (tags_any is not None and not tags_any) or n == 0:
+                return Allowed(n, ids=_EMPTY)
+            for tag in (tags_all or ()):
+                self._postings(tag)
+            cand = self._candidates(tags_any, tags_all, n)
+            if cand is not None:
+                ids, source, from_any = cand
+                ids = ids[ids < n]
+                keep = self.live[ids]
+                for tag in tags_all or ():
+                    if tag != source or from_any:
+                        keep &= self._has(tag, ids)
+                if tags_any and not from_any:
+                    any_ = np.zeros(ids.shape[0], dtype=bool)
+                    for tag in tags_any:
+                        self._postings(tag)
+                        any_ |= self._has(tag, ids)
+                    keep &= any_
+                if lo is not None:
+                    keep &= self.bpm[ids] >= lo
+                if hi is not None:
+                    keep &= self.bpm[ids] <= hi
+                return Allowed(n, ids=ids[keep])
             mask = self.live[:n].copy()
-            if tags_all is not None:
-                if not tags_all:
-                    mask[:] = False
-                for tag in tags_all:
-                    mask &= self._tag_mask(tag, n)
+            for tag in tags_all or ():
+                mask &= self._tag_mask(tag, n)
             if tags_any is not None:
                 sub = np.zeros(n, dtype=bool)
                 for tag in tags_any:
@@ -159,12 +225,61 @@ class FilterIndex:
                 mask &= self.bpm[:n] >= lo
             if hi is not None:
                 mask &= self.bpm[:n] <= hi
-        return mask
-
-    def live_mask(self) -> np.ndarray:
-        with self._lock:
-            return self.live[:self.size].copy()
+        allowed = Allowed(n, mask=mask)
+        if allowed.count * SPARSE_FRACTION <= n:
+            return Allowed(n, ids=np.flatnonzero(mask))
+        return allowed
 
     def live_count(self) -> int:
         with self._lock:
             return int(np.count_nonzero(self.live[:self.size]))
+
+
+class Allowed:
+    """The ids one filter evaluation allows, all below `n` (the id-space size when it was evaluated:
+    rows ingested later are not allowed). Sparse: `ids`, sorted unique int64; dense: `mask`, bool
+    over [0, n). Immutable (the mask is read-only), so it is read without the index lock."""
+
+    __slots__ = ("n", "ids", "mask", "count")
+
+    def __init__(self, n: int, ids: np.ndarray | None = None, mask: np.ndarray | None = None):
+        self.n = n
+        self.ids = ids
+        self.mask = mask
+        if mask is not None:
+            mask.flags.writeable = False
+            self.count = int(np.count_nonzero(mask))
+        else:
+            self.count = int(ids.shape[0])
+
+    @property
+    def sparse(self) -> bool:
+        return self.ids is not None
+
+    def ids_in(self, lo: int, hi: int) -> np.ndarray:
+        """The allowed ids in [lo, hi), ascending."""
+        if self.ids is not None:
+            a, b = np.searchsorted(self.ids, (lo, hi))
+            return self.ids[a:b]
+        a, b = max(lo, 0), min(hi, self.n)
+        if a >= b:
+            return _EMPTY
+        return np.flatnonzero(self.mask[a:b]) + a
+
+    def mask_in(self, lo: int, hi: int) -> np.ndarray:
+        """Bool mask over ids [lo, hi): a read-only view of the dense mask when it covers the range,
+        else a new array."""
+        if self.ids is None and 0 <= lo and hi <= self.n:
+            return self.mask[lo:hi]
+        out = np.zeros(hi - lo, dtype=bool)
+        if self.ids is None:
+            a, b = max(lo, 0), min(hi, self.n)
+            if a < b:
+                out[a - lo:b - lo] = self.mask[a:b]
+        else:
+            out[self.ids_in(lo, hi) - lo] = True
+        return out
+
+    def to_mask(self) -> np.ndarray:
+        """Bool mask over [0, n) (tests, debugging)."""
+        return np.array(self.mask_in(0, self.n))

@@ -5,16 +5,14 @@ its state lock from the catalog writer thread, before the write is acknowledged 
 CONTRACT.md D5). Storage is a list of fixed-capacity chunks; rows inside a chunk are written once and never
 moved, so a `HotView` (chunk, lo, hi) taken under the state lock can be read later without locks.
 
-Search: the growing chunk (and any sealed chunk whose graph is not built yet) is scanned exactly with
-the SIMD kernels; sealed chunks get an HNSW graph built in the background ("exact scan below a size
-threshold, HNSW above"). Identify and metadata look rows up by id, so results are exact and
-independent of this organisation (CONTRACT.md D1).
+Search: sealed chunks get an HNSW graph built in the background; the query planner (planner.py)
+scans the growing chunk and graph-less chunks exactly and decides per slice between a chunk's graph
+and an exact scan ("exact scan below a size threshold, HNSW above"). Identify and metadata look rows
+up by id, so results are exact and independent of this organisation (CONTRACT.md D1).
 """
 from dataclasses import dataclass
 
 import numpy as np
-
-from vibrato import kernels
 
 
 class HotChunk:
@@ -37,10 +35,6 @@ class HotChunk:
     @property
     def sealed(self) -> bool:
         return self.n == self.capacity
-
-    def row_of(self, vid: int) -> int:
-        r = int(np.searchsorted(self.ids[:self.n], vid))
-        return r if r < self.n and self.ids[r] == vid else -1
 
 
 @dataclass(frozen=True)
@@ -74,42 +68,6 @@ class HotView:
     def last_id(self):
         return self.slices[-1].last_id if self.slices else None
 
-    def search(self, q: np.ndarray, k: int, ef: int, mask: np.ndarray | None):
-        """Top-k (ids, scores) over visible rows; mask is a bool mask over the global id space."""
-        out_ids, out_scores = [], []
-        for s in self.slices:
-            ch = s.chunk
-            rows_ids = ch.ids[s.lo:s.hi]
-            allowed = None
-            if mask is not None:
-                inside = rows_ids < mask.shape[0]
-                allowed = np.zeros(s.hi - s.lo, dtype=bool)
-                allowed[inside] = mask[rows_ids[inside]]
-                if not allowed.any():
-                    continue
-            index = ch.index
-            if index is not None and (allowed is None or allowed.sum() > 4 * k):
-                full = np.zeros(ch.capacity, dtype=bool)
-                full[s.lo:s.hi] = True if allowed is None else allowed
-                ids, scores = index.search(q, k=k, ef=max(ef, k), allowed=full)
-                ids, scores = ids.reshape(-1), scores.reshape(-1)
-                keep = ids >= 0
-                out_ids.append(ch.ids[ids[keep]])
-                out_scores.append(scores[keep])
-                continue
-            scores = kernels.dot_many(q, ch.vectors[s.lo:s.hi], threads=1)
-            if allowed is not None:
-                rows = np.flatnonzero(allowed)
-                scores = scores[rows]
-            else:
-                rows = None
-            take = _topk(scores, k)
-            out_scores.append(scores[take])
-            out_ids.append(rows_ids[take] if rows is None else rows_ids[rows[take]])
-        if not out_ids:
-            return np.empty(0, np.int64), np.empty(0, np.float32)
-        return np.concatenate(out_ids), np.concatenate(out_scores)
-
     def locate(self, ids: np.ndarray):
         """For each id: (slice index or -1, row within the chunk). Vectorised over ids."""
         where = np.full(ids.shape, -1, dtype=np.int64)
@@ -135,22 +93,19 @@ class HotView:
             out[sel] = self.slices[si].chunk.vectors[rows[sel]]
             found[sel] = True
 
-    def metadata(self, vid: int):
-        where, rows = self.locate(np.array([vid], dtype=np.int64))
-        if where[0] < 0:
-            return None
-        ch = self.slices[int(where[0])].chunk
-        r = int(rows[0])
-        return {"source_file": ch.sources[r], "start_time_ms": int(ch.start[r]),
-                "duration_ms": int(ch.duration[r]), "bpm": float(ch.bpm[r]), "tags": list(ch.tags[r])}
-
-
-def _topk(scores: np.ndarray, k: int) -> np.ndarray:
-    n = scores.shape[0]
-    if k >= n:
-        return np.argsort(-scores, kind="stable")
-    part = np.argpartition(-scores, k - 1)[:k]
-    return part[np.argsort(-scores[part], kind="stable")]
+    def metadata_many(self, ids: np.ndarray) -> list:
+        """Metadata dict per id (None where the id is not in this view), one lookup for all ids."""
+        out = [None] * ids.shape[0]
+        where, rows = self.locate(ids)
+        for si in np.unique(where[where >= 0]).tolist():
+            ch = self.slices[si].chunk
+            sel = np.flatnonzero(where == si)
+            r = rows[sel]
+            for i, row, start, dur, bpm in zip(sel.tolist(), r.tolist(), ch.start[r].tolist(),
+                                               ch.duration[r].tolist(), ch.bpm[r].astype(np.float64).tolist()):
+                out[i] = {"source_file": ch.sources[row], "start_time_ms": start, "duration_ms": dur,
+                          "bpm": bpm, "tags": list(ch.tags[row])}
+        return out
 
 
 class HotTier:
@@ -223,9 +178,7 @@ class HotTier:
                 self.chunks.pop(0)
                 self.lo = 0
                 continue
-            self.lo = max(self.lo, hi)
-            if self.lo >= ch.n and not ch.sealed:
-                pass  # keep the growing chunk; new rows append after lo
+            self.lo = max(self.lo, hi)  # a fully dropped growing chunk stays: new rows append after lo
             break
 
     def sealed_without_index(self) -> list:

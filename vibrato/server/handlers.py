@@ -1,5 +1,7 @@
 """The v2 route handlers: parse -> validate -> one engine call (on the executor) -> `{"data": ...}`.
 
+Results are serialized as the engine shaped them (engine/planner.py); nothing is reformatted here.
+
 No SQL and no vector math here. Bodies larger than `LARGE_BODY` are decoded and validated on the
 executor too, so a 10,000-vector batch does not stall the event loop.
 """
@@ -9,7 +11,6 @@ import functools
 import logging
 import time
 
-import numpy as np
 import orjson
 from aiohttp import web
 
@@ -87,39 +88,10 @@ async def parse(request: web.Request, method_name: str):
     return _parse_and_validate(body, validate)
 
 
-# ---------------------------------------------------------------------------- output formatting
-def f32(x) -> float:
-    """The shortest float32 repr as a float (0.1, not 0.10000000149011612); NaN/inf serialize as null."""
-    return float(str(np.float32(x)))
-
-
-def _metadata(m: dict) -> dict:
-    return {"source_file": m.get("source_file", ""), "start_time_ms": int(m.get("start_time_ms", 0)),
-            "duration_ms": int(m.get("duration_ms", 0)), "bpm": f32(m.get("bpm", 0.0)),
-            "tags": list(m.get("tags", []))}
-
-
-def _query_result(r: dict) -> dict:
-    out = {"id": int(r["id"]), "score": f32(r["score"])}
-    if r.get("metadata") is not None:
-        out["metadata"] = _metadata(r["metadata"])
-    return out
-
-
-def _identify_result(r: dict) -> dict:
-    out = {"id": int(r["id"]), "start_timestamp_ms": int(r.get("start_timestamp_ms", 0)),
-           "duration_ms": int(r.get("duration_ms", 0)), "score": f32(r["score"])}
-    if r.get("metadata") is not None:
-        out["metadata"] = _metadata(r["metadata"])
-    return out
-
-
 # ---------------------------------------------------------------------------- data routes
 async def ingest(request: web.Request) -> web.Response:
-    req = await parse(request, "ingest")
-    engine = request.app[K.ENGINE]
-    vid, created = await _blocking(request, lambda: engine.ingest(req["vector"], metadata=req["metadata"],
-                                                                  idempotency_key=req["idempotency_key"]))
+    prep = await parse(request, "ingest")  # one checked row: the engine takes it as it is
+    (vid, created), = await _blocking(request, request.app[K.ENGINE].ingest_batch, prep)
     if created:
         request.app[K.METRICS].ingest_vectors += 1
     request[K.AUDIT_DETAILS] = {"id": int(vid), "created": bool(created)}
@@ -127,18 +99,18 @@ async def ingest(request: web.Request) -> web.Response:
 
 
 async def ingest_batch(request: web.Request) -> web.Response:
-    items = await parse(request, "ingest_batch")
+    prep = await parse(request, "ingest_batch")
     engine = request.app[K.ENGINE]
-    # An empty batch still goes to the engine, so it answers 503 not_ready during recovery like the rest.
-    results = await _blocking(request, engine.ingest_batch, items) if items else _require_ready(engine)
+    # An empty batch still answers 503 not_ready during recovery like the rest.
+    results = await _blocking(request, engine.ingest_batch, prep) if prep.rows else _require_ready(engine)
     out = [{"id": int(vid), "created": bool(created)} for vid, created in results]
     request.app[K.METRICS].ingest_vectors += sum(1 for r in out if r["created"])
-    request[K.AUDIT_DETAILS] = {"count": len(items)}
+    request[K.AUDIT_DETAILS] = {"count": len(prep.rows)}
     return json_response({"data": {"results": out}}, 201)
 
 
 def _require_ready(engine) -> list:
-    """Cheap, non-blocking readiness check for requests that need no engine work (empty batch, k=0)."""
+    """Cheap, non-blocking readiness check for a request that needs no engine work (an empty batch)."""
     ready, report = engine.readiness()
     if report == "recovering":
         raise NotReadyError("engine is recovering; retry when /v2/health/ready is 200")
@@ -153,23 +125,18 @@ async def query(request: web.Request) -> web.Response:
                                     include_metadata=req["include_metadata"])
     request.app[K.METRICS].observe_search("query", secs)
     request[K.AUDIT_DETAILS] = {"k": req["k"], "ef": req["ef"]}
-    return json_response({"data": {"results": [_query_result(r) for r in results],
-                                   "query_time_ms": secs * 1000.0}})
+    return json_response({"data": {"results": results, "query_time_ms": secs * 1000.0}})
 
 
 async def identify(request: web.Request) -> web.Response:
     req = await parse(request, "identify")
-    request[K.AUDIT_DETAILS] = {"k": req["k"], "ef": req["ef"],
-                                "len": 0 if req["vectors"] is None else len(req["vectors"])}
+    request[K.AUDIT_DETAILS] = {"k": req["k"], "ef": req["ef"], "len": len(req["vectors"])}
     engine = request.app[K.ENGINE]
-    if req["k"] == 0:  # answered before any dimension check, as v2.1 (CONTRACT.md §1.3)
-        _require_ready(engine)
-        return json_response({"data": {"results": [], "query_time_ms": 0.0}})
     results, secs = await _blocking(request, _timed, engine.identify, req["vectors"], k=req["k"], ef=req["ef"],
                                     search_tier=req["search_tier"], include_metadata=req["include_metadata"])
-    request.app[K.METRICS].observe_search("identify", secs)
-    return json_response({"data": {"results": [_identify_result(r) for r in results],
-                                   "query_time_ms": secs * 1000.0}})
+    if req["k"]:  # the identify series count searches, k > 0 (CONTRACT.md §1.6)
+        request.app[K.METRICS].observe_search("identify", secs)
+    return json_response({"data": {"results": results, "query_time_ms": secs * 1000.0}})
 
 
 # ---------------------------------------------------------------------------- health

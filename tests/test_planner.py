@@ -1,0 +1,253 @@
+"""The query planner (engine/planner.py): its per-target choices, its agreement with the native cost
+model, and results identical to the mask-per-segment search it replaced, over hot chunks (with and
+without a graph), raw segments and PQ archive segments, for filters of every selectivity."""
+import numpy as np
+import pytest
+
+from vibrato import kernels
+from vibrato.engine import Engine, planner
+from vibrato.engine.filters import Allowed
+from vibrato.engine.tiers import METADATA_BATCH_MIN
+from vibrato.index import HnswIndex
+
+
+def unit(rng, n, d):
+    X = rng.standard_normal((n, d)).astype(np.float32)
+    return X / np.linalg.norm(X, axis=1, keepdims=True)
+
+
+# ---------------------------------------------------------------------------- the replaced search
+def _old_topk(scores, k):
+    n = scores.shape[0]
+    if k >= n:
+        return np.argsort(-scores, kind="stable")
+    part = np.argpartition(-scores, k - 1)[:k]
+    return part[np.argsort(-scores[part], kind="stable")]
+
+
+def reference_search(view, q, k, ef, mask, search_tier):
+    """The search before the planner: a bool mask over every id, sliced per segment and hot slice."""
+    include_hot, pred = planner.tier_filter(search_tier)
+    ids, scores = [], []
+    if include_hot:
+        for s in view.hot.slices:
+            ch = s.chunk
+            rows_ids = ch.ids[s.lo:s.hi]
+            allowed = None
+            if mask is not None:
+                inside = rows_ids < mask.shape[0]
+                allowed = np.zeros(s.hi - s.lo, dtype=bool)
+                allowed[inside] = mask[rows_ids[inside]]
+                if not allowed.any():
+                    continue
+            if ch.index is not None and (allowed is None or allowed.sum() > 4 * k):
+                full = np.zeros(ch.capacity, dtype=bool)
+                full[s.lo:s.hi] = True if allowed is None else allowed
+                i, sc = ch.index.search(q, k=k, ef=max(ef, k), allowed=full)
+                i, sc = i.reshape(-1), sc.reshape(-1)
+                ids.append(ch.ids[i[i >= 0]])
+                scores.append(sc[i >= 0])
+                continue
+            sc = kernels.dot_many(q, ch.vectors[s.lo:s.hi], threads=1)
+            rows = None if allowed is None else np.flatnonzero(allowed)
+            if rows is not None:
+                sc = sc[rows]
+            take = _old_topk(sc, k)
+            scores.append(sc[take])
+            ids.append(rows_ids[take] if rows is None else rows_ids[rows[take]])
+    for seg in view.segments:
+        if not pred(seg):
+            continue
+        if mask is None:
+            allowed = None if seg.all_live else seg.live
+        else:
+            allowed = np.zeros(seg.n, dtype=bool)
+            hi = min(mask.shape[0], seg.id_end + 1)
+            if hi > seg.id_start:
+                allowed[:hi - seg.id_start] = mask[seg.id_start:hi]
+            allowed &= seg.live
+        if allowed is not None and not allowed.any():
+            continue
+        if seg.index is not None:
+            i, sc = seg.index.search(q, k=k, ef=max(ef, k), allowed=allowed)
+            i, sc = i.reshape(-1), sc.reshape(-1)
+            ids.append(i[i >= 0])
+            scores.append(sc[i >= 0])
+            continue
+        rows, _ = seg.pq.adc_scan(q, seg.codes, max(k * seg.rerank_factor, 32), allowed)
+        rows = np.asarray(rows, dtype=np.int64)
+        exact = kernels.dot_many(q, seg.vectors, rows, threads=1)
+        take = _old_topk(exact, k)
+        ids.append(rows[take] + seg.id_start)
+        scores.append(exact[take])
+    return planner.merge_topk(ids, scores, k)
+
+
+# ---------------------------------------------------------------------------- fixture
+TAGS = {"p0_1": 0.001, "p1": 0.01, "p10": 0.1, "p50": 0.5, "p100": 1.0}
+
+
+@pytest.fixture(scope="module")
+def tiered(tmp_path_factory):
+    """An engine with an L2 archive, L1/L0 raw segments, and hot chunks with and without a graph."""
+    rng = np.random.default_rng(11)
+    dim, n_seg, n_hot = 16, 6000, 2600
+    X = unit(rng, n_seg + n_hot, dim)
+    u = rng.random(n_seg + n_hot)
+    tags = [[t for t, p in TAGS.items() if u[i] < p] for i in range(n_seg + n_hot)]
+    bpm = (60 + np.arange(n_seg + n_hot) % 100).astype(np.float32)
+    eng = Engine.open(tmp_path_factory.mktemp("planner") / "d", dim=dim, background=False,
+                      checkpoint_max_rows=1000, hot_exact_rows=16, pq_min_rows=256, compaction_max_inputs=2)
+
+    def batch(lo, hi):
+        eng.ingest_batch([{"vector": X[i], "metadata": {"tags": tags[i], "bpm": float(bpm[i]),
+                                                        "source_file": f"s{i // 100}.wav", "start_time_ms": i}}
+                          for i in range(lo, hi)])
+    for lo in range(0, 4000, 1000):
+        batch(lo, lo + 1000)
+        eng.checkpoint()
+    while eng.compact()["state"] != "idle":
+        pass
+    for lo in range(4000, n_seg, 1000):
+        batch(lo, lo + 1000)
+        eng.checkpoint()
+    batch(n_seg, n_seg + n_hot)
+    sealed = [ch for ch in eng.hot.chunks if ch.sealed]
+    assert len(sealed) >= 2 and eng.hot.lo > 0, "want a partly checkpointed and a whole sealed chunk"
+    for ch in sealed:  # graphs as the background worker builds them
+        ch.index = HnswIndex(dim, m=16, ef_construction=100, seed=0)
+        ch.index.add(ch.vectors, threads=1)
+    kinds = {(s.level, s.kind) for s in eng.segment_handles}
+    assert any(k == "archive" for _, k in kinds) and any(k == "raw" for _, k in kinds), kinds
+    yield eng, X, tags, bpm
+    eng.close()
+
+
+FILTERS = [{"tags_all": [t]} for t in TAGS] + [
+    {"tags_any": ["p0_1", "p1"]}, {"tags_all": ["p10", "p50"]}, {"tags_all": ["p1"], "bpm_gte": 100.0},
+    {"bpm_gte": 100.0, "bpm_lte": 101.0}, {"bpm_gte": 70.0}, {"tags_any": ["missing"]}]
+
+
+@pytest.mark.parametrize("flt", [None] + FILTERS, ids=lambda f: "none" if f is None else str(f))
+def test_results_match_the_mask_per_segment_search(tiered, flt):
+    eng, X, _, _ = tiered
+    from vibrato.engine.validation import check_filter
+    rng = np.random.default_rng(5)
+    view = eng.view()
+    allowed = eng.filters.evaluate(check_filter(flt, eng.config.limits)) if flt is not None else None
+    mask = None if allowed is None else allowed.to_mask()
+    for qi in rng.choice(X.shape[0], 12, replace=False).tolist():
+        q = X[qi]
+        for k, ef, tier in ((10, 64, "all"), (3, 16, "active"), (40, 100, "archive"), (1, 1, "all")):
+            got = planner.search(view, q, k, ef, allowed, tier)
+            want = reference_search(view, q, k, ef, mask, tier)
+            np.testing.assert_array_equal(got[0], want[0], err_msg=f"{flt} {k} {ef} {tier}")
+            np.testing.assert_array_equal(got[1], want[1])
+
+
+def test_plan_choices_follow_the_allowed_count(tiered):
+    eng, _, _, _ = tiered
+    view = eng.view()
+    limits = eng.config.limits
+    from vibrato.engine.validation import check_filter
+
+    def steps(flt, k=10, ef=64):
+        allowed = eng.filters.evaluate(check_filter(flt, limits)) if flt is not None else None
+        return allowed, planner.plan(view, allowed, k, ef, "all")
+
+    _, unfiltered = steps(None)
+    assert {s.kind for s in unfiltered} <= {"graph", "pq", "exact"}
+    assert all(s.kind == "exact" and s.rows is None for s in unfiltered if getattr(s.target, "chunk", None)
+               and s.target.chunk.index is None)
+    allowed, rare = steps({"tags_all": ["p0_1"]})
+    assert allowed.sparse
+    for s in rare:  # a 0.1% filter: no target builds a mask
+        assert s.kind in ("skip", "exact") and s.mask is None, s
+    _, none = steps({"tags_any": ["missing"]})
+    assert all(s.kind == "skip" for s in none)
+    allowed, wide = steps({"tags_all": ["p50"]})
+    raw = [s for s in wide if not hasattr(s.target, "chunk") and s.target.index is not None]
+    assert raw and all(s.kind == "graph" and s.mask is not None and s.mask.shape == (s.target.n,) for s in raw)
+    archive = [s for s in wide if not hasattr(s.target, "chunk") and s.target.index is None]
+    assert archive and all(s.kind == "pq" and s.mask.shape == (s.target.n,) for s in archive)
+    graphed = [s for s in wide if getattr(s.target, "chunk", None) is not None and s.target.chunk.index is not None]
+    assert graphed and all(s.kind in ("graph", "exact") for s in graphed)
+    _, everyone = steps({"tags_all": ["p100"]})
+    segs = [s for s in everyone if not hasattr(s.target, "chunk")]
+    assert segs and all(s.kind in ("graph", "pq") and s.mask is None for s in segs)  # all rows allowed: no mask
+
+
+@pytest.mark.parametrize("n", [500, 3000])
+def test_native_scans_never_claims_a_scan_the_native_search_would_not_make(n):
+    rng = np.random.default_rng(n)
+    X = unit(rng, n, 16)
+    index = HnswIndex(16, m=8, ef_construction=40, seed=1)
+    index.add(X, threads=1)
+    q = X[0]
+    claimed = 0
+    for allowed_n in sorted(set(np.unique(np.geomspace(1, n - 1, 40).astype(int)).tolist())):
+        for k, ef in ((1, 1), (10, 64), (10, 16), (50, 200)):
+            mask = np.zeros(n, dtype=bool)
+            mask[rng.choice(n, allowed_n, replace=False)] = True
+            if not planner.native_scans(allowed_n, n, k, max(ef, k)):
+                continue
+            claimed += 1
+            before = index.stats()
+            index.search(q, k=k, ef=max(ef, k), allowed=mask)
+            after = index.stats()
+            assert after["scan_searches"] == before["scan_searches"] + 1, (allowed_n, k, ef)
+            assert after["graph_searches"] == before["graph_searches"]
+            assert after["scan_fallbacks"] == before["scan_fallbacks"]
+    assert claimed > 10
+
+
+def test_topk_breaks_ties_by_lower_position():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        n = int(rng.integers(1, 60))
+        scores = rng.integers(0, 5, n).astype(np.float32)
+        k = int(rng.integers(1, n + 3))
+        want = np.lexsort((np.arange(n), -scores))[:k]
+        np.testing.assert_array_equal(planner.topk(scores, k), want)
+
+
+def test_f32_floats_are_the_shortest_float32_reprs():
+    vals = np.array([0.1, 1 / 3, 120.5, 98.6, -0.0, 1e-40, 3.4e38, 1e-7, np.nan, np.inf, -np.inf], np.float32)
+    got = planner.f32_floats(vals)
+    for g, v in zip(got, vals):
+        w = float(str(np.float32(v)))
+        assert (g == w and str(g) == str(w)) or (np.isnan(g) and np.isnan(w)), (g, w)
+    assert all(type(g) is float for g in got)
+
+
+def test_query_metadata_comes_in_one_batch_per_segment(tiered, monkeypatch):
+    eng, X, tags, bpm = tiered
+    view = eng.view()
+    small = np.array([0, 5, 4500, 10 ** 6], dtype=np.int64)  # below METADATA_BATCH_MIN per segment
+    expect_small = view.metadata_many(small)
+    # at least METADATA_BATCH_MIN rows of each segment: one batched decode per segment, no per-row call
+    ids = np.concatenate([np.arange(s.id_start, s.id_start + METADATA_BATCH_MIN + 3) for s in view.segments]
+                         + [np.array([8599, 10 ** 6, 3, 0, 5, 4500])]).astype(np.int64)
+    for seg in view.segments:
+        monkeypatch.setattr(seg.reader, "metadata", lambda row: pytest.fail("metadata fetched one row at a time"))
+    metas = view.metadata_many(ids)
+    assert metas[-5] is None and expect_small[3] is None
+    assert metas[-3:] == expect_small[:3] and [m["start_time_ms"] for m in expect_small[:3]] == [0, 5, 4500]
+    for vid, m in zip(ids.tolist(), metas):
+        if vid < X.shape[0]:
+            assert m["tags"] == sorted(tags[vid]) and m["bpm"] == float(bpm[vid]) and m["start_time_ms"] == vid
+    res = eng.query(X[5000], k=5, filter={"tags_all": ["p10"]})
+    assert res and all("p10" in r["metadata"]["tags"] for r in res)
+    assert all(type(r["score"]) is float and str(r["score"]) == str(np.float32(r["score"])) for r in res)
+
+
+def test_allowed_sparse_and_dense_agree():
+    mask = np.zeros(100, dtype=bool)
+    mask[[3, 4, 50, 99]] = True
+    dense, sparse = Allowed(100, mask=mask.copy()), Allowed(100, ids=np.flatnonzero(mask))
+    for lo, hi in ((0, 100), (4, 51), (90, 130), (-5, 3), (100, 120)):
+        np.testing.assert_array_equal(dense.ids_in(lo, hi), sparse.ids_in(lo, hi))
+        np.testing.assert_array_equal(dense.mask_in(lo, hi), sparse.mask_in(lo, hi))
+    assert dense.count == sparse.count == 4
+    with pytest.raises(ValueError):
+        dense.mask_in(0, 100)[0] = True  # a view of the shared mask is read-only

@@ -1,0 +1,288 @@
+"""Query planning: one plan per query, decided per searched target from its allowed row count.
+
+A query's filter is evaluated once, to an `Allowed` (filters.py): the sorted allowed ids when the
+filter is selective, else a bool mask over the id space. `plan` then walks the targets the search
+tier covers (hot slices, then segments by id) and gives each one step:
+
+  skip   the filter allows no row of the target;
+  exact  score the target's allowed rows with the SIMD kernels and keep the top k: the rows come
+         straight from the sorted ids (or a slice of the mask), no per-target mask is built;
+  graph  the target's HNSW graph (raw segments; sealed hot chunks once their graph is built), with
+         a bool mask local to the target (None when every row is allowed). The native search keeps
+         its own cost model and may still scan (include/vibrato/hnsw.h, vb_hnsw_search_one);
+  pq     archive segments: ADC scan of the PQ codes under a target-local mask, exact rerank of the
+         best k * rerank_factor (CONTRACT.md D14).
+
+When `exact` is chosen (see `_exact_is_cheaper`):
+  * hot slices: always unless the chunk has a graph and more than HOT_GRAPH_MIN_FACTOR * k rows are
+    allowed ("exact scan below a size threshold, HNSW above");
+  * raw segments: only where the native cost model would scan too (`native_scans`, a strictly
+    weaker form of it), so results never change, and only when the filter is selective enough
+    that building the segment-sized mask would cost more than scoring the rows;
+  * archive segments: when at most k * rerank_factor rows are allowed (the ADC scan would return
+    them all for rerank anyway).
+Exact steps break score ties by the lower row, as the native scan and ADC scan do, so a result
+does not depend on which executor ran. Per-target results are merged by score, ties by id
+(`merge_topk`); metadata for the final ids is fetched in one batch (`View.metadata_many`) and the
+results are shaped here, once, as the engine returns them (docs/ENGINE_API.md); the HTTP handler
+serializes them as they are.
+"""
+import math
+from typing import NamedTuple
+
+import numpy as np
+import orjson
+
+from vibrato import kernels
+from vibrato._native import hnsw as _hnsw
+from vibrato.engine.hot import HotSlice
+
+HOT_GRAPH_MIN_FACTOR = 4   # a hot chunk's graph is used only above this many allowed rows per k
+TOPK_SORT_MAX = 256        # top-k of at most this many scores: one stable sort beats partition + tie fix
+EXACT_MAX_FRACTION = 16    # raw segment: exact from a row list only when <= 1 row in this many is allowed
+# The native filtered-search cost model (include/vibrato/hnsw.h: VB_HNSW_COST_PER_EF,
+# VB_HNSW_SCAN_SPEEDUP, vb_hnsw_filtered_ef); tests/test_planner.py checks `native_scans` against
+# the native search's own choice.
+_COST_PER_EF = 12.0
+_SCAN_SPEEDUP = 2.5
+_EMPTY_IDS = np.empty(0, np.int64)
+_EMPTY_SCORES = np.empty(0, np.float32)
+
+
+class Step(NamedTuple):
+    kind: str          # "skip" | "exact" | "graph" | "pq"
+    target: object     # a HotSlice or a SegmentHandle
+    rows: object       # exact: int64 rows of the target's arrays, or None for rows [lo, hi) of a hot slice
+    mask: object       # graph/pq: bool mask over the target's rows (None: every row allowed)
+
+
+def tier_filter(search_tier: str):
+    """(include_hot, segment predicate) for a search_tier value (CONTRACT.md §1.3, Search tiers)."""
+    if search_tier == "active":
+        return True, lambda s: s.level <= 1
+    if search_tier == "archive":
+        return False, lambda s: s.level >= 2
+    return True, lambda s: True
+
+
+def native_scans(allowed: int, n: int, k: int, ef: int) -> bool:
+    """True only when the native filtered search on n rows, `allowed` of them allowed, would choose an
+    exact scan (its graph cost estimate minus the descent term already reaches the scan cost)."""
+    if allowed >= n:
+        return False
+    s = allowed / n
+    efs = max(ef, k)
+    e = efs * min(2.0, 1.0 / math.sqrt(s))
+    efs = _hnsw.MAX_EF if e > _hnsw.MAX_EF else int(e)
+    return _COST_PER_EF * efs / s >= allowed / _SCAN_SPEEDUP
+
+
+# ------------------------------------------------------------------------------------------ plan
+def plan(view, allowed, k: int, ef: int, search_tier: str) -> list:
+    """The steps of one query over `view` (allowed: an `Allowed` or None for no filter)."""
+    include_hot, pred = tier_filter(search_tier)
+    steps = []
+    if include_hot and view.hot.count:
+        steps.extend(_plan_hot(s, allowed, k, ef) for s in view.hot.slices)
+    steps.extend(_plan_segment(seg, allowed, k, ef) for seg in view.segments if pred(seg))
+    return steps
+
+
+def _plan_hot(sl, allowed, k, ef) -> Step:
+    ch = sl.chunk
+    rows = None if allowed is None else _hot_rows(sl, allowed)
+    a = sl.hi - sl.lo if rows is None else rows.shape[0]
+    if a == 0:
+        return Step("skip", sl, None, None)
+    if ch.index is None or (rows is not None and a <= HOT_GRAPH_MIN_FACTOR * k):
+        return Step("exact", sl, rows, None)
+    if rows is None and sl.lo == 0 and sl.hi == ch.capacity:
+        return Step("graph", sl, None, None)
+    if native_scans(a, ch.capacity, k, max(ef, k)):
+        return Step("exact", sl, rows, None)
+    mask = np.zeros(ch.capacity, dtype=bool)
+    if rows is None:
+        mask[sl.lo:sl.hi] = True
+    else:
+        mask[rows] = True
+    return Step("graph", sl, None, mask)
+
+
+def _hot_rows(sl, allowed) -> np.ndarray:
+    """Rows of the slice's chunk (ascending) whose ids the filter allows."""
+    ids = sl.chunk.ids[sl.lo:sl.hi]
+    first, last = int(ids[0]), int(ids[-1])
+    contiguous = last - first == ids.shape[0] - 1
+    if allowed.sparse or not contiguous:
+        want = allowed.ids_in(first, last + 1)
+        if contiguous or want.shape[0] == 0:
+            return want - (first - sl.lo)
+        pos = np.searchsorted(ids, want)
+        hit = ids[np.minimum(pos, ids.shape[0] - 1)] == want
+        return pos[hit] + sl.lo
+    return np.flatnonzero(allowed.mask_in(first, last + 1)) + sl.lo
+
+
+def _plan_segment(seg, allowed, k, ef) -> Step:
+    if allowed is None:
+        if seg.live_count == 0:
+            return Step("skip", seg, None, None)
+        return Step("graph" if seg.index is not None else "pq", seg, None, None if seg.all_live else seg.live)
+    lo, hi = seg.id_start, seg.id_end + 1
+    rows = mask = None
+    if allowed.sparse:
+        rows = allowed.ids_in(lo, hi) - lo
+        if not seg.all_live:
+            rows = rows[seg.live[rows]]
+        a = rows.shape[0]
+    else:
+        mask = allowed.mask_in(lo, hi)
+        if not seg.all_live:
+            mask = mask & seg.live
+        a = int(np.count_nonzero(mask))
+    if a == 0:
+        return Step("skip", seg, None, None)
+    if a == seg.n:
+        return Step("graph" if seg.index is not None else "pq", seg, None, None)
+    if seg.index is None:
+        exact = a <= _pq_candidates(seg, k)
+    else:
+        exact = a * EXACT_MAX_FRACTION <= seg.n and native_scans(a, seg.n, k, max(ef, k))
+    if exact:
+        return Step("exact", seg, rows if rows is not None else np.flatnonzero(mask), None)
+    return Step("graph" if seg.index is not None else "pq", seg, None,
+                mask if mask is not None else _rows_mask(rows, seg.n))
+
+
+def _rows_mask(rows, n) -> np.ndarray:
+    mask = np.zeros(n, dtype=bool)
+    mask[rows] = True
+    return mask
+
+
+def _pq_candidates(seg, k) -> int:
+    return max(k * seg.rerank_factor, 32)
+
+
+# ------------------------------------------------------------------------------------------ execute
+def search(view, q, k: int, ef: int, allowed, search_tier: str):
+    """Top-k (ids int64, scores float32) over the view, best first (ties by id)."""
+    ids, scores = [], []
+    for step in plan(view, allowed, k, ef, search_tier):
+        if step.kind != "skip":
+            i, s = _run(step, q, k, ef)
+            ids.append(i)
+            scores.append(s)
+    return merge_topk(ids, scores, k)
+
+
+def _run(step: Step, q, k, ef):
+    t = step.target
+    hot = isinstance(t, HotSlice)
+    if step.kind == "exact":
+        if hot:
+            if step.rows is None:
+                scores = kernels.dot_many(q, t.chunk.vectors[t.lo:t.hi], threads=1)
+                take = topk(scores, k)
+                return t.chunk.ids[t.lo + take], scores[take]
+            scores = kernels.dot_many(q, t.chunk.vectors, step.rows, threads=1)
+            take = topk(scores, k)
+            return t.chunk.ids[step.rows[take]], scores[take]
+        scores = kernels.dot_many(q, t.vectors, step.rows, threads=1)
+        take = topk(scores, k)
+        return step.rows[take] + t.id_start, scores[take]
+    if step.kind == "graph":
+        index = t.chunk.index if hot else t.index
+        ids, scores = index.search(q, k=k, ef=max(ef, k), allowed=step.mask)
+        ids, scores = ids.reshape(-1), scores.reshape(-1)
+        keep = ids >= 0
+        if hot:
+            return t.chunk.ids[ids[keep]], scores[keep]
+        return ids[keep], scores[keep]
+    # pq
+    rows, _approx = t.pq.adc_scan(q, t.codes, _pq_candidates(t, k), step.mask)
+    rows = np.asarray(rows, dtype=np.int64)
+    if rows.shape[0] == 0:
+        return _EMPTY_IDS, _EMPTY_SCORES
+    exact = kernels.dot_many(q, t.vectors, rows, threads=1)
+    take = topk(exact, k)
+    return rows[take] + t.id_start, exact[take]
+
+
+def topk(scores: np.ndarray, k: int) -> np.ndarray:
+    """Positions of the k best scores, best first; equal scores keep the lower position first (also
+    across the k-th place, as the native scans do)."""
+    n = scores.shape[0]
+    if k >= n or n <= TOPK_SORT_MAX:
+        return np.argsort(-scores, kind="stable")[:k]
+    part = np.argpartition(scores, n - k)[n - k:]
+    kth = scores[part].min()
+    if np.count_nonzero(scores == kth) > np.count_nonzero(scores[part] == kth):
+        above = np.flatnonzero(scores > kth)
+        part = np.concatenate([above, np.flatnonzero(scores == kth)[:k - above.shape[0]]])
+    else:
+        part.sort()
+    return part[np.argsort(-scores[part], kind="stable")]
+
+
+def merge_topk(ids_list, scores_list, k):
+    """Keep the best score per id across tiers, then the top k by score (descending, ties by id)."""
+    if not ids_list:
+        return _EMPTY_IDS, _EMPTY_SCORES
+    ids = np.concatenate(ids_list)
+    scores = np.concatenate(scores_list).astype(np.float32, copy=False)
+    if ids.shape[0] == 0:
+        return ids, scores
+    order = np.lexsort((ids, -scores))  # by score desc, ties by id
+    ids, scores = ids[order], scores[order]
+    _, first = np.unique(ids, return_index=True)
+    first.sort()
+    ids, scores = ids[first], scores[first]
+    return ids[:k], scores[:k]
+
+
+# ------------------------------------------------------------------------------------------ results
+def f32_floats(values) -> list:
+    """float32 values as the floats of their shortest repr (0.1, not 0.10000000149011612), in one
+    pass; NaN and infinities stay floats (the HTTP layer serializes them as null)."""
+    arr = np.asarray(values, dtype=np.float32)
+    out = orjson.loads(orjson.dumps(arr, option=orjson.OPT_SERIALIZE_NUMPY))
+    if not np.isfinite(arr).all():
+        out = [float(arr[i]) if v is None else v for i, v in enumerate(out)]
+    return out
+
+
+def query(view, q, k: int, ef: int, allowed, search_tier: str, include_metadata: bool) -> list:
+    """One query planned and run, its metadata fetched in one batch, shaped as returned:
+    [{"id", "score", "metadata"?}] with score and bpm as shortest float32 values."""
+    ids, scores = search(view, q, k, ef, allowed, search_tier)
+    if ids.shape[0] == 0:
+        return []
+    if not include_metadata:
+        return [{"id": vid, "score": s} for vid, s in zip(ids.tolist(), f32_floats(scores))]
+    metas = view.metadata_many(ids)
+    found = [m for m in metas if m is not None]
+    floats = f32_floats(np.concatenate([scores, np.array([m["bpm"] for m in found], dtype=np.float32)]))
+    for m, bpm in zip(found, floats[ids.shape[0]:]):
+        m["bpm"] = bpm  # every lookup returns fresh dicts
+    return [{"id": vid, "score": s} if m is None else {"id": vid, "score": s, "metadata": m}
+            for vid, s, m in zip(ids.tolist(), floats, metas)]
+
+
+def shape_identify(results: list) -> list:
+    """identify's results as returned: ints, score and metadata bpm as shortest float32 values."""
+    if not results:
+        return results
+    metas = [r.get("metadata") for r in results]
+    found = [m for m in metas if m is not None]
+    floats = f32_floats([r["score"] for r in results] + [m["bpm"] for m in found])
+    bpms = iter(floats[len(results):])
+    out = []
+    for r, score, m in zip(results, floats, metas):
+        o = {"id": int(r["id"]), "start_timestamp_ms": int(r["start_timestamp_ms"]),
+             "duration_ms": int(r["duration_ms"]), "score": score}
+        if m is not None:
+            o["metadata"] = {"source_file": m["source_file"], "start_time_ms": int(m["start_time_ms"]),
+                             "duration_ms": int(m["duration_ms"]), "bpm": next(bpms), "tags": list(m["tags"])}
+        out.append(o)
+    return out
