@@ -22,25 +22,14 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import text_vectors as vectors  # noqa: E402
 from vibrato.engine import Engine, snapshot_create, snapshot_restore  # noqa: E402
 
 N = int(os.environ.get("VIBRATO_BENCH_N", "1000000"))
 TAIL = int(os.environ.get("VIBRATO_BENCH_TAIL", "50000"))
-DATA = Path(os.environ.get("VIBRATO_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 OUT = Path(__file__).resolve().parent / "results"
-
-
-def vectors(n, seed=0):
-    base = np.load(DATA / "text" / "base_128.npy")
-    rng = np.random.default_rng(seed)
-    reps = -(-n // base.shape[0])
-    X = np.tile(base, (reps, 1))[:n].copy()
-    X += rng.normal(0, 0.02, X.shape).astype(np.float32)
-    X /= np.linalg.norm(X, axis=1, keepdims=True)
-    return X
 
 
 def timed(fn, *a, **kw):
@@ -106,7 +95,7 @@ def main():
         i = hi
         print(f"  {i} rows", flush=True)
     while True:
-        before = {s.id: s.n for s in eng.segment_handles}
+        before = {s.id: s.n for s in eng.segment_set.handles}
         r, t = timed(eng.compact)
         if r["state"] == "idle":
             break

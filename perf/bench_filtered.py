@@ -25,12 +25,13 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import text_vectors as vectors  # noqa: E402
 from vibrato.engine import Engine  # noqa: E402
 
 N = int(os.environ.get("VIBRATO_BENCH_N", "200000"))
 TAIL = int(os.environ.get("VIBRATO_BENCH_TAIL", "20000"))
 ROUNDS = int(os.environ.get("VIBRATO_BENCH_ROUNDS", "5"))
-DATA = Path(os.environ.get("VIBRATO_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 CACHE = Path(os.environ.get("VIBRATO_BENCH_CACHE", f"/tmp/vibrato-bench-filtered-{N}"))
 OUT = Path(__file__).resolve().parent / "results"
 SEGMENT_ROWS = 50_000
@@ -42,16 +43,6 @@ CASES = {
     "tag_100%": {"tags_all": ["p100"]},
     "bpm_10%": {"bpm_gte": 100.0, "bpm_lte": 109.0},
 }
-
-
-def vectors(n, seed=0):
-    base = np.load(DATA / "text" / "base_128.npy")
-    rng = np.random.default_rng(seed)
-    reps = -(-n // base.shape[0])
-    X = np.tile(base, (reps, 1))[:n].copy()
-    X += rng.normal(0, 0.02, X.shape).astype(np.float32)
-    X /= np.linalg.norm(X, axis=1, keepdims=True)
-    return X
 
 
 def items(X, lo, hi, rng):

@@ -24,7 +24,6 @@ import json
 import os
 import platform
 import statistics
-import time
 import timeit
 from pathlib import Path
 
@@ -34,6 +33,7 @@ import pytest
 import vibrato.kernels as K
 from vibrato._native import cpu
 from vibrato._native import distance as D
+from benchlib import paired_times
 
 threadpoolctl = pytest.importorskip("threadpoolctl")
 
@@ -52,17 +52,8 @@ def record(benchmark, case, items=None, unit=None):
 
 def paired(case, ours, peer, rounds=15):
     """Median of t(ours)/t(peer) over alternating calls (each side timed right after the other)."""
-    ours(), peer()
-    ratios, to, tp = [], [], []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        ours()
-        t1 = time.perf_counter()
-        peer()
-        t2 = time.perf_counter()
-        to.append(t1 - t0)
-        tp.append(t2 - t1)
-        ratios.append((t1 - t0) / (t2 - t1))
+    to, tp = paired_times(ours, peer, rounds)
+    ratios = [a / b for a, b in zip(to, tp)]
     PAIRED[case] = {"time_ratio_ours_over_peer": statistics.median(ratios),
                     "ours_median_s": statistics.median(to), "peer_median_s": statistics.median(tp)}
     return PAIRED[case]
@@ -132,12 +123,15 @@ def test_l2sq_many_numpy(benchmark, X100k, q):
 MATRIX_CASES = [(100, 100_000), (1000, 20_000)]
 
 
-@pytest.mark.parametrize("nq,nx", MATRIX_CASES, ids=[f"{a}x{b}" for a, b in MATRIX_CASES])
-def test_dot_matrix(benchmark, nq, nx):
+def _matrix_case(benchmark, nq, nx):
     benchmark.group = f"dot_matrix {nq} x {nx} x 128"
     rng = np.random.default_rng(nq)
-    Q = rng.standard_normal((nq, 128)).astype(np.float32)
-    X = rng.standard_normal((nx, 128)).astype(np.float32)
+    return rng.standard_normal((nq, 128)).astype(np.float32), rng.standard_normal((nx, 128)).astype(np.float32)
+
+
+@pytest.mark.parametrize("nq,nx", MATRIX_CASES, ids=[f"{a}x{b}" for a, b in MATRIX_CASES])
+def test_dot_matrix(benchmark, nq, nx):
+    Q, X = _matrix_case(benchmark, nq, nx)
     out = benchmark.pedantic(K.dot_matrix, args=(Q, X), rounds=7, iterations=1, warmup_rounds=1)
     np.testing.assert_allclose(out[:5], Q[:5].astype(np.float64) @ X.T.astype(np.float64), rtol=1e-4, atol=1e-3)
     record(benchmark, f"dot_matrix {nq}x{nx} vibrato", nq * nx, "pairs/s")
@@ -146,10 +140,7 @@ def test_dot_matrix(benchmark, nq, nx):
 
 @pytest.mark.parametrize("nq,nx", MATRIX_CASES, ids=[f"{a}x{b}" for a, b in MATRIX_CASES])
 def test_matmul_numpy(benchmark, nq, nx):
-    benchmark.group = f"dot_matrix {nq} x {nx} x 128"
-    rng = np.random.default_rng(nq)
-    Q = rng.standard_normal((nq, 128)).astype(np.float32)
-    X = rng.standard_normal((nx, 128)).astype(np.float32)
+    Q, X = _matrix_case(benchmark, nq, nx)
     benchmark.pedantic(np.matmul, args=(Q, X.T), rounds=7, iterations=1, warmup_rounds=1)
     record(benchmark, f"dot_matrix {nq}x{nx} numpy", nq * nx, "pairs/s")
 

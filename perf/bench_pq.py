@@ -23,7 +23,6 @@ import json
 import os
 import platform
 import statistics
-import time
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +31,7 @@ import pytest
 from vibrato._native import cpu
 from vibrato._native import pq as P
 from vibrato.pq import ProductQuantizer
+from benchlib import paired_times
 
 faiss = pytest.importorskip("faiss")
 
@@ -46,16 +46,7 @@ PAIRED = {}  # case -> paired A/B medians
 
 def paired(case, ours, peer, rounds):
     """Median of t(peer)/t(ours) over alternating calls: robust to the load drifting between tests."""
-    ours(), peer()
-    to, tp = [], []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        ours()
-        t1 = time.perf_counter()
-        peer()
-        t2 = time.perf_counter()
-        to.append(t1 - t0)
-        tp.append(t2 - t1)
+    to, tp = paired_times(ours, peer, rounds)
     PAIRED[case] = {"speedup_vs_peer": statistics.median(b / a for a, b in zip(to, tp)),
                     "ours_median_s": statistics.median(to), "peer_median_s": statistics.median(tp)}
 

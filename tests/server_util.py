@@ -1,4 +1,5 @@
 """Helpers for tests that run the real `vibrato serve-v2` as a subprocess on 127.0.0.1."""
+import contextlib
 import os
 import signal
 import socket
@@ -122,3 +123,26 @@ class ServerProcess:
             self.terminate(timeout=30)
         except subprocess.TimeoutExpired:
             self.kill()
+
+
+@contextlib.contextmanager
+def embedded_engine(data_dir, dim: int, keys=(("admin", "admin"),), **config_changes):
+    """For tests that run create_app in this process: an Engine with no background work on
+    `data_dir` (background intervals pushed out, the pepper made in the data dir) and an API key per
+    (name, roles) in `keys`. Yields (config, engine, {name: token})."""
+    from vibrato import apikeys
+    from vibrato.config import Config
+    from vibrato.engine import Engine
+
+    saved = os.environ.pop("VIBRATO_API_PEPPER", None)
+    config = Config(data_dir=data_dir, dim=dim, audio_colocated=False, checkpoint_interval_secs=3600,
+                    compaction_interval_secs=3600, **config_changes)
+    engine = Engine.open_config(config, background=False)
+    try:
+        pepper = apikeys.load_pepper(data_dir)
+        tokens = {name: apikeys.create_key(engine.catalog, pepper, name, roles)[1] for name, roles in keys}
+        yield config, engine, tokens
+    finally:
+        engine.close()
+        if saved is not None:
+            os.environ["VIBRATO_API_PEPPER"] = saved

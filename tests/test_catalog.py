@@ -119,3 +119,16 @@ def test_long_reader_never_stalls_writes(tmp_path):
     assert finished_while_reader_held, "writes waited for the reader to let go of the WAL"
     assert c.wal_stats()["sqlite_wal_checkpoints"]["passive"] > 0
     c.close()
+
+
+def test_expired_snapshot_pins_are_ignored_then_purged(cat):
+    import time
+
+    from vibrato.catalog import segments as seg_sql
+
+    cat.write(seg_sql.pin, "snap_a", ["seg_1", "seg_2"], 3600)
+    cat.write(seg_sql.pin, "snap_b", ["seg_3"], -10)  # already expired
+    assert cat.read(seg_sql.pinned_segment_ids) == {"seg_1", "seg_2"}  # a read-only connection: no writes
+    assert cat.write(seg_sql.purge_expired_pins, int(time.time())) == 1
+    assert cat.write(lambda c: c.execute("SELECT COUNT(*) FROM snapshot_pins").fetchone()[0]) == 2
+    assert cat.read(seg_sql.pinned_segment_ids) == {"seg_1", "seg_2"}

@@ -394,12 +394,12 @@ def test_damaged_vectors_found_by_the_scrubber_after_a_fast_start(tmp_path):
     seg.write_bytes(bytes(raw))
     with Engine.open(d, dim=DIM, background=False) as eng:
         assert eng.readiness()[0], "vectors are not checksummed at start-up"
-        assert len(eng.unscrubbed) == 2
-        maintenance.scrub_one(eng, eng.housekeeping)
-        maintenance.scrub_one(eng, eng.housekeeping)
+        assert len(eng.housekeeping.unscrubbed) == 2
+        maintenance.scrub_one(eng)
+        maintenance.scrub_one(eng)
         ready, report = eng.readiness()
         assert not ready and "active segment" in report and "checksum mismatch" in report
-        assert not eng.unscrubbed
+        assert not eng.housekeeping.unscrubbed
 
 
 def test_recovery_cleans_stale_temp_files(tmp_path):

@@ -113,9 +113,9 @@ def test_search_tiers(tmp_path):
         e.ingest_batch([{"vector": x} for x in X[1000:1200]])
         e.checkpoint()  # an L0 next to the archive
         e.ingest_batch([{"vector": x} for x in X[:5] * -1])  # hot rows 1200..1204
-        levels = {s.level for s in e.segment_handles}
+        levels = {s.level for s in e.segment_set.handles}
         assert 2 in levels
-        archive_ids = {i for s in e.segment_handles if s.level >= 2 for i in range(s.id_start, s.id_end + 1)}
+        archive_ids = {i for s in e.segment_set.handles if s.level >= 2 for i in range(s.id_start, s.id_end + 1)}
         active_ids = set(range(1200)) - archive_ids
         q_arch = X[min(archive_ids)]
         q_act = X[min(active_ids)] if active_ids else None
@@ -141,7 +141,7 @@ def test_archive_scores_are_exact_and_recall_holds(tmp_path, shared_data):
             e.checkpoint()
         while e.compact()["state"] != "idle":
             pass
-        assert all(s.kind == "archive" for s in e.segment_handles), [s.kind for s in e.segment_handles]
+        assert all(s.kind == "archive" for s in e.segment_set.handles), [s.kind for s in e.segment_set.handles]
         hits = 0
         for q, g in zip(queries, gt):
             res = e.query(q, k=10, search_tier="archive", include_metadata=False)

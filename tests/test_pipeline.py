@@ -40,7 +40,8 @@ def test_every_fault_point_is_reached_in_the_durable_order(tmp_path, monkeypatch
         res = eng.checkpoint() if job == "checkpoint" else eng.compact()
         assert res["state"] == "completed"
         assert seen == [f"{job}:{s}" for s in STEPS]
-        assert eng.counters[f"{job}_total"] == 1 and eng.counters[f"{job}_failures_total"] == 0
+        counters = eng.counters.as_dict()
+        assert counters[f"{job}_total"] == 1 and counters[f"{job}_failures_total"] == 0
 
 
 def test_idle_runs_touch_nothing(tmp_path, monkeypatch):
@@ -59,15 +60,15 @@ def test_a_failure_before_activation_rolls_back_in_one_place(tmp_path, job):
             eng.checkpoint()
             eng.checkpoint()
         before = dump(eng)
-        segs_before = {s.id for s in eng.segment_handles}
+        segs_before = {s.id for s in eng.segment_set.handles}
         faults.arm(f"{job}:loaded", OSError(28, "injected"))
         try:
             with pytest.raises(OSError, match="injected"):
                 eng.checkpoint() if job == "checkpoint" else eng.compact()
         finally:
             faults.disarm_all()
-        assert eng.counters[f"{job}_failures_total"] == 1
-        assert {s.id for s in eng.segment_handles} == segs_before
+        assert eng.counters.as_dict()[f"{job}_failures_total"] == 1
+        assert {s.id for s in eng.segment_set.handles} == segs_before
         st = eng.stats()
         assert st["failed_segments"] == 1 and st[f"{job}_jobs_inflight"] == 0
         assert dump(eng) == before
@@ -133,7 +134,7 @@ def test_hnsw_build_parameters_come_from_config(tmp_path, monkeypatch):
         eng.checkpoint()
         eng.checkpoint()
         assert eng.compact()["state"] == "completed"
-        assert [(s.index.m, s.index.ef_construction) for s in eng.segment_handles] == [(8, 40)]
+        assert [(s.index.m, s.index.ef_construction) for s in eng.segment_set.handles] == [(8, 40)]
     assert built == [(8, 40)] * 3
     g = pipeline.build_graph(eng.config, DIM, payload("x", DIM)[0].reshape(1, DIM), seed=0, threads=1)
     assert (g.m, g.ef_construction) == (8, 40) and len(g) == 1

@@ -112,12 +112,13 @@ def tiered(tmp_path_factory):
         batch(lo, lo + 1000)
         eng.checkpoint()
     batch(n_seg, n_seg + n_hot)
-    sealed = [ch for ch in eng.hot.chunks if ch.sealed]
-    assert len(sealed) >= 2 and eng.hot.lo > 0, "want a partly checkpointed and a whole sealed chunk"
+    slices = eng.view().hot.slices
+    sealed = [sl.chunk for sl in slices if sl.chunk.sealed]
+    assert len(sealed) >= 2 and slices[0].lo > 0, "want a partly checkpointed and a whole sealed chunk"
     for ch in sealed:  # graphs as the background worker builds them
         ch.index = HnswIndex(dim, m=16, ef_construction=100, seed=0)
         ch.index.add(ch.vectors, threads=1)
-    kinds = {(s.level, s.kind) for s in eng.segment_handles}
+    kinds = {(s.level, s.kind) for s in eng.segment_set.handles}
     assert any(k == "archive" for _, k in kinds) and any(k == "raw" for _, k in kinds), kinds
     yield eng, X, tags, bpm
     eng.close()
@@ -134,7 +135,7 @@ def test_results_match_the_mask_per_segment_search(tiered, flt):
     from vibrato.engine.validation import check_filter
     rng = np.random.default_rng(5)
     view = eng.view()
-    allowed = eng.filters.evaluate(check_filter(flt, eng.config.limits)) if flt is not None else None
+    allowed = eng.segment_set.filters.evaluate(check_filter(flt, eng.config.limits)) if flt is not None else None
     mask = None if allowed is None else allowed.to_mask()
     for qi in rng.choice(X.shape[0], 12, replace=False).tolist():
         q = X[qi]
@@ -152,7 +153,7 @@ def test_plan_choices_follow_the_allowed_count(tiered):
     from vibrato.engine.validation import check_filter
 
     def steps(flt, k=10, ef=64):
-        allowed = eng.filters.evaluate(check_filter(flt, limits)) if flt is not None else None
+        allowed = eng.segment_set.filters.evaluate(check_filter(flt, limits)) if flt is not None else None
         return allowed, planner.plan(view, allowed, k, ef, "all")
 
     _, unfiltered = steps(None)

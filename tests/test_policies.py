@@ -13,7 +13,7 @@ from vibrato.config import Config
 from vibrato.engine import Engine, maintenance
 from vibrato.engine.compaction import choose_pq_m, plan
 from vibrato.engine.hot import HotTier
-from vibrato.engine.tiers import merge_topk
+from vibrato.engine.planner import merge_topk
 from vibrato.errors import IntegrityError
 
 
@@ -228,8 +228,8 @@ def test_sealed_hot_chunks_are_searched_through_the_background_built_graph(tmp_p
     try:
         for lo in range(0, n, 500):
             eng.ingest_batch([{"vector": X[i], "metadata": {"bpm": float(bpm[i])}} for i in range(lo, min(n, lo + 500))])
-        sealed = [ch for ch in eng.hot.chunks if ch.sealed]
-        assert len(sealed) == 2 and eng.hot.count() == n
+        sealed = [sl.chunk for sl in eng.view().hot.slices if sl.chunk.sealed]
+        assert len(sealed) == 2 and eng.segment_set.hot_count() == n
         deadline = time.monotonic() + 60
         while any(ch.index is None for ch in sealed) and time.monotonic() < deadline:
             time.sleep(0.1)

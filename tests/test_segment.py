@@ -260,12 +260,18 @@ def test_madvise_modes_apply(tmp_path, mode):
         SegmentReader.open(path, madvise="sometimes")
 
 
+def _mapping_of(path, content: bytes):
+    """A segio.Mapping of a new file holding `content` (the mapping outlives the closed fd)."""
+    path.write_bytes(content)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return segio.Mapping(fd, len(content))
+    finally:
+        os.close(fd)
+
+
 def test_mapping_madvise_checks_range(tmp_path):
-    p = tmp_path / "f"
-    p.write_bytes(b"x" * 10000)
-    fd = os.open(p, os.O_RDONLY)
-    m = segio.Mapping(fd, 10000)
-    os.close(fd)
+    m = _mapping_of(tmp_path / "f", b"x" * 10000)
     m.madvise(4096, 100, mmap.MADV_RANDOM)
     m.madvise(0, 10000, mmap.MADV_WILLNEED)
     with pytest.raises(ValueError, match="outside"):
@@ -459,11 +465,7 @@ def test_views_are_read_only_and_outlive_close(tmp_path):
 
 
 def test_mapping_refuses_writable_buffers(tmp_path):
-    p = tmp_path / "f"
-    p.write_bytes(b"abc" * 2000)
-    fd = os.open(p, os.O_RDONLY)
-    m = segio.Mapping(fd, 6000)
-    os.close(fd)
+    m = _mapping_of(tmp_path / "f", b"abc" * 2000)
     import ctypes
     with pytest.raises((BufferError, TypeError)):
         (ctypes.c_char * 6000).from_buffer(m)  # asks for a writable buffer

@@ -19,11 +19,9 @@ import orjson
 import pytest
 from aiohttp import web
 
-from server_util import ServerProcess
-from vibrato import apikeys
+from server_util import ServerProcess, embedded_engine
 from vibrato.catalog import audit as audit_sql
 from vibrato.config import Config
-from vibrato.engine import Engine
 from vibrato.server import create_app
 from vibrato.server.audit import AuditWriter
 from vibrato.server.protocol import loop_exception_handler, make_runner
@@ -352,17 +350,9 @@ def test_loop_exception_handler_rate_limits_accept_errors(caplog):
 # ---------------------------------------------------------------------------- 6. auth-failure audit rows
 @pytest.fixture(scope="module")
 def engine_env(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.delenv("VIBRATO_API_PEPPER", raising=False)
-    data = tmp_path_factory.mktemp("hardening-inproc")
-    config = Config(data_dir=data, dim=DIM, audio_colocated=False, checkpoint_interval_secs=3600,
-                    compaction_interval_secs=3600, header_timeout_secs=1.0, body_timeout_secs=1.0)
-    engine = Engine.open_config(config, background=False)
-    pepper = apikeys.load_pepper(data)
-    admin = apikeys.create_key(engine.catalog, pepper, "admin", "admin")[1]
-    yield {"config": config, "engine": engine, "admin": admin}
-    engine.close()
-    mp.undo()
+    with embedded_engine(tmp_path_factory.mktemp("hardening-inproc"), DIM, header_timeout_secs=1.0,
+                         body_timeout_secs=1.0) as (config, engine, tokens):
+        yield {"config": config, "engine": engine, "admin": tokens["admin"]}
 
 
 async def _serve_inprocess(env, body):

@@ -11,6 +11,7 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
+from server_util import embedded_engine
 from vibrato import apikeys
 from vibrato.catalog import audit as audit_sql
 from vibrato.config import Config, Limits
@@ -24,20 +25,10 @@ RID = re.compile(r"^req_\d+_[0-9a-f]{16}$")
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.delenv("VIBRATO_API_PEPPER", raising=False)
-    data = tmp_path_factory.mktemp("inproc")
-    config = Config(data_dir=data, dim=DIM, audio_colocated=False, checkpoint_interval_secs=3600,
-                    compaction_interval_secs=3600)
-    engine = Engine.open_config(config, background=False)
-    pepper = apikeys.load_pepper(data)
-    tokens = {}
-    for name, roles in [("admin", "admin"), ("query", "query"), ("ingest", "ingest"), ("revoked", "admin,query")]:
-        tokens[name] = apikeys.create_key(engine.catalog, pepper, name, roles)[1]
-    apikeys.revoke_key(engine.catalog, tokens["revoked"].split(".")[0])
-    yield {"config": config, "engine": engine, "tokens": tokens}
-    engine.close()
-    mp.undo()
+    keys = [("admin", "admin"), ("query", "query"), ("ingest", "ingest"), ("revoked", "admin,query")]
+    with embedded_engine(tmp_path_factory.mktemp("inproc"), DIM, keys) as (config, engine, tokens):
+        apikeys.revoke_key(engine.catalog, tokens["revoked"].split(".")[0])
+        yield {"config": config, "engine": engine, "tokens": tokens}
 
 
 def run(env, body, **config_changes):

@@ -155,7 +155,8 @@ def cli():
 @click.option("--background-io-mb-per-sec", type=click.IntRange(0), default=_DEFAULTS.background_io_mb_per_sec,
               show_default=True, help="MiB/s for background I/O; 0 disables the throttle.")
 @click.option("--hot-index-shards", type=click.IntRange(0), default=_DEFAULTS.hot_index_shards, show_default=True,
-              help="Rounded up to a power of two; 0 becomes 1.")
+              help="Accepted for the v2.1 CLI and ignored: the hot tier is a list of chunks, exact scan plus "
+                   "an HNSW graph per sealed chunk (docs/CONTRACT.md D1). Rounded up to a power of two; 0 becomes 1.")
 @click.option("--vector-madvise-mode", type=click.Choice(MADVISE_MODES, case_sensitive=False),
               default=_DEFAULTS.vector_madvise_mode, show_default=True)
 @bool_option("--bootstrap-admin-key", False,

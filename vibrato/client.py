@@ -19,6 +19,21 @@ import orjson
 _DUMPS_OPTS = orjson.OPT_SERIALIZE_NUMPY
 
 
+def _outgoing(token, body, raw: bytes | None, headers) -> tuple[bytes | None, dict]:
+    """(payload, headers) of a request: `body` as JSON when given (else the `raw` bytes), a bearer
+    token when given, then the caller's extra headers."""
+    hdrs = {}
+    if token:
+        hdrs["Authorization"] = f"Bearer {token}"
+    payload = raw
+    if body is not None:
+        payload = orjson.dumps(body, option=_DUMPS_OPTS)
+        hdrs["Content-Type"] = "application/json"
+    if headers:
+        hdrs.update(headers)
+    return payload, hdrs
+
+
 class VibratoHTTPError(Exception):
     """An error response: HTTP status, the body's code and message, and the x-request-id."""
 
@@ -108,15 +123,7 @@ class Client:
     def request(self, method: str, path: str, body=None, *, headers=None, raw: bytes | None = None,
                 auth: bool = True) -> tuple[int, dict, bytes]:
         """One HTTP exchange; returns (status, lower-cased headers, body). Retries once on a stale connection."""
-        hdrs = {}
-        if auth and self.token:
-            hdrs["Authorization"] = f"Bearer {self.token}"
-        payload = raw
-        if body is not None:
-            payload = orjson.dumps(body, option=_DUMPS_OPTS)
-            hdrs["Content-Type"] = "application/json"
-        if headers:
-            hdrs.update(headers)
+        payload, hdrs = _outgoing(self.token if auth else None, body, raw, headers)
         for attempt in (0, 1):
             conn = self._conn()
             try:
@@ -208,15 +215,7 @@ class AsyncClient:
 
     async def request(self, method: str, path: str, body=None, *, headers=None, raw: bytes | None = None,
                       auth: bool = True) -> tuple[int, dict, bytes]:
-        hdrs = {}
-        if auth and self.token:
-            hdrs["Authorization"] = f"Bearer {self.token}"
-        payload = raw
-        if body is not None:
-            payload = orjson.dumps(body, option=_DUMPS_OPTS)
-            hdrs["Content-Type"] = "application/json"
-        if headers:
-            hdrs.update(headers)
+        payload, hdrs = _outgoing(self.token if auth else None, body, raw, headers)
         async with self._session.request(method, self.base_url + path, data=payload, headers=hdrs) as resp:
             data = await resp.read()
             return resp.status, {k.lower(): v for k, v in resp.headers.items()}, data

@@ -6,6 +6,7 @@
  */
 #pragma once
 
+#include <math.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -84,6 +85,20 @@ static inline void vb_store_le64(uint8_t *p, uint64_t v) { memcpy(p, &v, 8); }
  * splitmix64: the next 64 random bits from state *s. Small, fast and fully determined by its state, so
  * seeded results (HNSW level draws, PQ training) reproduce across platforms and library versions.
  */
+/* Index of the smallest of d[0..n) (the first on ties; 0 when every value is NaN or n == 0), its
+ * value in *best (INFINITY when n == 0). */
+static inline uint32_t vb_argmin_f32(const float *d, uint32_t n, float *best) {
+    float b = (float)INFINITY;
+    uint32_t bi = 0;
+    for (uint32_t i = 0; i < n; i++)
+        if (d[i] < b) {
+            b = d[i];
+            bi = i;
+        }
+    *best = b;
+    return bi;
+}
+
 static inline uint64_t vb_splitmix64(uint64_t *s) {
     uint64_t z = (*s += 0x9E3779B97F4A7C15ull);
     z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;

@@ -67,49 +67,26 @@ static inline void vb_prefetch_row(const float *row, size_t d) {
         }                                                                                                     \
     }
 
-VB_DEFINE_NY_PAIR(vb_dot_ny_f32_scalar, vb_dot_f32_scalar, )
-VB_DEFINE_NY_PAIR(vb_l2sq_ny_f32_scalar, vb_l2sq_f32_scalar, )
-VB_DEFINE_IDS(vb_dot_ids_f32_scalar, int64_t, vb_dot_f32_scalar, )
-VB_DEFINE_IDS(vb_l2sq_ids_f32_scalar, int64_t, vb_l2sq_f32_scalar, )
-VB_DEFINE_IDS(vb_dot_ids32_f32_scalar, uint32_t, vb_dot_f32_scalar, )
+/* The derived kernels of one ISA (from its pair kernels vb_dot_f32_<isa>, vb_l2sq_f32_<isa>) and its
+ * ops table vb_ops_<isa>. */
+#define VB_DEFINE_OPS(isa, level, attr)                                                                       \
+    VB_DEFINE_NY_PAIR(vb_dot_ny_f32_##isa, vb_dot_f32_##isa, attr)                                            \
+    VB_DEFINE_NY_PAIR(vb_l2sq_ny_f32_##isa, vb_l2sq_f32_##isa, attr)                                          \
+    VB_DEFINE_IDS(vb_dot_ids_f32_##isa, int64_t, vb_dot_f32_##isa, attr)                                      \
+    VB_DEFINE_IDS(vb_l2sq_ids_f32_##isa, int64_t, vb_l2sq_f32_##isa, attr)                                    \
+    VB_DEFINE_IDS(vb_dot_ids32_f32_##isa, uint32_t, vb_dot_f32_##isa, attr)                                   \
+    static const vb_distance_ops_t vb_ops_##isa = {                                                           \
+        level,                   vb_dot_f32_##isa,       vb_l2sq_f32_##isa,       vb_dot_ny_f32_##isa,        \
+        vb_l2sq_ny_f32_##isa,    vb_dot_ids_f32_##isa,   vb_l2sq_ids_f32_##isa,   vb_dot_ids32_f32_##isa,     \
+    };
 
-static const vb_distance_ops_t vb_ops_scalar = {
-    VB_SIMD_SCALAR,        vb_dot_f32_scalar,      vb_l2sq_f32_scalar,     vb_dot_ny_f32_scalar,
-    vb_l2sq_ny_f32_scalar, vb_dot_ids_f32_scalar,  vb_l2sq_ids_f32_scalar, vb_dot_ids32_f32_scalar,
-};
-
+VB_DEFINE_OPS(scalar, VB_SIMD_SCALAR, )
 #if VB_X86_64
-VB_DEFINE_NY_PAIR(vb_dot_ny_f32_avx2, vb_dot_f32_avx2, VB_TARGET("avx2,fma"))
-VB_DEFINE_NY_PAIR(vb_l2sq_ny_f32_avx2, vb_l2sq_f32_avx2, VB_TARGET("avx2,fma"))
-VB_DEFINE_IDS(vb_dot_ids_f32_avx2, int64_t, vb_dot_f32_avx2, VB_TARGET("avx2,fma"))
-VB_DEFINE_IDS(vb_l2sq_ids_f32_avx2, int64_t, vb_l2sq_f32_avx2, VB_TARGET("avx2,fma"))
-VB_DEFINE_IDS(vb_dot_ids32_f32_avx2, uint32_t, vb_dot_f32_avx2, VB_TARGET("avx2,fma"))
-VB_DEFINE_NY_PAIR(vb_dot_ny_f32_avx512, vb_dot_f32_avx512, VB_TARGET("avx512f"))
-VB_DEFINE_NY_PAIR(vb_l2sq_ny_f32_avx512, vb_l2sq_f32_avx512, VB_TARGET("avx512f"))
-VB_DEFINE_IDS(vb_dot_ids_f32_avx512, int64_t, vb_dot_f32_avx512, VB_TARGET("avx512f"))
-VB_DEFINE_IDS(vb_l2sq_ids_f32_avx512, int64_t, vb_l2sq_f32_avx512, VB_TARGET("avx512f"))
-VB_DEFINE_IDS(vb_dot_ids32_f32_avx512, uint32_t, vb_dot_f32_avx512, VB_TARGET("avx512f"))
-
-static const vb_distance_ops_t vb_ops_avx2 = {
-    VB_SIMD_AVX2,        vb_dot_f32_avx2,     vb_l2sq_f32_avx2,     vb_dot_ny_f32_avx2,
-    vb_l2sq_ny_f32_avx2, vb_dot_ids_f32_avx2, vb_l2sq_ids_f32_avx2, vb_dot_ids32_f32_avx2,
-};
-static const vb_distance_ops_t vb_ops_avx512 = {
-    VB_SIMD_AVX512,        vb_dot_f32_avx512,     vb_l2sq_f32_avx512,     vb_dot_ny_f32_avx512,
-    vb_l2sq_ny_f32_avx512, vb_dot_ids_f32_avx512, vb_l2sq_ids_f32_avx512, vb_dot_ids32_f32_avx512,
-};
+VB_DEFINE_OPS(avx2, VB_SIMD_AVX2, VB_TARGET("avx2,fma"))
+VB_DEFINE_OPS(avx512, VB_SIMD_AVX512, VB_TARGET("avx512f"))
 #endif
-
 #if VB_AARCH64
-VB_DEFINE_NY_PAIR(vb_dot_ny_f32_neon, vb_dot_f32_neon, )
-VB_DEFINE_NY_PAIR(vb_l2sq_ny_f32_neon, vb_l2sq_f32_neon, )
-VB_DEFINE_IDS(vb_dot_ids_f32_neon, int64_t, vb_dot_f32_neon, )
-VB_DEFINE_IDS(vb_l2sq_ids_f32_neon, int64_t, vb_l2sq_f32_neon, )
-VB_DEFINE_IDS(vb_dot_ids32_f32_neon, uint32_t, vb_dot_f32_neon, )
-static const vb_distance_ops_t vb_ops_neon = {
-    VB_SIMD_NEON,        vb_dot_f32_neon,     vb_l2sq_f32_neon,     vb_dot_ny_f32_neon,
-    vb_l2sq_ny_f32_neon, vb_dot_ids_f32_neon, vb_l2sq_ids_f32_neon, vb_dot_ids32_f32_neon,
-};
+VB_DEFINE_OPS(neon, VB_SIMD_NEON, )
 #endif
 
 /*

@@ -206,15 +206,7 @@ static inline uint32_t vb_pq_nearest_pairwise(const vb_distance_ops_t *ops, cons
                                               const float *restrict c, size_t dsub, float *restrict dist) {
     float d[VB_PQ_KSUB];
     ops->l2sq_ny(d, x, c, dsub, VB_PQ_KSUB);
-    float best = INFINITY;
-    uint32_t bi = 0;
-    for (uint32_t i = 0; i < VB_PQ_KSUB; i++)
-        if (d[i] < best) {
-            best = d[i];
-            bi = i;
-        }
-    *dist = best;
-    return bi;
+    return vb_argmin_f32(d, VB_PQ_KSUB, dist);
 }
 
 /* ------------------------------------------------------------------------------------------------

@@ -117,6 +117,26 @@ def drop_sqlite_wal(data_dir: Path):
             p.unlink()
 
 
+def restart_and_verify(data, work, token, ledger, label, port=None, **verify):
+    """After the kill: (optionally drop the SQLite WAL,) restart on `data`, check every acknowledged
+    write over HTTP and in the catalog, and shut down gracefully; on a failure the restarted
+    server's log tail is printed."""
+    if INJECT == "drop-sqlite-wal":
+        drop_sqlite_wal(data)
+    srv = GateServer(data, dim=DIM, port=port, log_dir=work)
+    try:
+        srv.wait_ready()
+        summary = verify_after_restart(srv, token, ledger, label, **verify)
+        assert srv.terminate() == 0, f"[{label}] graceful shutdown failed:\n{srv.tail()}"
+        check_catalog_metadata(data, ledger, label)
+        print(f"[{label}] ok {summary}")
+    except BaseException:
+        print(f"[{label}] FAILED after the restart; server logs:\n{srv.tail(20)}")
+        raise
+    finally:
+        srv.stop()
+
+
 def verify_after_restart(srv: GateServer, token: str, ledger: Ledger, label: str, verify_cap: int | None = None):
     """The invariants in the module docstring. Returns a summary dict."""
     c = srv.client(token, timeout=60)
@@ -295,15 +315,8 @@ def test_crash_matrix_kill9(seed):
                 srv.kill9()
                 writer.halt.set()
                 writer.join(timeout=15)
-            if INJECT == "drop-sqlite-wal":
-                drop_sqlite_wal(data)
             print(f"[{label}] killed: attempted={len(ledger.order)} acked={len(ledger.acked)} kill={landed}")
-            srv = GateServer(data, dim=DIM, port=srv.port, log_dir=work)
-            srv.wait_ready()
-            summary = verify_after_restart(srv, token, ledger, label)
-            assert srv.terminate() == 0, f"[{label}] graceful shutdown failed:\n{srv.tail()}"
-            check_catalog_metadata(data, ledger, label)
-            print(f"[{label}] ok {summary}")
+            restart_and_verify(data, work, token, ledger, label, port=srv.port)
         except BaseException:
             print(f"[{label}] FAILED; server logs:\n{srv.tail(20)}")
             raise
@@ -361,15 +374,9 @@ def test_jepsen_random_kill(seed):
             halt.set()
             for t in threads:
                 t.join(timeout=3)
-            if INJECT == "drop-sqlite-wal":
-                drop_sqlite_wal(data)
             print(f"[{label}] killed at {kill_ms:.0f} ms: attempted={len(ledger.order)} acked={len(ledger.acked)}")
-            srv = GateServer(data, dim=DIM, log_dir=work)  # a new port, as v2.1's harness does (CONTRACT.md R6)
-            srv.wait_ready()
-            summary = verify_after_restart(srv, token, ledger, label, verify_cap=JEPSEN_VERIFY_CAP)
-            assert srv.terminate() == 0, f"[{label}] graceful shutdown failed:\n{srv.tail()}"
-            check_catalog_metadata(data, ledger, label)
-            print(f"[{label}] ok {summary}")
+            # a new port, as v2.1's harness does (CONTRACT.md R6)
+            restart_and_verify(data, work, token, ledger, label, verify_cap=JEPSEN_VERIFY_CAP)
         except BaseException:
             print(f"[{label}] FAILED; server logs:\n{srv.tail(20)}")
             raise

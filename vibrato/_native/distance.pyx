@@ -34,60 +34,57 @@ def isa_level():
     return _default_ops.level
 
 
-def _check_vec(a, str name):
-    if not isinstance(a, np.ndarray):
-        raise ValueError(f"{name} must be a numpy float32 array, got {type(a).__name__}")
-    if a.dtype != np.float32:
-        raise ValueError(f"{name} must have dtype float32, got {a.dtype}")
-    if a.ndim != 1:
-        raise ValueError(f"{name} must be 1-D, got shape {a.shape}")
-    if not a.flags.c_contiguous:
-        raise ValueError(f"{name} must be C-contiguous")
-    if a.shape[0] == 0:
-        raise ValueError(f"{name} must not be empty")
-
-
-def _check_mat(x, str name):
+def _check_f32(x, str name, int ndim):
+    """x must be a C-contiguous float32 numpy array: a non-empty vector (ndim 1) or an (n, d) matrix
+    with d >= 1 (ndim 2)."""
     if not isinstance(x, np.ndarray):
         raise ValueError(f"{name} must be a numpy float32 array, got {type(x).__name__}")
     if x.dtype != np.float32:
         raise ValueError(f"{name} must have dtype float32, got {x.dtype}")
-    if x.ndim != 2:
-        raise ValueError(f"{name} must be 2-D (n, d), got shape {x.shape}")
+    if x.ndim != ndim:
+        raise ValueError(f"{name} must be " + ("1-D" if ndim == 1 else "2-D (n, d)") + f", got shape {x.shape}")
     if not x.flags.c_contiguous:
         raise ValueError(f"{name} must be C-contiguous")
-    if x.shape[1] == 0:
-        raise ValueError(f"{name} must have d >= 1")
+    if x.shape[ndim - 1] == 0:
+        raise ValueError(f"{name} must not be empty" if ndim == 1 else f"{name} must have d >= 1")
+
+
+def _check_vec(a, str name):
+    _check_f32(a, name, 1)
+
+
+def _check_mat(x, str name):
+    _check_f32(x, name, 2)
+
+
+cdef vb_pair_fn _pair_fn(a, b, int metric, int level) except NULL:
+    """The single-pair kernel for metric 0 (inner product) or 1 (squared L2), after checking a and b."""
+    _check_vec(a, "a")
+    _check_vec(b, "b")
+    if a.shape[0] != b.shape[0]:
+        raise ValueError(f"dimension mismatch: a has {a.shape[0]}, b has {b.shape[0]}")
+    cdef const vb_distance_ops_t *ops = _ops(level)
+    return ops.dot if metric == 0 else ops.l2sq
+
+
+cdef float _pair(a, b, int metric, int level) except? -1:
+    cdef vb_pair_fn fn = _pair_fn(a, b, metric, level)
+    cdef const float[::1] av = a
+    cdef const float[::1] bv = b
+    cdef float r
+    with nogil:
+        r = fn(&av[0], &bv[0], av.shape[0])
+    return r
 
 
 def dot(a, b, int level=-1):
     """Inner product of two float32 vectors of equal length."""
-    _check_vec(a, "a")
-    _check_vec(b, "b")
-    if a.shape[0] != b.shape[0]:
-        raise ValueError(f"dimension mismatch: a has {a.shape[0]}, b has {b.shape[0]}")
-    cdef const float[::1] av = a
-    cdef const float[::1] bv = b
-    cdef const vb_distance_ops_t *ops = _ops(level)
-    cdef float r
-    with nogil:
-        r = ops.dot(&av[0], &bv[0], av.shape[0])
-    return r
+    return _pair(a, b, 0, level)
 
 
 def l2sq(a, b, int level=-1):
     """Squared Euclidean distance of two float32 vectors of equal length."""
-    _check_vec(a, "a")
-    _check_vec(b, "b")
-    if a.shape[0] != b.shape[0]:
-        raise ValueError(f"dimension mismatch: a has {a.shape[0]}, b has {b.shape[0]}")
-    cdef const float[::1] av = a
-    cdef const float[::1] bv = b
-    cdef const vb_distance_ops_t *ops = _ops(level)
-    cdef float r
-    with nogil:
-        r = ops.l2sq(&av[0], &bv[0], av.shape[0])
-    return r
+    return _pair(a, b, 1, level)
 
 
 def _check_ids(ids, Py_ssize_t n):
@@ -163,12 +160,7 @@ def distance_matrix(Q, X, int metric=0, int level=-1, threads=None):
 
 def bench_pair(a, b, int metric=0, long iters=1000000, int level=-1):
     """Nanoseconds per single-pair kernel call, timed in a native loop (no Python per call)."""
-    _check_vec(a, "a")
-    _check_vec(b, "b")
-    if a.shape[0] != b.shape[0]:
-        raise ValueError("dimension mismatch")
-    cdef const vb_distance_ops_t *ops = _ops(level)
-    cdef vb_pair_fn fn = ops.dot if metric == 0 else ops.l2sq
+    cdef vb_pair_fn fn = _pair_fn(a, b, metric, level)
     cdef const float[::1] av = a
     cdef const float[::1] bv = b
     cdef size_t d = av.shape[0]

@@ -6,7 +6,6 @@ data directory, so a data dir can be moved or restored elsewhere (CONTRACT.md D9
 """
 import time
 
-from vibrato.errors import NotFoundError
 
 COLUMNS = ("id", "collection_id", "level", "kind", "path", "row_count", "live_count", "vector_id_start",
            "vector_id_end", "start_lsn", "end_lsn", "state", "size_bytes", "error", "created_at", "updated_at")
@@ -38,13 +37,6 @@ def set_states(conn, segment_ids, state: str) -> None:
                      [(state, now, sid) for sid in segment_ids])
 
 
-def get(conn, segment_id: str) -> dict:
-    r = conn.execute(_SELECT + " WHERE id = ?", (segment_id,)).fetchone()
-    if r is None:
-        raise NotFoundError(f"segment '{segment_id}' not found")
-    return _row(r)
-
-
 def find(conn, segment_id: str) -> dict | None:
     r = conn.execute(_SELECT + " WHERE id = ?", (segment_id,)).fetchone()
     return None if r is None else _row(r)
@@ -56,13 +48,6 @@ def list_by_state(conn, collection_id: str, states) -> list[dict]:
     return [_row(r) for r in conn.execute(
         _SELECT + f" WHERE collection_id = ? AND state IN ({marks}) ORDER BY level, vector_id_start",
         (collection_id, *states))]
-
-
-def list_all(conn, collection_id: str | None = None) -> list[dict]:
-    if collection_id is None:
-        return [_row(r) for r in conn.execute(_SELECT + " ORDER BY collection_id, level, vector_id_start")]
-    return [_row(r) for r in conn.execute(_SELECT + " WHERE collection_id = ? ORDER BY level, vector_id_start",
-                                          (collection_id,))]
 
 
 def count_by_state(conn, collection_id: str) -> dict:
@@ -92,6 +77,12 @@ def unpin(conn, snapshot_id: str) -> None:
 
 
 def pinned_segment_ids(conn) -> set:
+    """Segments an unexpired snapshot pin holds (their files must stay)."""
     now = int(time.time())
-    conn.execute("DELETE FROM snapshot_pins WHERE expires_at < ?", (now,)) if not conn.readonly("main") else None
     return {r[0] for r in conn.execute("SELECT segment_id FROM snapshot_pins WHERE expires_at >= ?", (now,))}
+
+
+def purge_expired_pins(conn, now: int) -> int:
+    """Delete pin rows that expired before `now` (pinned_segment_ids already ignores them)."""
+    conn.execute("DELETE FROM snapshot_pins WHERE expires_at < ?", (now,))
+    return conn.changes()

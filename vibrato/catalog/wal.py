@@ -135,11 +135,6 @@ def metadata_for_ids(conn, collection_id: str, ids: list) -> dict:
     return out
 
 
-def max_lsn(conn) -> int:
-    row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'wal_entries'").fetchone()
-    return 0 if row is None else row[0]
-
-
 def truncate_after_lsn(conn, collection_id: str, target_lsn: int, now: int | None = None) -> dict:
     """Replay-to-LSN in the catalog: drop this collection's rows with lsn > target_lsn and record their
     id range as tombstoned so it is never served or re-issued (the id counter is left alone)."""

@@ -61,13 +61,13 @@ class BackgroundWorkers:
             if self._stop.is_set():
                 break
             self._build_hot_graphs()
-            full = eng.hot.count() >= cfg.checkpoint_max_rows
+            full = eng.segment_set.hot_count() >= cfg.checkpoint_max_rows
             if not full and time.monotonic() < next_due:
                 continue
             try:
                 while not self._stop.is_set():
                     res = eng.checkpoint(background=True)
-                    if res["state"] == "idle" or eng.hot.count() < cfg.checkpoint_max_rows:
+                    if res["state"] == "idle" or eng.segment_set.hot_count() < cfg.checkpoint_max_rows:
                         break
             except Exception as exc:  # noqa: BLE001
                 log.warning("background checkpoint failed: %s", exc)
@@ -76,9 +76,7 @@ class BackgroundWorkers:
 
     def _build_hot_graphs(self):
         eng = self.engine
-        with eng._state_lock:
-            todo = eng.hot.sealed_without_index()
-        for ch in todo:
+        for ch in eng.segment_set.hot_chunks_needing_graph():
             if self._stop.is_set():
                 return
             try:

@@ -14,6 +14,7 @@ import numpy as np
 from vibrato.catalog import jobs, segments as seg_sql, wal
 from vibrato.engine import pipeline
 from vibrato.engine.faults import fault_point
+from vibrato.engine.state import Counter
 from vibrato.ids import job_id as new_id
 
 log = logging.getLogger("vibrato.engine")
@@ -22,8 +23,7 @@ log = logging.getLogger("vibrato.engine")
 def run(engine, *, background: bool = False) -> dict:
     with engine.checkpoint_lock:
         jid = new_id("chk")
-        with engine._state_lock:
-            ids, lsns, vectors, metas = engine.hot.head(engine.config.checkpoint_max_rows)
+        ids, lsns, vectors, metas = engine.segment_set.hot_head(engine.config.checkpoint_max_rows)
         if ids.shape[0] == 0:
             return {"job_id": jid, "state": "idle", "details": {"reason": "no_pending_wal"}}
         job = Checkpoint(engine, jid, ids, lsns, vectors, metas)
@@ -37,6 +37,7 @@ def run(engine, *, background: bool = False) -> dict:
 
 class Checkpoint(pipeline.SegmentJob):
     kind = "checkpoint"
+    done, failed = Counter.CHECKPOINT, Counter.CHECKPOINT_FAILURES
 
     def __init__(self, engine, jid, ids, lsns, vectors, metas):
         self.ids, self.vectors, self.metas = ids, vectors, metas
@@ -73,7 +74,7 @@ class Checkpoint(pipeline.SegmentJob):
         roll_back(conn, self.job_id, self.segment_id if registered else None, self.details, error)
 
     def publish(self, handle):
-        self.engine.publish(add=[handle], drop_hot_through=self.end_lsn)
+        self.engine.segment_set.swap(add=[handle], drop_hot_through=self.end_lsn)
 
 
 # ---------------------------------------------------------------- catalog transactions (also recovery's)

@@ -26,6 +26,7 @@ import numpy as np
 from vibrato.catalog import jobs, segments as seg_sql
 from vibrato.engine import pipeline
 from vibrato.engine.faults import fault_point
+from vibrato.engine.state import Counter
 from vibrato.errors import IntegrityError
 from vibrato.ids import job_id as new_id
 
@@ -93,7 +94,7 @@ def _first_run(segs, level, max_inputs):
 def run(engine, *, background: bool = False) -> dict:
     with engine.compaction_lock:
         jid = new_id("cmp")
-        inputs, out_level = plan(engine.segment_handles, engine.config)
+        inputs, out_level = plan(engine.segment_set.handles, engine.config)
         if not inputs:
             return {"job_id": jid, "state": "idle", "details": {"reason": "not_enough_compaction_candidates"}}
         job = Compaction(engine, jid, inputs, out_level)
@@ -109,6 +110,7 @@ def run(engine, *, background: bool = False) -> dict:
 
 class Compaction(pipeline.SegmentJob):
     kind = "compaction"
+    done, failed = Counter.COMPACTION, Counter.COMPACTION_FAILURES
 
     def __init__(self, engine, jid, inputs, out_level):
         self.inputs, self.out_level = inputs, out_level
@@ -135,7 +137,7 @@ class Compaction(pipeline.SegmentJob):
         roll_back(conn, self.job_id, self.segment_id if registered else None, self.input_ids, self.details, error)
 
     def publish(self, handle):
-        self.engine.publish(add=[handle], remove=self.inputs)
+        self.engine.segment_set.swap(add=[handle], remove=self.inputs)
 
 
 # ---------------------------------------------------------------- catalog transactions (also recovery's)

@@ -2,15 +2,14 @@
 
 Threads: callers (server executor threads or an embedding program) call the public methods
 concurrently. Writes go through the catalog's writer thread (group commit); its after-commit hook
-appends to the hot tier and the filter index under `_state_lock`, before the write is acknowledged.
-Queries take a `View` under the same lock (O(segments + hot chunks)) and search it without locks.
+appends to the segment set (hot tier + filter index, state.SegmentSet) before the write is
+acknowledged. Queries take a `View` from it (O(segments + hot chunks)) and search it without locks.
 Checkpoint and compaction run on background threads (or on an admin call), each under its own lock,
-and publish their results by swapping the segment set under `_state_lock`.
+and publish their results with one `SegmentSet.swap`. Readiness and counters are typed state
+(state.Readiness, state.Counters); maintenance bookkeeping is maintenance.Housekeeping.
 """
 import logging
-import os
 import threading
-import time
 
 import numpy as np
 
@@ -22,10 +21,10 @@ from vibrato.engine import compaction as _compaction
 from vibrato.engine import planner as _planner
 from vibrato.engine import recovery as _recovery
 from vibrato.engine.background import BackgroundWorkers
-from vibrato.engine.filters import FilterIndex
-from vibrato.engine.hot import HotTier, HotView
 from vibrato.engine.identify import identify as _identify
 from vibrato.engine.lock import DataDirLock
+from vibrato.engine.maintenance import Housekeeping
+from vibrato.engine.state import Counter, Counters, Readiness, SegmentSet
 from vibrato.engine.throttle import IoThrottle
 from vibrato.engine.tiers import View
 from vibrato.engine.validation import check_filter, check_identify, check_search, check_vector, prepare_rows
@@ -81,46 +80,28 @@ class Engine:
             raise
         self.cid = self.collection["id"]
         self.dim = config.dim
-        self.filters = FilterIndex()
-        # chunk rows: hot_exact_rows, but at most ~64 MiB of vectors per chunk
-        self.hot = HotTier(self.dim, max(1024, min(config.hot_exact_rows, (64 << 20) // (4 * self.dim))))
-        self._state_lock = threading.RLock()
-        self._segments = View((), HotView(()))  # segment part of the view (hot part is taken per query)
-        self._dead_ranges = []
-        self.unscrubbed: set = set()  # segments whose vector section was not checksummed at start-up
-        self.housekeeping = {"last_purge": 0.0, "last_scrub": 0.0, "scrub_pos": 0}
+        # hot chunk rows: hot_exact_rows, but at most ~64 MiB of vectors per chunk
+        self.segment_set = SegmentSet(self.dim, max(1024, min(config.hot_exact_rows, (64 << 20) // (4 * self.dim))))
+        self.readiness_state = Readiness()
+        self.counters = Counters()
+        self.housekeeping = Housekeeping()
         self.checkpoint_lock = threading.Lock()
         self.compaction_lock = threading.Lock()
         self.throttle = IoThrottle(config.background_io_mb_per_sec if config.audio_colocated else 0)
-        self._ready = False
-        self._recovering = True
-        self._report = "recovering"
-        self._blockers: list[str] = []
         self._recovery: dict = {}
         self._recovery_thread = None
-        self.counters = {"checkpoint_total": 0, "compaction_total": 0, "obsolete_files_deleted_total": 0,
-                         "quarantine_evictions_total": 0, "ingest_vectors_total": 0, "query_total": 0,
-                         "identify_total": 0, "checkpoint_failures_total": 0, "compaction_failures_total": 0,
-                         "wal_rows_pruned_total": 0}
-        self._counter_lock = threading.Lock()
 
     def _start(self, *, recover_async: bool, background: bool, progress):
         def run():
             try:
                 self._recovery = _recovery.recover(self, progress=progress)
-                self._blockers = list(self._recovery["blockers"])
-                self._report = self._recovery["report"]
-                self._ready = not self._blockers
-                log.info("recovery finished: %s", self._report)
+                self.readiness_state.finish(self._recovery["summary"], self._recovery["blockers"])
+                log.info("recovery finished: %s", self.readiness_state.state()[1])
             except BaseException as exc:  # noqa: BLE001 - surfaced through readiness
                 log.exception("recovery failed")
-                self._blockers = [f"recovery failed: {exc}"]
-                self._report = f"degraded: recovery failed: {exc}"
-                self._ready = False
+                self.readiness_state.finish(None, [f"recovery failed: {exc}"])
                 if not recover_async:
                     raise
-            finally:
-                self._recovering = False
             if background and not self._closed:
                 self._workers = BackgroundWorkers(self)
                 self._workers.start()
@@ -153,52 +134,30 @@ class Engine:
 
     # ------------------------------------------------------------------ state
     def readiness(self) -> tuple[bool, str]:
-        if self._recovering:
-            return False, "recovering"
-        return self._ready, self._report
+        """(ready, report): see state.Readiness."""
+        return self.readiness_state.state()
 
     @property
     def live(self) -> bool:
         return not self._closed
 
     def recovery_report(self) -> dict:
-        return dict(self._recovery, blockers=list(self._blockers), ready=self.readiness()[0])
+        ready, report = self.readiness()
+        return dict(self._recovery, blockers=self.readiness_state.blockers, ready=ready, report=report)
 
     def add_blocker(self, blocker: str):
         """A failure found after startup (e.g. by the scrubber) degrades readiness live (CONTRACT.md D21)."""
-        with self._state_lock:
-            if blocker not in self._blockers:
-                self._blockers.append(blocker)
-            self._ready = False
-            base = self._report.split(", blockers=")[0].replace("recovered:", "degraded:", 1)
-            self._report = f"{base}, blockers={' | '.join(self._blockers)}"
+        self.readiness_state.add_blocker(blocker)
 
     def _require_ready(self):
         if self._closed:
             raise NotReadyError("engine is closed")
-        if self._recovering:
+        if self.readiness_state.recovering:
             raise NotReadyError("engine is recovering; retry when /v2/health/ready is 200")
 
-    def bump(self, name: str, by: int = 1):
-        with self._counter_lock:
-            self.counters[name] = self.counters.get(name, 0) + by
-
     def view(self) -> View:
-        with self._state_lock:
-            return self._segments.with_segments(self._segments.segments, self.hot.view())
-
-    def publish(self, add=(), remove=(), drop_hot_through: int | None = None):
-        """Swap the segment set (and hide checkpointed hot rows) atomically for new queries."""
-        with self._state_lock:
-            gone = {s.id for s in remove}
-            segs = [s for s in self._segments.segments if s.id not in gone] + list(add)
-            self._segments = View(tuple(segs), HotView(()))
-            if drop_hot_through is not None:
-                self.hot.drop_through(drop_hot_through)
-
-    @property
-    def segment_handles(self) -> tuple:
-        return self._segments.segments
+        """The immutable snapshot a query searches (state.SegmentSet.view)."""
+        return self.segment_set.view()
 
     # ------------------------------------------------------------------ ingest
     def ingest(self, vector, metadata=None, idempotency_key=None) -> tuple[int, bool]:
@@ -229,18 +188,14 @@ class Engine:
             try:
                 ids = np.array([results[i][0] for i in created], dtype=np.int64)
                 lsns = np.array([results[i][2] for i in created], dtype=np.int64)
-                metas = [prep.metas[i] for i in created]
-                with self._state_lock:
-                    self.hot.append(ids, lsns, prep.vectors[created], metas)
-                    self.filters.add_rows(ids, np.array([m[3] for m in metas], dtype=np.float32),
-                                          [m[4] for m in metas])
+                self.segment_set.append(ids, lsns, prep.vectors[created], [prep.metas[i] for i in created])
             except Exception as exc:  # noqa: BLE001
                 log.exception("acknowledged rows could not be added to the hot tier")
                 self.add_blocker(f"hot tier out of step with the WAL after {exc!r}; restart to rebuild it")
-            self.bump("ingest_vectors_total", len(created))
+            self.counters.add(Counter.INGEST_VECTORS, len(created))
 
         results = self.catalog.write(wal.insert_batch, self.cid, prep.rows, after_commit=apply)
-        if self._workers is not None and self.hot.count() >= self.config.checkpoint_max_rows:
+        if self._workers is not None and self.segment_set.hot_count() >= self.config.checkpoint_max_rows:
             self._workers.wake_checkpoint()
         return [(r[0], r[1]) for r in results]
 
@@ -252,11 +207,11 @@ class Engine:
         check_search(k, ef, search_tier, self.config.limits)
         flt = check_filter(filter, self.config.limits)
         if k == 0:
-            self.bump("query_total")
+            self.counters.add(Counter.QUERY)
             return []
-        allowed = self.filters.evaluate(flt) if flt is not None else None
+        allowed = self.segment_set.filters.evaluate(flt) if flt is not None else None
         out = _planner.query(self.view(), q, k, ef, allowed, search_tier, include_metadata)
-        self.bump("query_total")
+        self.counters.add(Counter.QUERY)
         return out
 
     def identify(self, vectors, k: int = 5, ef: int = 100, search_tier: str = "all",
@@ -266,7 +221,7 @@ class Engine:
         if frames is None:  # k == 0: no results, before any dimension check (CONTRACT.md §1.3)
             return []
         out = _planner.shape_identify(_identify(self.view(), frames, k, ef, search_tier, include_metadata))
-        self.bump("identify_total")
+        self.counters.add(Counter.IDENTIFY)
         return out
 
     # ------------------------------------------------------------------ admin
@@ -293,13 +248,10 @@ class Engine:
                     jobs.count_inflight(conn, "compaction", self.cid), orphans.usage(conn))
 
         states, pending, chk_inflight, cmp_inflight, (q_files, q_bytes) = self.catalog.read(read)
-        with self._state_lock:
-            segs = self._segments.segments
-            hot = self.hot.count()
+        segs, hot = self.segment_set.handles_and_hot_count()
         wal_stats = self.catalog.wal_stats()
         ready, report = self.readiness()
-        with self._counter_lock:
-            counters = dict(self.counters)
+        counters = self.counters.as_dict()
         stats = {
             "ready": ready,
             "live": self.live,

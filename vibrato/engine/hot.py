@@ -1,9 +1,10 @@
 """The hot tier: acknowledged WAL rows not yet in a segment, held in memory and searchable.
 
-Rows arrive in commit order (ids and LSNs ascending) through `append`, which the engine calls under
-its state lock from the catalog writer thread, before the write is acknowledged (read-your-writes,
-CONTRACT.md D5). Storage is a list of fixed-capacity chunks; rows inside a chunk are written once and never
-moved, so a `HotView` (chunk, lo, hi) taken under the state lock can be read later without locks.
+Rows arrive in commit order (ids and LSNs ascending) through `append`, which state.SegmentSet (the
+tier's only owner) calls under its lock from the catalog writer thread, before the write is
+acknowledged (read-your-writes, CONTRACT.md D5). Storage is a list of fixed-capacity chunks; rows
+inside a chunk are written once and never moved, so a `HotView` (chunk, lo, hi) taken under that
+lock can be read later without locks.
 
 Search: sealed chunks get an HNSW graph built in the background; the query planner (planner.py)
 scans the growing chunk and graph-less chunks exactly and decides per slice between a chunk's graph
@@ -109,7 +110,7 @@ class HotView:
 
 
 class HotTier:
-    """Mutable owner of the chunks. Every method is called with the engine's state lock held."""
+    """Mutable owner of the chunks. Every method is called with state.SegmentSet's lock held."""
 
     def __init__(self, dim: int, chunk_rows: int):
         self.dim = dim

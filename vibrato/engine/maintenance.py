@@ -14,15 +14,28 @@
 import logging
 import os
 import time
+from dataclasses import dataclass, field
 
 from vibrato.catalog import audit, jobs, orphans, segments as seg_sql, wal
 from vibrato.datadir import UnsafePathError, resolve_rel
 from vibrato.engine.memory import release_free_memory
+from vibrato.engine.state import Counter
 
 log = logging.getLogger("vibrato.engine")
 
 JOB_RETENTION_SECS = 7 * 86400
 SCRUB_EVERY_SECS = 60.0
+
+
+@dataclass
+class Housekeeping:
+    """Maintenance bookkeeping: recovery fills the sets, the housekeeping loop works through them."""
+    last_purge: float = 0.0   # time.monotonic() of the last purge of finished job/segment/audit rows
+    last_scrub: float = 0.0   # ... and of the last scrub pass
+    scrub_pos: int = 0        # rotation position over the active segments
+    unscrubbed: set = field(default_factory=set)       # active segments not checksummed since start-up
+    unsafe_segments: set = field(default_factory=set)  # segment ids whose row names an untrusted path:
+    unsafe_orphans: set = field(default_factory=set)   # ... and orphan ids: never acted on
 
 
 def segment_file(data_dir, rel):
@@ -43,7 +56,7 @@ def unsafe_row_blocker(what: str, exc: Exception) -> str:
 def gc_obsolete(engine) -> int:
     """Delete the files of obsolete segments that no snapshot has pinned. Returns files deleted."""
     cfg = engine.config
-    unsafe = getattr(engine, "unsafe_segments", set())
+    unsafe = engine.housekeeping.unsafe_segments
 
     def read(conn):
         return seg_sql.list_by_state(conn, engine.cid, ["obsolete"]), seg_sql.pinned_segment_ids(conn)
@@ -70,7 +83,7 @@ def gc_obsolete(engine) -> int:
         done.append(row["id"])
     if done:
         engine.catalog.write(seg_sql.set_states, done, "deleted")
-        engine.bump("obsolete_files_deleted_total", len(done))
+        engine.counters.add(Counter.OBSOLETE_FILES_DELETED, len(done))
     return len(done)
 
 
@@ -79,7 +92,7 @@ def quarantine_gc(engine) -> int:
     cfg = engine.config
     cutoff = time.time() - cfg.orphan_ttl_hours * 3600
     n = 0
-    unsafe = getattr(engine, "unsafe_orphans", set())
+    unsafe = engine.housekeeping.unsafe_orphans
     for o in engine.catalog.read(orphans.live):
         if o["quarantined_at"] < cutoff and o["id"] not in unsafe and delete_quarantined(engine, o, "ttl_gc"):
             n += 1
@@ -109,35 +122,38 @@ def run_once(engine):
         log.info("deleted %d quarantined file(s) older than %d h", expired, cfg.orphan_ttl_hours)
     pruned = engine.catalog.write(wal.prune_vectors, engine.cid, now - cfg.wal_retention_secs)
     if pruned:
-        engine.bump("wal_rows_pruned_total", pruned)
+        engine.counters.add(Counter.WAL_ROWS_PRUNED, pruned)
     state = engine.housekeeping
-    if time.monotonic() - state["last_purge"] > 3600:
-        state["last_purge"] = time.monotonic()
+    if time.monotonic() - state.last_purge > 3600:
+        state.last_purge = time.monotonic()
 
         def purge(conn):
             jobs.purge_finished(conn, now - JOB_RETENTION_SECS)
             seg_sql.purge_deleted(conn, now - JOB_RETENTION_SECS)
+            seg_sql.purge_expired_pins(conn, now)
             audit.prune(conn, now - cfg.audit_retention_days * 86400)
         engine.catalog.write(purge)
-    if engine.unscrubbed or time.monotonic() - state["last_scrub"] > SCRUB_EVERY_SECS:
-        state["last_scrub"] = time.monotonic()
-        scrub_one(engine, state)
+    if state.unscrubbed or time.monotonic() - state.last_scrub > SCRUB_EVERY_SECS:
+        state.last_scrub = time.monotonic()
+        scrub_one(engine)
     release_free_memory()
 
 
-def scrub_one(engine, state):
-    segs = engine.segment_handles
+def scrub_one(engine):
+    """Verify one active segment's checksums: an unscrubbed one first, else the next in rotation."""
+    state = engine.housekeeping
+    segs = engine.segment_set.handles
     if not segs:
-        engine.unscrubbed.clear()
+        state.unscrubbed.clear()
         return
-    pending = [s for s in segs if s.id in engine.unscrubbed]
+    pending = [s for s in segs if s.id in state.unscrubbed]
     if pending:
         seg = pending[0]
     else:
-        engine.unscrubbed.clear()  # the rest were compacted away unverified: their outputs were verified
-        seg = segs[state["scrub_pos"] % len(segs)]
-        state["scrub_pos"] += 1
-    engine.unscrubbed.discard(seg.id)
+        state.unscrubbed.clear()  # the rest were compacted away unverified: their outputs were verified
+        seg = segs[state.scrub_pos % len(segs)]
+        state.scrub_pos += 1
+    state.unscrubbed.discard(seg.id)
     try:
         seg.reader.verify(evict=True)
     except Exception as exc:  # noqa: BLE001 - any failure means the file cannot be trusted

@@ -13,7 +13,7 @@ order and its fault points, named "<kind>:<step>" (faults.py; the crash tests ar
   5. open and validate the file (structure + checksums), load its graph ........ "loaded"
   6. ONE transaction (job.activate): segment `active`, the job's inputs retired (checkpointed WAL
      rows, obsolete segments), job `completed` .................................. catalog commit
-  7. publish in memory (job.publish): one swap under the state lock ............ "activated" before it
+  7. publish in memory (job.publish): one SegmentSet.swap ....................... "activated" before it
 Each step is safe to crash after: recovery rolls an interrupted job forward (the same activate
 transaction) when its output validates, back otherwise (CONTRACT.md D4). A failure before 6 removes
 the partial file and runs job.roll_back (nothing the job held is lost); after 6 only in-memory steps
@@ -27,16 +27,19 @@ import os
 
 from vibrato.catalog import jobs, segments as seg_sql
 from vibrato.engine.faults import fault_point
+from vibrato.engine.state import Counter
 from vibrato.engine.tiers import SegmentHandle
 
 log = logging.getLogger("vibrato.engine")
 
 
 class SegmentJob:
-    """One planned run of an operation. `kind` names the job table, the fault points
-    ("<kind>:<step>") and the counters (<kind>_total, <kind>_failures_total)."""
+    """One planned run of an operation. `kind` names the job table and the fault points
+    ("<kind>:<step>"); `done`/`failed` are the counters run() adds to."""
 
     kind = ""
+    done: Counter
+    failed: Counter
 
     def __init__(self, engine, job_id: str, segment_id: str, details: dict):
         self.engine = engine
@@ -106,7 +109,7 @@ def run(engine, job: SegmentJob, *, background: bool, fault=fault_point) -> dict
         fault(f"{kind}:loaded")
         engine.catalog.write(job.activate, row)
     except BaseException as exc:
-        engine.bump(f"{kind}_failures_total")
+        engine.counters.add(job.failed)
         _fail(engine, job, registered, (tmp, final), exc)
         raise
     # Point of no return: the segment is durable and active; publishing it is in memory only and
@@ -115,7 +118,7 @@ def run(engine, job: SegmentJob, *, background: bool, fault=fault_point) -> dict
         fault(f"{kind}:activated")
     finally:
         job.publish(handle)
-    engine.bump(f"{kind}_total")
+    engine.counters.add(job.done)
     return row
 
 
@@ -157,4 +160,4 @@ def load_handle(engine, row: dict, path) -> SegmentHandle:
     if reader.dim != engine.dim or reader.id_start != row["vector_id_start"] or reader.count != row["row_count"]:
         raise ValueError(f"segment {row['id']} does not match its catalog row (dim {reader.dim}, "
                          f"id_start {reader.id_start}, count {reader.count})")
-    return SegmentHandle(row, reader, engine._dead_ranges, engine.config.archive_rerank_factor)
+    return SegmentHandle(row, reader, engine.segment_set.dead_ranges, engine.config.archive_rerank_factor)

@@ -23,7 +23,6 @@
 """
 import logging
 import os
-import shutil
 import stat
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -36,6 +35,7 @@ from vibrato.datadir import UnsafePathError
 from vibrato.engine import checkpoint, compaction
 from vibrato.engine.maintenance import (delete_quarantined, gc_obsolete, quarantine_file, quarantine_gc, segment_file,
                                        unsafe_row_blocker)
+from vibrato.engine.state import Counter
 from vibrato.engine.tiers import SegmentHandle
 
 log = logging.getLogger("vibrato.engine")
@@ -51,8 +51,6 @@ def recover(engine, progress=None) -> dict:
            "obsolete_deleted": 0, "jobs_rolled_forward": 0, "jobs_rolled_back": 0, "segments_failed": 0,
            "active_segments": 0, "hot_rows": 0, "blockers": []}
     step = _stepper(progress, 9)
-    engine.unsafe_segments = set()  # segment ids whose row names an untrusted path: never acted on
-    engine.unsafe_orphans = set()
 
     step("catalog path check")
     check_catalog_paths(engine, rep)
@@ -65,30 +63,22 @@ def recover(engine, progress=None) -> dict:
     step("job reconciliation")
     reconcile_jobs(engine, rep)
     step("segment validation")
-    engine._dead_ranges = [tuple(r) for r in cat.read(wal.tombstone_ranges, engine.cid)]
-    for lo, hi in engine._dead_ranges:
-        engine.filters.kill_range(lo, hi)
+    engine.segment_set.set_dead_ranges(cat.read(wal.tombstone_ranges, engine.cid))
     handles = validate_and_load(engine, rep, progress)
     step("hot tail rebuild")
-    engine.publish(add=handles)
-    for h in handles:
-        r = h.reader
-        engine.filters.add_columns(h.id_start, h.live, r.bpm, r.tag_dict, r.tag_offsets, r.tag_ids)
+    engine.segment_set.add(handles)
     rep["hot_rows"] = rebuild_hot(engine)
     step("obsolete gc")
     rep["obsolete_deleted"] = gc_obsolete(engine)
     step("coverage check")
     check_coverage(engine, rep)
-    rep["active_segments"] = len(engine.segment_handles)
+    rep["active_segments"] = len(engine.segment_set.handles)
     rep["seconds"] = round(time.monotonic() - t0, 3)
-    counts = (f"active_segments={rep['active_segments']}, quarantined={rep['quarantined']}, "
-              f"gc_deleted={rep['gc_deleted']}, obsolete_deleted={rep['obsolete_deleted']}")
-    if rep["blockers"]:
-        rep["report"] = f"degraded: {counts}, blockers={' | '.join(rep['blockers'])}"
-    else:
-        rep["report"] = f"recovered: {counts}"
-    engine.bump("quarantine_evictions_total", rep["quarantine_evictions"])
-    engine.bump("obsolete_files_deleted_total", rep["obsolete_deleted"])
+    # the readiness report's summary (state.Readiness composes "recovered: ..." / "degraded: ...")
+    rep["summary"] = (f"active_segments={rep['active_segments']}, quarantined={rep['quarantined']}, "
+                      f"gc_deleted={rep['gc_deleted']}, obsolete_deleted={rep['obsolete_deleted']}")
+    engine.counters.add(Counter.QUARANTINE_EVICTIONS, rep["quarantine_evictions"])
+    engine.counters.add(Counter.OBSOLETE_FILES_DELETED, rep["obsolete_deleted"])
     return rep
 
 
@@ -110,23 +100,23 @@ def check_catalog_paths(engine, rep):
                 orphans.live(conn))
 
     rows, all_paths, live = engine.catalog.read(read)
+
+    def trusted(resolve, rel, what) -> bool:
+        try:
+            resolve(data_dir, rel)
+            return True
+        except UnsafePathError as exc:
+            rep["blockers"].append(unsafe_row_blocker(what, exc))
+            return False
+
     for row in rows:
-        try:
-            segment_file(data_dir, row["path"])
-        except UnsafePathError as exc:
-            engine.unsafe_segments.add(row["id"])
-            rep["blockers"].append(unsafe_row_blocker(f"segment {row['id']} ({row['state']})", exc))
+        if not trusted(segment_file, row["path"], f"segment {row['id']} ({row['state']})"):
+            engine.housekeeping.unsafe_segments.add(row["id"])
     for path in sorted(all_paths - {r["path"] for r in rows}, key=repr):  # other collections' rows
-        try:
-            segment_file(data_dir, path)
-        except UnsafePathError as exc:
-            rep["blockers"].append(unsafe_row_blocker("segment of another collection", exc))
+        trusted(segment_file, path, "segment of another collection")
     for o in live:
-        try:
-            quarantine_file(data_dir, o["quarantine_path"])
-        except UnsafePathError as exc:
-            engine.unsafe_orphans.add(o["id"])
-            rep["blockers"].append(unsafe_row_blocker(f"orphan {o['id']}", exc))
+        if not trusted(quarantine_file, o["quarantine_path"], f"orphan {o['id']}"):
+            engine.housekeeping.unsafe_orphans.add(o["id"])
 
 
 def clean_tmp(cfg) -> int:
@@ -177,7 +167,7 @@ def enforce_quarantine_cap(engine, incoming: int = 0) -> int:
     live = engine.catalog.read(orphans.live)
     files = len(live)
     used = sum(o["size_bytes"] for o in live)
-    unsafe = getattr(engine, "unsafe_orphans", set())
+    unsafe = engine.housekeeping.unsafe_orphans
     for o in live:
         if files + 1 <= cfg.quarantine_max_files and used + incoming <= cfg.quarantine_max_bytes:
             break
@@ -225,7 +215,7 @@ def _remove_file(engine, rel_path):
 
 def _unsafe(engine, rep, row, exc):
     """A row whose file must not be touched: a blocker, and every later step skips the row."""
-    engine.unsafe_segments.add(row["id"])
+    engine.housekeeping.unsafe_segments.add(row["id"])
     rep["blockers"].append(unsafe_row_blocker(f"segment {row['id']} ({row['state']})", exc))
 
 
@@ -233,11 +223,12 @@ def reconcile_jobs(engine, rep):
     """Each in-flight job rolls forward through its operation's own activate transaction when its
     output validates, back through its roll_back otherwise (its output file removed)."""
     cat, cid = engine.catalog, engine.cid
+    unsafe = engine.housekeeping.unsafe_segments
     for kind, output_of, inputs_of, forward, back in _JOB_KINDS:
         for job in cat.read(jobs.inflight, kind, cid):
             out_id, inputs = output_of(job), inputs_of(job)
             out = cat.read(seg_sql.find, out_id) if out_id else None
-            if (out is not None and out["id"] in engine.unsafe_segments) or engine.unsafe_segments & set(inputs):
+            if (out is not None and out["id"] in unsafe) or unsafe & set(inputs):
                 continue  # left in flight: the blocker names it
             exc = None
             if out is not None:
@@ -293,7 +284,7 @@ def validate_and_load(engine, rep, progress) -> list:
     # Inputs left `compacting` without an in-flight job go back to active; leftovers in
     # building/pending_activate without a job are promoted if valid.
     rows = [r for r in cat.read(seg_sql.list_by_state, cid, ["active", "compacting", "building", "pending_activate"])
-            if r["id"] not in engine.unsafe_segments]
+            if r["id"] not in engine.housekeeping.unsafe_segments]
     results = [None] * len(rows)
 
     def check(i):
@@ -323,9 +314,9 @@ def validate_and_load(engine, rep, progress) -> list:
         if row["state"] != "active":
             cat.write(seg_sql.set_state, row["id"], "active")
             row = dict(row, state="active")
-        handles.append(SegmentHandle(row, value, engine._dead_ranges, engine.config.archive_rerank_factor))
+        handles.append(SegmentHandle(row, value, engine.segment_set.dead_ranges, engine.config.archive_rerank_factor))
         if row["state"] == "active":
-            engine.unscrubbed.add(row["id"])
+            engine.housekeeping.unscrubbed.add(row["id"])
     handles.sort(key=lambda h: h.id_start)
     for a, b in zip(handles, handles[1:]):
         if b.id_start <= a.id_end:
@@ -347,9 +338,7 @@ def rebuild_hot(engine) -> int:
         blob = b"".join(r[2] for r in rows)
         vectors = np.frombuffer(blob, dtype="<f4").reshape(n, engine.dim).astype(np.float32)
         metas = [(r[3], r[4], r[5], r[6], orjson.loads(r[7])) for r in rows]
-        with engine._state_lock:
-            engine.hot.append(ids, lsns, vectors, metas)
-        engine.filters.add_rows(ids, np.array([m[3] for m in metas], dtype=np.float32), [m[4] for m in metas])
+        engine.segment_set.append(ids, lsns, vectors, metas)
         after = int(lsns[-1])
         total += n
     return total
@@ -361,15 +350,15 @@ def check_coverage(engine, rep):
     if next_id == 0:
         return
     covered = np.zeros(next_id, dtype=bool)
-    for h in engine.segment_handles:
+    for h in engine.segment_set.handles:
         lo, hi = h.id_start, min(h.id_end, next_id - 1)
         if lo <= hi:
             covered[lo:hi + 1] = True  # live rows and tombstone gap fillers alike
-    hv = engine.hot.view()
+    hv = engine.segment_set.hot_view()
     for s in hv.slices:
         ids = s.chunk.ids[s.lo:s.hi]
         covered[ids[ids < next_id]] = True
-    for lo, hi in engine._dead_ranges:
+    for lo, hi in engine.segment_set.dead_ranges:
         covered[lo:min(hi, next_id - 1) + 1] = True
     missing = np.flatnonzero(~covered)
     if missing.shape[0]:

@@ -1,7 +1,7 @@
 """Searchable tiers: loaded segments and the immutable `View` every query runs against.
 
-A `View` is (segments sorted by id_start, hot view), swapped atomically under the engine's state
-lock by checkpoint and compaction. A query holds one View for its whole life, so it never sees a
+A `View` is (segments sorted by id_start, hot view), taken from state.SegmentSet, which checkpoint
+and compaction change with one atomic `swap`. A query holds one View for its whole life, so it never sees a
 half-published change; segments it references stay mapped (and their files readable, since a file
 unlinked while mapped stays valid on Linux) until the query drops the View.
 """
@@ -9,7 +9,7 @@ import numpy as np
 
 from vibrato.engine import planner
 from vibrato.engine.hot import HotView
-from vibrato.engine.planner import merge_topk, tier_filter  # noqa: F401 - their home is the planner
+from vibrato.engine.planner import tier_filter
 
 METADATA_BATCH_MIN = 4  # reader.metadata_rows costs ~5.6 us + ~0.8 us/row, reader.metadata ~1.8 us/row
 

@@ -28,14 +28,7 @@ class StringsCSR:
 
     @classmethod
     def from_list(cls, strings, field_name: str = "source_file") -> "StringsCSR":
-        encoded = []
-        for i, s in enumerate(strings):
-            if not isinstance(s, str):
-                raise ValueError(f"{field_name}[{i}] must be a str, got {type(s).__name__}")
-            try:
-                encoded.append(s.encode("utf-8"))
-            except UnicodeEncodeError as e:
-                raise ValueError(f"{field_name}[{i}] cannot be encoded as UTF-8: {e.reason}") from None
+        encoded = encode_utf8(strings, field_name + "[{i}]")
         offsets = np.zeros(len(encoded) + 1, dtype="<u8")
         if encoded:
             np.cumsum(np.fromiter(map(len, encoded), dtype=np.uint64, count=len(encoded)), out=offsets[1:])
@@ -348,12 +341,22 @@ class SegmentData:
         return self
 
 
-def _check_utf8(strings, field_name):
-    for t in strings:
+def encode_utf8(strings, where: str) -> list[bytes]:
+    """Each string's UTF-8 bytes. A non-str, or a str UTF-8 cannot encode (a lone surrogate), is a
+    ValueError naming where.format(i=index, s=string)."""
+    out = []
+    for i, s in enumerate(strings):
+        if not isinstance(s, str):
+            raise ValueError(f"{where.format(i=i, s=s)} must be a str, got {type(s).__name__}")
         try:
-            t.encode("utf-8")
+            out.append(s.encode("utf-8"))
         except UnicodeEncodeError as e:
-            raise ValueError(f"{field_name}: tag {t!r} cannot be encoded as UTF-8: {e.reason}") from None
+            raise ValueError(f"{where.format(i=i, s=s)} cannot be encoded as UTF-8: {e.reason}") from None
+    return out
+
+
+def _check_utf8(strings, field_name):
+    encode_utf8(strings, field_name + ": tag {s!r}")
 
 
 def _as_1d(a, name):

@@ -21,7 +21,7 @@ import numpy as np
 from vibrato._native import segio as _segio
 from vibrato.datadir import FILE_MODE, fsync_dir
 from vibrato.segment import format as F
-from vibrato.segment.data import SegmentData, StreamedVectors
+from vibrato.segment.data import SegmentData, StreamedVectors, encode_utf8
 
 _IOV_MAX = 1024  # Linux's UIO_MAXIOV
 _WRITE_CHUNK = 1 << 30  # stay below Linux's 0x7ffff000 bytes per write call
@@ -62,12 +62,7 @@ def _section_buffers(data: SegmentData) -> dict[F.Section, memoryview]:
     """Every section's bytes, built with numpy (no per-row Python work beyond the string encodes)."""
     S = F.Section
     tags = data.tags
-    dict_encoded = []
-    for j, t in enumerate(tags.dictionary):
-        try:
-            dict_encoded.append(t.encode("utf-8"))
-        except UnicodeEncodeError as e:
-            raise ValueError(f"tags: tag {t!r} cannot be encoded as UTF-8: {e.reason}") from None
+    dict_encoded = encode_utf8(tags.dictionary, "tags: tag {s!r}")
     dict_offsets = np.zeros(len(dict_encoded) + 1, dtype="<u4")
     if dict_encoded:
         total = sum(map(len, dict_encoded))

@@ -11,29 +11,6 @@
 
 #include "vibrato/common.h"
 
-static uint32_t vb_pq_nearest_scalar(const float *restrict x, const float *restrict ct, size_t dsub,
-                                     float *restrict dist) {
-    float acc[VB_PQ_KSUB];
-    for (size_t c = 0; c < VB_PQ_KSUB; c++) acc[c] = 0.f;
-    for (size_t j = 0; j < dsub; j++) {
-        const float xj = x[j];
-        const float *restrict row = ct + j * VB_PQ_KSUB;
-        for (size_t c = 0; c < VB_PQ_KSUB; c++) {
-            float t = row[c] - xj;
-            acc[c] += t * t;
-        }
-    }
-    float best = INFINITY;
-    uint32_t bi = 0;
-    for (uint32_t c = 0; c < VB_PQ_KSUB; c++)
-        if (acc[c] < best) {
-            best = acc[c];
-            bi = c;
-        }
-    *dist = best;
-    return bi;
-}
-
 static void vb_pq_l2sq_cols_scalar(float *restrict out, const float *restrict xt, size_t ld, size_t dsub,
                                    const float *restrict c, size_t nb) {
     for (size_t i = 0; i < nb; i++) out[i] = 0.f;
@@ -45,6 +22,13 @@ static void vb_pq_l2sq_cols_scalar(float *restrict out, const float *restrict xt
             out[i] += v * v;
         }
     }
+}
+
+static uint32_t vb_pq_nearest_scalar(const float *restrict x, const float *restrict ct, size_t dsub,
+                                     float *restrict dist) {
+    float acc[VB_PQ_KSUB];
+    vb_pq_l2sq_cols_scalar(acc, ct, VB_PQ_KSUB, dsub, x, VB_PQ_KSUB);  /* ct is (dsub, KSUB): columns */
+    return vb_argmin_f32(acc, VB_PQ_KSUB, dist);
 }
 
 static inline float vb_pq_score_row(const float *restrict table, size_t m, const uint8_t *restrict c) {

@@ -1,0 +1,187 @@
+"""The engine's shared state, each part with one owner and an explicit interface.
+
+* `SegmentSet`: what queries search. The active segment handles, the hot tier, the filter index and
+  the tombstone (replayed-away) id ranges, changed only through `add` (recovery), `swap` (checkpoint,
+  compaction) and `append` (ingest), under one lock. `view()` is the immutable snapshot a query
+  holds for its whole life (tiers.View).
+* `Readiness`: recovering -> recovered, or degraded by blockers; a blocker found later (the scrubber,
+  an unsafe catalog row, a hot tier out of step) degrades it live (CONTRACT.md D21).
+* `Counters`: the engine's monotonic counters, named by the `Counter` enum (stats field names).
+
+Thread-safety: every method may be called from any thread.
+"""
+import enum
+import threading
+
+import numpy as np
+
+from vibrato.engine.filters import FilterIndex
+from vibrato.engine.hot import HotTier, HotView
+from vibrato.engine.tiers import View
+
+
+# ------------------------------------------------------------------------------------ counters
+class Counter(enum.Enum):
+    """An engine counter; the value is its field name in stats (docs/ENGINE_API.md)."""
+    CHECKPOINT = "checkpoint_total"
+    CHECKPOINT_FAILURES = "checkpoint_failures_total"
+    COMPACTION = "compaction_total"
+    COMPACTION_FAILURES = "compaction_failures_total"
+    OBSOLETE_FILES_DELETED = "obsolete_files_deleted_total"
+    QUARANTINE_EVICTIONS = "quarantine_evictions_total"
+    INGEST_VECTORS = "ingest_vectors_total"
+    QUERY = "query_total"
+    IDENTIFY = "identify_total"
+    WAL_ROWS_PRUNED = "wal_rows_pruned_total"
+
+
+class Counters:
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._values = dict.fromkeys(Counter, 0)
+
+    def add(self, counter: Counter, n: int = 1):
+        with self._lock:
+            self._values[counter] += n
+
+    def __getitem__(self, counter: Counter) -> int:
+        return self._values[counter]
+
+    def as_dict(self) -> dict:
+        """{stats field name: value} for every counter, read together."""
+        with self._lock:
+            return {c.value: v for c, v in self._values.items()}
+
+
+# ------------------------------------------------------------------------------------ readiness
+class Readiness:
+    """The report reads "recovering", "recovered: <summary>", or "degraded: <summary>, blockers=a | b"
+    ("degraded: a | b" when recovery itself failed and left no summary)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._recovering = True
+        self._summary = None
+        self._blockers: list[str] = []
+
+    def finish(self, summary: str | None, blockers=()):
+        """Recovery ended: `summary` its counts (None when it failed), `blockers` what keeps it unready."""
+        with self._lock:
+            self._summary = summary
+            self._blockers = list(dict.fromkeys(blockers))
+            self._recovering = False
+
+    def add_blocker(self, blocker: str):
+        with self._lock:
+            if blocker not in self._blockers:
+                self._blockers.append(blocker)
+
+    @property
+    def recovering(self) -> bool:
+        return self._recovering
+
+    @property
+    def blockers(self) -> list[str]:
+        with self._lock:
+            return list(self._blockers)
+
+    def state(self) -> tuple[bool, str]:
+        """(ready, report)."""
+        with self._lock:
+            if self._recovering:
+                return False, "recovering"
+            if not self._blockers:
+                return True, f"recovered: {self._summary}"
+            joined = " | ".join(self._blockers)
+            if self._summary is None:
+                return False, f"degraded: {joined}"
+            return False, f"degraded: {self._summary}, blockers={joined}"
+
+
+# ------------------------------------------------------------------------------------ segment set
+class SegmentSet:
+    """Owner of the searchable state (see the module docstring). Segment handles are kept sorted by
+    id_start; ids are dense across tiers, so the hot tier always follows the last segment."""
+
+    def __init__(self, dim: int, hot_chunk_rows: int):
+        self._lock = threading.RLock()
+        self._segments: tuple = ()
+        self._hot = HotTier(dim, hot_chunk_rows)
+        self.filters = FilterIndex()
+        self._dead_ranges: tuple = ()
+
+    # -------------------------------------------------------------- reads
+    def view(self) -> View:
+        with self._lock:
+            return View(self._segments, self._hot.view())
+
+    @property
+    def handles(self) -> tuple:
+        """The active segment handles, sorted by id_start."""
+        return self._segments
+
+    @property
+    def dead_ranges(self) -> tuple:
+        """Inclusive (lo, hi) id ranges replayed away (tombstones): never live in any tier."""
+        return self._dead_ranges
+
+    def handles_and_hot_count(self) -> tuple[tuple, int]:
+        """Both read at one instant (stats: no row counted twice or missed across a swap)."""
+        with self._lock:
+            return self._segments, self._hot.count()
+
+    def hot_count(self) -> int:
+        with self._lock:
+            return self._hot.count()
+
+    def hot_head(self, max_rows: int):
+        """Copies of the oldest hot rows (checkpoint's input): (ids, lsns, vectors, metas)."""
+        with self._lock:
+            return self._hot.head(max_rows)
+
+    def hot_view(self) -> HotView:
+        with self._lock:
+            return self._hot.view()
+
+    def hot_chunks_needing_graph(self) -> list:
+        """Sealed hot chunks whose HNSW graph is not built yet (background.py builds them)."""
+        with self._lock:
+            return self._hot.sealed_without_index()
+
+    # -------------------------------------------------------------- changes
+    def set_dead_ranges(self, ranges):
+        """Recovery, before segments load: handles built with `dead_ranges` mark these ids not live
+        (tiers.SegmentHandle), and the filter index stops allowing any of them it already holds."""
+        with self._lock:
+            self._dead_ranges = tuple((int(lo), int(hi)) for lo, hi in ranges)
+            for lo, hi in self._dead_ranges:
+                self.filters.kill_range(lo, hi)
+
+    def add(self, handles):
+        """Recovery: publish loaded segments and index their filter columns."""
+        with self._lock:
+            self._segments = _sorted(self._segments + tuple(handles))
+            for h in handles:
+                r = h.reader
+                self.filters.add_columns(h.id_start, h.live, r.bpm, r.tag_dict, r.tag_offsets, r.tag_ids)
+
+    def swap(self, add=(), remove=(), drop_hot_through: int | None = None):
+        """Checkpoint and compaction: one atomic change for new queries. `add` replaces `remove`, and
+        hot rows with lsn <= drop_hot_through (now held by an added segment) are hidden. The filter
+        index is by id, so it already holds every row of `add`."""
+        with self._lock:
+            gone = {s.id for s in remove}
+            self._segments = _sorted(tuple(s for s in self._segments if s.id not in gone) + tuple(add))
+            if drop_hot_through is not None:
+                self._hot.drop_through(drop_hot_through)
+
+    def append(self, ids: np.ndarray, lsns: np.ndarray, vectors: np.ndarray, metas: list):
+        """Ingest and the hot-tail rebuild: committed rows become visible to the next view."""
+        bpm = np.array([m[3] for m in metas], dtype=np.float32)
+        with self._lock:
+            self._hot.append(ids, lsns, vectors, metas)
+            self.filters.add_rows(ids, bpm, [m[4] for m in metas])
+
+
+def _sorted(handles: tuple) -> tuple:
+    return tuple(sorted(handles, key=lambda s: s.id_start))
