@@ -71,6 +71,10 @@ def run_once(checkout: Path, n: int) -> dict:
     return res
 
 
+def _fmt(v: float) -> str:
+    return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.4g}"
+
+
 def pick(res: dict, path: tuple):
     for k in path:
         res = res[k]
@@ -93,7 +97,7 @@ def main():
     for label, path, _kind in FIGURES:
         old = statistics.median(pick(x, path) for x in results["old"])
         new = statistics.median(pick(x, path) for x in results["new"])
-        print(f"| {label} | {old:,.4g} | {new:,.4g} | {new / old:.2f} |")
+        print(f"| {label} | {_fmt(old)} | {_fmt(new)} | {new / old:.2f} |")
     out = Path(__file__).resolve().parent / "results"
     out.mkdir(exist_ok=True)
     (out / "ab_checkouts.json").write_text(json.dumps(results, indent=2))

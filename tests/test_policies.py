@@ -139,6 +139,14 @@ def test_merge_topk_ties_order_by_id_and_k_beyond_n():
     assert ids.tolist() == [3, 5, 7] and scores.tolist() == [0.5, 0.5, 0.5]
 
 
+def test_merge_topk_one_target_keeps_its_order_and_orders_ties_by_id():
+    ids, scores = merge_topk([arr([9, 4, 6], [0.9, 0.5, 0.1])[0]], [arr([9, 4, 6], [0.9, 0.5, 0.1])[1]], 2)
+    assert ids.tolist() == [9, 4] and scores.dtype == np.float32
+    a = arr([9, 8, 4, 6], [0.9, 0.5, 0.5, 0.1])  # a tie inside one target's answer
+    ids, scores = merge_topk([a[0]], [a[1]], 3)
+    assert ids.tolist() == [9, 4, 8] and scores.tolist() == pytest.approx([0.9, 0.5, 0.5])
+
+
 def test_merge_topk_empty_inputs():
     for ids_list, scores_list in (([], []), ([np.empty(0, np.int64)], [np.empty(0, np.float32)])):
         ids, scores = merge_topk(ids_list, scores_list, 5)

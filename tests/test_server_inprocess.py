@@ -3,6 +3,7 @@ test server on 127.0.0.1): request validation, auth outcomes, error bodies, requ
 audit rows and the OpenAPI document. The subprocess tests are in test_server_e2e.py."""
 import asyncio
 import re
+import threading
 import time
 
 import jsonschema
@@ -315,6 +316,34 @@ def test_scores_are_shortest_float32_and_audit_rows(env):
         assert orjson.loads(mine["audit-me-2"]["details_json"]) == {"k": 1, "ef": 50}
         assert abs(mine["audit-me-1"]["ts"] - time.time()) < 60
     run(env, body)
+
+
+@pytest.mark.parametrize("inline", [True, False])
+def test_small_queries_run_on_the_loop_unless_inline_search_is_off(env, inline, monkeypatch):
+    """--inline-search: a small query runs on the event loop's thread, a large one (or any, when it is
+    off) on an executor thread; the answers are the same either way."""
+    engine = env["engine"]
+    threads = []
+    real = engine.query
+
+    def spy(*a, **kw):
+        threads.append(threading.current_thread().name)
+        return real(*a, **kw)
+    monkeypatch.setattr(engine, "query", spy)
+
+    async def body(client, tokens):
+        h = {**auth(tokens["admin"]), "Content-Type": "application/json"}
+        loop_thread = threading.current_thread().name
+        answers = []
+        for k, ef in ((5, 50), (5, 4000)):
+            resp = await client.post("/v2/query", headers=h, data=orjson.dumps(
+                {"vector": vec(1, 0.5), "k": k, "ef": ef, "search_tier": "all"}))
+            assert resp.status == 200, await resp.text()
+            answers.append([r["id"] for r in (await resp.json())["data"]["results"]])
+        assert answers[0] == answers[1]
+        small, large = threads
+        assert (small == loop_thread) is inline and large.startswith("vibrato-http")
+    run(env, body, inline_search=inline)
 
 
 # v2.1's 22 series, names, types and order (CONTRACT.md §1.6, R1).

@@ -119,7 +119,8 @@ def cli():
                                         "--sqlite-wal-autocheckpoint-pages", "--quarantine-max-files",
                                         "--quarantine-max-bytes", "--orphan-ttl-hours", "--vector-madvise-mode"])
 @click.option_panel("Network", options=["--port", "--host", "--public-health-metrics", "--bootstrap-admin-key",
-                                        "--shutdown-timeout-secs", "--server-threads", "--log-level",
+                                        "--shutdown-timeout-secs", "--server-threads", "--inline-search",
+                                        "--log-level",
                                         "--keepalive-timeout-secs", "--header-timeout-secs", "--body-timeout-secs",
                                         "--max-connections"])
 @click.option_panel("Background work", options=["--checkpoint-interval-secs", "--compaction-interval-secs",
@@ -165,6 +166,10 @@ def cli():
               show_default=True, help="How long graceful shutdown waits for in-flight requests.")
 @click.option("--server-threads", type=click.IntRange(0), default=0, show_default=True,
               help="Executor threads for blocking work (0 = min(32, 4 x cpus + 4)).")
+@bool_option("--inline-search", _DEFAULTS.inline_search,
+             "Run small queries (k <= 100, ef <= 256) on the event loop instead of a worker thread: less CPU "
+             "per query; a query that is slow (cold pages of a segment larger than memory) then delays the "
+             "others. false sends every query to the executor.")
 @click.option("--audit-retention-days", type=click.IntRange(0), default=_DEFAULTS.audit_retention_days,
               show_default=True, help="Audit rows older than this are pruned (0 keeps them).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
@@ -200,7 +205,7 @@ def serve_v2(data_dir, collection, dim, port, host, checkpoint_interval_secs, co
              orphan_ttl_hours, audio_colocated, public_health_metrics, catalog_read_timeout_ms,
              sqlite_wal_autocheckpoint_pages, quarantine_max_files, quarantine_max_bytes, background_io_mb_per_sec,
              hot_index_shards, vector_madvise_mode, bootstrap_admin_key, shutdown_timeout_secs, server_threads,
-             audit_retention_days, log_level, max_body_bytes, max_k, max_ef, max_batch, max_identify_frames,
+             inline_search, audit_retention_days, log_level, max_body_bytes, max_k, max_ef, max_batch, max_identify_frames,
              max_tags, max_tag_bytes, max_source_file_bytes, max_idempotency_key_bytes, keepalive_timeout_secs,
              header_timeout_secs, body_timeout_secs, max_connections):
     """Run the v2 HTTP server until SIGTERM/SIGINT (graceful shutdown, exit 0)."""
@@ -212,7 +217,7 @@ def serve_v2(data_dir, collection, dim, port, host, checkpoint_interval_secs, co
             data_dir=data_dir, collection=collection, dim=dim, host=host, port=port,
             public_health_metrics=public_health_metrics, bootstrap_admin_key=bootstrap_admin_key,
             shutdown_timeout_secs=shutdown_timeout_secs, audit_retention_days=audit_retention_days,
-            server_threads=server_threads, log_level=log_level.lower(),
+            server_threads=server_threads, inline_search=inline_search, log_level=log_level.lower(),
             keepalive_timeout_secs=keepalive_timeout_secs, header_timeout_secs=header_timeout_secs,
             body_timeout_secs=body_timeout_secs, max_connections=max_connections,
             checkpoint_interval_secs=checkpoint_interval_secs, compaction_interval_secs=compaction_interval_secs,

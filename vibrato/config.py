@@ -36,6 +36,7 @@ class Config:
     shutdown_timeout_secs: float = 30.0   # graceful shutdown: wait this long for in-flight requests
     audit_retention_days: int = 30        # audit rows older than this are pruned (0 keeps them forever)
     server_threads: int = 0               # executor threads for blocking work; 0 = min(32, 4 * cpus + 4)
+    inline_search: bool = True            # small queries (k <= 100, ef <= 256) run on the event loop
     key_cache_ttl_secs: float = 1.0       # API-key cache entry lifetime; revocation applies within it (CONTRACT.md D17)
     keepalive_timeout_secs: float = 75.0  # an idle connection (no request in progress) is closed after this
     header_timeout_secs: float = 10.0     # time allowed to receive a request head, from its first byte

@@ -229,6 +229,12 @@ def merge_topk(ids_list, scores_list, k):
     """Keep the best score per id across tiers, then the top k by score (descending, ties by id)."""
     if not ids_list:
         return _EMPTY_IDS, _EMPTY_SCORES
+    if len(ids_list) == 1:
+        # One target answered (the common case): its ids are distinct and come best first; only
+        # equal scores may need their ids reordered, which the general path below does.
+        ids, scores = ids_list[0], scores_list[0].astype(np.float32, copy=False)
+        if ids.shape[0] < 2 or bool((scores[:-1] > scores[1:]).all()):
+            return ids[:k], scores[:k]
     ids = np.concatenate(ids_list)
     scores = np.concatenate(scores_list).astype(np.float32, copy=False)
     if ids.shape[0] == 0:

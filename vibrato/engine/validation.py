@@ -302,6 +302,16 @@ def check_metadata(meta, limits: Limits, where: str = "metadata") -> tuple:
     for k in meta:
         if k not in METADATA_FIELDS:
             raise BadRequestError(f"{where}.{k} is not a known field (expected one of {', '.join(METADATA_FIELDS)})")
+    # Fast path: every value well-typed and inside its limit (no error path is built); anything else
+    # goes through the per-field checks below, which name the field and the limit.
+    src, start = meta.get("source_file", ""), meta.get("start_time_ms", 0)
+    dur, bpm, tags = meta.get("duration_ms", 0), meta.get("bpm", 0.0), meta.get("tags", [])
+    if (type(src) is str and len(src) * 4 <= limits.max_source_file_bytes and "\x00" not in src
+            and type(start) is int and 0 <= start <= U32_MAX and type(dur) is int and 0 <= dur <= U16_MAX
+            and (type(bpm) is float or type(bpm) is int) and abs(bpm) < _F32_INF_AT
+            and type(tags) is list and len(tags) <= limits.max_tags
+            and all(type(t) is str and len(t) * 4 <= limits.max_tag_bytes and "\x00" not in t for t in tags)):
+        return make_meta(src, start, dur, float(bpm), tags)
     return make_meta(_text(meta.get("source_file", ""), f"{where}.source_file", limits, "max_source_file_bytes"),
                      _uint(meta.get("start_time_ms", 0), f"{where}.start_time_ms"),
                      _uint(meta.get("duration_ms", 0), f"{where}.duration_ms", U16_MAX),

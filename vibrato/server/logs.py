@@ -5,11 +5,20 @@ defence the formatter redacts anything that looks like a credential (`Bearer <x>
 of a `vbk_` token, the value after `Authorization:`) in messages and tracebacks.
 `RateLimitedLog` keeps floods (accept errors at the fd limit, malformed requests) to one line per
 interval with a count of what it suppressed.
+
+Records are formatted and written by one writer thread (`configure`): the thread that logs (the
+event loop, for the access log) only enqueues the record with its request id. The queue is bounded;
+when the writer cannot keep up, records are dropped and counted, and the next line written says how
+many (`log_records_dropped`). The queue is drained at exit.
 """
+import atexit
 import contextvars
 import logging
+import logging.handlers
+import queue
 import re
 import sys
+import threading
 import time
 
 import orjson
@@ -69,7 +78,9 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": redact(record.getMessage()),
         }
-        rid = REQUEST_ID.get()
+        rid = record.__dict__.get("request_id", _UNSET)
+        if rid is _UNSET:  # formatted where it was logged
+            rid = REQUEST_ID.get()
         if rid is not None:
             out["request_id"] = rid
         fields = getattr(record, "fields", None)
@@ -80,15 +91,89 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(out, default=str).decode()
 
 
-def configure(level: str = "info") -> None:
-    """Send every logger's records to stderr as JSON lines (idempotent)."""
+_UNSET = object()
+QUEUE_MAX_RECORDS = 65536
+
+
+class _DeferredHandler(logging.handlers.QueueHandler):
+    """Puts the record on the writer's queue unformatted, with the request id of the logging thread."""
+
+    def __init__(self, q):
+        super().__init__(q)
+        self.dropped = 0
+        self._lock_dropped = threading.Lock()
+
+    def prepare(self, record):
+        record.request_id = REQUEST_ID.get()
+        return record
+
+    def enqueue(self, record):
+        try:
+            self.queue.put_nowait(record)
+        except queue.Full:
+            with self._lock_dropped:
+                self.dropped += 1
+
+
+class _WriterHandler(logging.StreamHandler):
+    """The writer thread's handler: reports records dropped at the queue before the next line."""
+
+    def __init__(self, stream, front: _DeferredHandler):
+        super().__init__(stream)
+        self.front = front
+
+    def emit(self, record):
+        if self.front.dropped:
+            with self.front._lock_dropped:
+                n, self.front.dropped = self.front.dropped, 0
+            note = logging.LogRecord("vibrato.logs", logging.WARNING, __file__, 0,
+                                     "log records dropped: the log writer fell behind", None, None)
+            note.fields = {"log_records_dropped": n}
+            note.request_id = None
+            super().emit(note)
+        super().emit(record)
+
+
+_listener = None
+
+
+def configure(level: str = "info", stream=None) -> None:
+    """Send every logger's records to `stream` (stderr) as JSON lines, through the writer thread
+    (idempotent: a second call replaces the first's writer)."""
+    global _listener
     root = logging.getLogger()
     for h in list(root.handlers):
         if getattr(h, "_vibrato", False):
             root.removeHandler(h)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter())
-    handler._vibrato = True
-    root.addHandler(handler)
+    if _listener is not None:
+        _listener.stop()
+    q = queue.Queue(QUEUE_MAX_RECORDS)
+    front = _DeferredHandler(q)
+    front._vibrato = True
+    writer = _WriterHandler(sys.stderr if stream is None else stream, front)
+    writer.setFormatter(JsonFormatter())
+    _listener = logging.handlers.QueueListener(q, writer)
+    _listener.start()
+    root.addHandler(front)
     root.setLevel(level.upper())
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def flush() -> None:
+    """Write every queued record now and stop the writer thread (at exit; configure starts it again)."""
+    global _listener
+    if _listener is not None:
+        stream = _listener.handlers[0].stream
+        _listener.stop()
+        _listener = None
+        root = logging.getLogger()
+        for h in list(root.handlers):
+            if getattr(h, "_vibrato", False):
+                root.removeHandler(h)
+                fallback = logging.StreamHandler(stream)  # late records (after flush) still get out
+                fallback.setFormatter(JsonFormatter())
+                fallback._vibrato = True
+                root.addHandler(fallback)
+
+
+atexit.register(flush)
