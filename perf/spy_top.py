@@ -12,6 +12,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("profile")
     ap.add_argument("--top", type=int, default=30)
+    ap.add_argument("--thread", help="only stacks of threads whose name contains this (e.g. MainThread)")
     args = ap.parse_args()
     self_t, incl, threads = collections.Counter(), collections.Counter(), collections.Counter()
     total = 0
@@ -22,6 +23,9 @@ def main():
         n = int(n)
         total += n
         frames = stack.split(";")
+        if args.thread and args.thread not in frames[0]:
+            total -= n
+            continue
         threads[re.sub(r"\d+", "N", frames[0])] += n
         funcs = [re.sub(r" \(.*?/(vibrato|site-packages|lib/python3\.\d+)/", r" (\1/", f) for f in frames[1:]]
         if funcs:

@@ -63,6 +63,7 @@ class Config:
                                        # hot_exact_rows chunks instead (identify stays exact, CONTRACT.md D1)
     hot_exact_rows: int = 16_384       # hot rows scanned exactly; sealed chunks beyond get an HNSW
     checkpoint_max_rows: int = 50_000  # rows per L0 segment; also triggers an early checkpoint
+    publish_state: bool = False        # keep tmp/serving.state current for follower processes (engine/follower.py)
     compaction_max_inputs: int = 8
     l2_merge_max_rows: int = 4_000_000  # L2 archive segments are merged until this size (CONTRACT.md D24)
     hnsw_m: int = 16

@@ -14,6 +14,9 @@ read transaction outlives the call and pins the WAL.
 
 SQLite WAL size: the writer thread runs a PASSIVE checkpoint every ``passive_checkpoint_secs``,
 escalates to TRUNCATE when the -wal file exceeds ``wal_max_bytes`` and does a TRUNCATE on close.
+
+``readonly=True`` opens readers only (no writer thread, no migration, writes refused): for a process
+that follows a catalog another process writes (vibrato.engine.follower).
 """
 import logging
 import os
@@ -49,8 +52,9 @@ class Catalog:
 
     def __init__(self, path, *, read_timeout_ms: int = 5000, wal_autocheckpoint_pages: int = 1000,
                  wal_max_bytes: int = 64 * 1024 * 1024, passive_checkpoint_secs: float = 5.0,
-                 readers: int = 3, busy_timeout_ms: int = 30_000, max_group: int = 512):
+                 readers: int = 3, busy_timeout_ms: int = 30_000, max_group: int = 512, readonly: bool = False):
         self.path = str(path)
+        self.readonly = readonly
         self.busy_timeout_ms = busy_timeout_ms
         self._truncate_retry_at = 0.0
         self.read_timeout_ms = max(1, int(read_timeout_ms))
@@ -64,14 +68,16 @@ class Catalog:
         self.writes_total = 0
         self._stats_lock = threading.Lock()
 
-        self._writer = open_writer(self.path, busy_timeout_ms=busy_timeout_ms,
-                                   wal_autocheckpoint_pages=wal_autocheckpoint_pages,
-                                   journal_size_limit=self.wal_max_bytes)
-        try:
-            migrate(self._writer)
-        except Exception:
-            self._writer.close()
-            raise
+        self._writer = None
+        if not readonly:
+            self._writer = open_writer(self.path, busy_timeout_ms=busy_timeout_ms,
+                                       wal_autocheckpoint_pages=wal_autocheckpoint_pages,
+                                       journal_size_limit=self.wal_max_bytes)
+            try:
+                migrate(self._writer)
+            except Exception:
+                self._writer.close()
+                raise
         self._readers = queue.SimpleQueue()
         self._reader_conns = []
         for _ in range(max(1, readers)):
@@ -81,13 +87,17 @@ class Catalog:
 
         self._queue = queue.Queue()
         self._closed = False
-        self._thread = threading.Thread(target=self._writer_loop, name="vibrato-catalog-writer", daemon=True)
-        self._thread.start()
+        self._thread = None
+        if not readonly:
+            self._thread = threading.Thread(target=self._writer_loop, name="vibrato-catalog-writer", daemon=True)
+            self._thread.start()
 
     # ------------------------------------------------------------------ writes
     def write_async(self, fn, *args, after_commit=None) -> Future:
         if self._closed:
             raise StorageError("catalog is closed")
+        if self.readonly:
+            raise StorageError("catalog is open read-only (a follower): writes go to the writer process")
         fut = Future()
         self._queue.put(_WriteRequest(fn, args, after_commit, fut))
         return fut
@@ -200,6 +210,8 @@ class Catalog:
         """Run an SQLite WAL checkpoint on the writer thread now (passive | restart | truncate)."""
         modes = {"passive": apsw.SQLITE_CHECKPOINT_PASSIVE, "restart": apsw.SQLITE_CHECKPOINT_RESTART,
                  "truncate": apsw.SQLITE_CHECKPOINT_TRUNCATE}
+        if self.readonly:
+            raise StorageError("catalog is open read-only: the writer process checkpoints its WAL")
         fut = Future()
         # A checkpoint cannot run inside a transaction: the writer loop runs this marker on its own.
         self._queue.put(_WriteRequest(_CheckpointMarker(modes[mode], mode), (), None, fut))
@@ -280,10 +292,13 @@ class Catalog:
         if self._closed:
             return
         self._closed = True
-        self._queue.put(_STOP)
-        self._thread.join()
+        if self._thread is not None:
+            self._queue.put(_STOP)
+            self._thread.join()
         for conn in self._reader_conns:
             conn.close()
+        if self._writer is None:
+            return
         try:
             self._writer.wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_TRUNCATE)
         except apsw.Error as exc:

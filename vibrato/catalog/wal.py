@@ -150,6 +150,12 @@ def truncate_after_lsn(conn, collection_id: str, target_lsn: int, now: int | Non
     return {"removed": n, "id_start": lo, "id_end": max(hi, id_end)}
 
 
+def last_lsn(conn, collection_id: str) -> int:
+    """The highest lsn of the collection's WAL rows (0 when it has none)."""
+    return conn.execute("SELECT COALESCE(MAX(lsn), 0) FROM wal_entries WHERE collection_id = ?",
+                        (collection_id,)).fetchone()[0]
+
+
 def tombstone_ranges(conn, collection_id: str) -> list:
     """[(id_start, id_end)] inclusive ranges removed by replay-to-lsn, ascending."""
     return conn.execute("SELECT id_start, id_end FROM id_tombstones WHERE collection_id = ? ORDER BY id_start",

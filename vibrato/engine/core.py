@@ -24,6 +24,7 @@ from vibrato.engine.background import BackgroundWorkers
 from vibrato.engine.identify import identify as _identify
 from vibrato.engine.lock import DataDirLock
 from vibrato.engine.maintenance import Housekeeping
+from vibrato.engine.shared_state import SharedState
 from vibrato.engine.state import Counter, Counters, Readiness, SegmentSet
 from vibrato.engine.throttle import IoThrottle
 from vibrato.engine.tiers import View
@@ -33,7 +34,38 @@ from vibrato.errors import NotReadyError
 log = logging.getLogger("vibrato.engine")
 
 
-class Engine:
+class Searcher:
+    """query and identify over `view()`: shared by the Engine (the writer) and a Follower (a read-only
+    process; engine/follower.py). Subclasses provide config, dim, segment_set, counters, view() and
+    _require_ready()."""
+
+    def query(self, vector, k: int = 10, ef: int = 50, filter=None, search_tier: str = "active",
+              include_metadata: bool = True) -> list[dict]:
+        self._require_ready()
+        q = check_vector(vector, self.dim)
+        check_search(k, ef, search_tier, self.config.limits)
+        flt = check_filter(filter, self.config.limits)
+        if k == 0:
+            self.counters.add(Counter.QUERY)
+            return []
+        view = self.view()  # first: a follower catches up here, filter index included
+        allowed = self.segment_set.filters.evaluate(flt) if flt is not None else None
+        out = _planner.query(view, q, k, ef, allowed, search_tier, include_metadata)
+        self.counters.add(Counter.QUERY)
+        return out
+
+    def identify(self, vectors, k: int = 5, ef: int = 100, search_tier: str = "all",
+                 include_metadata: bool = True) -> list[dict]:
+        self._require_ready()
+        frames = check_identify(vectors, k, ef, search_tier, self.config.limits, self.dim)
+        if frames is None:  # k == 0: no results, before any dimension check (CONTRACT.md §1.3)
+            return []
+        out = _planner.shape_identify(_identify(self.view(), frames, k, ef, search_tier, include_metadata))
+        self.counters.add(Counter.IDENTIFY)
+        return out
+
+
+class Engine(Searcher):
     """See docs/ENGINE_API.md for the contract."""
 
     # ------------------------------------------------------------------ lifecycle
@@ -90,11 +122,15 @@ class Engine:
         self.throttle = IoThrottle(config.background_io_mb_per_sec if config.audio_colocated else 0)
         self._recovery: dict = {}
         self._recovery_thread = None
+        self.shared_state = None  # SharedState when config.publish_state: followers read it
 
     def _start(self, *, recover_async: bool, background: bool, progress):
         def run():
             try:
                 self._recovery = _recovery.recover(self, progress=progress)
+                if self.config.publish_state:
+                    self.shared_state = SharedState.create(
+                        self.config.tmp_dir, self.catalog.read(wal.last_lsn, self.cid))
                 self.readiness_state.finish(self._recovery["summary"], self._recovery["blockers"])
                 log.info("recovery finished: %s", self.readiness_state.state()[1])
             except BaseException as exc:  # noqa: BLE001 - surfaced through readiness
@@ -124,6 +160,8 @@ class Engine:
         with self.checkpoint_lock, self.compaction_lock:
             if self.catalog is not None:
                 self.catalog.close()
+        if self.shared_state is not None:
+            self.shared_state.close()
         self._dir_lock.release()
 
     def __enter__(self):
@@ -189,6 +227,8 @@ class Engine:
                 ids = np.array([results[i][0] for i in created], dtype=np.int64)
                 lsns = np.array([results[i][2] for i in created], dtype=np.int64)
                 self.segment_set.append(ids, lsns, prep.vectors[created], [prep.metas[i] for i in created])
+                if self.shared_state is not None:
+                    self.shared_state.publish_lsn(int(lsns[-1]))  # before the acknowledgement
             except Exception as exc:  # noqa: BLE001
                 log.exception("acknowledged rows could not be added to the hot tier")
                 self.add_blocker(f"hot tier out of step with the WAL after {exc!r}; restart to rebuild it")
@@ -198,31 +238,6 @@ class Engine:
         if self._workers is not None and self.segment_set.hot_count() >= self.config.checkpoint_max_rows:
             self._workers.wake_checkpoint()
         return [(r[0], r[1]) for r in results]
-
-    # ------------------------------------------------------------------ search
-    def query(self, vector, k: int = 10, ef: int = 50, filter=None, search_tier: str = "active",
-              include_metadata: bool = True) -> list[dict]:
-        self._require_ready()
-        q = check_vector(vector, self.dim)
-        check_search(k, ef, search_tier, self.config.limits)
-        flt = check_filter(filter, self.config.limits)
-        if k == 0:
-            self.counters.add(Counter.QUERY)
-            return []
-        allowed = self.segment_set.filters.evaluate(flt) if flt is not None else None
-        out = _planner.query(self.view(), q, k, ef, allowed, search_tier, include_metadata)
-        self.counters.add(Counter.QUERY)
-        return out
-
-    def identify(self, vectors, k: int = 5, ef: int = 100, search_tier: str = "all",
-                 include_metadata: bool = True) -> list[dict]:
-        self._require_ready()
-        frames = check_identify(vectors, k, ef, search_tier, self.config.limits, self.dim)
-        if frames is None:  # k == 0: no results, before any dimension check (CONTRACT.md §1.3)
-            return []
-        out = _planner.shape_identify(_identify(self.view(), frames, k, ef, search_tier, include_metadata))
-        self.counters.add(Counter.IDENTIFY)
-        return out
 
     # ------------------------------------------------------------------ admin
     def checkpoint(self, *, background: bool = False) -> dict:

@@ -182,5 +182,20 @@ class HotTier:
             self.lo = max(self.lo, hi)  # a fully dropped growing chunk stays: new rows append after lo
             break
 
+    def drop_ids_through(self, max_id: int):
+        """Hide every row with id <= max_id (a follower: the segments it loaded hold them now).
+        Ids ascend with lsn, so this is drop_through of the last such row's lsn."""
+        lsn = None
+        for ci, ch in enumerate(self.chunks):
+            lo = self.lo if ci == 0 else 0
+            ids = ch.ids[lo:ch.n]
+            take = int(np.searchsorted(ids, max_id, side="right"))
+            if take:
+                lsn = int(ch.lsns[lo + take - 1])
+            if take < ids.shape[0]:
+                break
+        if lsn is not None:
+            self.drop_through(lsn)
+
     def sealed_without_index(self) -> list:
         return [ch for ch in self.chunks if ch.sealed and ch.index is None]

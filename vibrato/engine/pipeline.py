@@ -85,6 +85,8 @@ def run(engine, job: SegmentJob, *, background: bool, fault=fault_point) -> dict
     tmp = cfg.tmp_dir / f"{seg_id}.vdb.tmp"
     engine.catalog.write(job.start)
     registered = False
+    shared = engine.shared_state  # followers see a segment-set change as a changed seq
+    changing = False
     try:
         data, row = job.build()
         fault(f"{kind}:before_write")
@@ -107,8 +109,13 @@ def run(engine, job: SegmentJob, *, background: bool, fault=fault_point) -> dict
         fault(f"{kind}:renamed")
         handle = load_handle(engine, row, final)
         fault(f"{kind}:loaded")
+        if shared is not None:
+            shared.begin_change()
+            changing = True
         engine.catalog.write(job.activate, row)
     except BaseException as exc:
+        if changing:
+            shared.end_change()
         engine.counters.add(job.failed)
         _fail(engine, job, registered, (tmp, final), exc)
         raise
@@ -118,6 +125,8 @@ def run(engine, job: SegmentJob, *, background: bool, fault=fault_point) -> dict
         fault(f"{kind}:activated")
     finally:
         job.publish(handle)
+        if changing:
+            shared.end_change()
     engine.counters.add(job.done)
     return row
 

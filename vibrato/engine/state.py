@@ -165,15 +165,31 @@ class SegmentSet:
                 r = h.reader
                 self.filters.add_columns(h.id_start, h.live, r.bpm, r.tag_dict, r.tag_offsets, r.tag_ids)
 
-    def swap(self, add=(), remove=(), drop_hot_through: int | None = None):
+    def swap(self, add=(), remove=(), drop_hot_through: int | None = None, drop_hot_ids_through: int | None = None):
         """Checkpoint and compaction: one atomic change for new queries. `add` replaces `remove`, and
-        hot rows with lsn <= drop_hot_through (now held by an added segment) are hidden. The filter
-        index is by id, so it already holds every row of `add`."""
+        hot rows with lsn <= drop_hot_through (or id <= drop_hot_ids_through: a follower), now held by
+        an added segment, are hidden. The filter index is by id: it already holds every row of `add`
+        that it ever held hot (a follower indexes the rest first, `index_columns`)."""
         with self._lock:
             gone = {s.id for s in remove}
             self._segments = _sorted(tuple(s for s in self._segments if s.id not in gone) + tuple(add))
             if drop_hot_through is not None:
                 self._hot.drop_through(drop_hot_through)
+            if drop_hot_ids_through is not None:
+                self._hot.drop_ids_through(drop_hot_ids_through)
+
+    def index_columns(self, handles):
+        """A follower: index the filter columns of the rows of `handles` the filter index has not seen
+        (ids at or past its size; ids are indexed in ascending order, so the rest are known)."""
+        with self._lock:
+            for h in sorted(handles, key=lambda s: s.id_start):
+                first = max(h.id_start, self.filters.size)
+                if first > h.id_end:
+                    continue
+                r, a, b = h.reader, first - h.id_start, h.n
+                off = r.tag_offsets[a:b + 1]
+                self.filters.add_columns(first, h.live[a:b], r.bpm[a:b], r.tag_dict,
+                                         off - off[0], r.tag_ids[int(off[0]):int(off[-1])])
 
     def append(self, ids: np.ndarray, lsns: np.ndarray, vectors: np.ndarray, metas: list):
         """Ingest and the hot-tail rebuild: committed rows become visible to the next view."""

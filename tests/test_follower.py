@@ -1,0 +1,195 @@
+"""A Follower (vibrato/engine/follower.py) serves the writer's data read-only and current: every write
+the writer acknowledged is visible to the follower's next query, through checkpoints and compactions
+running at the same time, with the same answers as the writer's."""
+import os
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+from vibrato.engine import Engine
+from vibrato.engine.follower import Follower
+from vibrato.engine.shared_state import FILE_NAME, SharedState
+from vibrato.errors import StorageError
+
+DIM = 16
+
+
+def unit_rows(n, seed):
+    X = np.random.default_rng(seed).standard_normal((n, DIM)).astype(np.float32)
+    return X / np.linalg.norm(X, axis=1, keepdims=True)
+
+
+def writer(path, **kw):
+    opts = dict(background=False, publish_state=True, checkpoint_max_rows=200, hot_exact_rows=64,
+                pq_min_rows=1 << 30)
+    opts.update(kw)
+    return Engine.open(path, dim=DIM, **opts)
+
+
+def items(X, lo, tag_every=4):
+    return [{"vector": x, "metadata": {"tags": ["t"] if (lo + i) % tag_every == 0 else [], "bpm": float(lo + i)}}
+            for i, x in enumerate(X)]
+
+
+def top_ids(eng, q, **kw):
+    return [r["id"] for r in eng.query(q, k=10, ef=200, search_tier="all", include_metadata=False, **kw)]
+
+
+def test_follower_sees_every_write_through_checkpoint_and_compaction(tmp_path):
+    X = unit_rows(900, 1)
+    with writer(tmp_path / "d") as w:
+        w.ingest_batch(items(X[:300], 0))
+        w.checkpoint()
+        with Follower.open(tmp_path / "d", dim=DIM) as f:
+            assert f.segment_set.hot_count() == 100 and len(f.segment_set.handles) == 1
+            for lo in range(300, 900, 100):
+                w.ingest_batch(items(X[lo:lo + 100], lo))
+                q = X[lo + 7]
+                assert top_ids(f, q)[0] == lo + 7  # visible at once, hot tier
+                if lo % 200 == 0:
+                    w.checkpoint()
+                if lo == 600:
+                    while w.compact()["state"] != "idle":
+                        pass
+            for q in X[::37]:
+                assert top_ids(f, q) == top_ids(w, q)
+                flt = {"tags_any": ["t"], "bpm_gte": 100.0}
+                assert top_ids(f, q, filter=flt) == top_ids(w, q, filter=flt)
+            ws, fs = w.stats(), f.segment_set
+            assert sorted(h.id for h in fs.handles) == sorted(h.id for h in w.segment_set.handles)
+            assert fs.hot_count() == ws["hot_vectors"]
+            got = f.query(X[5], k=3, include_metadata=True, search_tier="all")
+            assert got[0]["id"] == 5 and got[0]["metadata"]["bpm"] == 5.0 and got[0]["metadata"]["tags"] == []
+
+
+def test_read_your_writes_while_checkpoints_and_compactions_run(tmp_path):
+    """A write acknowledged by the writer is found by the follower's next query, thousands of times,
+    while another thread checkpoints and compacts as fast as it can."""
+    X = unit_rows(2000, 2)
+    with writer(tmp_path / "d", checkpoint_max_rows=64) as w, Follower.open(tmp_path / "d", dim=DIM) as f:
+        stop = threading.Event()
+        errors = []
+
+        def churn():
+            try:
+                while not stop.is_set():
+                    w.checkpoint()
+                    w.compact()
+            except Exception as exc:  # noqa: BLE001
+                errors.append(exc)
+        t = threading.Thread(target=churn)
+        t.start()
+        try:
+            misses = []
+            for i, x in enumerate(X):
+                vid, created = w.ingest(x, metadata={"tags": ["t"] if i % 3 == 0 else []})
+                assert created and vid == i
+                got = f.query(x, k=1, ef=64, search_tier="all", include_metadata=False)
+                if not got or got[0]["id"] != i:
+                    misses.append(i)
+                if i % 3 == 0:
+                    got = f.query(x, k=1, ef=64, filter={"tags_any": ["t"]}, search_tier="all",
+                                  include_metadata=False)
+                    if not got or got[0]["id"] != i:
+                        misses.append(("filtered", i))
+        finally:
+            stop.set()
+            t.join()
+        assert not errors and not misses, misses[:10]
+        assert w.stats()["checkpoint_total"] > 10
+        # every row once, nothing twice across tiers
+        ids = [r["id"] for r in f.query(X[0], k=1000, ef=1000, search_tier="all", include_metadata=False)]
+        assert len(ids) == len(set(ids)) == 1000
+
+
+def test_a_follower_in_another_process(tmp_path):
+    """The writer here, the follower in a child process: after each acknowledged batch the child's
+    next query finds it."""
+    X = unit_rows(300, 3)
+    code = f"""
+import sys, numpy as np
+from vibrato.engine.follower import Follower
+f = Follower.open({str(tmp_path / "d")!r}, dim={DIM})
+for line in sys.stdin:
+    q = np.array([float(v) for v in line.split()], dtype=np.float32)
+    r = f.query(q, k=1, ef=64, search_tier="all", include_metadata=False)
+    print(r[0]["id"] if r else -1, flush=True)
+"""
+    with writer(tmp_path / "d") as w:
+        w.ingest_batch(items(X[:10], 0))
+        child = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                 text=True)
+        try:
+            for lo in range(10, 300, 10):
+                res = w.ingest_batch(items(X[lo:lo + 10], lo))
+                if lo % 50 == 0:
+                    w.checkpoint()
+                if lo % 100 == 0:
+                    w.compact()
+                child.stdin.write(" ".join(repr(float(v)) for v in X[lo + 9]) + "\n")
+                child.stdin.flush()
+                assert int(child.stdout.readline()) == res[-1][0] == lo + 9
+        finally:
+            child.stdin.close()
+            assert child.wait(30) == 0
+
+
+def test_a_restarted_writer_is_followed(tmp_path):
+    X = unit_rows(100, 4)
+    w = writer(tmp_path / "d")
+    w.ingest_batch(items(X[:50], 0))
+    f = Follower.open(tmp_path / "d", dim=DIM)
+    try:
+        w.close()
+        w = writer(tmp_path / "d")  # recovery; a new state file
+        w.ingest_batch(items(X[50:], 50))
+        w.checkpoint()
+        assert top_ids(f, X[77])[0] == 77 and top_ids(f, X[3])[0] == 3
+    finally:
+        f.close()
+        w.close()
+
+
+def test_the_follower_never_writes(tmp_path):
+    with writer(tmp_path / "d") as w, Follower.open(tmp_path / "d", dim=DIM) as f:
+        w.ingest(unit_rows(1, 5)[0])
+        with pytest.raises(StorageError, match="read-only"):
+            f.catalog.write(lambda conn: None)
+        with pytest.raises(PermissionError):
+            f.shared.publish_lsn(10 ** 9)
+        assert not hasattr(f, "ingest")
+
+
+def test_state_file_is_validated(tmp_path):
+    with writer(tmp_path / "d"):
+        pass
+    path = tmp_path / "d" / "tmp" / FILE_NAME
+    assert path.stat().st_mode & 0o777 == 0o600
+    path.write_bytes(b"X" * 64)
+    with pytest.raises(Exception, match="not a Vibrato serving state"):
+        SharedState.open(path.parent)
+    path.write_bytes(b"short")
+    with pytest.raises(ValueError, match="expected 64"):
+        SharedState.open(path.parent)
+    os.unlink(path)
+    os.symlink("/etc/passwd", path)
+    with pytest.raises(Exception, match="symlink"):
+        SharedState.open(path.parent)
+
+
+def test_seq_stays_odd_while_any_change_is_in_progress(tmp_path):
+    s = SharedState.create(tmp_path, 5)
+    assert (s.seq, s.lsn, s.pid) == (0, 5, os.getpid())
+    s.begin_change()
+    s.begin_change()  # a checkpoint and a compaction overlapping
+    s.end_change()
+    assert s.seq % 2 == 1
+    s.end_change()
+    assert s.seq == 2
+    s.publish_lsn(4)  # never backwards
+    s.publish_lsn(9)
+    assert s.lsn == 9
+    s.close()

@@ -1,0 +1,181 @@
+"""A read-only engine in another process, kept current with the writer's (the first step of serving
+queries from several processes; docs/ARCHITECTURE.md).
+
+The writer (an `Engine` opened with `publish_state=True`) owns the data dir: its lock, the catalog's
+writes, checkpoint, compaction. A `Follower` opens the same data dir without the lock: the catalog
+read-only, the active segments' files mapped, the WAL tail in its own hot tier and filter index.
+Before every search it calls `sync()`:
+
+  1. read `seq` from the writer's serving state (engine/shared_state.py); while it is odd a change
+     of the segment set is being published: wait for it (at most SYNC_WAIT_SECS);
+  2. when `seq` moved since the last sync, reload the segment set from the catalog: open the new
+     active segments, drop the retired ones, hide the hot rows the new segments hold (by id: ids
+     ascend with lsn and checkpoint takes the oldest rows);
+  3. when the published `lsn` is past what it applied, read the WAL rows after it (un-checkpointed
+     ones) into the hot tier and the filter index;
+  4. read `seq` again: if it moved, a change overlapped steps 2-3 (rows may have left the WAL for a
+     segment not loaded yet), so start over.
+
+The writer publishes `lsn` after a commit and before acknowledging it, and moves `seq` before the
+transaction that retires WAL rows into a segment, so a write acknowledged before `sync()` starts is
+visible after it (read-your-writes across processes, CONTRACT.md D5).
+"""
+import logging
+import os
+import threading
+import time
+
+import numpy as np
+import orjson
+
+from vibrato.catalog import Catalog, collections, segments as seg_sql, wal
+from vibrato.config import Config
+from vibrato.engine.core import Searcher
+from vibrato.engine.maintenance import segment_file
+from vibrato.engine.shared_state import FILE_NAME, SharedState
+from vibrato.engine.state import Counters, SegmentSet
+from vibrato.engine.tiers import SegmentHandle
+from vibrato.errors import NotReadyError
+
+log = logging.getLogger("vibrato.engine")
+
+SYNC_WAIT_SECS = 5.0   # longest wait for the writer to finish publishing a segment-set change
+CATCH_UP_BATCH = 20_000
+
+
+class Follower(Searcher):
+    def __init__(self, config: Config):
+        self.config = config
+        self.dim = config.dim
+        self.counters = Counters()
+        self.catalog = Catalog(config.catalog_path, read_timeout_ms=config.catalog_read_timeout_ms, readonly=True)
+        try:
+            self.collection = self.catalog.read(collections.get, config.collection)
+            if self.collection["dim"] != config.dim:
+                raise ValueError(f"collection {config.collection!r} has dim {self.collection['dim']}, "
+                                 f"expected {config.dim}")
+            self.cid = self.collection["id"]
+            self.shared, self._state_ino = self._open_state()
+        except BaseException:
+            self.catalog.close()
+            raise
+        self.segment_set = SegmentSet(self.dim, max(1024, min(config.hot_exact_rows, (64 << 20) // (4 * self.dim))))
+        self.segment_set.set_dead_ranges(self.catalog.read(wal.tombstone_ranges, self.cid))
+        self._lock = threading.Lock()  # one sync at a time
+        self._seq = -1                 # the writer's seq this follower's segment set matches
+        self._applied = 0              # the highest lsn in its hot tier (or skipped as checkpointed)
+        self._closed = False
+        self.sync()
+
+    @classmethod
+    def open(cls, data_dir, collection: str = "default", dim: int = 128, **options) -> "Follower":
+        return cls(Config(data_dir=data_dir, collection=collection, dim=dim, **options))
+
+    def close(self):
+        self._closed = True
+        self.catalog.close()
+        self.shared.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _require_ready(self):
+        if self._closed:
+            raise NotReadyError("follower is closed")
+
+    def view(self):
+        self.sync()
+        return self.segment_set.view()
+
+    # ------------------------------------------------------------------ sync
+    def sync(self):
+        """Catch up with the writer (see the module docstring)."""
+        with self._lock:
+            self._follow_restarts()
+            deadline = time.monotonic() + SYNC_WAIT_SECS
+            while True:
+                seq = self.shared.seq
+                if seq % 2 == 0:
+                    complete = seq == self._seq or self._reload_segments()
+                    lsn = self.shared.lsn
+                    if complete and lsn > self._applied:
+                        self._catch_up()
+                        # every row up to lsn was pending (read now) or checkpointed (in a segment
+                        # loaded, or a moved seq below makes this loop reload)
+                        self._applied = max(self._applied, lsn)
+                    if complete and self.shared.seq == seq:
+                        self._seq = seq
+                        return
+                if time.monotonic() > deadline:
+                    raise NotReadyError(f"the writer did not finish publishing a segment change within "
+                                        f"{SYNC_WAIT_SECS:g} s; retry")
+                time.sleep(0.0005)
+
+    def _follow_restarts(self):
+        """A restarted writer makes a new state file: map it and reload the segment set."""
+        try:
+            ino = os.stat(os.path.join(self.config.tmp_dir, FILE_NAME)).st_ino
+        except FileNotFoundError:
+            return
+        if ino != self._state_ino:
+            self.shared.close()
+            self.shared, self._state_ino = self._open_state()
+            self._seq = -1
+
+    def _open_state(self):
+        state = SharedState.open(self.config.tmp_dir)
+        return state, os.stat(os.path.join(self.config.tmp_dir, FILE_NAME)).st_ino
+
+    def _reload_segments(self) -> bool:
+        """The catalog's active segments become the segment set. False when a file vanished on the
+        way (retired and collected after the catalog read: the caller retries)."""
+        rows = self.catalog.read(seg_sql.list_by_state, self.cid, ["active"])
+        have = {h.id: h for h in self.segment_set.handles}
+        add = []
+        try:
+            for row in rows:
+                if row["id"] not in have:
+                    add.append(self._load(row))
+        except FileNotFoundError:
+            for h in add:
+                h.reader.close()
+            return False
+        want = {r["id"] for r in rows}
+        remove = [h for sid, h in have.items() if sid not in want]
+        self.segment_set.index_columns(add)
+        top = max((int(r["vector_id_end"]) for r in rows), default=-1)
+        self.segment_set.swap(add=add, remove=remove, drop_hot_ids_through=top if top >= 0 else None)
+        return True
+
+    def _load(self, row) -> SegmentHandle:
+        from vibrato.segment import SegmentReader
+
+        path = segment_file(self.config.data_dir, row["path"])
+        reader = SegmentReader.open(path, madvise=self.config.vector_madvise_mode)
+        if reader.dim != self.dim or reader.id_start != row["vector_id_start"] or reader.count != row["row_count"]:
+            reader.close()
+            raise ValueError(f"segment {row['id']} does not match its catalog row")
+        return SegmentHandle(row, reader, self.segment_set.dead_ranges, self.config.archive_rerank_factor)
+
+    def _catch_up(self):
+        """Un-checkpointed WAL rows after the last applied lsn into the hot tier and filter index
+        (rows a loaded segment already holds are skipped)."""
+        top_id = max((h.id_end for h in self.segment_set.handles), default=-1)
+        while True:
+            rows = self.catalog.read(wal.pending, self.cid, self._applied, CATCH_UP_BATCH)
+            if not rows:
+                return
+            last = rows[-1][0]
+            rows = [r for r in rows if r[1] > top_id]
+            if rows:
+                n = len(rows)
+                lsns = np.fromiter((r[0] for r in rows), dtype=np.int64, count=n)
+                ids = np.fromiter((r[1] for r in rows), dtype=np.int64, count=n)
+                blob = b"".join(r[2] for r in rows)
+                vectors = np.frombuffer(blob, dtype="<f4").reshape(n, self.dim).astype(np.float32)
+                metas = [(r[3], r[4], r[5], r[6], orjson.loads(r[7])) for r in rows]
+                self.segment_set.append(ids, lsns, vectors, metas)
+            self._applied = last

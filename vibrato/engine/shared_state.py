@@ -1,0 +1,122 @@
+"""What the writer process tells the processes that follow it, through one small mmapped file.
+
+`<data-dir>/tmp/serving.state` (0600, 64 bytes, little-endian int64 words):
+
+    0  magic      b"VBSTATE1"
+    1  epoch      the writer's start time in ns: a new writer makes a new file (followers reopen)
+    2  seq        segment-set sequence: odd while the writer publishes a change (seqlock)
+    3  lsn        the highest committed WAL lsn, published after each commit and before its
+                  acknowledgement, so a write acknowledged anywhere is behind a published lsn
+    4  pid        the writer's pid
+
+The writer (`SharedState.create`) is the only one that writes. A follower (vibrato.engine.follower)
+reads `seq`, catches up with `lsn`, and reads `seq` again; a change of the segment set that overlaps
+its catch-up reads shows as a changed `seq`, so it retries (read-your-writes across processes,
+CONTRACT.md D5). Words are 8-byte aligned: a load or store of one is atomic on every supported CPU;
+the catalog reads between the loads are system calls, which order them.
+"""
+import mmap
+import os
+import struct
+import threading
+import time
+
+from vibrato.datadir import FILE_MODE, UnsafePathError, open_regular
+
+FILE_NAME = "serving.state"
+MAGIC = b"VBSTATE1"
+SIZE = 64
+_WORD = struct.Struct("<q")
+_EPOCH, _SEQ, _LSN, _PID = 8, 16, 24, 32
+
+
+class SharedState:
+    def __init__(self, mm: mmap.mmap, writable: bool):
+        self._mm = mm
+        self.writable = writable
+        self._lock = threading.Lock()
+        self._changes = 0  # writer: changes in progress (checkpoint and compaction may overlap)
+
+    # ------------------------------------------------------------------ open
+    @classmethod
+    def create(cls, tmp_dir, lsn: int) -> "SharedState":
+        """The writer, at start-up: a fresh file (written aside, renamed into place) with seq 0."""
+        path = os.path.join(os.fspath(tmp_dir), FILE_NAME)
+        aside = path + ".new"
+        try:
+            os.unlink(aside)
+        except FileNotFoundError:
+            pass
+        fd = os.open(aside, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
+        try:
+            os.write(fd, MAGIC + struct.pack("<qqqq", time.time_ns(), 0, int(lsn), os.getpid()) + bytes(SIZE - 40))
+            os.replace(aside, path)
+            mm = mmap.mmap(fd, SIZE)
+        finally:
+            os.close(fd)
+        return cls(mm, True)
+
+    @classmethod
+    def open(cls, tmp_dir) -> "SharedState":
+        """A follower: the writer's file, read-only (UnsafePathError / ValueError when it is not one)."""
+        path = os.path.join(os.fspath(tmp_dir), FILE_NAME)
+        fd = open_regular(path, what="serving state")
+        try:
+            if os.fstat(fd).st_size != SIZE:
+                raise ValueError(f"serving state {path!r} has {os.fstat(fd).st_size} bytes, expected {SIZE}")
+            mm = mmap.mmap(fd, SIZE, prot=mmap.PROT_READ)
+        finally:
+            os.close(fd)
+        if mm[:8] != MAGIC:
+            mm.close()
+            raise UnsafePathError(f"serving state {path!r} is not a Vibrato serving state file")
+        return cls(mm, False)
+
+    def close(self):
+        self._mm.close()
+
+    # ------------------------------------------------------------------ words
+    def _get(self, off: int) -> int:
+        return _WORD.unpack_from(self._mm, off)[0]
+
+    def _set(self, off: int, value: int):
+        if not self.writable:
+            raise PermissionError("a follower never writes the serving state")
+        _WORD.pack_into(self._mm, off, value)
+
+    @property
+    def epoch(self) -> int:
+        return self._get(_EPOCH)
+
+    @property
+    def seq(self) -> int:
+        return self._get(_SEQ)
+
+    @property
+    def lsn(self) -> int:
+        return self._get(_LSN)
+
+    @property
+    def pid(self) -> int:
+        return self._get(_PID)
+
+    # ------------------------------------------------------------------ writer side
+    def publish_lsn(self, lsn: int):
+        """After a commit, before its acknowledgement (the catalog writer thread, in commit order)."""
+        if lsn > self._get(_LSN):
+            self._set(_LSN, lsn)
+
+    def begin_change(self):
+        """Before the transaction that changes the segment set: seq is odd until every change begun
+        has ended."""
+        with self._lock:
+            self._changes += 1
+            if self._changes == 1:
+                self._set(_SEQ, self._get(_SEQ) + 1)
+
+    def end_change(self):
+        """After the change is published in memory (or failed): seq becomes even with the last one."""
+        with self._lock:
+            self._changes -= 1
+            if self._changes == 0:
+                self._set(_SEQ, self._get(_SEQ) + 1)
