@@ -118,12 +118,16 @@ def run_wrk(wrk: str, url: str, script: str, threads: int, conns: int, secs: flo
 
 # ---------------------------------------------------------------------------- servers
 class Vibrato(H.Vibrato):
+    def __init__(self, workdir, workers: int = 1):
+        super().__init__(workdir)
+        self.workers = workers
+
     def start(self):
         cmd = [sys.executable, "-m", "vibrato.cli", "serve-v2", "--data-dir", str(self.workdir / "vibrato"),
                "--dim", "128", "--host", "127.0.0.1", "--port", str(self.port), "--bootstrap-admin-key", "true",
                "--checkpoint-interval-secs", "3600", "--compaction-interval-secs", "3600",
                "--audio-colocated", "false", "--max-body-bytes", str(64 << 20),
-               *os.environ.get("VIBRATO_BENCH_SERVER_ARGS", "").split()]
+               "--query-workers", str(self.workers), *os.environ.get("VIBRATO_BENCH_SERVER_ARGS", "").split()]
         self.log = open(self.workdir / "vibrato.log", "w")
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True)
         line = self.proc.stdout.readline()
@@ -192,7 +196,10 @@ async def load(server, x, queries, truth, args):
 def bench_one(name, x, queries, truth, args, wrk):
     with tempfile.TemporaryDirectory(prefix=f"bench_wrk_{name}_") as tmp:
         tmp = Path(tmp)
-        server = Vibrato(tmp) if name == "vibrato" else Chroma(tmp, args.chroma)
+        if name.startswith("vibrato"):
+            server = Vibrato(tmp, int(name.partition("-w")[2] or 1))
+        else:
+            server = Chroma(tmp, args.chroma)
         server.start()
         try:
             res = asyncio.run(load(server, x, queries, truth, args))
@@ -201,7 +208,7 @@ def bench_one(name, x, queries, truth, args, wrk):
             plain = lua_script(server.query_path, hdrs, [server.query_body(q) for q in queries])
             run_wrk(wrk, url, plain, 2, 16, min(2.0, args.duration), server.proc.pid, tmp)  # warm-up
             spy = None
-            if args.py_spy and name == "vibrato":
+            if args.py_spy and name.startswith("vibrato"):
                 spy = subprocess.Popen([str(Path(sys.executable).with_name("py-spy")), "record", "--pid", str(server.proc.pid), "--duration",
                                         str(max(1, round(args.duration))), "--rate", "250", "--nonblocking",
                                         "--threads", "--format", "raw", "--output", str(args.py_spy)],
@@ -212,7 +219,7 @@ def bench_one(name, x, queries, truth, args, wrk):
                 spy.wait()
             res.update({f"c1_{k}": v for k, v in
                         run_wrk(wrk, url, plain, 1, 1, args.duration, server.proc.pid, tmp).items()})
-            if name == "vibrato":
+            if name.startswith("vibrato"):
                 for label, extra in (("filtered10", {"filter": {"tags_any": ["p10"]}}),
                                      ("metadata", {"include_metadata": True})):
                     script = lua_script(server.query_path, hdrs, [server.query_body(q, **extra) for q in queries])
@@ -232,6 +239,8 @@ def main():
     p.add_argument("--batch", type=int, default=1000)
     p.add_argument("--chroma", default=os.environ.get("CHROMA_BIN") or shutil.which("chroma"))
     p.add_argument("--only", choices=["vibrato", "chroma"])
+    p.add_argument("--query-workers", type=int, default=os.cpu_count() or 1,
+                   help="also run Vibrato with this many serving processes (shown as vibrato-wN; 1: skip)")
     p.add_argument("--py-spy", type=Path, help="profile Vibrato during the wrk -c16 run: py-spy raw (collapsed) "
                                                "stacks to this file (summarise with perf/spy_top.py)")
     args = p.parse_args()
@@ -240,6 +249,8 @@ def main():
     queries = queries[:200]
     truth = H.exact_top10(x, queries)
     systems = ["vibrato", "chroma"] if args.only is None else [args.only]
+    if args.query_workers > 1 and args.only != "chroma":
+        systems.insert(1, f"vibrato-w{args.query_workers}")
     if "chroma" in systems and not args.chroma:
         sys.exit("chroma not found: pip install chromadb==1.5.9 (a separate venv is fine) and pass --chroma")
     results = {s: [] for s in systems}
@@ -251,17 +262,22 @@ def main():
     med = {s: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for s, rs in results.items()}
     print(f"\nmedians over {args.runs} runs (n={args.n}, dim=128, k=10, ef=64, {args.duration:g} s per wrk run, "
           f"cpus={os.cpu_count()})\n")
-    print("| figure | " + " | ".join(systems) + (" | vibrato / chroma |" if len(systems) == 2 else " |"))
-    print("|---|" + "---:|" * (len(systems) + (len(systems) == 2)))
-    for k in med[systems[0]]:
+    ours = [s for s in systems if s.startswith("vibrato")]
+    peer = "chroma" if "chroma" in systems else None
+    ratio_cols = [f"{s} / chroma" for s in ours] if peer else []
+    print("| figure | " + " | ".join(systems + ratio_cols) + " |")
+    print("|---|" + "---:|" * (len(systems) + len(ratio_cols)))
+    keys = list(dict.fromkeys(k for s in systems for k in med[s]))
+    for k in keys:
         vals = [med[s].get(k) for s in systems]
         row = f"| {k} | " + " | ".join("" if v is None else f"{v:,.3f}" for v in vals) + " |"
-        if len(systems) == 2:
-            row += f" {vals[0] / vals[1]:.2f}x |" if vals[1] else " |"
+        for s in (ours if peer else ()):
+            a, b = med[s].get(k), med[peer].get(k)
+            row += f" {a / b:.2f}x |" if a is not None and b else " |"
         print(row)
-    if "vibrato" in med:
-        v = med["vibrato"]
-        print(f"\nvibrato: filtered(10%) / plain CPU per request {v['filtered10_cpu_us_per_req'] / v['c16_cpu_us_per_req']:.2f}x, "
+    for s in ours:
+        v = med[s]
+        print(f"\n{s}: filtered(10%) / plain CPU per request {v['filtered10_cpu_us_per_req'] / v['c16_cpu_us_per_req']:.2f}x, "
               f"include_metadata / plain {v['metadata_cpu_us_per_req'] / v['c16_cpu_us_per_req']:.2f}x")
     OUT.mkdir(exist_ok=True)
     (OUT / "bench_wrk.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},

@@ -37,6 +37,7 @@ class Config:
     audit_retention_days: int = 30        # audit rows older than this are pruned (0 keeps them forever)
     server_threads: int = 0               # executor threads for blocking work; 0 = min(32, 4 * cpus + 4)
     inline_search: bool = True            # small queries (k <= 100, ef <= 256) run on the event loop
+    query_workers: int = 1                # processes serving HTTP: the writer + N-1 query workers (server/workers.py)
     key_cache_ttl_secs: float = 1.0       # API-key cache entry lifetime; revocation applies within it (CONTRACT.md D17)
     keepalive_timeout_secs: float = 75.0  # an idle connection (no request in progress) is closed after this
     header_timeout_secs: float = 10.0     # time allowed to receive a request head, from its first byte
@@ -97,6 +98,8 @@ class Config:
                      "quarantine_max_files", "quarantine_max_bytes", "background_io_mb_per_sec"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if not 1 <= self.query_workers <= 64:
+            raise ValueError(f"--query-workers must be between 1 and 64, got {self.query_workers}")
         for name in ("keepalive_timeout_secs", "header_timeout_secs", "max_connections"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")

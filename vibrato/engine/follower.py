@@ -86,6 +86,10 @@ class Follower(Searcher):
         if self._closed:
             raise NotReadyError("follower is closed")
 
+    def readiness(self) -> tuple[bool, str]:
+        """A follower serves once open; the writer's readiness is the service's (its /v2/health/ready)."""
+        return (not self._closed), ("follower closed" if self._closed else "following the writer")
+
     def view(self):
         self.sync()
         return self.segment_set.view()

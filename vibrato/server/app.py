@@ -22,6 +22,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -36,8 +37,9 @@ from vibrato.server import openapi
 from vibrato.server import state as K
 from vibrato.server.audit import AuditWriter
 from vibrato.server.metrics import ServerMetrics
+from vibrato.server import workers
 from vibrato.server.middlewares import (access_middleware, auth_middleware, deferred_expect_handler, error_middleware,
-                                        request_id_middleware)
+                                        forward_middleware, request_id_middleware)
 from vibrato.server.protocol import loop_exception_handler, make_runner
 from vibrato.server.schemas import Validator
 from vibrato.server.state import Policy
@@ -95,11 +97,12 @@ def default_threads() -> int:
     return min(32, 4 * (os.cpu_count() or 1) + 4)
 
 
-def create_app(config: Config, engine=None) -> web.Application:
-    """Build the app for `config`; resources open when it starts (see the module docstring)."""
-    app = web.Application(
-        middlewares=[request_id_middleware, access_middleware, error_middleware, auth_middleware],
-        client_max_size=config.limits.max_body_bytes + 1)
+def create_app(config: Config, engine=None, *, worker: int | None = None) -> web.Application:
+    """Build the app for `config`; resources open when it starts (see the module docstring).
+    worker: this is query worker `worker` and `engine` its Follower (server/workers.py)."""
+    chain = [request_id_middleware, access_middleware, error_middleware, auth_middleware]
+    app = web.Application(middlewares=chain + ([forward_middleware] if worker is not None else []),
+                          client_max_size=config.limits.max_body_bytes + 1)
     app[K.CONFIG] = config
     app[K.METRICS] = ServerMetrics()
     app[K.VALIDATOR] = Validator(config)
@@ -107,14 +110,21 @@ def create_app(config: Config, engine=None) -> web.Application:
     app[K.OPENAPI] = orjson.dumps(openapi.build(ROUTES, dim=config.dim))
     app[K.INFLIGHT] = inflight = K.InFlight()
     app[K.METRICS].in_flight_fn = lambda: inflight.count
+    app[K.WORKERS] = None
     for r in ROUTES:
         if r.method == "GET":
             app.router.add_get(r.path, r.handler, expect_handler=deferred_expect_handler)
         else:
             app.router.add_route(r.method, r.path, r.handler, expect_handler=deferred_expect_handler)
-    holder = _Resources(engine)
+    if worker is None:
+        app.router.add_post("/internal/audit", workers.internal_audit)
+    else:
+        app.router.add_get("/internal/state", workers.internal_state)
+    holder = _Resources(engine, worker)
     app.cleanup_ctx.append(holder.engine_ctx)
     app.cleanup_ctx.append(holder.executor_ctx)
+    if worker is not None:
+        app.cleanup_ctx.append(holder.forwarder_ctx)
     app.cleanup_ctx.append(holder.audit_ctx)
     app.cleanup_ctx.append(holder.background_ctx)
     return app
@@ -123,8 +133,9 @@ def create_app(config: Config, engine=None) -> web.Application:
 class _Resources:
     """The cleanup contexts of one app (setup before `yield`, teardown after)."""
 
-    def __init__(self, engine):
+    def __init__(self, engine, worker=None):
         self.given_engine = engine
+        self.worker = worker
 
     async def engine_ctx(self, app: web.Application):
         config = app[K.CONFIG]
@@ -141,7 +152,8 @@ class _Resources:
                     sys.stdout.flush()
             app[K.ENGINE] = engine
             app[K.KEYSTORE] = apikeys.KeyStore(engine.catalog, pepper, ttl=config.key_cache_ttl_secs)
-            app[K.METRICS].bind_stats(engine.stats)
+            if self.worker is None:
+                app[K.METRICS].bind_stats(lambda: _stats(app))
         except BaseException:
             if self.given_engine is None:
                 await asyncio.to_thread(engine.close)
@@ -160,9 +172,29 @@ class _Resources:
         yield
         await asyncio.to_thread(executor.shutdown, wait=True)
 
+    async def forwarder_ctx(self, app: web.Application):
+        """A query worker's connection pool to the writer's internal socket."""
+        import aiohttp
+        path = os.path.join(app[K.CONFIG].tmp_dir, workers.INTERNAL_SOCKET)
+        session = aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=path, limit=64),
+                                        timeout=aiohttp.ClientTimeout(total=None, sock_connect=10))
+        app[K.FORWARDER] = session
+        yield
+        await session.close()
+
     async def audit_ctx(self, app: web.Application):
         config = app[K.CONFIG]
-        writer = AuditWriter(app[K.ENGINE].catalog, app[K.METRICS], retention_days=config.audit_retention_days)
+        if self.worker is None:
+            writer = AuditWriter(app[K.ENGINE].catalog, app[K.METRICS], retention_days=config.audit_retention_days)
+        else:
+            session = app[K.FORWARDER]
+
+            async def to_writer(rows):  # the writer stamps its own flush time
+                body = orjson.dumps([r[:-1] for r in rows])
+                async with session.post("http://writer/internal/audit", data=body) as resp:
+                    if resp.status != 204:
+                        raise RuntimeError(f"the writer answered {resp.status}")
+            writer = AuditWriter(None, app[K.METRICS], sink=to_writer, retention_days=0)
         app[K.AUDIT] = writer
         await writer.start()
         yield
@@ -177,6 +209,13 @@ class _Resources:
             await task
         except asyncio.CancelledError:
             pass
+
+
+def _stats(app: web.Application) -> dict:
+    """engine.stats(), with the query workers' counters when there are any (blocking)."""
+    stats = app[K.ENGINE].stats()
+    pool = app[K.WORKERS]
+    return workers.merged_stats(stats, pool.states()) if pool is not None else stats
 
 
 async def _watch_readiness(app: web.Application):
@@ -244,6 +283,9 @@ async def _serve(config: Config) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    several = config.query_workers > 1
+    if several:
+        config = config.replace(publish_state=True)
     app = create_app(config)
     runner = make_runner(app, config.replace(max_connections=fd_budget(config.max_connections)))
     try:
@@ -257,11 +299,16 @@ async def _serve(config: Config) -> None:
         raise
     try:
         host = bind_host(config.host)
-        site = web.TCPSite(runner, host, config.port, reuse_address=True)
+        site = web.TCPSite(runner, host, config.port, reuse_address=True, reuse_port=several or None)
         try:
             await site.start()
         except OSError as exc:
             raise OSError(f"cannot listen on {config.host}:{config.port}: {exc.strerror or exc}") from exc
+        internal = None
+        if several:
+            internal = web.UnixSite(runner, os.path.join(config.tmp_dir, workers.INTERNAL_SOCKET))
+            await internal.start()
+            starter = asyncio.create_task(_start_workers(app, config), name="vibrato-start-workers")
         shown = f"[{host}]" if ":" in host else host
         log.info(f"Starting Vibrato v2 server on http://{shown}:{config.port}",
                  extra={"fields": {"data_dir": str(config.data_dir), "collection": config.collection,
@@ -272,6 +319,11 @@ async def _serve(config: Config) -> None:
         notifier.stopping()
         log.info("shutdown requested: no longer accepting connections, finishing in-flight requests",
                  extra={"fields": {"in_flight": app[K.INFLIGHT].count}})
+        await site.stop()
+        if several:
+            starter.cancel()
+            if app[K.WORKERS] is not None:  # they drain first: their forwarded requests need the writer
+                await app[K.WORKERS].stop(config.shutdown_timeout_secs + 5)
         for s in list(runner.sites):
             await s.stop()
         try:
@@ -281,3 +333,63 @@ async def _serve(config: Config) -> None:
     finally:
         await runner.cleanup()
     log.info("shutdown complete")
+
+
+async def _start_workers(app: web.Application, config: Config):
+    """Start the query workers once recovery has published the serving state."""
+    engine = app[K.ENGINE]
+    while engine.readiness()[1] == "recovering":
+        await asyncio.sleep(0.05)
+    if engine.shared_state is None:
+        log.error("recovery failed: no query workers are started")
+        return
+    pool = workers.WorkerPool(config, config.query_workers)
+    await pool.start()
+    app[K.WORKERS] = pool
+
+
+# ---------------------------------------------------------------------------- a query worker
+def serve_worker(config: Config, index: int) -> None:
+    """Run query worker `index` until SIGTERM (server/workers.py)."""
+    tune_allocator()
+    asyncio.run(_serve_worker(config.replace(bootstrap_admin_key=False, publish_state=False, query_workers=1),
+                              index))
+
+
+def _open_follower(config: Config):
+    from vibrato.engine.follower import Follower
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            return Follower(config)
+        except FileNotFoundError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+async def _serve_worker(config: Config, index: int) -> None:
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(loop_exception_handler)
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    engine = await asyncio.to_thread(_open_follower, config)
+    app = create_app(config, engine=engine, worker=index)
+    runner = make_runner(app, config.replace(max_connections=fd_budget(config.max_connections)))
+    try:
+        await runner.setup()
+        site = web.TCPSite(runner, bind_host(config.host), config.port, reuse_address=True, reuse_port=True)
+        await site.start()
+        state_site = web.UnixSite(runner, os.path.join(config.tmp_dir, workers.WORKER_SOCKET.format(index)))
+        await state_site.start()
+        log.info("query worker serving", extra={"fields": {"worker": index, "pid": os.getpid()}})
+        await stop.wait()
+        await site.stop()
+        try:
+            await asyncio.wait_for(app[K.INFLIGHT].idle(), config.shutdown_timeout_secs)
+        except asyncio.TimeoutError:
+            log.warning("shutdown timeout: cancelling %d in-flight requests", app[K.INFLIGHT].count)
+    finally:
+        await runner.cleanup()  # flushes the audit queue to the writer
+        engine.close()

@@ -54,11 +54,15 @@ _OVERFLOW = ("*overflow*",)
 
 
 class AuditWriter:
-    def __init__(self, catalog, metrics, *, interval: float = 0.25, batch: int = 500, capacity: int = 4096,
+    """`sink(rows)` (a coroutine) stores a batch: the catalog by default; a query worker's sends it to
+    the writer (server/workers.py), which `extend`s its own queue with it."""
+
+    def __init__(self, catalog, metrics, *, sink=None, interval: float = 0.25, batch: int = 500, capacity: int = 4096,
                  retention_days: int = 30, prune_every_secs: float = 3600.0, auth_window_secs: float = 60.0,
                  auth_max_keys: int = 1024):
         self.catalog = catalog
         self.metrics = metrics
+        self._sink = sink if sink is not None else self._to_catalog
         self.interval = interval
         self.batch = batch
         self.capacity = capacity
@@ -148,11 +152,25 @@ class AuditWriter:
             now = int(time.time())
             rows = [self._queue.popleft() + (now,) for _ in range(n)]
             try:
-                await asyncio.wrap_future(self.catalog.write_async(audit_sql.insert_many, rows))
+                await self._sink(rows)
                 self.written_total += n
             except Exception as exc:  # noqa: BLE001 - dropped and counted, never raised to requests
                 self.metrics.audit_failures += n
                 log.error("audit batch of %d events dropped: %s", n, exc)
+
+    async def _to_catalog(self, rows):
+        await asyncio.wrap_future(self.catalog.write_async(audit_sql.insert_many, rows))
+
+    def extend(self, events: list):
+        """Queue events another process recorded (rows as `_append` makes them, without the flush
+        time); dropped and counted past the queue's capacity like local ones."""
+        for ev in events:
+            if len(self._queue) >= self.capacity:
+                self.metrics.audit_failures += 1
+                continue
+            self._queue.append(tuple(ev))
+        if len(self._queue) >= self.batch:
+            self._wake.set()
 
     async def _prune_loop(self):
         while not self._closing:

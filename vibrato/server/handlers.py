@@ -167,9 +167,8 @@ async def health_ready(request: web.Request) -> web.Response:
 def _admin(kind: str, call):
     """Admin failures answer 500 `<kind>_failed` with the engine's message (503 while recovering)."""
     async def handler(request: web.Request) -> web.Response:
-        engine = request.app[K.ENGINE]
         try:
-            result = await _blocking(request, call, engine)
+            result = await _blocking(request, call, request.app)
         except NotReadyError:
             raise
         except VibratoError as exc:
@@ -184,21 +183,27 @@ def _admin(kind: str, call):
     return handler
 
 
-admin_checkpoint = _admin("checkpoint", lambda engine: engine.checkpoint())
-admin_compact = _admin("compact", lambda engine: engine.compact())
-admin_snapshot = _admin("snapshot", lambda engine: engine.snapshot())
-admin_stats = _admin("stats", lambda engine: engine.stats())
+admin_checkpoint = _admin("checkpoint", lambda app: app[K.ENGINE].checkpoint())
+admin_compact = _admin("compact", lambda app: app[K.ENGINE].compact())
+admin_snapshot = _admin("snapshot", lambda app: app[K.ENGINE].snapshot())
+admin_stats = _admin("stats", lambda app: app[K.METRICS].stats())  # every process's counters
 
 
 async def metrics(request: web.Request) -> web.Response:
     try:
-        body = await _blocking(request, request.app[K.METRICS].render)
+        body = await _blocking(request, _render_metrics, request.app)
     except NotReadyError:
         raise
     except Exception as exc:  # noqa: BLE001
         message = exc.message if isinstance(exc, VibratoError) else str(exc)
         raise VibratoError(message, code="metrics_failed", status=500) from exc
     return web.Response(body=body, headers={"Content-Type": METRICS_CONTENT_TYPE})
+
+
+def _render_metrics(app) -> bytes:
+    pool = app.get(K.WORKERS)
+    peers = [s["metrics"] for s in pool.states()] if pool is not None else ()
+    return app[K.METRICS].render(peers)
 
 
 async def openapi(request: web.Request) -> web.Response:

@@ -67,6 +67,15 @@ class Histogram:
         s[0][bisect_left(self.buckets, value)] += 1
         s[1] += value
 
+    def state(self) -> list:
+        return [[list(labels), counts, total] for labels, (counts, total) in self.series.items()]
+
+    def add_state(self, series: list):
+        for labels, counts, total in series:
+            s = self.series.setdefault(tuple(labels), [[0] * (len(self.buckets) + 1), 0.0])
+            s[0] = [a + int(b) for a, b in zip(s[0], counts)]
+            s[1] += float(total)
+
     def family(self, name, doc, label_names=(), integer=False):
         fam = HistogramMetricFamily(name, doc, labels=list(label_names))
         for labels, (counts, total) in sorted(self.series.items()):
@@ -102,6 +111,10 @@ class ServerMetrics:
         """stats_fn() -> engine.stats() dict (blocking; render() runs off the event loop)."""
         self._stats_fn = stats_fn
 
+    def stats(self) -> dict:
+        """The bound stats (blocking): /v2/admin/stats."""
+        return self._stats_fn()
+
     def observe_request(self, method: str, route: str, status: int, seconds: float):
         key = (method, route, str(status))
         self.http_requests[key] = self.http_requests.get(key, 0) + 1
@@ -114,9 +127,34 @@ class ServerMetrics:
             self.identify_requests += 1
         self.query_latency_us.observe(engine_seconds * 1e6)
 
-    def render(self) -> bytes:
-        """The exposition text (blocking: reads engine.stats())."""
-        return generate_latest(self.registry)
+    def render(self, peer_states=()) -> bytes:
+        """The exposition text (blocking: reads engine.stats()), with the counters of `peer_states`
+        (other processes' `state()`, server/workers.py) added."""
+        if not peer_states:
+            return generate_latest(self.registry)
+        merged = ServerMetrics()
+        for st in (self.state(), *peer_states):
+            merged.add_state(st)
+        merged._stats_fn, merged.in_flight_fn = self._stats_fn, self.in_flight_fn
+        return generate_latest(merged.registry)
+
+    _COUNTS = ("query_requests", "identify_requests", "ingest_vectors", "auth_failures", "audit_failures")
+
+    def state(self) -> dict:
+        """Every counter and histogram as JSON-able values (a query worker hands them to the writer)."""
+        return {**{name: getattr(self, name) for name in self._COUNTS},
+                "http_requests": [[list(k), n] for k, n in self.http_requests.items()],
+                "query_latency_us": self.query_latency_us.state(),
+                "http_latency": self.http_latency.state()}
+
+    def add_state(self, st: dict):
+        for name in self._COUNTS:
+            setattr(self, name, getattr(self, name) + int(st[name]))
+        for key, n in st["http_requests"]:
+            key = tuple(key)
+            self.http_requests[key] = self.http_requests.get(key, 0) + int(n)
+        self.query_latency_us.add_state(st["query_latency_us"])
+        self.http_latency.add_state(st["http_latency"])
 
 
 class _Collector:

@@ -29,6 +29,7 @@ from vibrato.server import state as K
 from vibrato.server.errors import (ExpectationFailedError, MethodNotAllowedError, NotFoundRouteError,
                                    error_body)
 from vibrato.server.logs import REQUEST_ID
+from vibrato.server.workers import LOCAL_ROUTES, client_address, forward
 
 log = logging.getLogger("vibrato.server")
 access_log = logging.getLogger("vibrato.access")
@@ -90,6 +91,8 @@ def route_policy(request: web.Request):
 @web.middleware
 async def access_middleware(request: web.Request, handler):
     response = await handler(request)
+    if request.get(K.UNCOUNTED, False):
+        return response  # another process counts, logs and audits it (server/workers.py)
     app = request.app
     ts, t0 = request[K.STARTED]
     elapsed = time.perf_counter() - t0
@@ -105,12 +108,13 @@ async def access_middleware(request: web.Request, handler):
             details = {"error": request.get(K.ERROR_MESSAGE, "")}
         app[K.AUDIT].record(ts=ts, request_id=request[K.REQUEST_ID], api_key_id=request.get(K.KEY_ID),
                             endpoint=policy.path, action=policy.action, status=status,
-                            latency_ms=elapsed * 1000.0, client_ip=request.remote, details=details,
+                            latency_ms=elapsed * 1000.0, client_ip=client_address(request), details=details,
                             auth_failure=auth_failed)
     if access_log.isEnabledFor(logging.INFO):
         access_log.info("request", extra={"fields": {
             "method": request.method, "path": request.path, "status": status,
-            "latency_ms": round(elapsed * 1000.0, 3), "client": request.remote, "key_id": request.get(K.KEY_ID)}})
+            "latency_ms": round(elapsed * 1000.0, 3), "client": client_address(request),
+            "key_id": request.get(K.KEY_ID)}})
     return response
 
 
@@ -155,6 +159,16 @@ async def error_middleware(request: web.Request, handler):
 def _http_code(status: int) -> str:
     return {400: "bad_request", 401: "unauthorized", 403: "forbidden", 408: "request_timeout",
             413: "payload_too_large", 415: "unsupported_media_type"}.get(status, f"http_{status}")
+
+
+@web.middleware
+async def forward_middleware(request: web.Request, handler):
+    """A query worker's innermost middleware (server/workers.py): a route it does not serve itself goes
+    to the writer, once auth_middleware has passed it; the writer counts, logs and audits it."""
+    if request.path in LOCAL_ROUTES or request.path.startswith("/internal/"):
+        return await handler(request)
+    request[K.UNCOUNTED] = True
+    return await forward(request, request.app[K.FORWARDER], request[K.REQUEST_ID])
 
 
 async def deferred_expect_handler(request: web.Request) -> None:

@@ -70,6 +70,8 @@ VALIDATOR = web.AppKey("validator", Validator)
 POLICIES = web.AppKey("policies", dict)
 OPENAPI = web.AppKey("openapi", bytes)
 INFLIGHT = web.AppKey("inflight", InFlight)
+WORKERS = web.AppKey("workers", object)           # the writer's WorkerPool (None: one process)
+FORWARDER = web.AppKey("forwarder", object)       # a query worker's ClientSession to the writer
 
 REQUEST_ID = web.RequestKey("request_id", str)
 STARTED = web.RequestKey("started", tuple)          # (unix time, perf_counter) at arrival
@@ -77,3 +79,4 @@ KEY_ID = web.RequestKey("key_id", str)
 AUTH_FAILED = web.RequestKey("auth_failed", bool)
 AUDIT_DETAILS = web.RequestKey("audit_details", dict)
 ERROR_MESSAGE = web.RequestKey("error_message", str)
+UNCOUNTED = web.RequestKey("uncounted", bool)     # forwarded or internal: not counted, logged or audited here

@@ -1,0 +1,167 @@
+"""serve-v2 --query-workers 2 (vibrato/server/workers.py), with real processes on 127.0.0.1: every
+connection may land on the writer or the worker; acknowledged writes are visible to the next query on
+any connection, counters and audit rows cover both processes, a worker killed with SIGKILL comes back,
+SIGTERM drains both, and the worker dies with the writer."""
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+
+from server_util import ServerProcess
+from vibrato.catalog import Catalog, audit as audit_sql
+from vibrato.client import Client, VibratoHTTPError
+from vibrato.server.workers import WORKER_SOCKET, _get_unix
+
+DIM = 8
+
+
+def unit_rows(n, seed):
+    X = np.random.default_rng(seed).standard_normal((n, DIM)).astype(np.float32)
+    return X / np.linalg.norm(X, axis=1, keepdims=True)
+
+
+def worker_pids(srv) -> list[int]:
+    out = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+            if ppid == srv.proc.pid:
+                out.append(int(pid))
+    return out
+
+
+def wait_worker(srv, data, timeout=30):
+    """Until the worker answers on its state socket; returns its state."""
+    deadline = time.monotonic() + timeout
+    path = str(data / "tmp" / WORKER_SOCKET.format(1))
+    while time.monotonic() < deadline:
+        try:
+            return _get_unix(path, "/internal/state")
+        except (OSError, ValueError):
+            time.sleep(0.05)
+    raise TimeoutError(srv.output())
+
+
+@pytest.fixture
+def served(tmp_path):
+    data = tmp_path / "d"
+    srv = ServerProcess(data, extra=["--query-workers", "2"]).wait_ready()
+    wait_worker(srv, data)
+    yield srv, data
+    if srv.proc.poll() is None:
+        srv.terminate(timeout=60)
+
+
+def test_read_your_writes_on_any_connection_and_every_process_counted(served):
+    srv, data = served
+    token = srv.bootstrap_token
+    X = unit_rows(1500, 1)
+    misses = []
+    for i, x in enumerate(X):
+        writer, reader = Client(srv.url, token), Client(srv.url, token)  # two fresh connections each time
+        try:
+            vid, created = writer.ingest(x, metadata={"tags": ["t"] if i % 2 else []})
+            res = reader.query(x, k=1, ef=64, search_tier="all", include_metadata=False)["results"]
+            if not res or res[0]["id"] != vid:
+                misses.append((i, vid, res))
+            if i % 2:
+                res = reader.query(x, k=1, filter={"tags_any": ["t"]}, search_tier="all")["results"]
+                if not res or res[0]["id"] != vid:
+                    misses.append(("filtered", i, vid))
+            if i % 300 == 299:
+                writer.checkpoint()
+            if i == 1200:
+                writer.compact()
+        finally:
+            writer.close()
+            reader.close()
+    assert not misses, misses[:5]
+    queries = 1500 + 750
+    worker = wait_worker(srv, data)
+    assert worker["metrics"]["query_requests"] > 0, "the worker served no query"
+    admin = Client(srv.url, token)
+    stats = admin.stats()
+    assert stats["query_total"] == queries and stats["total_vectors"] == 1500
+    _, _, body = admin.request("GET", "/v2/metrics")
+    text = body.decode()
+    assert f"vibrato_query_requests_total {queries}.0" in text
+    assert f'vibrato_http_requests_total{{method="POST",route="/v2/query",status="200"}} {queries}.0' in text
+    assert f'vibrato_http_requests_total{{method="POST",route="/v2/vectors",status="201"}} 1500.0' in text
+    admin.close()
+    assert srv.terminate(timeout=60) == 0
+    with Catalog(data / "catalog.sqlite3") as cat:
+        rows = cat.read(audit_sql.recent, 10_000)
+    actions = [r["action"] for r in rows]
+    assert actions.count("query") == queries and actions.count("ingest") == 1500
+    assert all(r["client_ip"] == "127.0.0.1" for r in rows if r["action"] in ("query", "ingest"))
+
+
+def test_auth_is_checked_by_the_process_that_takes_the_connection(served):
+    srv, _ = served
+    for _ in range(20):  # fresh connections: both processes get some
+        bad = Client(srv.url, "vbk_1234567890abcdef0123456789abcdef." + "b" * 48)
+        with pytest.raises(VibratoHTTPError) as e:
+            bad.ingest(unit_rows(1, 2)[0])
+        assert e.value.status == 401 and e.value.request_id
+        with pytest.raises(VibratoHTTPError) as e:
+            bad.query(unit_rows(1, 2)[0], k=1)
+        assert e.value.status == 401
+        bad.close()
+
+
+def test_a_killed_worker_comes_back_and_no_acknowledged_write_is_lost(served):
+    srv, data = served
+    token = srv.bootstrap_token
+    X = unit_rows(600, 3)
+    acked = {}
+    (old,) = worker_pids(srv)
+    for i, x in enumerate(X):
+        if i == 200:
+            os.kill(old, signal.SIGKILL)
+        c = Client(srv.url, token, timeout=10)
+        try:
+            vid, _ = c.ingest(x, idempotency_key=f"k{i}")
+            acked[i] = vid
+        except (OSError, VibratoHTTPError):
+            pass  # a connection the killed worker held; not acknowledged
+        finally:
+            c.close()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and (not worker_pids(srv) or worker_pids(srv) == [old]):
+        time.sleep(0.1)
+    (new,) = worker_pids(srv)
+    assert new != old
+    wait_worker(srv, data)
+    assert any("query worker exited" in line for line in srv.stderr_lines)
+    c = Client(srv.url, token)
+    for i, vid in acked.items():
+        res = c.query(X[i], k=1, search_tier="all", include_metadata=False)["results"]
+        assert res[0]["id"] == vid
+    assert len(acked) >= 590
+    c.close()
+
+
+def test_sigterm_drains_every_process_and_the_worker_dies_with_the_writer(tmp_path):
+    data = tmp_path / "d"
+    srv = ServerProcess(data, extra=["--query-workers", "2"]).wait_ready()
+    wait_worker(srv, data)
+    (worker,) = worker_pids(srv)
+    assert srv.terminate(timeout=60) == 0
+    assert any('"shutdown complete"' in line for line in srv.stderr_lines)
+    assert not os.path.exists(f"/proc/{worker}")
+    srv = ServerProcess(data, extra=["--query-workers", "2"], bootstrap=False).wait_ready()
+    wait_worker(srv, data)
+    (worker,) = worker_pids(srv)
+    srv.kill()  # SIGKILL: the worker follows (PR_SET_PDEATHSIG)
+    deadline = time.monotonic() + 20
+    while os.path.exists(f"/proc/{worker}") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    with open(f"/proc/{worker}/stat") if os.path.exists(f"/proc/{worker}") else open(os.devnull) as f:
+        state = f.read().rsplit(")", 1)[-1].split()[:1]
+    assert state in ([], ["Z"]), "the worker outlived the writer"

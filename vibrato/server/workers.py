@@ -1,0 +1,254 @@
+"""Serving from several processes: the writer and its query workers (`--query-workers N`).
+
+One Python process tops out at about one core (the GIL), so with N > 1 the serve-v2 process (the
+writer) starts N - 1 query workers once recovery is done. Every process listens on the same port
+(SO_REUSEPORT: the kernel spreads connections over them):
+
+* the writer owns the data dir exactly as with one process (lock, catalog writes, checkpoint,
+  compaction, recovery) and publishes its committed lsn and segment-set changes in
+  `tmp/serving.state` (engine/shared_state.py);
+* a worker serves `/v2/query`, `/v2/identify`, `/v2/health/live` and `/v2/openapi.json` itself,
+  through a `Follower` (engine/follower.py: read-your-writes across processes, CONTRACT.md D5);
+  every other request is authenticated there (before its body is read, D15) and then forwarded,
+  body streamed, to the writer over `tmp/internal.sock`, which answers it as if the client had
+  connected to it (the client's address travels in `x-vibrato-forwarded-for`, trusted only on that
+  socket). A forwarded request is logged, counted and audited by the writer alone;
+* a worker's audit events go to the writer in batches (`POST /internal/audit` on that socket);
+* `/v2/metrics` and `/v2/admin/stats` are answered by the writer with every worker's counters
+  added: it reads each worker's state over `tmp/worker-<i>.sock` (`GET /internal/state`) when it
+  renders them, so a request answered before the scrape is counted (a worker killed with SIGKILL
+  takes its uncollected counts with it);
+* a worker that exits is started again (after 1 s); SIGTERM to the writer is passed on to the
+  workers, which drain their in-flight requests before the writer closes the engine; a worker
+  dies with the writer (PR_SET_PDEATHSIG).
+The unix sockets live in `tmp/` (mode 0700): only the data dir's owner can reach them.
+"""
+import asyncio
+import ctypes
+import dataclasses
+import http.client
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import orjson
+from aiohttp import web
+
+from vibrato.config import Config, Limits
+
+log = logging.getLogger("vibrato.server")
+
+INTERNAL_SOCKET = "internal.sock"
+WORKER_SOCKET = "worker-{}.sock"
+FORWARDED_FOR = "x-vibrato-forwarded-for"
+LOCAL_ROUTES = frozenset({"/v2/query", "/v2/identify", "/v2/health/live", "/v2/openapi.json"})
+RESTART_DELAY_SECS = 1.0
+STATE_TIMEOUT_SECS = 2.0
+_CONFIG_ENV = "VIBRATO_WORKER_CONFIG"
+# request headers not passed on (hop-by-hop, or set by the forwarding client itself)
+_DROP_REQUEST = frozenset({"host", "connection", "keep-alive", "transfer-encoding", "content-length", "expect",
+                           "te", "trailer", "upgrade", "proxy-connection", FORWARDED_FOR})
+_KEEP_RESPONSE = frozenset({"content-type", "x-request-id", "allow", "retry-after"})
+
+
+# ---------------------------------------------------------------------------- requests
+def is_internal(request: web.Request) -> bool:
+    """True for a request that came over one of the data dir's unix sockets."""
+    transport = request.transport
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    return sock is not None and sock.family == socket.AF_UNIX
+
+
+def client_address(request: web.Request):
+    """The client's address: the forwarding worker's word for it on the internal socket."""
+    forwarded = request.headers.get(FORWARDED_FOR)
+    if forwarded is not None and is_internal(request):
+        return forwarded or None
+    return request.remote
+
+
+# ---------------------------------------------------------------------------- config passing
+def config_to_json(config: Config) -> str:
+    d = dataclasses.asdict(config)
+    d["data_dir"] = str(config.data_dir)
+    return orjson.dumps(d).decode()
+
+
+def config_from_json(text: str) -> Config:
+    d = orjson.loads(text)
+    d["limits"] = Limits(**d["limits"])
+    return Config(**d)
+
+
+# ---------------------------------------------------------------------------- writer side
+class WorkerPool:
+    """The writer's query workers: started after recovery, restarted when they exit, stopped at
+    shutdown."""
+
+    def __init__(self, config: Config, count: int):
+        self.config = config
+        self.count = count
+        self.procs: dict[int, subprocess.Popen] = {}
+        self.restarts = 0
+        self._stopping = False
+        self._task = None
+
+    def socket_path(self, i: int) -> str:
+        return os.path.join(self.config.tmp_dir, WORKER_SOCKET.format(i))
+
+    def _spawn(self, i: int):
+        env = dict(os.environ, **{_CONFIG_ENV: config_to_json(self.config)})
+        self.procs[i] = subprocess.Popen([sys.executable, "-c", "from vibrato.server.workers import main; main()",
+                                          str(i)], env=env,
+                                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        log.info("query worker started", extra={"fields": {"worker": i, "pid": self.procs[i].pid}})
+
+    async def start(self):
+        for i in range(1, self.count):
+            self._spawn(i)
+        self._task = asyncio.create_task(self._supervise(), name="vibrato-worker-supervisor")
+
+    async def _supervise(self):
+        while not self._stopping:
+            await asyncio.sleep(RESTART_DELAY_SECS)
+            for i, proc in list(self.procs.items()):
+                code = proc.poll()
+                if code is not None and not self._stopping:
+                    log.error("query worker exited; starting it again",
+                              extra={"fields": {"worker": i, "pid": proc.pid, "exit_code": code}})
+                    self.restarts += 1
+                    self._spawn(i)
+
+    async def stop(self, timeout: float):
+        """SIGTERM every worker and wait for them to drain (SIGKILL after `timeout`)."""
+        self._stopping = True
+        if self._task is not None:
+            self._task.cancel()
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for proc in self.procs.values():
+            try:
+                await asyncio.to_thread(proc.wait, max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("query worker did not drain in time; killing it", extra={"fields": {"pid": proc.pid}})
+                proc.kill()
+                await asyncio.to_thread(proc.wait)
+
+    def states(self) -> list[dict]:
+        """Every running worker's counters (blocking: render() runs on the executor)."""
+        out = []
+        for i, proc in self.procs.items():
+            if proc.poll() is not None:
+                continue
+            try:
+                out.append(_get_unix(self.socket_path(i), "/internal/state"))
+            except (OSError, ValueError, http.client.HTTPException) as exc:
+                log.warning("could not read query worker %d's counters: %s", i, exc)
+        return out
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float):
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self._path)
+
+
+def _get_unix(path: str, target: str) -> dict:
+    conn = _UnixHTTPConnection(path, STATE_TIMEOUT_SECS)
+    try:
+        conn.request("GET", target)
+        resp = conn.getresponse()
+        body = resp.read()
+        if resp.status != 200:
+            raise ValueError(f"{target} answered {resp.status}")
+        return orjson.loads(body)
+    finally:
+        conn.close()
+
+
+# ---------------------------------------------------------------------------- worker side
+async def forward(request: web.Request, session, request_id: str) -> web.Response:
+    """Pass an authenticated request on to the writer and its answer back (body streamed)."""
+    headers = {k: v for k, v in request.headers.items() if k.lower() not in _DROP_REQUEST}
+    headers[FORWARDED_FOR] = request.remote or ""
+    headers["x-request-id"] = request_id  # the writer logs and audits it under the id the client gets
+    data = request.content if request.body_exists else None
+    async with session.request(request.method, "http://writer" + request.path_qs, headers=headers, data=data,
+                               allow_redirects=False) as resp:
+        body = await resp.read()
+        out = web.Response(status=resp.status, body=body,
+                           headers={k: v for k, v in resp.headers.items() if k.lower() in _KEEP_RESPONSE})
+    return out
+
+
+# ---------------------------------------------------------------------------- internal routes
+def _internal_only(request: web.Request):
+    if not is_internal(request):
+        raise web.HTTPNotFound()
+    from vibrato.server import state as K
+    request[K.UNCOUNTED] = True
+    return K
+
+
+async def internal_audit(request: web.Request) -> web.Response:
+    """The writer: audit events recorded by a query worker."""
+    K = _internal_only(request)
+    request.app[K.AUDIT].extend(orjson.loads(await request.read()))
+    return web.Response(status=204)
+
+
+async def internal_state(request: web.Request) -> web.Response:
+    """A query worker: its counters, for the writer's /v2/metrics and /v2/admin/stats."""
+    K = _internal_only(request)
+    body = {"metrics": request.app[K.METRICS].state(), "engine": request.app[K.ENGINE].counters.as_dict()}
+    return web.Response(body=orjson.dumps(body), content_type="application/json")
+
+
+def merged_stats(stats: dict, states: list) -> dict:
+    """engine.stats() with the query workers' engine counters (query_total, identify_total) added."""
+    out = dict(stats)
+    for st in states:
+        for name in ("query_total", "identify_total"):
+            out[name] = out.get(name, 0) + int(st["engine"].get(name, 0))
+    return out
+
+
+def _die_with_parent():
+    """PR_SET_PDEATHSIG: SIGTERM this worker when the writer exits, however it exits."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() == 1:  # the writer is already gone
+        sys.exit(0)
+
+
+def main():
+    """Entry point of a query worker process (started by WorkerPool, never by hand)."""
+    _die_with_parent()
+    index = int(sys.argv[1])
+    config = config_from_json(os.environ.pop(_CONFIG_ENV))
+    from vibrato.server import logs
+    from vibrato.server.app import serve_worker
+    logs.configure(config.log_level)
+    try:
+        serve_worker(config, index)
+    except Exception as exc:  # noqa: BLE001
+        log.error("query worker %d failed: %s", index, exc)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
