@@ -210,7 +210,7 @@ def bench_one(name, x, queries, truth, args, wrk):
             spy = None
             if args.py_spy and name.startswith("vibrato"):
                 spy = subprocess.Popen([str(Path(sys.executable).with_name("py-spy")), "record", "--pid", str(server.proc.pid), "--duration",
-                                        str(max(1, round(args.duration))), "--rate", "250", "--nonblocking",
+                                        str(max(1, round(args.duration))), "--rate", "250", *(["--nonblocking"] if args.py_spy_nonblocking else []),
                                         "--threads", "--format", "raw", "--output", str(args.py_spy)],
                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             res.update({f"c16_{k}": v for k, v in
@@ -243,6 +243,8 @@ def main():
                    help="also run Vibrato with this many serving processes (shown as vibrato-wN; 1: skip)")
     p.add_argument("--py-spy", type=Path, help="profile Vibrato during the wrk -c16 run: py-spy raw (collapsed) "
                                                "stacks to this file (summarise with perf/spy_top.py)")
+    p.add_argument("--py-spy-nonblocking", action="store_true",
+                   help="sample without pausing the server (less overhead, idle time not told apart)")
     args = p.parse_args()
     wrk = ensure_wrk()
     x, queries = H.load_vectors(args.n)

@@ -71,31 +71,32 @@ def test_the_logging_thread_does_not_format(captured, monkeypatch):
     assert lines(captured)[0]["msg"] == "one line"
 
 
-def test_a_full_queue_drops_and_reports_the_count(captured, monkeypatch):
+def test_a_full_buffer_drops_and_reports_the_count(captured, monkeypatch):
     gate = threading.Event()
-    real = logs._WriterHandler.emit
-
-    def slow(self, record):
-        gate.wait(10)
-        real(self, record)
-    monkeypatch.setattr(logs._WriterHandler, "emit", slow)
     monkeypatch.setattr(logs, "QUEUE_MAX_RECORDS", 4)
-    logs.configure("info", captured)  # a new writer with the small queue
+    logs.configure("info", captured)  # a new writer with the small buffer
+    writer = logs._writer
+    real = writer.drain
+
+    def slow():
+        gate.wait(10)
+        real()
+    monkeypatch.setattr(writer, "drain", slow)  # this writer only: the one configure stopped drained as usual
     log = logging.getLogger("vibrato.test")
     for i in range(50):
         log.warning("flood %d", i)
     gate.set()
     deadline = time.monotonic() + 10
-    while not logs._listener.queue.empty() and time.monotonic() < deadline:
+    while logs._writer.front.buffer and time.monotonic() < deadline:
         time.sleep(0.01)
     log.warning("after the flood")
     logs.flush()
     got = lines(captured)
-    written = [r for r in got if r["msg"].startswith("flood")]
+    written = [r["msg"] for r in got if r["msg"].startswith("flood")]
     dropped = [r for r in got if "log_records_dropped" in r]
-    assert len(written) <= 6 and len(dropped) == 1  # the record in the writer's hands + a full queue
-    assert dropped[0]["log_records_dropped"] == 50 - len(written)
-    assert got[-1]["msg"] == "after the flood"
+    assert written == [f"flood {i}" for i in range(4)]
+    assert [r["log_records_dropped"] for r in dropped] == [46]
+    assert got[-1]["msg"] == "after the flood" and got.index(dropped[0]) < got.index(got[-1])
 
 
 def test_secrets_are_redacted_by_the_writer(captured):

@@ -7,15 +7,15 @@ of a `vbk_` token, the value after `Authorization:`) in messages and tracebacks.
 interval with a count of what it suppressed.
 
 Records are formatted and written by one writer thread (`configure`): the thread that logs (the
-event loop, for the access log) only enqueues the record with its request id. The queue is bounded;
-when the writer cannot keep up, records are dropped and counted, and the next line written says how
-many (`log_records_dropped`). The queue is drained at exit.
+event loop, for the access log) only appends the record, with its request id, to a buffer the writer
+drains every 20 ms (no lock or wake-up per record). The buffer is bounded; when the writer cannot
+keep up, records are dropped and counted, and the next write says how many (`log_records_dropped`).
+The buffer is drained at exit.
 """
 import atexit
+import collections
 import contextvars
 import logging
-import logging.handlers
-import queue
 import re
 import sys
 import threading
@@ -93,79 +93,102 @@ class JsonFormatter(logging.Formatter):
 
 _UNSET = object()
 QUEUE_MAX_RECORDS = 65536
+WRITE_EVERY_SECS = 0.02
 
 
-class _DeferredHandler(logging.handlers.QueueHandler):
-    """Puts the record on the writer's queue unformatted, with the request id of the logging thread."""
+class _DeferredHandler(logging.Handler):
+    """Appends the record, unformatted and with the logging thread's request id, to a buffer that
+    the writer thread drains every WRITE_EVERY_SECS: no lock and no thread wake-up per record."""
 
-    def __init__(self, q):
-        super().__init__(q)
-        self.dropped = 0
-        self._lock_dropped = threading.Lock()
+    def __init__(self):
+        super().__init__()
+        self.buffer = collections.deque()
+        self.dropped = 0  # only the writer thread resets it (a lost increment costs one count)
 
-    def prepare(self, record):
+    def handle(self, record):  # no per-handler lock: deque.append is atomic
+        if len(self.buffer) >= QUEUE_MAX_RECORDS:
+            self.dropped += 1
+            return True
         record.request_id = REQUEST_ID.get()
-        return record
-
-    def enqueue(self, record):
-        try:
-            self.queue.put_nowait(record)
-        except queue.Full:
-            with self._lock_dropped:
-                self.dropped += 1
-
-
-class _WriterHandler(logging.StreamHandler):
-    """The writer thread's handler: reports records dropped at the queue before the next line."""
-
-    def __init__(self, stream, front: _DeferredHandler):
-        super().__init__(stream)
-        self.front = front
+        self.buffer.append(record)
+        return True
 
     def emit(self, record):
+        self.handle(record)
+
+
+class _Writer:
+    """The thread that formats and writes every record, in the order they were logged."""
+
+    def __init__(self, stream, front: _DeferredHandler):
+        self.stream = stream
+        self.front = front
+        self.formatter = JsonFormatter()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="vibrato-log-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while not self._stop.wait(WRITE_EVERY_SECS):
+            self.drain()
+        self.drain()
+
+    def drain(self):
+        buf, lines = self.front.buffer, []
         if self.front.dropped:
-            with self.front._lock_dropped:
-                n, self.front.dropped = self.front.dropped, 0
+            n, self.front.dropped = self.front.dropped, 0
             note = logging.LogRecord("vibrato.logs", logging.WARNING, __file__, 0,
                                      "log records dropped: the log writer fell behind", None, None)
             note.fields = {"log_records_dropped": n}
             note.request_id = None
-            super().emit(note)
-        super().emit(record)
+            lines.append(self.formatter.format(note))
+        while buf:
+            record = buf.popleft()
+            try:
+                lines.append(self.formatter.format(record))
+            except Exception:  # noqa: BLE001 - a record that cannot be formatted is reported, not fatal
+                logging.Handler.handleError(self.front, record)
+        if lines:
+            try:
+                self.stream.write("\n".join(lines) + "\n")
+                self.stream.flush()
+            except (OSError, ValueError):
+                pass  # stderr closed or gone: nothing left to tell
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join()
 
 
-_listener = None
+_writer = None
 
 
 def configure(level: str = "info", stream=None) -> None:
     """Send every logger's records to `stream` (stderr) as JSON lines, through the writer thread
     (idempotent: a second call replaces the first's writer)."""
-    global _listener
+    global _writer
     root = logging.getLogger()
     for h in list(root.handlers):
         if getattr(h, "_vibrato", False):
             root.removeHandler(h)
-    if _listener is not None:
-        _listener.stop()
-    q = queue.Queue(QUEUE_MAX_RECORDS)
-    front = _DeferredHandler(q)
+    if _writer is not None:
+        _writer.stop()
+    logging._srcfile = None  # no caller lookup per record: the JSON lines carry no file/line
+    front = _DeferredHandler()
     front._vibrato = True
-    writer = _WriterHandler(sys.stderr if stream is None else stream, front)
-    writer.setFormatter(JsonFormatter())
-    _listener = logging.handlers.QueueListener(q, writer)
-    _listener.start()
+    _writer = _Writer(sys.stderr if stream is None else stream, front)
     root.addHandler(front)
     root.setLevel(level.upper())
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
 
 def flush() -> None:
-    """Write every queued record now and stop the writer thread (at exit; configure starts it again)."""
-    global _listener
-    if _listener is not None:
-        stream = _listener.handlers[0].stream
-        _listener.stop()
-        _listener = None
+    """Write every buffered record now and stop the writer thread (at exit; configure starts it again)."""
+    global _writer
+    if _writer is not None:
+        stream = _writer.stream
+        _writer.stop()
+        _writer = None
         root = logging.getLogger()
         for h in list(root.handlers):
             if getattr(h, "_vibrato", False):
