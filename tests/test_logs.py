@@ -114,3 +114,19 @@ def test_queued_lines_are_written_at_exit():
     assert out.returncode == 0
     got = [json.loads(line)["msg"] for line in out.stderr.splitlines()]
     assert got == [f"line {i}" for i in range(2000)]
+
+
+def test_access_lines_match_the_logging_path(captured):
+    fields = {"method": "POST", "path": "/v2/query", "status": 200, "latency_ms": 0.5, "client": "127.0.0.1",
+              "key_id": None}
+    token = logs.REQUEST_ID.set("req-access")
+    try:
+        logs.access_line(fields)
+        logging.getLogger("vibrato.access").info("request", extra={"fields": fields})
+    finally:
+        logs.REQUEST_ID.reset(token)
+    logs.flush()
+    fast, slow = lines(captured)
+    assert abs(fast.pop("ts") - slow.pop("ts")) < 5 and fast.pop("time")[:10] == slow.pop("time")[:10]
+    assert fast == slow == {"level": "info", "logger": "vibrato.access", "msg": "request",
+                            "request_id": "req-access", **fields}

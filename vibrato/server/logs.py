@@ -71,24 +71,41 @@ class RateLimitedLog:
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        out = {
-            "ts": round(record.created, 3),
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "msg": redact(record.getMessage()),
-        }
         rid = record.__dict__.get("request_id", _UNSET)
         if rid is _UNSET:  # formatted where it was logged
             rid = REQUEST_ID.get()
-        if rid is not None:
-            out["request_id"] = rid
-        fields = getattr(record, "fields", None)
-        if fields:
-            out.update(fields)
-        if record.exc_info:
-            out["exc"] = redact(self.formatException(record.exc_info))
-        return orjson.dumps(out, default=str).decode()
+        exc = redact(self.formatException(record.exc_info)) if record.exc_info else None
+        return json_line(record.created, record.levelname.lower(), record.name, redact(record.getMessage()), rid,
+                         getattr(record, "fields", None), exc)
+
+
+def json_line(created: float, level: str, logger: str, msg: str, request_id, fields, exc=None) -> str:
+    """One log line: ts, time, level, logger, msg, request_id (when there is one), the fields, exc."""
+    out = {"ts": round(created, 3),
+           "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created)) + f".{int(created * 1000) % 1000:03d}Z",
+           "level": level, "logger": logger, "msg": msg}
+    if request_id is not None:
+        out["request_id"] = request_id
+    if fields:
+        out.update(fields)
+    if exc is not None:
+        out["exc"] = exc
+    return orjson.dumps(out, default=str).decode()
+
+
+def access_line(fields: dict) -> None:
+    """The access log line of the current request (logger vibrato.access, level info, msg "request"),
+    handed to the writer thread without building a LogRecord (the loop writes one per request). The
+    caller checks that vibrato.access logs at info."""
+    writer = _writer
+    if writer is None:
+        logging.getLogger("vibrato.access").info("request", extra={"fields": fields})
+        return
+    front = writer.front
+    if len(front.buffer) >= QUEUE_MAX_RECORDS:
+        front.dropped += 1
+        return
+    front.buffer.append((time.time(), REQUEST_ID.get(), fields))
 
 
 _UNSET = object()
@@ -145,6 +162,10 @@ class _Writer:
         while buf:
             record = buf.popleft()
             try:
+                if type(record) is tuple:  # access_line
+                    created, rid, fields = record
+                    lines.append(json_line(created, "info", "vibrato.access", "request", rid, fields))
+                    continue
                 lines.append(self.formatter.format(record))
             except Exception:  # noqa: BLE001 - a record that cannot be formatted is reported, not fatal
                 logging.Handler.handleError(self.front, record)

@@ -28,7 +28,7 @@ from vibrato.errors import VibratoError
 from vibrato.server import state as K
 from vibrato.server.errors import (ExpectationFailedError, MethodNotAllowedError, NotFoundRouteError,
                                    error_body)
-from vibrato.server.logs import REQUEST_ID
+from vibrato.server.logs import REQUEST_ID, access_line
 from vibrato.server.workers import LOCAL_ROUTES, client_address, forward
 
 log = logging.getLogger("vibrato.server")
@@ -111,10 +111,9 @@ async def access_middleware(request: web.Request, handler):
                             latency_ms=elapsed * 1000.0, client_ip=client_address(request), details=details,
                             auth_failure=auth_failed)
     if access_log.isEnabledFor(logging.INFO):
-        access_log.info("request", extra={"fields": {
-            "method": request.method, "path": request.path, "status": status,
-            "latency_ms": round(elapsed * 1000.0, 3), "client": client_address(request),
-            "key_id": request.get(K.KEY_ID)}})
+        access_line({"method": request.method, "path": request.path, "status": status,
+                     "latency_ms": round(elapsed * 1000.0, 3), "client": client_address(request),
+                     "key_id": request.get(K.KEY_ID)})
     return response
 
 
