@@ -93,7 +93,9 @@ class GateServer:
                      "--host", "127.0.0.1", "--port", str(self.port),
                      "--checkpoint-interval-secs", str(checkpoint_secs),
                      "--compaction-interval-secs", str(compaction_secs),
-                     "--public-health-metrics", "true", "--log-level", log_level, *map(str, extra)]
+                     "--public-health-metrics", "true", "--log-level", log_level, *map(str, extra),
+                     # e.g. VIBRATO_GATE_SERVER_ARGS="--query-workers 2": a gate against several processes
+                     *os.environ.get("VIBRATO_GATE_SERVER_ARGS", "").split()]
         cmd = [*vibrato_cmd(), *self.args]
         print("+ " + " ".join(cmd), flush=True)
         self._out = open(self.out_path, "wb")
