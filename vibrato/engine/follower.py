@@ -25,9 +25,6 @@ import os
 import threading
 import time
 
-import numpy as np
-import orjson
-
 from vibrato.catalog import Catalog, collections, segments as seg_sql, wal
 from vibrato.config import Config
 from vibrato.engine.core import Searcher
@@ -173,13 +170,5 @@ class Follower(Searcher):
             if not rows:
                 return
             last = rows[-1][0]
-            rows = [r for r in rows if r[1] > top_id]
-            if rows:
-                n = len(rows)
-                lsns = np.fromiter((r[0] for r in rows), dtype=np.int64, count=n)
-                ids = np.fromiter((r[1] for r in rows), dtype=np.int64, count=n)
-                blob = b"".join(r[2] for r in rows)
-                vectors = np.frombuffer(blob, dtype="<f4").reshape(n, self.dim).astype(np.float32)
-                metas = [(r[3], r[4], r[5], r[6], orjson.loads(r[7])) for r in rows]
-                self.segment_set.append(ids, lsns, vectors, metas)
+            self.segment_set.append_wal_rows([r for r in rows if r[1] > top_id])
             self._applied = last

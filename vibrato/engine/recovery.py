@@ -28,7 +28,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-import orjson
 
 from vibrato.catalog import collections, jobs, orphans, segments as seg_sql, wal
 from vibrato.datadir import UnsafePathError
@@ -332,15 +331,9 @@ def rebuild_hot(engine) -> int:
         rows = cat.read(wal.pending, cid, after, HOT_REBUILD_BATCH)
         if not rows:
             break
-        n = len(rows)
-        lsns = np.fromiter((r[0] for r in rows), dtype=np.int64, count=n)
-        ids = np.fromiter((r[1] for r in rows), dtype=np.int64, count=n)
-        blob = b"".join(r[2] for r in rows)
-        vectors = np.frombuffer(blob, dtype="<f4").reshape(n, engine.dim).astype(np.float32)
-        metas = [(r[3], r[4], r[5], r[6], orjson.loads(r[7])) for r in rows]
-        engine.segment_set.append(ids, lsns, vectors, metas)
-        after = int(lsns[-1])
-        total += n
+        engine.segment_set.append_wal_rows(rows)
+        after = int(rows[-1][0])
+        total += len(rows)
     return total
 
 

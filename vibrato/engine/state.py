@@ -14,6 +14,7 @@ import enum
 import threading
 
 import numpy as np
+import orjson
 
 from vibrato.engine.filters import FilterIndex
 from vibrato.engine.hot import HotTier, HotView
@@ -190,6 +191,18 @@ class SegmentSet:
                 off = r.tag_offsets[a:b + 1]
                 self.filters.add_columns(first, h.live[a:b], r.bpm[a:b], r.tag_dict,
                                          off - off[0], r.tag_ids[int(off[0]):int(off[-1])])
+
+    def append_wal_rows(self, rows: list):
+        """Recovery's hot-tail rebuild and a follower's catch-up: rows as catalog.wal.pending returns
+        them, (lsn, id, vector blob, source_file, start_time_ms, duration_ms, bpm, tags_json)."""
+        n = len(rows)
+        if not n:
+            return
+        lsns = np.fromiter((r[0] for r in rows), dtype=np.int64, count=n)
+        ids = np.fromiter((r[1] for r in rows), dtype=np.int64, count=n)
+        vectors = np.frombuffer(b"".join(r[2] for r in rows), dtype="<f4").reshape(n, self._hot.dim)
+        metas = [(r[3], r[4], r[5], r[6], orjson.loads(r[7])) for r in rows]
+        self.append(ids, lsns, vectors.astype(np.float32), metas)
 
     def append(self, ids: np.ndarray, lsns: np.ndarray, vectors: np.ndarray, metas: list):
         """Ingest and the hot-tail rebuild: committed rows become visible to the next view."""

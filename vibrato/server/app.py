@@ -277,12 +277,18 @@ def fd_budget(max_connections: int) -> int:
     return max_connections
 
 
-async def _serve(config: Config) -> None:
+def _stop_on_signals() -> asyncio.Event:
+    """The running loop's exception handler set, and an event that SIGTERM/SIGINT set."""
     loop = asyncio.get_running_loop()
     loop.set_exception_handler(loop_exception_handler)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+async def _serve(config: Config) -> None:
+    stop = _stop_on_signals()
     several = config.query_workers > 1
     if several:
         config = config.replace(publish_state=True)
@@ -369,11 +375,7 @@ def _open_follower(config: Config):
 
 
 async def _serve_worker(config: Config, index: int) -> None:
-    loop = asyncio.get_running_loop()
-    loop.set_exception_handler(loop_exception_handler)
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop = _stop_on_signals()
     engine = await asyncio.to_thread(_open_follower, config)
     app = create_app(config, engine=engine, worker=index)
     runner = make_runner(app, config.replace(max_connections=fd_budget(config.max_connections)))
