@@ -1,5 +1,7 @@
 """Helpers shared by the engine tests (not a test module)."""
+import contextlib
 import hashlib
+import threading
 
 import numpy as np
 
@@ -24,3 +26,26 @@ def dump(eng):
     for vid in ids[found].tolist():
         out[vid] = (vecs[vid].tobytes(), view.metadata(vid))
     return out
+
+
+@contextlib.contextmanager
+def churning(eng):
+    """Run checkpoint + compact on `eng` back to back in a thread while the body runs; yields the
+    list the thread appends its exception to (empty when all went well)."""
+    stop, errors = threading.Event(), []
+
+    def churn():
+        try:
+            while not stop.is_set():
+                eng.checkpoint()
+                eng.compact()
+        except Exception as exc:  # noqa: BLE001 - reported to the test
+            errors.append(exc)
+
+    t = threading.Thread(target=churn, name="churn")
+    t.start()
+    try:
+        yield errors
+    finally:
+        stop.set()
+        t.join()

@@ -10,14 +10,13 @@ import signal
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from enginetools import dump, payload
+from enginetools import churning, dump, payload
 from vibrato.engine import Engine, faults, replay_to_lsn, snapshot_create, snapshot_restore
 from vibrato.errors import DataDirLockedError
 
@@ -197,27 +196,11 @@ def test_snapshot_during_checkpoint_and_compaction_restores_exactly(tmp_path):
     src = tmp_path / "src"
     eng = Engine.open(src, dim=DIM, background=False, checkpoint_max_rows=25, pq_min_rows=64)
     ingest_keys(eng, [f"k{i}" for i in range(300)])
-    stop = threading.Event()
-    errors = []
-
-    def churn():
-        try:
-            while not stop.is_set():
-                eng.checkpoint()
-                eng.compact()
-        except Exception as exc:  # noqa: BLE001
-            errors.append(exc)
-
-    t = threading.Thread(target=churn)
-    t.start()
     snaps = []
-    try:
+    with churning(eng) as errors:
         for _ in range(3):
             snaps.append(eng.snapshot()["details"])
             time.sleep(0.05)
-    finally:
-        stop.set()
-        t.join()
     assert not errors
     expected = dump(eng)
     eng.close()

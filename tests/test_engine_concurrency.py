@@ -7,6 +7,7 @@ import threading
 
 import numpy as np
 
+from enginetools import churning
 from vibrato.engine import Engine
 
 DIM = 32
@@ -17,7 +18,6 @@ def test_read_your_writes_during_checkpoint_and_compaction(tmp_path):
     errors = []
     acked = {}
     lock = threading.Lock()
-    stop = threading.Event()
 
     def writer(w):
         rng = np.random.default_rng(w)
@@ -42,24 +42,13 @@ def test_read_your_writes_during_checkpoint_and_compaction(tmp_path):
         except Exception as exc:  # noqa: BLE001
             errors.append(repr(exc))
 
-    def maintainer():
-        try:
-            while not stop.is_set():
-                eng.checkpoint()
-                eng.compact()
-        except Exception as exc:  # noqa: BLE001
-            errors.append(repr(exc))
-
     writers = [threading.Thread(target=writer, args=(w,)) for w in range(4)]
-    m = threading.Thread(target=maintainer)
-    m.start()
-    for t in writers:
-        t.start()
-    for t in writers:
-        t.join()
-    stop.set()
-    m.join()
-    assert not errors, errors[:5]
+    with churning(eng) as maintenance_errors:
+        for t in writers:
+            t.start()
+        for t in writers:
+            t.join()
+    assert not errors and not maintenance_errors, (errors + maintenance_errors)[:5]
     ids = sorted(acked)
     assert ids == list(range(len(ids))), "ids must be dense from 0"
     assert eng.stats()["total_vectors"] == len(ids)

@@ -4,11 +4,11 @@ running at the same time, with the same answers as the writer's."""
 import os
 import subprocess
 import sys
-import threading
 
 import numpy as np
 import pytest
 
+from enginetools import churning
 from vibrato.engine import Engine
 from vibrato.engine.follower import Follower
 from vibrato.engine.shared_state import FILE_NAME, SharedState
@@ -70,19 +70,7 @@ def test_read_your_writes_while_checkpoints_and_compactions_run(tmp_path):
     while another thread checkpoints and compacts as fast as it can."""
     X = unit_rows(2000, 2)
     with writer(tmp_path / "d", checkpoint_max_rows=64) as w, Follower.open(tmp_path / "d", dim=DIM) as f:
-        stop = threading.Event()
-        errors = []
-
-        def churn():
-            try:
-                while not stop.is_set():
-                    w.checkpoint()
-                    w.compact()
-            except Exception as exc:  # noqa: BLE001
-                errors.append(exc)
-        t = threading.Thread(target=churn)
-        t.start()
-        try:
+        with churning(w) as errors:
             misses = []
             for i, x in enumerate(X):
                 vid, created = w.ingest(x, metadata={"tags": ["t"] if i % 3 == 0 else []})
@@ -95,9 +83,6 @@ def test_read_your_writes_while_checkpoints_and_compactions_run(tmp_path):
                                   include_metadata=False)
                     if not got or got[0]["id"] != i:
                         misses.append(("filtered", i))
-        finally:
-            stop.set()
-            t.join()
         assert not errors and not misses, misses[:10]
         assert w.stats()["checkpoint_total"] > 10
         # every row once, nothing twice across tiers

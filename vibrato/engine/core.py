@@ -36,8 +36,14 @@ log = logging.getLogger("vibrato.engine")
 
 class Searcher:
     """query and identify over `view()`: shared by the Engine (the writer) and a Follower (a read-only
-    process; engine/follower.py). Subclasses provide config, dim, segment_set, counters, view() and
-    _require_ready()."""
+    process; engine/follower.py). Subclasses provide config, dim, segment_set, counters, view(),
+    _require_ready() and close()."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     def query(self, vector, k: int = 10, ef: int = 50, filter=None, search_tier: str = "active",
               include_metadata: bool = True) -> list[dict]:
@@ -163,12 +169,6 @@ class Engine(Searcher):
         if self.shared_state is not None:
             self.shared_state.close()
         self._dir_lock.release()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
     # ------------------------------------------------------------------ state
     def readiness(self) -> tuple[bool, str]:

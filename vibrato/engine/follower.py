@@ -73,12 +73,6 @@ class Follower(Searcher):
         self.catalog.close()
         self.shared.close()
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
     def _require_ready(self):
         if self._closed:
             raise NotReadyError("follower is closed")

@@ -84,21 +84,10 @@ class SharedState:
             raise PermissionError("a follower never writes the serving state")
         _WORD.pack_into(self._mm, off, value)
 
-    @property
-    def epoch(self) -> int:
-        return self._get(_EPOCH)
-
-    @property
-    def seq(self) -> int:
-        return self._get(_SEQ)
-
-    @property
-    def lsn(self) -> int:
-        return self._get(_LSN)
-
-    @property
-    def pid(self) -> int:
-        return self._get(_PID)
+    epoch = property(lambda self: self._get(_EPOCH))
+    seq = property(lambda self: self._get(_SEQ))
+    lsn = property(lambda self: self._get(_LSN))
+    pid = property(lambda self: self._get(_PID))
 
     # ------------------------------------------------------------------ writer side
     def publish_lsn(self, lsn: int):

@@ -287,6 +287,14 @@ def _stop_on_signals() -> asyncio.Event:
     return stop
 
 
+async def _drain(app: web.Application, config: Config):
+    """Let in-flight requests finish, for at most shutdown_timeout_secs."""
+    try:
+        await asyncio.wait_for(app[K.INFLIGHT].idle(), config.shutdown_timeout_secs)
+    except asyncio.TimeoutError:
+        log.warning("shutdown timeout: cancelling %d in-flight requests", app[K.INFLIGHT].count)
+
+
 async def _serve(config: Config) -> None:
     stop = _stop_on_signals()
     several = config.query_workers > 1
@@ -332,10 +340,7 @@ async def _serve(config: Config) -> None:
                 await app[K.WORKERS].stop(config.shutdown_timeout_secs + 5)
         for s in list(runner.sites):
             await s.stop()
-        try:
-            await asyncio.wait_for(app[K.INFLIGHT].idle(), config.shutdown_timeout_secs)
-        except asyncio.TimeoutError:
-            log.warning("shutdown timeout: cancelling %d in-flight requests", app[K.INFLIGHT].count)
+        await _drain(app, config)
     finally:
         await runner.cleanup()
     log.info("shutdown complete")
@@ -388,10 +393,7 @@ async def _serve_worker(config: Config, index: int) -> None:
         log.info("query worker serving", extra={"fields": {"worker": index, "pid": os.getpid()}})
         await stop.wait()
         await site.stop()
-        try:
-            await asyncio.wait_for(app[K.INFLIGHT].idle(), config.shutdown_timeout_secs)
-        except asyncio.TimeoutError:
-            log.warning("shutdown timeout: cancelling %d in-flight requests", app[K.INFLIGHT].count)
+        await _drain(app, config)
     finally:
         await runner.cleanup()  # flushes the audit queue to the writer
         engine.close()
