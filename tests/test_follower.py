@@ -178,3 +178,28 @@ def test_seq_stays_odd_while_any_change_is_in_progress(tmp_path):
     s.publish_lsn(9)
     assert s.lsn == 9
     s.close()
+
+
+def test_follower_serves_archive_segments_like_the_writer(tmp_path):
+    """Compaction all the way to PQ archive segments: the follower loads them and answers as the writer
+    does, filters included (their filter columns come from the segments)."""
+    X = unit_rows(3000, 6)
+    with writer(tmp_path / "d", checkpoint_max_rows=500, pq_min_rows=256, compaction_max_inputs=2) as w:
+        with Follower.open(tmp_path / "d", dim=DIM) as f:
+            for lo in range(0, 3000, 500):
+                w.ingest_batch(items(X[lo:lo + 500], lo))
+                w.checkpoint()
+            while w.compact()["state"] != "idle":
+                pass
+            assert any(s.kind == "archive" for s in w.segment_set.handles)
+            late = Follower.open(tmp_path / "d", dim=DIM)  # saw none of it as hot rows
+            try:
+                for q in X[::97]:
+                    for eng in (f, late):
+                        assert top_ids(eng, q) == top_ids(w, q)
+                        flt = {"tags_any": ["t"]}
+                        assert top_ids(eng, q, filter=flt) == top_ids(w, q, filter=flt)
+                assert sorted(h.kind for h in late.segment_set.handles) == sorted(
+                    h.kind for h in w.segment_set.handles)
+            finally:
+                late.close()
