@@ -1,6 +1,7 @@
 """The input rules have one owner (vibrato.engine.validation): HTTP and embedded callers get the same
 400 messages, checked values pass the engine and the native index unchecked, and the idempotency
 digest separates every field (CONTRACT.md §2, D3, D27)."""
+import base64
 import hashlib
 
 import numpy as np
@@ -240,3 +241,64 @@ def test_every_error_is_a_vibrato_error():
     for bad in (None, 5, "x", [[1, 2]], {"vector": 1}):
         with pytest.raises(VibratoError):
             rules.prepare_rows(bad, DIM, LIMITS)
+
+
+def b64(a) -> str:
+    return base64.b64encode(np.asarray(a, dtype="<f4").tobytes()).decode()
+
+
+def test_compact_vectors_decode_like_json_arrays():
+    v = Validator(Config(dim=DIM))
+    q = np.linspace(-3, 3e38, DIM).astype(np.float32)
+    a, b = v.query({"vector": b64(q), "k": 3}, True), v.query({"vector": q.tolist(), "k": 3}, True)
+    assert type(a["vector"]) is FiniteArray and np.array_equal(a["vector"], b["vector"])
+    batch = v.ingest_batch({"vectors": [{"vector": b64(q)}, {"vector": q.tolist(), "metadata": {"bpm": 1.5}}]}, True)
+    assert np.array_equal(batch.vectors[0], batch.vectors[1]) and batch.rows[0][-1] != batch.rows[1][-1]
+    assert batch.rows[0][0] == batch.rows[1][0]  # the same stored vector blob either way
+    frames = np.arange(3 * DIM, dtype=np.float32).reshape(3, DIM)
+    assert np.array_equal(v.identify({"vectors": b64(frames), "k": 2}, True)["vectors"], frames)
+    assert np.array_equal(v.identify({"vectors": [b64(f) for f in frames], "k": 2}, True)["vectors"], frames)
+
+
+@pytest.mark.parametrize("doc,status,fragment", [
+    ({"vector": "not base64!"}, 422, "base64 of little-endian float32"),
+    ({"vector": base64.b64encode(b"abcde").decode()}, 400, "not a whole number of float32"),
+    ({"vector": "AAAAAA=="}, 400, "dimension mismatch at vector"),  # one component
+    ({"vector": None}, 422, "must not be null"),
+])
+def test_compact_vector_errors(doc, status, fragment):
+    with pytest.raises(VibratoError) as e:
+        Validator(Config(dim=DIM)).query({"k": 1, **doc}, True)
+    assert e.value.status == status and fragment in e.value.message
+
+
+def test_compact_nan_and_frames_errors():
+    v = Validator(Config(dim=DIM))
+    bad = np.zeros(DIM, np.float32)
+    bad[2] = np.nan
+    with pytest.raises(BadRequestError, match=r"vector\[2\] is not finite"):
+        v.query({"vector": b64(bad)}, True)
+    with pytest.raises(BadRequestError, match="not a whole number of"):
+        v.identify({"vectors": b64(np.zeros(DIM + 1, np.float32)), "k": 1}, True)
+
+
+def test_compact_vectors_over_http(env):  # noqa: F811 - the imported fixture
+    async def body(client, tokens):
+        h = {**auth(tokens["admin"]), "Content-Type": "application/json"}
+        x = np.array(vec(0.5, -0.25, 0.125), dtype=np.float32)
+        resp = await client.post("/v2/vectors", data=orjson.dumps({"vector": b64(x)}), headers=h)
+        assert resp.status == 201, await resp.text()
+        vid = (await resp.json())["data"]["id"]
+        answers = []
+        for form in (b64(x), x.tolist()):
+            resp = await client.post("/v2/query", data=orjson.dumps({"vector": form, "k": 1, "search_tier": "all",
+                                                                     "include_metadata": False}), headers=h)
+            answers.append((await resp.json())["data"]["results"])
+        assert answers[0] == answers[1] and answers[0][0]["id"] == vid
+        resp = await client.post("/v2/identify", data=orjson.dumps({"vectors": b64(np.stack([x, x])), "k": 1}),
+                                 headers=h)
+        assert resp.status == 200, await resp.text()
+        spec = await (await client.get("/v2/openapi.json")).json()
+        vector = spec["components"]["schemas"]["QueryRequest"]["properties"]["vector"]
+        assert {s.get("format") for s in vector["oneOf"]} >= {"byte"}
+    run(env, body)

@@ -2,6 +2,8 @@
 
 Both wrap every route, accept numpy arrays (or sequences) for vectors, return the `data` payload of
 the response, and raise `VibratoHTTPError(status, code, message, request_id)` for error responses.
+numpy vectors are sent in the compact form (base64 of little-endian float32, `pack_f32`): a 75-frame
+identify body is ~53 KB instead of ~100 KB of JSON floats, and cheaper for the server to decode.
 
     with Client("http://127.0.0.1:8080", token) as c:
         vid, created = c.ingest(np.ones(128, np.float32), metadata={"tags": ["rock"]})
@@ -9,6 +11,7 @@ the response, and raise `VibratoHTTPError(status, code, message, request_id)` fo
 
 `Client` keeps one keep-alive connection per thread (thread-safe); `AsyncClient` one aiohttp session.
 """
+import base64
 import http.client
 import threading
 import urllib.parse
@@ -46,9 +49,14 @@ class VibratoHTTPError(Exception):
 
 
 def _vec(v):
-    if isinstance(v, np.ndarray):
-        return np.ascontiguousarray(v, dtype=np.float32)
-    return v
+    """numpy input travels in the compact form (docs/SERVER.md); sequences as JSON arrays."""
+    return pack_f32(v) if isinstance(v, np.ndarray) else v
+
+
+def pack_f32(a) -> str:
+    """The compact vector encoding: standard base64 of the little-endian float32 components (rows
+    one after another for identify's frames)."""
+    return base64.b64encode(np.ascontiguousarray(a, dtype="<f4").tobytes()).decode("ascii")
 
 
 def _ingest_item(vector, metadata=None, idempotency_key=None) -> dict:
@@ -82,8 +90,7 @@ def _query_body(vector, k, ef, filter, search_tier, include_metadata) -> dict:
 
 
 def _identify_body(vectors, k, ef, search_tier, include_metadata) -> dict:
-    frames = np.ascontiguousarray(vectors, dtype=np.float32) if isinstance(vectors, np.ndarray) else vectors
-    body = {"vectors": frames, "k": k, "ef": ef, "include_metadata": include_metadata}
+    body = {"vectors": _vec(vectors), "k": k, "ef": ef, "include_metadata": include_metadata}
     if search_tier is not None:
         body["search_tier"] = search_tier
     return body

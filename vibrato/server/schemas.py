@@ -20,12 +20,16 @@ Vectors are decoded in bulk: `np.array(rows)` over the parsed lists, one float32
 finiteness pass; a per-row slow path runs only to name the offending element when the fast path
 fails (perf/RESULTS_http.md has the numbers against per-float Python handling).
 """
+import base64
+import binascii
+
 import numpy as np
 
 from vibrato.config import Config
 from vibrato.engine import validation as rules
 from vibrato.engine.validation import (DEFAULT_META, SEARCH_TIERS, U16_MAX, U32_MAX, U64_MAX, check_count, check_f32,
                                        check_limit, check_text, key_value, make_filter, make_meta, prepare_checked)
+from vibrato.errors import BadRequestError
 from vibrato.server.errors import ValidationError
 
 
@@ -174,19 +178,62 @@ class Tags(Spec):
         return {"type": "array", "items": {"type": "string"}}
 
 
+def unpack_f32(value: str, path: str, dim: int, rows: bool = False) -> np.ndarray:
+    """The compact vector encoding: standard base64 of little-endian float32 components. One vector
+    of `dim` components, or with `rows` a whole number of them as (n, dim). Not yet checked finite."""
+    try:
+        raw = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValidationError(f"{path}: expected an array of numbers or base64 of little-endian float32") from None
+    if len(raw) % 4:
+        raise BadRequestError(f"{path}: {len(raw)} bytes is not a whole number of float32 components")
+    n = len(raw) // 4
+    if not rows:
+        if n != dim:
+            raise BadRequestError(f"dimension mismatch at {path}: expected {dim}, got {n}")
+        return np.frombuffer(raw, dtype="<f4")
+    if n % dim or n == 0:
+        raise BadRequestError(f"{path}: {n} float32 components are not a whole number of {dim}-component frames")
+    return np.frombuffer(raw, dtype="<f4").reshape(n // dim, dim)
+
+
+_PACKED = {"type": "string", "format": "byte",
+           "description": "compact form: standard base64 of the little-endian float32 components"}
+
+
 class Vector(Spec):
-    """One vector: an array of numbers. Checked for type here; decoded in bulk by `decode_vectors`."""
+    """One vector: an array of numbers, or its compact form (`unpack_f32`). Checked for type here;
+    decoded in bulk by `decode_vectors`."""
 
     def __init__(self, description=""):
         self.description = description
 
     def check(self, value, path, ctx):
-        if type(value) is not list:
-            raise ValidationError(f"{path}: expected an array of numbers, got {_type_name(value)}")
-        return value
+        if type(value) is list:
+            return value
+        if type(value) is str:
+            return unpack_f32(value, path, ctx.dim)
+        raise ValidationError(f"{path}: expected an array of numbers, got {_type_name(value)}")
 
     def schema(self):
-        return {"type": "array", "items": {"type": "number", "format": "float"}}
+        return {"oneOf": [{"type": "array", "items": {"type": "number", "format": "float"}}, _PACKED]}
+
+
+class Frames(Spec):
+    """identify's frames: an array of vectors, or all of them in one compact string ((n, dim) rows)."""
+
+    def __init__(self, limit, description=""):
+        self.array = Array(Vector(), limit=limit)
+        self.description = description
+
+    def check(self, value, path, ctx):
+        if type(value) is str:
+            return unpack_f32(value, path, ctx.dim, rows=True)
+        return self.array.check(value, path, ctx)
+
+    def schema(self):
+        return {"oneOf": [self.array.json_schema(), {**_PACKED, "description": "compact form: base64 of every "
+                                                     "frame's little-endian float32 components, frame after frame"}]}
 
 
 class Array(Spec):
@@ -290,8 +337,7 @@ QUERY = Object({
 })
 
 IDENTIFY = Object({
-    "vectors": (Array(Vector(), limit="max_identify_frames",
-                      description="ordered query frames"), True, None),
+    "vectors": (Frames(limit="max_identify_frames", description="ordered query frames"), True, None),
     "k": (Int(limit="max_k"), False, 5),
     "ef": (Int(limit="max_ef"), False, 100),
     "include_metadata": (Bool(), False, True),
@@ -320,7 +366,7 @@ def decode_vectors(rows: list, dim: int, kind: str, maybe_bools: bool = True) ->
     except (ValueError, TypeError, OverflowError):
         pass  # ragged or unconvertible: the slow path names the row
     ok = (arr is not None and arr.ndim == 2 and arr.dtype.kind in "fiu"
-          and (not maybe_bools or all(set(map(type, r)) <= _NUMBER_TYPES for r in rows)))
+          and (not maybe_bools or all(type(r) is np.ndarray or set(map(type, r)) <= _NUMBER_TYPES for r in rows)))
     if not ok:
         # Raises for a bad element or row; if none is bad the rows only defeated numpy's type
         # inference (e.g. integers beyond int64 make an object array), so convert explicitly.
@@ -339,6 +385,8 @@ _NUMBER_TYPES = {int, float}
 def _first_bad_row(rows, dim, kind):
     # Types first (422, like a deserializer would), then lengths and values (400, the engine's rules).
     for i, r in enumerate(rows):
+        if type(r) is np.ndarray:  # compact form: float32 already
+            continue
         for j, x in enumerate(r):
             if type(x) not in _NUMBER_TYPES:
                 raise ValidationError(f"{rules.element_path(kind, i)}[{j}]: expected a number, got {_type_name(x)}")
