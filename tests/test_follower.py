@@ -73,16 +73,21 @@ def test_read_your_writes_while_checkpoints_and_compactions_run(tmp_path):
         with churning(w) as errors:
             misses = []
             for i, x in enumerate(X):
-                vid, created = w.ingest(x, metadata={"tags": ["t"] if i % 3 == 0 else []})
+                vid, created = w.ingest(x, metadata={"tags": ["t"] if i % 3 == 0 else [], "bpm": float(i)})
                 assert created and vid == i
-                got = f.query(x, k=1, ef=64, search_tier="all", include_metadata=False)
-                if not got or got[0]["id"] != i:
+                # exact: the filter allows this row alone, so no search strategy can miss it
+                got = f.query(x, k=1, filter={"bpm_gte": float(i), "bpm_lte": float(i)}, search_tier="all",
+                              include_metadata=False)
+                if [r["id"] for r in got] != [i]:
                     misses.append(i)
+                # and through the graphs, with room for their recall
+                if i not in [r["id"] for r in f.query(x, k=10, ef=200, search_tier="all", include_metadata=False)]:
+                    misses.append(("unfiltered", i))
                 if i % 3 == 0:
-                    got = f.query(x, k=1, ef=64, filter={"tags_any": ["t"]}, search_tier="all",
+                    got = f.query(x, k=10, ef=200, filter={"tags_any": ["t"]}, search_tier="all",
                                   include_metadata=False)
-                    if not got or got[0]["id"] != i:
-                        misses.append(("filtered", i))
+                    if i not in [r["id"] for r in got]:
+                        misses.append(("tag", i))
         assert not errors and not misses, misses[:10]
         assert w.stats()["checkpoint_total"] > 10
         # every row once, nothing twice across tiers
@@ -203,3 +208,27 @@ def test_follower_serves_archive_segments_like_the_writer(tmp_path):
                     h.kind for h in w.segment_set.handles)
             finally:
                 late.close()
+
+
+def test_a_checkpoint_between_the_seq_read_and_the_wal_read_is_caught(tmp_path, monkeypatch):
+    """The seqlock's window, made deterministic: the writer checkpoints the very rows the follower is
+    about to read from the WAL, after it read seq. The follower must notice seq moved and load the new
+    segment instead of answering without those rows."""
+    from vibrato.catalog import wal
+    X = unit_rows(200, 7)
+    with writer(tmp_path / "d", checkpoint_max_rows=1000) as w, Follower.open(tmp_path / "d", dim=DIM) as f:
+        w.ingest_batch(items(X[:100], 0))
+        f.sync()
+        w.ingest_batch(items(X[100:], 100))  # acknowledged: the follower has not read these yet
+        real_read, armed = f.catalog.read, [True]
+
+        def read(fn, *args):
+            if fn is wal.pending and armed:
+                armed.clear()
+                assert w.checkpoint()["state"] == "completed"  # rows 0..199 leave the WAL for a segment
+            return real_read(fn, *args)
+        monkeypatch.setattr(f.catalog, "read", read)
+        got = f.query(X[150], k=1, filter={"bpm_gte": 150.0, "bpm_lte": 150.0}, search_tier="all",
+                      include_metadata=False)
+        assert not armed and [r["id"] for r in got] == [150]
+        assert len(f.segment_set.handles) == 1 and f.segment_set.hot_count() == 0

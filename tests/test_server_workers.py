@@ -66,14 +66,16 @@ def test_read_your_writes_on_any_connection_and_every_process_counted(served):
     for i, x in enumerate(X):
         writer, reader = Client(srv.url, token), Client(srv.url, token)  # two fresh connections each time
         try:
-            vid, created = writer.ingest(x, metadata={"tags": ["t"] if i % 2 else []})
-            res = reader.query(x, k=1, ef=64, search_tier="all", include_metadata=False)["results"]
-            if not res or res[0]["id"] != vid:
+            vid, created = writer.ingest(x, metadata={"tags": ["t"] if i % 2 else [], "bpm": float(i)})
+            # exact: the filter allows this row alone, so no search strategy can miss it
+            res = reader.query(x, k=1, filter={"bpm_gte": float(i), "bpm_lte": float(i)}, search_tier="all",
+                               include_metadata=False)["results"]
+            if [r["id"] for r in res] != [vid]:
                 misses.append((i, vid, res))
-            if i % 2:
-                res = reader.query(x, k=1, filter={"tags_any": ["t"]}, search_tier="all")["results"]
-                if not res or res[0]["id"] != vid:
-                    misses.append(("filtered", i, vid))
+            if i % 2:  # through the graphs, with room for their recall
+                res = reader.query(x, k=10, ef=200, filter={"tags_any": ["t"]}, search_tier="all")["results"]
+                if vid not in [r["id"] for r in res]:
+                    misses.append(("tag", i, vid))
             if i % 300 == 299:
                 writer.checkpoint()
             if i == 1200:
