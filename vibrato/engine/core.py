@@ -118,8 +118,7 @@ class Engine(Searcher):
             raise
         self.cid = self.collection["id"]
         self.dim = config.dim
-        # hot chunk rows: hot_exact_rows, but at most ~64 MiB of vectors per chunk
-        self.segment_set = SegmentSet(self.dim, max(1024, min(config.hot_exact_rows, (64 << 20) // (4 * self.dim))))
+        self.segment_set = SegmentSet.for_config(config)
         self.readiness_state = Readiness()
         self.counters = Counters()
         self.housekeeping = Housekeeping()

@@ -31,6 +31,7 @@ from vibrato.engine.core import Searcher
 from vibrato.engine.maintenance import segment_file
 from vibrato.engine.shared_state import FILE_NAME, SharedState
 from vibrato.engine.state import Counters, SegmentSet
+from vibrato.engine.pipeline import load_handle
 from vibrato.engine.tiers import SegmentHandle
 from vibrato.errors import NotReadyError
 
@@ -56,7 +57,7 @@ class Follower(Searcher):
         except BaseException:
             self.catalog.close()
             raise
-        self.segment_set = SegmentSet(self.dim, max(1024, min(config.hot_exact_rows, (64 << 20) // (4 * self.dim))))
+        self.segment_set = SegmentSet.for_config(config)
         self.segment_set.set_dead_ranges(self.catalog.read(wal.tombstone_ranges, self.cid))
         self._lock = threading.Lock()  # one sync at a time
         self._seq = -1                 # the writer's seq this follower's segment set matches
@@ -146,14 +147,7 @@ class Follower(Searcher):
         return True
 
     def _load(self, row) -> SegmentHandle:
-        from vibrato.segment import SegmentReader
-
-        path = segment_file(self.config.data_dir, row["path"])
-        reader = SegmentReader.open(path, madvise=self.config.vector_madvise_mode)
-        if reader.dim != self.dim or reader.id_start != row["vector_id_start"] or reader.count != row["row_count"]:
-            reader.close()
-            raise ValueError(f"segment {row['id']} does not match its catalog row")
-        return SegmentHandle(row, reader, self.segment_set.dead_ranges, self.config.archive_rerank_factor)
+        return load_handle(self, row, segment_file(self.config.data_dir, row["path"]), verify=False)
 
     def _catch_up(self):
         """Un-checkpointed WAL rows after the last applied lsn into the hot tier and filter index

@@ -161,12 +161,20 @@ def build_graph(cfg, dim: int, vectors, *, seed: int, threads: int | None = None
     return index
 
 
-def load_handle(engine, row: dict, path) -> SegmentHandle:
+def load_handle(engine, row: dict, path, verify: bool = True) -> SegmentHandle:
+    """The segment at `path` opened (checksums verified unless `verify` is False: a follower loads
+    files the writer verified), matched against its catalog row, as a handle for `engine`'s segment
+    set (an Engine or a Follower)."""
     from vibrato.segment import SegmentReader
 
     reader = SegmentReader.open(path, madvise=engine.config.vector_madvise_mode)
-    reader.verify()
-    if reader.dim != engine.dim or reader.id_start != row["vector_id_start"] or reader.count != row["row_count"]:
-        raise ValueError(f"segment {row['id']} does not match its catalog row (dim {reader.dim}, "
-                         f"id_start {reader.id_start}, count {reader.count})")
+    try:
+        if verify:
+            reader.verify()
+        if reader.dim != engine.dim or reader.id_start != row["vector_id_start"] or reader.count != row["row_count"]:
+            raise ValueError(f"segment {row['id']} does not match its catalog row (dim {reader.dim}, "
+                             f"id_start {reader.id_start}, count {reader.count})")
+    except BaseException:
+        reader.close()
+        raise
     return SegmentHandle(row, reader, engine.segment_set.dead_ranges, engine.config.archive_rerank_factor)

@@ -104,6 +104,11 @@ class SegmentSet:
     """Owner of the searchable state (see the module docstring). Segment handles are kept sorted by
     id_start; ids are dense across tiers, so the hot tier always follows the last segment."""
 
+    @classmethod
+    def for_config(cls, config) -> "SegmentSet":
+        """Hot chunks of hot_exact_rows rows, but at most ~64 MiB of vectors per chunk."""
+        return cls(config.dim, max(1024, min(config.hot_exact_rows, (64 << 20) // (4 * config.dim))))
+
     def __init__(self, dim: int, hot_chunk_rows: int):
         self._lock = threading.RLock()
         self._segments: tuple = ()
