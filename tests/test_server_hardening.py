@@ -450,3 +450,30 @@ def test_audit_window_ends_and_the_key_map_is_bounded():
         assert len(cat.rows) == before + 5
 
     asyncio.run(main())
+
+
+def test_audit_flush_writes_what_was_queued_and_leaves_later_events_for_the_next_round():
+    """Under a steady load, events keep arriving while a batch is written; a flush that drained the
+    queue until empty would commit (and fsync) a few rows at a time, back to back."""
+    async def main():
+        writes = []
+
+        def ok(w, i):
+            w.record(ts=time.time(), request_id=f"q{i}", api_key_id="k", endpoint="/v2/query", action="query",
+                     status=200, latency_ms=1.0, client_ip="10.0.0.1", details={})
+
+        async def sink(rows):
+            writes.append(len(rows))
+            for i in range(0 if w._closing or len(writes) > 6 else 3):  # requests answered meanwhile
+                ok(w, 1000 + len(writes) * 10 + i)
+            await asyncio.sleep(0)
+
+        w = AuditWriter(None, _Metrics(), sink=sink, retention_days=0, batch=4)
+        for i in range(10):
+            ok(w, i)
+        await w.flush()
+        assert writes == [4, 4, 4]  # the 10 queued at the start (the last batch takes 2 newcomers along)
+        assert len(w._queue) == 3 * 3 - 2
+        await w.close()  # closing (no more requests) writes everything
+        assert not w._queue and sum(writes) == 10 + 3 * 3
+    asyncio.run(main())

@@ -40,7 +40,7 @@ def _timed(fn, *args, **kwargs):
 
 
 # ---------------------------------------------------------------------------- body handling
-def _is_json(content_type: str) -> bool:
+def is_json(content_type: str) -> bool:
     if content_type == "application/json":
         return True
     major, _, minor = content_type.partition("/")
@@ -49,7 +49,7 @@ def _is_json(content_type: str) -> bool:
 
 async def read_body(request: web.Request) -> bytes:
     """The raw body after the content-type (415) and size (413) checks; reads at most limit + 1 bytes."""
-    if "Content-Type" not in request.headers or not _is_json(request.content_type):
+    if "Content-Type" not in request.headers or not is_json(request.content_type):
         got = request.headers.get("Content-Type", "none")
         raise UnsupportedMediaTypeError(f"expected Content-Type: application/json, got {got}")
     limit = request.app[K.CONFIG].limits.max_body_bytes
@@ -69,7 +69,7 @@ async def read_body(request: web.Request) -> bytes:
     return b"".join(chunks)
 
 
-def _parse_and_validate(body: bytes, validate):
+def parse_and_validate(body: bytes, validate):
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
@@ -84,8 +84,8 @@ async def parse(request: web.Request, method_name: str):
     body = await read_body(request)
     validate = getattr(request.app[K.VALIDATOR], method_name)
     if len(body) > LARGE_BODY:
-        return await _blocking(request, _parse_and_validate, body, validate)
-    return _parse_and_validate(body, validate)
+        return await _blocking(request, parse_and_validate, body, validate)
+    return parse_and_validate(body, validate)
 
 
 # ---------------------------------------------------------------------------- data routes
@@ -124,19 +124,36 @@ INLINE_MAX_K = 100
 INLINE_MAX_EF = 256
 
 
-def _inline(config, req) -> bool:
+def runs_inline(config, req) -> bool:
     return config.inline_search and req["k"] <= INLINE_MAX_K and req["ef"] <= INLINE_MAX_EF
 
 
+def search(engine, req):
+    """A validated query's engine call, timed: (results, seconds)."""
+    return _timed(engine.query, req["vector"], k=req["k"], ef=req["ef"], filter=req["filter"],
+                  search_tier=req["search_tier"], include_metadata=req["include_metadata"])
+
+
+def query_payload(results, secs: float) -> dict:
+    return {"data": {"results": results, "query_time_ms": secs * 1000.0}}
+
+
+def query_audit_details(req) -> dict:
+    return {"k": req["k"], "ef": req["ef"]}
+
+
 async def query(request: web.Request) -> web.Response:
+    """POST /v2/query. The common case (small, well-formed, authorized) is answered before it gets
+    here, by server/fastpath.py, with the same functions."""
     req = await parse(request, "query")
     engine = request.app[K.ENGINE]
-    call = functools.partial(_timed, engine.query, req["vector"], k=req["k"], ef=req["ef"], filter=req["filter"],
-                             search_tier=req["search_tier"], include_metadata=req["include_metadata"])
-    results, secs = call() if _inline(request.app[K.CONFIG], req) else await _blocking(request, call)
+    if runs_inline(request.app[K.CONFIG], req):
+        results, secs = search(engine, req)
+    else:
+        results, secs = await _blocking(request, search, engine, req)
     request.app[K.METRICS].observe_search("query", secs)
-    request[K.AUDIT_DETAILS] = {"k": req["k"], "ef": req["ef"]}
-    return json_response({"data": {"results": results, "query_time_ms": secs * 1000.0}})
+    request[K.AUDIT_DETAILS] = query_audit_details(req)
+    return json_response(query_payload(results, secs))
 
 
 async def identify(request: web.Request) -> web.Response:

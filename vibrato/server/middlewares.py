@@ -51,7 +51,7 @@ def new_request_id() -> str:
     return f"req_{int(time.time())}_{_rid_random.getrandbits(64):016x}"
 
 
-def _valid_request_id(value: str | None) -> bool:
+def valid_request_id(value: str | None) -> bool:
     return (bool(value) and len(value) <= 200 and value.isascii() and value.isprintable()
             and value.strip() != "")
 
@@ -59,7 +59,7 @@ def _valid_request_id(value: str | None) -> bool:
 @web.middleware
 async def request_id_middleware(request: web.Request, handler):
     rid = request.headers.get("x-request-id")
-    if not _valid_request_id(rid):
+    if not valid_request_id(rid):
         rid = new_request_id()
     request[K.REQUEST_ID] = rid
     request[K.STARTED] = (time.time(), time.perf_counter())
@@ -93,28 +93,31 @@ async def access_middleware(request: web.Request, handler):
     response = await handler(request)
     if request.get(K.UNCOUNTED, False):
         return response  # another process counts, logs and audits it (server/workers.py)
-    app = request.app
-    ts, t0 = request[K.STARTED]
-    elapsed = time.perf_counter() - t0
-    policy = route_policy(request)
-    route = policy.path if policy is not None else "unmatched"
     status = response.status
-    app[K.METRICS].observe_request(request.method, route, status, elapsed)
-    auth_failed = request.get(K.AUTH_FAILED, False)
-    if policy is not None and (policy.audited or auth_failed):
-        if status < 400:
-            details = request.get(K.AUDIT_DETAILS, {})
-        else:
-            details = {"error": request.get(K.ERROR_MESSAGE, "")}
-        app[K.AUDIT].record(ts=ts, request_id=request[K.REQUEST_ID], api_key_id=request.get(K.KEY_ID),
-                            endpoint=policy.path, action=policy.action, status=status,
-                            latency_ms=elapsed * 1000.0, client_ip=client_address(request), details=details,
-                            auth_failure=auth_failed)
-    if access_log.isEnabledFor(logging.INFO):
-        access_line({"method": request.method, "path": request.path, "status": status,
-                     "latency_ms": round(elapsed * 1000.0, 3), "client": client_address(request),
-                     "key_id": request.get(K.KEY_ID)})
+    details = (request.get(K.AUDIT_DETAILS, {}) if status < 400
+               else {"error": request.get(K.ERROR_MESSAGE, "")})
+    record_request(request.app, request.method, request.path, route_policy(request), status, request[K.STARTED],
+                   request[K.REQUEST_ID], request.get(K.KEY_ID), client_address(request), details,
+                   request.get(K.AUTH_FAILED, False))
     return response
+
+
+def record_request(app, method: str, path: str, policy, status: int, started: tuple, request_id: str, key_id,
+                   client, details: dict, auth_failed: bool = False) -> None:
+    """Count, audit and access-log one answered request: the one home of that bookkeeping, for the
+    middleware chain and for the fast query path (server/fastpath.py). Call it with the request id
+    in REQUEST_ID (the access line takes it from there)."""
+    ts, t0 = started
+    elapsed = time.perf_counter() - t0
+    route = policy.path if policy is not None else "unmatched"
+    app[K.METRICS].observe_request(method, route, status, elapsed)
+    if policy is not None and (policy.audited or auth_failed):
+        app[K.AUDIT].record(ts=ts, request_id=request_id, api_key_id=key_id, endpoint=policy.path,
+                            action=policy.action, status=status, latency_ms=elapsed * 1000.0, client_ip=client,
+                            details=details, auth_failure=auth_failed)
+    if access_log.isEnabledFor(logging.INFO):
+        access_line({"method": method, "path": path, "status": status, "latency_ms": round(elapsed * 1000.0, 3),
+                     "client": client, "key_id": key_id})
 
 
 @web.middleware

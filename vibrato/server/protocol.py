@@ -23,10 +23,12 @@ import logging
 
 import orjson
 from aiohttp import http_exceptions, web
+from aiohttp.http_parser import RawRequestMessage
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_server import Server
 
 from vibrato.server.errors import RequestTimeoutError, error_body
+from vibrato.server.fastpath import FastQuery
 from vibrato.server.logs import RateLimitedLog
 from vibrato.server.middlewares import new_request_id
 
@@ -67,10 +69,11 @@ def _describe(exc: BaseException | None) -> str:
 class HardenedRequestHandler(RequestHandler):
     """aiohttp's per-connection protocol with header/body timeouts and value-free error answers."""
 
-    __slots__ = ("_header_timeout", "_body_timeout", "_head_timer", "_body_timer", "_body_payload")
+    __slots__ = ("_header_timeout", "_body_timeout", "_head_timer", "_body_timer", "_body_payload", "_fast")
 
-    def __init__(self, manager, *, header_timeout: float, body_timeout: float, **kwargs):
+    def __init__(self, manager, *, header_timeout: float, body_timeout: float, fast=None, **kwargs):
         super().__init__(manager, **kwargs)
+        self._fast = fast  # a FastQuery (server/fastpath.py), or None
         self._header_timeout = header_timeout
         self._body_timeout = body_timeout
         self._head_timer = None
@@ -85,7 +88,21 @@ class HardenedRequestHandler(RequestHandler):
         body = self._body_payload
         in_body = body is not None and not body.is_eof()
         before = self._request_count
-        super().data_received(data)
+        waiter = self._waiter
+        if self._fast is None or waiter is None or waiter.done() or self._messages:
+            super().data_received(data)
+        else:
+            # Idle connection (start() waits for a request): parse without waking start(), so a
+            # request the fast path answers never reaches aiohttp's per-request machinery.
+            self._waiter = None
+            try:
+                super().data_received(data)
+            finally:
+                self._waiter = waiter
+            if len(self._messages) == 1:
+                self._answer_fast()
+            if self._messages and not waiter.done():
+                waiter.set_result(None)
         if self._request_count != before:  # one or more heads completed (or a parse error was queued)
             self._cancel_head_timer()
             self._cancel_body_timer()
@@ -102,6 +119,30 @@ class HardenedRequestHandler(RequestHandler):
         elif data and self._head_timer is None and not self._force_close:
             self._head_timer = self._loop.call_later(self._header_timeout, self._on_head_timeout,
                                                      self._request_count)
+
+    def _answer_fast(self) -> None:
+        """Answer the one queued request on the fast query path if it takes it (server/fastpath.py)."""
+        message, payload = self._messages[0]
+        fast = self._fast
+        if not isinstance(message, RawRequestMessage) or not fast.wants(message) or not payload.is_eof():
+            return
+        client = self.transport.get_extra_info("peername") if self.transport is not None else None
+        if not isinstance(client, tuple):
+            return  # TCP only: the internal unix socket carries forwarded requests
+        # The body is complete and not read by anyone yet: peek at it, so a request the fast path
+        # declines reaches the regular route intact.
+        response = fast.answer(message, b"".join(getattr(payload, "_buffer", ())), client[0])
+        if response is None:
+            return
+        self._messages.popleft()
+        self._parser.message_consumed()
+        self._manager.requests_count += 1
+        self.transport.write(response)
+        if self._keepalive_timeout > 0:  # the idle timer restarts, as after aiohttp's own responses
+            close_time = self._loop.time() + self._keepalive_timeout
+            self._next_keepalive_close_time = close_time
+            if self._keepalive_handle is None:
+                self._keepalive_handle = self._loop.call_at(close_time, self._process_keepalive)
 
     def _cancel_head_timer(self):
         if self._head_timer is not None:
@@ -204,8 +245,10 @@ class _Refused(asyncio.Protocol):
 class HardenedServer(Server):
     """aiohttp's low-level server creating `HardenedRequestHandler`s, at most `max_connections` at once."""
 
-    def __init__(self, handler, *, max_connections: int, header_timeout: float, body_timeout: float, **kwargs):
+    def __init__(self, handler, *, max_connections: int, header_timeout: float, body_timeout: float, fast=None,
+                 **kwargs):
         super().__init__(handler, **kwargs)
+        self.fast = fast
         self.max_connections = max_connections
         self.header_timeout = header_timeout
         self.body_timeout = body_timeout
@@ -227,7 +270,7 @@ class HardenedServer(Server):
             self._loop.call_soon(self._reset_pending)
         self._pending += 1
         return HardenedRequestHandler(self, loop=self._loop, header_timeout=self.header_timeout,
-                                      body_timeout=self.body_timeout, **self._kwargs)
+                                      body_timeout=self.body_timeout, fast=self.fast, **self._kwargs)
 
 
 _overload_log = RateLimitedLog(log, logging.WARNING, 10.0)
@@ -237,15 +280,17 @@ class HardenedAppRunner(web.AppRunner):
     """`web.AppRunner` whose server is a `HardenedServer` configured from the app's Config."""
 
     def __init__(self, app: web.Application, *, max_connections: int, header_timeout: float, body_timeout: float,
-                 **kwargs):
+                 fast_query_path: bool = False, **kwargs):
         super().__init__(app, **kwargs)
         self._limits = {"max_connections": max_connections, "header_timeout": header_timeout,
                         "body_timeout": body_timeout}
+        self._fast_query_path = fast_query_path
 
     async def _make_server(self) -> Server:
         base = await super()._make_server()  # runs the app's startup and builds aiohttp's server
+        fast = FastQuery(self.app) if self._fast_query_path else None
         return HardenedServer(base.request_handler, request_factory=base.request_factory,
-                              handler_cancellation=base.handler_cancellation, loop=base._loop,
+                              handler_cancellation=base.handler_cancellation, loop=base._loop, fast=fast,
                               **self._limits, **base._kwargs)
 
 
@@ -254,7 +299,7 @@ def make_runner(app: web.Application, config) -> HardenedAppRunner:
     return HardenedAppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=config.shutdown_timeout_secs,
                              keepalive_timeout=config.keepalive_timeout_secs,
                              max_connections=config.max_connections, header_timeout=config.header_timeout_secs,
-                             body_timeout=config.effective_body_timeout_secs)
+                             body_timeout=config.effective_body_timeout_secs, fast_query_path=config.fast_query_path)
 
 
 # ---------------------------------------------------------------------------- event-loop errors

@@ -1,0 +1,107 @@
+"""The fast query path: `POST /v2/query` answered from the connection's parsed message.
+
+Most of a small query's cost over HTTP was aiohttp's per-request machinery, not the search: a task,
+a Request and a Response object, the router, four middleware frames and the header multidicts
+(perf/README.md, serving path). `HardenedRequestHandler` (server/protocol.py) therefore offers each
+complete request that arrives on an idle TCP connection to `FastQuery.answer` before aiohttp sees
+it. `answer` serves it only when the request is the common, well-formed case and everything it
+needs is at hand without waiting:
+
+* `POST /v2/query`, HTTP/1.1 keep-alive, a complete `Content-Length` body of JSON no larger than
+  the inline limits, no `Expect`, no compression, no transfer coding;
+* one `Authorization` header whose key is in the key cache and allowed to query;
+* a body that parses and validates, and a search small enough to run inline (`--inline-search`);
+* the server not draining.
+
+Otherwise it returns None without any side effect and the request takes the regular route, which
+answers every error (401, 413, 422, 503, ...) exactly as before: the fast path never writes an error.
+The answer is the same response, headers included, and the same bookkeeping (metrics, audit row,
+access line: `middlewares.record_request`) as the regular route's. docs/SERVER.md, "Fast query path".
+"""
+import logging
+import time
+
+import orjson
+from aiohttp.helpers import rfc822_formatted_time
+from aiohttp.http import SERVER_SOFTWARE
+
+from vibrato import apikeys
+from vibrato.server import handlers
+from vibrato.server import state as K
+from vibrato.server.logs import REQUEST_ID
+from vibrato.server.middlewares import new_request_id, record_request, valid_request_id
+
+log = logging.getLogger("vibrato.server")
+
+PATH = "/v2/query"
+_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
+_SERVER = f"\r\nServer: {SERVER_SOFTWARE}\r\nx-request-id: ".encode("ascii")
+
+
+class FastQuery:
+    """Answers the common `POST /v2/query` for one started app (see the module docstring)."""
+
+    def __init__(self, app):
+        config = app[K.CONFIG]
+        self.app = app
+        self.config = config
+        self.engine = app[K.ENGINE]
+        self.keystore = app[K.KEYSTORE]
+        self.validate = app[K.VALIDATOR].query
+        self.metrics = app[K.METRICS]
+        self.inflight = app[K.INFLIGHT]
+        self.policy = app[K.POLICIES][PATH]
+        self.max_body = min(config.limits.max_body_bytes, handlers.LARGE_BODY)
+
+    @staticmethod
+    def wants(message) -> bool:
+        """Whether a parsed message is a candidate at all (cheap; checked before the body is read)."""
+        return (message.path == PATH and message.method == "POST" and message.version == (1, 1)
+                and not message.should_close and not message.chunked and message.compression is None
+                and not message.upgrade)
+
+    def answer(self, message, body: bytes, client: str) -> bytes | None:
+        """The whole HTTP response for a candidate message, or None: let the regular route answer."""
+        started = (time.time(), time.perf_counter())
+        headers = message.headers
+        if self.inflight.draining or "Expect" in headers or len(body) > self.max_body:
+            return None
+        content_type = headers.get("Content-Type")
+        if content_type is None or not handlers.is_json(content_type.partition(";")[0].strip().lower()):
+            return None
+        auth = headers.getall("Authorization", ())
+        if len(auth) != 1:
+            return None
+        store = self.keystore
+        try:
+            key_id, secret = apikeys.parse_authorization(auth[0])
+            record = store.lookup(key_id)
+            if record is store.MISS:
+                return None  # loading the key reads the catalog: the regular route does it off the loop
+            store.check(record, secret, self.policy.role)
+        except apikeys.AuthError:
+            return None
+        try:
+            req = handlers.parse_and_validate(body, self.validate)
+        except Exception:  # noqa: BLE001 - the regular route answers the error
+            return None
+        if not handlers.runs_inline(self.config, req):
+            return None
+        rid = headers.get("x-request-id")
+        if not valid_request_id(rid):
+            rid = new_request_id()
+        token = REQUEST_ID.set(rid)
+        try:
+            try:
+                results, secs = handlers.search(self.engine, req)
+            except Exception:  # noqa: BLE001 - the regular route answers (and logs) it
+                return None
+            payload = orjson.dumps(handlers.query_payload(results, secs))
+            self.metrics.observe_search("query", secs)
+            record_request(self.app, "POST", PATH, self.policy, 200, started, rid, key_id, client,
+                           handlers.query_audit_details(req))
+        finally:
+            REQUEST_ID.reset(token)
+        return b"".join((_HEAD, str(len(payload)).encode("ascii"), b"\r\nDate: ",
+                         rfc822_formatted_time().encode("ascii"), _SERVER, rid.encode("ascii"), b"\r\n\r\n",
+                         payload))
