@@ -232,3 +232,27 @@ def test_a_checkpoint_between_the_seq_read_and_the_wal_read_is_caught(tmp_path, 
                       include_metadata=False)
         assert not armed and [r["id"] for r in got] == [150]
         assert len(f.segment_set.handles) == 1 and f.segment_set.hot_count() == 0
+
+
+def test_segments_being_compacted_stay_visible_through_a_reload(tmp_path):
+    """A compaction marks its inputs `compacting` (without moving seq) and the writer serves them
+    until its output is activated; a follower that reloads for another change meanwhile (a
+    checkpoint) must keep them. Here the compaction in flight is the catalog state alone."""
+    from vibrato.catalog import segments as seg_sql
+    X = unit_rows(600, 4)
+    with writer(tmp_path / "d") as w:
+        for lo in (0, 200):
+            w.ingest_batch(items(X[lo:lo + 200], lo))
+            w.checkpoint()
+        with Follower.open(tmp_path / "d", dim=DIM) as f:
+            inputs = [h.id for h in w.segment_set.handles]
+            assert len(inputs) == 2 and top_ids(f, X[5])[0] == 5
+            w.catalog.write(lambda conn: seg_sql.set_states(conn, inputs, "compacting"))
+            w.ingest_batch(items(X[400:600], 400))
+            w.checkpoint()  # moves seq: the follower reloads while the inputs are `compacting`
+            for i in (5, 205, 405):
+                got = f.query(X[i], k=1, filter={"bpm_gte": float(i), "bpm_lte": float(i)}, search_tier="all",
+                              include_metadata=False)
+                assert [r["id"] for r in got] == [i]
+            assert sorted(h.id for h in f.segment_set.handles) == sorted(h.id for h in w.segment_set.handles)
+            w.catalog.write(lambda conn: seg_sql.set_states(conn, inputs, "active"))

@@ -39,6 +39,7 @@ log = logging.getLogger("vibrato.engine")
 
 SYNC_WAIT_SECS = 5.0   # longest wait for the writer to finish publishing a segment-set change
 CATCH_UP_BATCH = 20_000
+SERVING_STATES = ("active", "compacting")  # what the writer searches (engine/compaction.py)
 
 
 class Follower(Searcher):
@@ -126,9 +127,13 @@ class Follower(Searcher):
         return state, os.stat(os.path.join(self.config.tmp_dir, FILE_NAME)).st_ino
 
     def _reload_segments(self) -> bool:
-        """The catalog's active segments become the segment set. False when a file vanished on the
-        way (retired and collected after the catalog read: the caller retries)."""
-        rows = self.catalog.read(seg_sql.list_by_state, self.cid, ["active"])
+        """The catalog's serving segments become the segment set. False when a file vanished on the
+        way (retired and collected after the catalog read: the caller retries).
+
+        Serving means `active` or `compacting`: a compaction marks its inputs `compacting` without
+        moving `seq` and the writer serves them until the output is activated, so a reload for any
+        other change (a checkpoint) while a compaction runs must keep them."""
+        rows = self.catalog.read(seg_sql.list_by_state, self.cid, SERVING_STATES)
         have = {h.id: h for h in self.segment_set.handles}
         add = []
         try:
