@@ -141,16 +141,20 @@ def test_archive_scores_are_exact_and_recall_holds(tmp_path, shared_data):
             e.checkpoint()
         while e.compact()["state"] != "idle":
             pass
-        assert all(s.kind == "archive" for s in e.segment_set.handles), [s.kind for s in e.segment_set.handles]
-        hits = 0
-        for q, g in zip(queries, gt):
-            res = e.query(q, k=10, search_tier="archive", include_metadata=False)
-            for r in res[:3]:
-                exact = float(np.dot(base[r["id"]].astype(np.float64), q.astype(np.float64)))
-                assert abs(r["score"] - exact) < 1e-4  # CONTRACT.md D14: exact, not PQ-approximate, scores
-            hits += len({r["id"] for r in res} & set(g.tolist()))
-        recall = hits / gt.size
-        assert recall >= 0.9, recall
+        assert all(s.kind == "archive" and s.index is not None for s in e.segment_set.handles), \
+            [(s.kind, s.index) for s in e.segment_set.handles]
+        recall = {}
+        for ef in (64, 256):
+            hits = 0
+            for q, g in zip(queries, gt):
+                res = e.query(q, k=10, ef=ef, search_tier="archive", include_metadata=False)
+                for r in res[:3]:
+                    exact = float(np.dot(base[r["id"]].astype(np.float64), q.astype(np.float64)))
+                    assert abs(r["score"] - exact) < 1e-4  # CONTRACT.md D14: exact, not PQ-approximate, scores
+                hits += len({r["id"] for r in res} & set(g.tolist()))
+            recall[ef] = hits / gt.size
+        # SPEC's 0.95 for every tier at the default breadth; more breadth buys more recall
+        assert recall[64] >= 0.95 and recall[256] >= max(recall[64], 0.98), recall
 
 
 def test_filtered_queries_on_segments_and_hot(tmp_path):

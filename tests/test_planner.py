@@ -74,7 +74,7 @@ def reference_search(view, q, k, ef, mask, search_tier):
             ids.append(i[i >= 0])
             scores.append(sc[i >= 0])
             continue
-        rows, _ = seg.pq.adc_scan(q, seg.codes, max(k * seg.rerank_factor, 32), allowed)
+        rows, _ = seg.pq.adc_scan(q, seg.codes, max(k * seg.rerank_factor, ef, 32), allowed)
         rows = np.asarray(rows, dtype=np.int64)
         exact = kernels.dot_many(q, seg.vectors, rows, threads=1)
         take = _old_topk(exact, k)
@@ -120,6 +120,9 @@ def tiered(tmp_path_factory):
         ch.index.add(ch.vectors, threads=1)
     kinds = {(s.level, s.kind) for s in eng.segment_set.handles}
     assert any(k == "archive" for _, k in kinds) and any(k == "raw" for _, k in kinds), kinds
+    archives = [s for s in eng.segment_set.handles if s.kind == "archive"]
+    assert all(s.index is not None for s in archives)  # format version 2: archives carry a graph
+    archives[0].index = None  # ... and one searched as a version-1 (0.3.0) archive is: PQ scan + rerank
     yield eng, X, tags, bpm
     eng.close()
 

@@ -25,10 +25,10 @@ def make_data(n=50, dim=16, kind="raw", seed=0, graph=True, m=4, tags=None, sour
         sources = [f"dir,with,commas/{i}-ünï©ødé.wav" if i % 3 else "" for i in range(n)]
         sources[n // 2] = LONG_SOURCE
     kw = {}
-    if kind == "archive":
+    if kind == "archive":  # archives carry a graph too from format version 2 on
         kw = dict(pq_codebook=rng.bytes(1024 * dim + 3), pq_codes=rng.integers(0, 256, (n, m), dtype=np.uint8))
-    elif graph:
-        kw = dict(graph=rng.bytes(97 * n + 5))
+    if graph:
+        kw["graph"] = rng.bytes(97 * n + 5)
     return SegmentData(level=level, id_start=id_start, vectors=rng.standard_normal((n, dim), dtype=np.float32),
                        live=rng.random(n) > 0.2, start_time_ms=rng.integers(0, 2**32, n, dtype=np.uint64),
                        duration_ms=rng.integers(0, 2**32, n, dtype=np.int64), bpm=rng.uniform(0, 300, n),
@@ -72,13 +72,13 @@ def check_roundtrip(path, info, data, tags, sources):
         assert list(r.tag_dictionary) == sorted({t for row in tags for t in row})
         assert r.verify() == r.size_bytes
         if data.kind is SegmentKind.ARCHIVE:
-            assert bytes(r.pq_codebook) == bytes(data.pq_codebook) and r.graph is None
+            assert bytes(r.pq_codebook) == bytes(data.pq_codebook)
             assert np.array_equal(r.pq_codes, data.pq_codes) and r.pq_m == data.pq_codes.shape[1]
         else:
             assert r.pq_codebook is None and r.pq_codes is None and r.pq_m == 0
-            assert (r.graph is None) == (data.graph is None)
-            if data.graph is not None:
-                assert bytes(r.graph) == bytes(data.graph)
+        assert (r.graph is None) == (data.graph is None) and r.has_graph == (data.graph is not None)
+        if data.graph is not None:
+            assert bytes(r.graph) == bytes(data.graph)
 
 
 @pytest.mark.parametrize("kind", ["raw", "archive"])
@@ -319,8 +319,8 @@ def test_verify_catches_a_flipped_bit_in_every_section(tmp_path, kind):
                 r.verify()
             assert ei.value.section == name and str(path) in str(ei.value) and name in str(ei.value)
             opened.add(name)
-    must_reach_verify = {"vectors", "bpm", "start_time_ms", "duration_ms", "source_blob"} | (
-        {"pq_codebook", "pq_codes"} if kind == "archive" else {"graph"})
+    must_reach_verify = {"vectors", "bpm", "start_time_ms", "duration_ms", "source_blob", "graph"} | (
+        {"pq_codebook", "pq_codes"} if kind == "archive" else set())
     assert must_reach_verify <= opened
     # the header and the section table
     for pos in (0, 9, 0x10, 0x20, 0x30, 0x3C, 64, 64 + 8, 64 + 32 * len(sections) - 1):
@@ -381,12 +381,42 @@ def test_wrong_magic_version_and_kind(tmp_path):
     bad.write_bytes(bytes(blob))
     with pytest.raises(SegmentFormatError, match="pq_m|pq_codebook|not allowed"):
         SegmentReader.open(bad)
-    # a future version
-    blob = bytearray(raw.read_bytes())
-    blob[8:12] = struct.pack("<I", 2)
-    bad.write_bytes(bytes(blob))
-    with pytest.raises(SegmentFormatError, match="unsupported segment format version 2"):
-        SegmentReader.open(bad)
+    # a future version, and version 0
+    for version in (3, 0):
+        blob = bytearray(raw.read_bytes())
+        blob[8:12] = struct.pack("<I", version)
+        bad.write_bytes(_fix_header_crc(blob))
+        with pytest.raises(SegmentFormatError, match=f"unsupported segment format version {version}"):
+            SegmentReader.open(bad)
+
+
+def _fix_header_crc(blob: bytearray) -> bytes:
+    nsec = struct.unpack_from("<I", blob, 0x2C)[0]
+    blob[60:64] = struct.pack("<I", segio.crc32c(bytes(blob[64:64 + 32 * nsec]), segio.crc32c(bytes(blob[:60]))))
+    return bytes(blob)
+
+
+def test_version_1_files_are_read_and_only_version_2_archives_have_a_graph(tmp_path):
+    """0.3.0 wrote version 1: its raw segments and graph-less archives still open; an archive that
+    claims version 1 and carries a graph is refused (version 1 had no such thing)."""
+    raw, _ = write(tmp_path, make_data(n=6, kind="raw"), "raw.vdb")
+    arc_v1, _ = write(tmp_path, make_data(n=6, kind="archive", graph=False), "arc1.vdb")
+    arc_v2, _ = write(tmp_path, make_data(n=6, kind="archive"), "arc2.vdb")
+    for path in (raw, arc_v1, arc_v2):
+        assert struct.unpack_from("<I", path.read_bytes(), 8)[0] == 2  # what this version writes
+    with SegmentReader.open(arc_v2) as r:
+        assert r.has_graph and r.graph is not None and r.pq_codes.shape == (6, 4)
+    for path, has_graph in ((raw, True), (arc_v1, False)):
+        blob = bytearray(path.read_bytes())
+        blob[8:12] = struct.pack("<I", 1)
+        path.write_bytes(_fix_header_crc(blob))
+        with SegmentReader.open(path) as r:
+            assert r.has_graph == has_graph and r.verify() == path.stat().st_size
+    blob = bytearray(arc_v2.read_bytes())
+    blob[8:12] = struct.pack("<I", 1)
+    arc_v2.write_bytes(_fix_header_crc(blob))
+    with pytest.raises(SegmentFormatError, match="version-1 archive segment must not set HAS_GRAPH"):
+        SegmentReader.open(arc_v2)
 
 
 def test_publish_renames_and_fsyncs(tmp_path, monkeypatch):
@@ -538,7 +568,6 @@ def test_segment_data_validation():
         (dict(id_start=2**63 - 2), "id_start = .* is outside"),
         (dict(pq_codes=np.zeros((n, 2), np.uint8)), "needs both pq_codebook and pq_codes"),
         (dict(pq_codebook=b"x"), "needs both pq_codebook and pq_codes"),
-        (dict(pq_codebook=b"x", pq_codes=np.zeros((n, 2), np.uint8), graph=b"g"), "archive segment has no graph"),
         (dict(pq_codebook=b"", pq_codes=np.zeros((n, 2), np.uint8)), "pq_codebook must not be empty"),
         (dict(pq_codebook=b"x", pq_codes=np.zeros((n, 4), np.uint8)), r"1 <= m <= dim = 3"),
         (dict(pq_codebook=b"x", pq_codes=np.zeros((n, 2), np.int8)), "pq_codes must be a 2-D uint8"),

@@ -56,8 +56,8 @@ def _data(n, dim, kind, seed, tags=True, graph=True):
     kw = {}
     if kind == "archive":
         kw = dict(pq_codebook=rng.bytes(40 * dim + 1), pq_codes=rng.integers(0, 256, (n, 3), dtype=np.uint8))
-    elif graph:
-        kw = dict(graph=rng.bytes(13 * n))
+    if graph:
+        kw["graph"] = rng.bytes(13 * n)
     return SegmentData(level=2, id_start=77, vectors=rng.standard_normal((n, dim), dtype=np.float32),
                        live=rng.random(n) > 0.3, start_time_ms=rng.integers(0, 2**32, n),
                        duration_ms=rng.integers(0, 2**32, n), bpm=rng.uniform(0, 250, n), tags=tag_rows,
@@ -76,6 +76,7 @@ def bases(workdir):
     for name, (n, dim, kind, tags, graph) in {
         "raw": (12, 5, "raw", True, True),
         "archive": (9, 6, "archive", True, True),
+        "archive-nograph": (7, 4, "archive", True, False),
         "tiny": (1, 1, "raw", False, False),
     }.items():
         p = os.path.join(workdir, f"base-{name}.vdb")
@@ -170,7 +171,7 @@ def table(blob):
     return out
 
 
-base_names = st.sampled_from(["raw", "archive", "tiny"])
+base_names = st.sampled_from(["raw", "archive", "archive-nograph", "tiny"])
 
 
 # --------------------------------------------------------------------------------------- truncation
@@ -208,7 +209,9 @@ def test_header_field_overwrites(bases, case_path, name, field, data):
     blob[off:off + size] = value.to_bytes(size, "little")
     fix_crcs(blob, sections=False)
     outcome = attempt(case_path, bytes(blob))
-    if field in ("version", "count", "dim", "section_count", "file_size", "reserved") and bytes(blob) != bases[name]:
+    if field == "version" and value == 1 and name != "archive":
+        assert outcome == "ok"  # version 1 (0.3.0) is read; only its archives had no graph
+    elif field in ("version", "count", "dim", "section_count", "file_size", "reserved") and bytes(blob) != bases[name]:
         assert outcome == "open"
 
 
@@ -310,21 +313,22 @@ def test_targeted_column_corruptions(bases, case_path):
 def headers(draw):
     """A valid header + table for a random layout, then 0-3 field overwrites (header CRC fixed up)."""
     S = F.Section
-    kind = draw(st.sampled_from(["raw", "raw-nograph", "archive"]))
+    kind = draw(st.sampled_from(["raw", "raw-nograph", "archive", "archive-nograph"]))
+    archive = kind.startswith("archive")
     count, dim = draw(st.integers(1, 300)), draw(st.integers(1, 64))
-    m = draw(st.integers(1, dim)) if kind == "archive" else 0
+    m = draw(st.integers(1, dim)) if archive else 0
     ntags, nnz = draw(st.integers(0, 5)), draw(st.integers(0, 50))
     lengths = {S.VECTORS: count * dim * 4, S.LIVE: count, S.START_TIME_MS: 4 * count, S.DURATION_MS: 4 * count,
                S.BPM: 4 * count, S.TAG_DICT_OFFSETS: 4 * (ntags + 1), S.TAG_DICT_BLOB: draw(st.integers(0, 99)),
                S.TAG_OFFSETS: 4 * (count + 1), S.TAG_IDS: 4 * nnz, S.SOURCE_OFFSETS: 8 * (count + 1),
                S.SOURCE_BLOB: draw(st.integers(0, 999))}
-    if kind == "archive":
+    if archive:
         lengths.update({S.PQ_CODEBOOK: draw(st.integers(1, 999)), S.PQ_CODES: count * m})
-    elif kind == "raw":
+    if kind in ("raw", "archive"):
         lengths[S.GRAPH] = draw(st.integers(0, 999))
     offsets, file_size = F.plan_layout(lengths)
-    buf = bytearray(F.pack_header(kind=F.SegmentKind.ARCHIVE if kind == "archive" else F.SegmentKind.RAW,
-                                  has_graph=kind == "raw", count=count, id_start=draw(st.integers(0, 2**40)),
+    buf = bytearray(F.pack_header(kind=F.SegmentKind.ARCHIVE if archive else F.SegmentKind.RAW,
+                                  has_graph=kind in ("raw", "archive"), count=count, id_start=draw(st.integers(0, 2**40)),
                                   dim=dim, level=draw(st.integers(0, 255)), pq_m=m, file_size=file_size,
                                   sections={k: (offsets[k], ln, 0) for k, ln in lengths.items()}))
     nmut = draw(st.integers(0, 3))
@@ -357,10 +361,12 @@ def test_parse_header_accepts_only_consistent_layouts(hdr):
     assert 1 <= lay.dim <= 4096 and 1 <= lay.count < 2**31 and lay.file_size == file_size
     assert secs["vectors"][1] == lay.count * lay.dim * 4 and secs["live"][1] == lay.count
     assert secs["source_offsets"][1] == 8 * (lay.count + 1) and secs["tag_offsets"][1] == 4 * (lay.count + 1)
+    assert ("graph" in secs) == lay.has_graph and lay.version in (1, 2)
     if lay.has_pq:
-        assert secs["pq_codes"][1] == lay.count * lay.pq_m and 1 <= lay.pq_m <= lay.dim and "graph" not in secs
+        assert secs["pq_codes"][1] == lay.count * lay.pq_m and 1 <= lay.pq_m <= lay.dim
+        assert lay.version == 2 or not lay.has_graph  # version 1 archives have no graph
     else:
-        assert lay.pq_m == 0 and "pq_codes" not in secs and ("graph" in secs) == lay.has_graph
+        assert lay.pq_m == 0 and "pq_codes" not in secs
     spans = sorted((o, o + ln) for o, ln, _ in secs.values())
     for (a0, a1), (b0, _) in zip(spans, spans[1:]):
         assert a1 <= b0

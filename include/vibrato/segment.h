@@ -32,7 +32,8 @@
 
 #define VB_SEG_MAGIC "\x89VBSEG\r\n" /* 8 bytes; \r\n catches text-mode transfers, like PNG */
 #define VB_SEG_MAGIC_LEN 8
-#define VB_SEG_VERSION 1u
+#define VB_SEG_VERSION 2u          /* written; 2 adds the graph section to archive segments */
+#define VB_SEG_VERSION_MIN 1u      /* oldest version read (0.3.0's segments) */
 #define VB_SEG_HEADER_SIZE 64u     /* fixed header; the section table follows it */
 #define VB_SEG_ENTRY_SIZE 32u      /* one section-table entry */
 #define VB_SEG_MAX_SECTIONS 16u    /* table size cap: the header block is at most 576 bytes */
@@ -67,7 +68,7 @@ enum {
     VB_SEC_TAG_IDS = 9,          /* uint32[nnz], each < ntags, strictly ascending within a row */
     VB_SEC_SOURCE_OFFSETS = 10,  /* uint64[count + 1], 0 .. len(SOURCE_BLOB), non-decreasing */
     VB_SEC_SOURCE_BLOB = 11,     /* utf-8 source_file strings, concatenated */
-    VB_SEC_GRAPH = 12,           /* opaque HNSW graph bytes (raw segments with HAS_GRAPH) */
+    VB_SEC_GRAPH = 12,           /* opaque HNSW graph bytes (HAS_GRAPH: raw, or archive from version 2) */
     VB_SEC_PQ_CODEBOOK = 13,     /* opaque ProductQuantizer.to_bytes() (archive) */
     VB_SEC_PQ_CODES = 14,        /* uint8[count][pq_m] (archive) */
     VB_SEC_NKINDS = 14,
@@ -169,10 +170,10 @@ static inline int vb_seg_parse_header(const uint8_t *buf, size_t buflen, uint64_
     if (memcmp(buf, VB_SEG_MAGIC, VB_SEG_MAGIC_LEN) != 0)
         return vb_fail(err, errlen, VB_ECORRUPT, "bad magic: not a Vibrato segment file");
     uint32_t version = vb_load_le32(buf + 0x08);
-    if (version != VB_SEG_VERSION)
+    if (version < VB_SEG_VERSION_MIN || version > VB_SEG_VERSION)
         return vb_fail(err, errlen, VB_ECORRUPT,
-                           "unsupported segment format version %u (this reader reads version %u)",
-                           version, VB_SEG_VERSION);
+                           "unsupported segment format version %u (this reader reads versions %u..%u)",
+                           version, VB_SEG_VERSION_MIN, VB_SEG_VERSION);
     uint32_t nsec = vb_load_le32(buf + 0x2C);
     if (nsec == 0 || nsec > VB_SEG_MAX_SECTIONS)
         return vb_fail(err, errlen, VB_ECORRUPT, "section_count %u is outside 1..%u", nsec,
@@ -219,7 +220,8 @@ static inline int vb_seg_parse_header(const uint8_t *buf, size_t buflen, uint64_
         if (has_pq) return vb_fail(err, errlen, VB_ECORRUPT, "a raw segment must not set HAS_PQ");
     } else if (out->seg_kind == VB_SEG_KIND_ARCHIVE) {
         if (!has_pq) return vb_fail(err, errlen, VB_ECORRUPT, "an archive segment must set HAS_PQ");
-        if (has_graph) return vb_fail(err, errlen, VB_ECORRUPT, "an archive segment must not set HAS_GRAPH");
+        if (has_graph && out->version < 2)
+            return vb_fail(err, errlen, VB_ECORRUPT, "a version-1 archive segment must not set HAS_GRAPH");
     } else {
         return vb_fail(err, errlen, VB_ECORRUPT, "unknown segment kind %u (0 = raw, 1 = archive)",
                            out->seg_kind);

@@ -2,9 +2,9 @@
 
 Policy (one step per call):
   * >= 2 L0 segments            -> up to 8 adjacent L0s merge into one L1 raw segment (new graph);
-  * else >= 2 L1 segments       -> up to 8 adjacent L1s merge into one L2 archive segment: PQ codes
-                                   for candidate selection + the float32 vectors for exact rerank
-                                   (CONTRACT.md D14); raw L2 when rows < pq_min_rows or no PQ split fits dim;
+  * else >= 2 L1 segments       -> up to 8 adjacent L1s merge into one L2 archive segment: the float32
+                                   vectors, an HNSW graph over them and PQ codes (format version 2;
+                                   CONTRACT.md D14); raw L2 when rows < pq_min_rows or no PQ split fits dim;
   * else L2 segments            -> the smallest adjacent run of L2s whose rows fit l2_merge_max_rows
                                    merges into one L2 when there are >= 4 L2 segments, or when the run
                                    holds a raw L2 (too small for PQ when it was made); tiered merging
@@ -187,8 +187,9 @@ def merge(engine, inputs, out_level):
     """SegmentData for the merged output (+ whether it is a PQ archive).
 
     Archive outputs (which grow with the collection) stream their vectors: one pass gathers the PQ
-    training sample, one encodes, and the writer reads them twice more (checksum, write), each pass
-    holding MERGE_CHUNK_BYTES. Raw outputs hold their vectors, which the graph build needs."""
+    training sample, one encodes, one feeds the graph build chunk by chunk, and the writer reads
+    them twice more (checksum, write), each pass holding MERGE_CHUNK_BYTES besides the graph index
+    (which holds its own copy while it is built). Raw outputs hold their vectors."""
     from vibrato.pq import ProductQuantizer
     from vibrato.segment import SegmentData, StreamedVectors, StringsCSR, TagsCSR
 
@@ -247,8 +248,11 @@ def merge(engine, inputs, out_level):
         for chunk in chunks():
             codes[off:off + chunk.shape[0]] = pq.encode(chunk)
             off += chunk.shape[0]
+        # The graph makes an archive query a graph search (format version 2); the index copies each
+        # chunk as it is added, so the only full copy of the vectors is the index's own.
+        graph = pipeline.build_graph(cfg, dim, chunks(), seed=id_start).graph_bytes()
         return SegmentData(**common, vectors=StreamedVectors(n, dim, chunks), pq_codebook=pq.to_bytes(),
-                           pq_codes=codes), True
+                           pq_codes=codes, graph=graph), True
     vectors = np.empty((n, dim), dtype=np.float32)
     off = 0
     for chunk in chunks():

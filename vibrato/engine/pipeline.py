@@ -25,6 +25,8 @@ background.py), with m and ef_construction from Config.
 import logging
 import os
 
+import numpy as np
+
 from vibrato.catalog import jobs, segments as seg_sql
 from vibrato.engine.faults import fault_point
 from vibrato.engine.state import Counter
@@ -153,11 +155,15 @@ def build_threads() -> int:
 
 def build_graph(cfg, dim: int, vectors, *, seed: int, threads: int | None = None):
     """An HnswIndex over `vectors` (rows in order) with the configured m and ef_construction;
-    `threads` defaults to build_threads()."""
+    `threads` defaults to build_threads(). `vectors` is an (n, dim) array or an iterable of such
+    chunks: each is copied into the index as it comes, so a caller streaming a merge never holds
+    the vectors twice."""
     from vibrato.index import HnswIndex
 
     index = HnswIndex(dim, m=cfg.hnsw_m, ef_construction=cfg.hnsw_ef_construction, seed=seed)
-    index.add(vectors, threads=build_threads() if threads is None else threads)
+    threads = build_threads() if threads is None else threads
+    for chunk in (vectors,) if isinstance(vectors, np.ndarray) else vectors:
+        index.add(chunk, threads=threads)
     return index
 
 

@@ -7,11 +7,12 @@ tier covers (hot slices, then segments by id) and gives each one step:
   skip   the filter allows no row of the target;
   exact  score the target's allowed rows with the SIMD kernels and keep the top k: the rows come
          straight from the sorted ids (or a slice of the mask), no per-target mask is built;
-  graph  the target's HNSW graph (raw segments; sealed hot chunks once their graph is built), with
+  graph  the target's HNSW graph (raw segments, archives written by format version 2, sealed hot
+         chunks once their graph is built), with
          a bool mask local to the target (None when every row is allowed). The native search keeps
          its own cost model and may still scan (include/vibrato/hnsw.h, vb_hnsw_search_one);
-  pq     archive segments: ADC scan of the PQ codes under a target-local mask, exact rerank of the
-         best k * rerank_factor (CONTRACT.md D14).
+  pq     version-1 archive segments (no graph): ADC scan of the PQ codes under a target-local mask,
+         exact rerank of the best max(k * rerank_factor, ef) (CONTRACT.md D14).
 
 When `exact` is chosen (see `_exact_is_cheaper`):
   * hot slices: always unless the chunk has a graph and more than HOT_GRAPH_MIN_FACTOR * k rows are
@@ -19,8 +20,8 @@ When `exact` is chosen (see `_exact_is_cheaper`):
   * raw segments: only where the native cost model would scan too (`native_scans`, a strictly
     weaker form of it), so results never change, and only when the filter is selective enough
     that building the segment-sized mask would cost more than scoring the rows;
-  * archive segments: when at most k * rerank_factor rows are allowed (the ADC scan would return
-    them all for rerank anyway).
+  * version-1 archive segments: when at most max(k * rerank_factor, ef) rows are allowed (the ADC
+    scan would return them all for rerank anyway); archives with a graph plan like raw segments.
 Exact steps break score ties by the lower row, as the native scan and ADC scan do, so a result
 does not depend on which executor ran. Per-target results are merged by score, ties by id
 (`merge_topk`); metadata for the final ids is fetched in one batch (`View.metadata_many`) and the
@@ -145,7 +146,7 @@ def _plan_segment(seg, allowed, k, ef) -> Step:
     if a == seg.n:
         return Step("graph" if seg.index is not None else "pq", seg, None, None)
     if seg.index is None:
-        exact = a <= _pq_candidates(seg, k)
+        exact = a <= _pq_candidates(seg, k, ef)
     else:
         exact = a * EXACT_MAX_FRACTION <= seg.n and native_scans(a, seg.n, k, max(ef, k))
     if exact:
@@ -160,8 +161,9 @@ def _rows_mask(rows, n) -> np.ndarray:
     return mask
 
 
-def _pq_candidates(seg, k) -> int:
-    return max(k * seg.rerank_factor, 32)
+def _pq_candidates(seg, k, ef) -> int:
+    """Rerank depth of a version-1 archive: grows with ef, like a graph search's breadth."""
+    return max(k * seg.rerank_factor, ef, 32)
 
 
 # ------------------------------------------------------------------------------------------ execute
@@ -200,7 +202,7 @@ def _run(step: Step, q, k, ef):
             return t.chunk.ids[ids[keep]], scores[keep]
         return ids[keep], scores[keep]
     # pq
-    rows, _approx = t.pq.adc_scan(q, t.codes, _pq_candidates(t, k), step.mask)
+    rows, _approx = t.pq.adc_scan(q, t.codes, _pq_candidates(t, k, ef), step.mask)
     rows = np.asarray(rows, dtype=np.int64)
     if rows.shape[0] == 0:
         return _EMPTY_IDS, _EMPTY_SCORES

@@ -15,8 +15,9 @@ METADATA_BATCH_MIN = 4  # reader.metadata_rows costs ~5.6 us + ~0.8 us/row, read
 
 
 class SegmentHandle:
-    """A loaded segment. raw: HNSW over the mmapped vectors; archive: PQ codes for candidate
-    selection + exact rerank against the float32 vectors kept in the file (CONTRACT.md D14)."""
+    """A loaded segment. raw, and archive written by this version: HNSW over the mmapped vectors
+    (exact scores, CONTRACT.md D14); a version-1 archive (no graph): PQ codes for candidate selection
+    + exact rerank against the float32 vectors kept in the file."""
 
     def __init__(self, row: dict, reader, dead_ranges=(), rerank_factor: int = 8):
         from vibrato.index import HnswIndex
@@ -42,9 +43,9 @@ class SegmentHandle:
         self.rerank_factor = rerank_factor
         self.index = None
         self.pq = None
-        if self.kind == "raw":
+        if self.kind == "raw" or reader.graph is not None:
             self.index = HnswIndex.from_graph(reader.vectors, reader.graph, id_base=self.id_start)
-        else:
+        if self.kind == "archive":
             self.pq = ProductQuantizer.from_bytes(reader.pq_codebook)
             self.codes = reader.pq_codes
 

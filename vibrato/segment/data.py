@@ -215,8 +215,8 @@ class SegmentData:
     """The content of one segment, validated and normalised on construction (and again on write).
 
     Rows are ids ``id_start .. id_start + n - 1``. Kind: ARCHIVE when ``pq_codebook``/``pq_codes``
-    are given (both required, no graph), RAW otherwise (``graph`` optional; the engine always
-    passes one). After construction the fields hold canonical types: C-contiguous numpy arrays of
+    are given (both required), RAW otherwise. ``graph`` is optional for both (the engine always
+    passes one; archives without one are version-1 files, which are only read). After construction the fields hold canonical types: C-contiguous numpy arrays of
     the documented dtypes, ``tags`` a TagsCSR, ``source_file`` a StringsCSR.
 
     Not checked here: that vectors are finite (the engine rejects non-finite input at ingest,
@@ -232,7 +232,7 @@ class SegmentData:
     bpm: np.ndarray  # (n,) finite floats (stored as float32; 0 = unknown)
     tags: list | TagsCSR  # n lists of str (sorted, unique) or a TagsCSR
     source_file: list | StringsCSR  # n str or a StringsCSR
-    graph: bytes | memoryview | None = None  # HnswIndex.graph_bytes() (raw)
+    graph: bytes | memoryview | None = None  # HnswIndex.graph_bytes()
     pq_codebook: bytes | memoryview | None = None  # ProductQuantizer.to_bytes() (archive)
     pq_codes: np.ndarray | None = None  # (n, m) uint8 (archive)
 
@@ -324,8 +324,6 @@ class SegmentData:
         if archive:
             if self.pq_codebook is None or self.pq_codes is None:
                 raise ValueError("an archive segment needs both pq_codebook and pq_codes")
-            if self.graph is not None:
-                raise ValueError("an archive segment has no graph (got graph bytes together with PQ data)")
             self.pq_codebook = _blob(self.pq_codebook, "pq_codebook")
             if len(self.pq_codebook) == 0:
                 raise ValueError("pq_codebook must not be empty")
@@ -336,7 +334,7 @@ class SegmentData:
             if c.shape[0] != n or not 1 <= c.shape[1] <= dim:
                 raise ValueError(f"pq_codes must have shape ({n}, m) with 1 <= m <= dim = {dim}, got {c.shape}")
             self.pq_codes = np.ascontiguousarray(c)
-        elif self.graph is not None:
+        if self.graph is not None:
             self.graph = _blob(self.graph, "graph")
         return self
 

@@ -1,11 +1,15 @@
-"""The segment file format, version 1: one immutable file per segment (``segments/<seg_id>.vdb``).
+"""The segment file format, version 2: one immutable file per segment (``segments/<seg_id>.vdb``).
 
 A segment holds ``count`` rows with dense ids ``id_start .. id_start + count - 1`` (row i is id
 ``id_start + i``). Two kinds share one layout:
 
 * RAW: float32 vectors + metadata columns + (optionally, flag HAS_GRAPH) an opaque HNSW graph blob.
-* ARCHIVE: float32 vectors (kept for exact reranking, CONTRACT.md D14) + metadata + an opaque PQ codebook
-  blob + PQ codes ``uint8[count][pq_m]``; never a graph.
+* ARCHIVE: float32 vectors (kept for exact scoring, CONTRACT.md D14) + metadata + an opaque PQ codebook
+  blob + PQ codes ``uint8[count][pq_m]`` + (version 2, flag HAS_GRAPH) an HNSW graph blob built at
+  compaction, so an archive query is a graph search like a raw segment's, not a scan of every code.
+
+Versions: 2 is written; 1 (0.3.0) is still read. The only difference is that a version-1 archive
+never has a graph (it is searched by a PQ scan + exact rerank until a compaction rewrites it).
 
 Every integer is little-endian. Every byte of the file is covered by a checksum: the header CRC
 covers the header and the section table (which holds each section's CRC32C), each section has its
@@ -18,7 +22,7 @@ File layout (as written; readers accept any order that satisfies the rules below
     64                     section table: section_count entries of 32 bytes, sorted by kind
     64-aligned ...         live, start_time_ms, duration_ms, bpm, tag_offsets, tag_ids,
                            tag_dict_offsets, tag_dict_blob, source_offsets, source_blob,
-                           [pq_codebook, pq_codes] (archive) or [graph] (raw with HAS_GRAPH),
+                           [pq_codebook, pq_codes] (archive), [graph] (HAS_GRAPH),
                            each at a 64-byte aligned offset, zero padding in between
     4096-aligned .. EOF    vectors: float32[count][dim], row-major (last, page-aligned)
 
@@ -30,7 +34,7 @@ Fixed header (64 bytes)::
 
     off   size  field
     0x00  8     magic  b"\\x89VBSEG\\r\\n"
-    0x08  u32   version = 1
+    0x08  u32   version = 2 (1 is read too)
     0x0C  u32   flags: bits 0-1 kind (0 raw, 1 archive), bit 2 HAS_GRAPH, bit 3 HAS_PQ; others 0
     0x10  u64   count            1 .. 2^31-1
     0x18  u64   id_start         id_start + count - 1 <= 2^63-1
@@ -60,7 +64,7 @@ Sections (kind: name, content; "n" = count)::
     9  tag_ids           uint32[nnz]: < ntags, strictly ascending within a row
     10 source_offsets    uint64[n+1]: CSR row pointers into source_blob
     11 source_blob       UTF-8 source_file strings, concatenated (no separators, no length cap)
-    12 graph             opaque HNSW bytes (HnswIndex.graph_bytes()); raw + HAS_GRAPH only
+    12 graph             opaque HNSW bytes (HnswIndex.graph_bytes()); HAS_GRAPH only (archive: version 2)
     13 pq_codebook       opaque ProductQuantizer.to_bytes(); 64-byte aligned; archive only
     14 pq_codes          uint8[n][pq_m]; archive only
 
@@ -88,7 +92,8 @@ import struct
 from vibrato._native import segio as _segio
 
 MAGIC = b"\x89VBSEG\r\n"
-VERSION = 1
+VERSION = 2  # written; readers also take MIN_VERSION
+MIN_VERSION = 1
 HEADER_SIZE = 64
 ENTRY_SIZE = 32
 MAX_SECTIONS = 16
@@ -191,7 +196,7 @@ def flags_for(kind: SegmentKind, has_graph: bool) -> int:
     flags = kind.code
     if kind is SegmentKind.ARCHIVE:
         flags |= FLAG_HAS_PQ
-    elif has_graph:
+    if has_graph:
         flags |= FLAG_HAS_GRAPH
     return flags
 

@@ -302,7 +302,7 @@ class SegmentReader:
 
     @property
     def graph(self) -> memoryview | None:
-        """The HNSW graph bytes (read-only memoryview) or None (archive, or raw without a graph)."""
+        """The HNSW graph bytes (read-only memoryview) or None (a version-1 archive, or raw without one)."""
         self._check_open()
         return self._graph
 

@@ -85,7 +85,7 @@ def _section_buffers(data: SegmentData) -> dict[F.Section, memoryview]:
     if data.kind is F.SegmentKind.ARCHIVE:
         bufs[S.PQ_CODEBOOK] = data.pq_codebook
         bufs[S.PQ_CODES] = data.pq_codes
-    elif data.graph is not None:
+    if data.graph is not None:
         bufs[S.GRAPH] = data.graph
     return {k: b if isinstance(b, StreamedVectors) else memoryview(b).cast("B") if not isinstance(b, bytes)
             else memoryview(b) for k, b in bufs.items()}
@@ -163,7 +163,7 @@ def write_segment_tmp(tmp_path, data: SegmentData) -> SegmentInfo:
     offsets, file_size = F.plan_layout(lengths)
     sections = {k: (offsets[k], lengths[k], _crc(b)) for k, b in bufs.items()}
     kind = data.kind
-    has_graph = kind is F.SegmentKind.RAW and data.graph is not None
+    has_graph = data.graph is not None
     header = F.pack_header(kind=kind, has_graph=has_graph, count=data.count, id_start=data.id_start, dim=data.dim,
                            level=data.level, pq_m=data.pq_m, file_size=file_size, sections=sections)
     layout = _segio.parse_header(header, file_size)  # the reader's own checks, before any byte is written

@@ -1,0 +1,250 @@
+"""Archive tier benchmark (issue 14): recall, latency, build time and memory of L2 archive segments.
+
+    .venv/bin/python perf/bench_archive.py [--n 1000000] [--queries 200] [--skip-scale] [--skip-peers]
+
+Part 1, real data (shared/data/text, 20k x 128, its 500 queries and exact ground truth): every row
+compacted into L2 archives with the embedded Engine; recall@10 at ef 16/64/256 in the `archive` and
+`all` tiers, and filtered recall on the archive at 0.1%-100% selectivity. The same archive searched
+the version-1 way (no graph: PQ scan + exact rerank, what 0.3.0 did) is measured in the same run.
+
+Part 2, scale (--n rows of the text set tiled with noise, benchlib.text_vectors): ingest, checkpoint
+and compact until everything is one L2 archive; the L2 compaction time against hnswlib's build of
+the same vectors (same M, ef_construction and threads); one-thread archive query p50/p99 at ef=64
+and recall@10 against exact search (numpy, float64) on --queries queries, next to hnswlib at ef=64
+and faiss IVFPQ + exact refine at the nprobe that first reaches recall 0.95; anonymous and file RSS
+per vector of a fresh process that opens the data dir and runs the queries.
+A benchmark: it asserts nothing. Results: printed, and perf/results/bench_archive.json.
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import DATA, text_vectors  # noqa: E402
+from vibrato.engine import Engine  # noqa: E402
+from vibrato.engine.pipeline import build_threads  # noqa: E402
+
+OUT = Path(__file__).resolve().parent / "results"
+
+
+def compact_all(e) -> float:
+    t0 = time.perf_counter()
+    while e.compact()["state"] != "idle":
+        pass
+    return time.perf_counter() - t0
+
+
+def recall(got: list, truth: np.ndarray) -> float:
+    return sum(len(set(g) & set(t.tolist())) for g, t in zip(got, truth)) / truth.size
+
+
+def ingest(e, X, batch=5000, tags=None):
+    for i in range(0, X.shape[0], batch):
+        e.ingest_batch([{"vector": X[j], **({"metadata": {"tags": tags[j]}} if tags else {})}
+                        for j in range(i, min(i + batch, X.shape[0]))])
+        e.checkpoint()
+
+
+# ------------------------------------------------------------------------------------ part 1
+SELECTIVITY = {"s0_1": 0.001, "s1": 0.01, "s10": 0.1, "s50": 0.5, "s100": 1.0}
+
+
+def real_data(tmp: Path, nq: int) -> dict:
+    base = np.load(DATA / "text" / "base_128.npy")
+    queries = np.load(DATA / "text" / "queries_128.npy")[:nq]
+    gt = np.load(DATA / "text" / "gt_128_ids.npy")[:nq, :10]
+    u = np.random.default_rng(3).random(base.shape[0])
+    tags = [[t for t, p in SELECTIVITY.items() if u[i] < p] for i in range(base.shape[0])]
+    out = {}
+    with Engine.open(tmp / "real", dim=128, background=False, checkpoint_max_rows=5000,
+                     compaction_max_inputs=2) as e:
+        ingest(e, base, tags=tags)
+        out["compact_s"] = compact_all(e)
+        handles = e.segment_set.handles
+        out["segments"] = [(s.level, s.kind, s.n, s.index is not None) for s in handles]
+
+        def run(ef, tier, flt=None, k=10):
+            return [[r["id"] for r in e.query(q, k=k, ef=ef, search_tier=tier, filter=flt, include_metadata=False)]
+                    for q in queries]
+        for tier in ("archive", "all"):
+            for ef in (16, 64, 256):
+                out[f"recall_{tier}_ef{ef}"] = recall(run(ef, tier), gt)
+        for name, p in SELECTIVITY.items():
+            allowed = np.array([i for i in range(base.shape[0]) if name in tags[i]])
+            truth = np.stack([allowed[np.argsort(-(base[allowed] @ q), kind="stable")[:10]] for q in queries])
+            got = run(64, "archive", {"tags_all": [name]})
+            out[f"filtered_recall_{name}"] = recall([g[:10] for g in got], truth)
+        t = []
+        for q in queries:
+            t0 = time.perf_counter()
+            e.query(q, k=10, ef=64, search_tier="archive", include_metadata=False)
+            t.append(time.perf_counter() - t0)
+        out["archive_p50_ms"] = statistics.median(t) * 1e3
+        # the version-1 way, same archive, same run: no graph -> PQ scan + exact rerank
+        saved = [(s, s.index) for s in handles if s.kind == "archive"]
+        for s, _ in saved:
+            s.index = None
+        for ef in (64, 256):
+            out[f"v1_recall_archive_ef{ef}"] = recall(run(ef, "archive"), gt)
+        t = []
+        for q in queries:
+            t0 = time.perf_counter()
+            e.query(q, k=10, ef=64, search_tier="archive", include_metadata=False)
+            t.append(time.perf_counter() - t0)
+        out["v1_archive_p50_ms"] = statistics.median(t) * 1e3
+        for s, index in saved:
+            s.index = index
+    return out
+
+
+# ------------------------------------------------------------------------------------ part 2
+def exact_top10(X, Q):
+    best = np.empty((Q.shape[0], 10), dtype=np.int64)
+    scores = np.full((Q.shape[0], 10), -np.inf)
+    for lo in range(0, X.shape[0], 200_000):
+        s = Q.astype(np.float64) @ X[lo:lo + 200_000].astype(np.float64).T
+        ids = np.argpartition(-s, 10, axis=1)[:, :10] + lo
+        sc = np.take_along_axis(s, ids - lo, axis=1)
+        allids, allsc = np.concatenate([best, ids], 1), np.concatenate([scores, sc], 1)
+        o = np.argsort(-allsc, axis=1, kind="stable")[:, :10]
+        best, scores = np.take_along_axis(allids, o, 1), np.take_along_axis(allsc, o, 1)
+    return best
+
+
+PROBE = r'''
+import json, resource, statistics, sys, time
+import numpy as np
+sys.path.insert(0, sys.argv[1])
+from vibrato.engine import Engine
+
+def rss():
+    f = {l.split(":")[0]: int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(("RssAnon", "RssFile"))}
+    return f["RssAnon"] * 1024, f["RssFile"] * 1024
+Q = np.load(sys.argv[3])
+before = rss()
+with Engine.open(sys.argv[2], dim=Q.shape[1], background=False) as e:
+    opened = rss()
+    ids, t = [], []
+    for q in Q:
+        t0 = time.perf_counter()
+        r = e.query(q, k=10, ef=64, search_tier="archive", include_metadata=False)
+        t.append(time.perf_counter() - t0)
+        ids.append([x["id"] for x in r])
+    after = rss()
+print(json.dumps({"ids": ids, "p50_ms": statistics.median(t) * 1e3, "p99_ms": float(np.percentile(t, 99)) * 1e3,
+                  "rss_anon_open": opened[0] - before[0], "rss_anon_after": after[0] - before[0],
+                  "rss_file_after": after[1] - before[1]}))
+'''
+
+
+def scale(tmp: Path, n: int, nq: int, peers: bool) -> dict:
+    X = text_vectors(n, seed=1)
+    Q = text_vectors(nq, seed=99)
+    truth = exact_top10(X, Q)
+    out = {"n": n, "threads": build_threads()}
+    data = tmp / "scale"
+    t0 = time.perf_counter()
+    with Engine.open(data, dim=128, background=False, checkpoint_max_rows=100_000) as e:
+        ingest(e, X, batch=10_000)
+        out["ingest_checkpoint_s"] = time.perf_counter() - t0
+        # L0 -> L1 steps, then the L1 -> L2 step(s) timed on their own
+        t1 = time.perf_counter()
+        while True:
+            levels = [s.level for s in e.segment_set.handles]
+            if levels.count(0) < 2:
+                break
+            e.compact()
+        out["l1_compaction_s"] = time.perf_counter() - t1
+        out["l2_compaction_s"] = compact_all(e)
+        out["segments"] = [(s.level, s.kind, s.n) for s in e.segment_set.handles]
+    out["data_dir_bytes"] = sum(f.stat().st_size for f in data.rglob("*") if f.is_file())
+    qpath = tmp / "q.npy"
+    np.save(qpath, Q)
+    probe = json.loads(subprocess.run([sys.executable, "-c", PROBE, str(Path(__file__).resolve().parent.parent),
+                                       str(data), str(qpath)], capture_output=True, text=True, check=True).stdout)
+    out.update({k: v for k, v in probe.items() if k != "ids"})
+    out["recall_archive_ef64"] = recall(probe["ids"], truth)
+    out["rss_anon_per_vector"] = probe["rss_anon_after"] / n
+    if peers:
+        out.update(peer_figures(X, Q, truth))
+    return out
+
+
+def peer_figures(X, Q, truth) -> dict:
+    import faiss
+    import hnswlib
+    out = {}
+    threads = build_threads()
+    idx = hnswlib.Index(space="ip", dim=X.shape[1])
+    t0 = time.perf_counter()
+    idx.init_index(max_elements=X.shape[0], M=16, ef_construction=100, random_seed=1)
+    idx.add_items(X, num_threads=threads)
+    out["hnswlib_build_s"] = time.perf_counter() - t0
+    idx.set_ef(64)
+    idx.set_num_threads(1)
+    t, got = [], []
+    for q in Q:
+        t0 = time.perf_counter()
+        labels, _ = idx.knn_query(q, k=10)
+        t.append(time.perf_counter() - t0)
+        got.append(labels[0].tolist())
+    out["hnswlib_p50_ms"] = statistics.median(t) * 1e3
+    out["hnswlib_recall_ef64"] = recall(got, truth)
+    del idx
+    faiss.omp_set_num_threads(threads)
+    nlist = int(4 * np.sqrt(X.shape[0]))
+    quant = faiss.IndexFlatIP(X.shape[1])
+    ivf = faiss.IndexIVFPQ(quant, X.shape[1], nlist, 32, 8, faiss.METRIC_INNER_PRODUCT)
+    t0 = time.perf_counter()
+    ivf.train(X[np.random.default_rng(0).choice(X.shape[0], min(X.shape[0], 100_000), replace=False)])
+    ivf.add(X)
+    refine = faiss.IndexRefineFlat(ivf)
+    refine.k_factor = 8
+    out["faiss_ivfpq_build_s"] = time.perf_counter() - t0
+    faiss.omp_set_num_threads(1)
+    for nprobe in (4, 8, 16, 32, 64, 128):
+        ivf.nprobe = nprobe
+        t, got = [], []
+        for q in Q:
+            t0 = time.perf_counter()
+            _, labels = refine.search(q[None, :], 10)
+            t.append(time.perf_counter() - t0)
+            got.append(labels[0].tolist())
+        r = recall(got, truth)
+        out["faiss_ivfpq_refine_nprobe"], out["faiss_ivfpq_refine_recall"] = nprobe, r
+        out["faiss_ivfpq_refine_p50_ms"] = statistics.median(t) * 1e3
+        if r >= 0.95:
+            break
+    return out
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--n", type=int, default=int(os.environ.get("VIBRATO_BENCH_N", 1_000_000)))
+    p.add_argument("--queries", type=int, default=200)
+    p.add_argument("--skip-scale", action="store_true")
+    p.add_argument("--skip-peers", action="store_true")
+    args = p.parse_args()
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="bench_archive_") as tmp:
+        tmp = Path(tmp)
+        results["real"] = real_data(tmp, min(args.queries, 500))
+        print(json.dumps(results["real"], indent=1), flush=True)
+        if not args.skip_scale:
+            results["scale"] = scale(tmp, args.n, args.queries, not args.skip_peers)
+            print(json.dumps(results["scale"], indent=1), flush=True)
+    OUT.mkdir(exist_ok=True)
+    (OUT / "bench_archive.json").write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
