@@ -34,7 +34,9 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	$(PIP) install -q --no-build-isolation -e '.[test]'
 	@touch $@
 
+# hnswlib ships only a source archive; its build needs pybind11 (installs run without build isolation).
 $(VENV)/.installed-bench: $(VENV)/.installed-test
+	$(PIP) install -q pybind11==3.1.0
 	$(PIP) install -q --no-build-isolation -e '.[test,bench]'
 	@touch $@
 
