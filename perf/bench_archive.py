@@ -7,6 +7,9 @@ compacted into L2 archives with the embedded Engine; recall@10 at ef 16/64/256 i
 `all` tiers, and filtered recall on the archive at 0.1%-100% selectivity. The same archive searched
 the version-1 way (no graph: PQ scan + exact rerank, what 0.3.0 did) is measured in the same run.
 
+Part 1b, identify (shared/data/audio, 41k frames, 100 queries of 75 noisy frames, k=5, ef=100):
+every frame archived; top-1 track and start (within one frame) and p50, graph vs version-1 way.
+
 Part 2, scale (--n rows of the text set tiled with noise, benchlib.text_vectors): ingest, checkpoint
 and compact until everything is one L2 archive; the L2 compaction time against hnswlib's build of
 the same vectors (same M, ef_construction and threads); one-thread archive query p50/p99 at ef=64
@@ -101,6 +104,43 @@ def real_data(tmp: Path, nq: int) -> dict:
             e.query(q, k=10, ef=64, search_tier="archive", include_metadata=False)
             t.append(time.perf_counter() - t0)
         out["v1_archive_p50_ms"] = statistics.median(t) * 1e3
+        for s, index in saved:
+            s.index = index
+    return out
+
+
+def audio(tmp: Path) -> dict:
+    """identify on shared/data/audio with every frame archived: top-1 track and start, p50."""
+    frames = np.load(DATA / "audio" / "frames.npy").astype(np.float32)
+    track = np.load(DATA / "audio" / "frame_track.npy")
+    queries = np.load(DATA / "audio" / "queries.npy").astype(np.float32)
+    truth = np.load(DATA / "audio" / "queries_truth.npy")
+    out = {"frames": int(frames.shape[0])}
+    with Engine.open(tmp / "audio", dim=frames.shape[1], background=False, checkpoint_max_rows=10_000,
+                     compaction_max_inputs=2) as e:
+        for i in range(0, frames.shape[0], 10_000):
+            e.ingest_batch([{"vector": frames[j], "metadata": {"source_file": f"track{int(track[j])}.wav",
+                                                                "start_time_ms": int(j) * 40, "duration_ms": 40}}
+                            for j in range(i, min(i + 10_000, frames.shape[0]))])
+            e.checkpoint()
+        compact_all(e)
+        out["segments"] = [(s.level, s.kind, s.n, s.index is not None) for s in e.segment_set.handles]
+
+        def run(label):
+            hits, t = 0, []
+            for q, (tr, start) in zip(queries, truth):
+                t0 = time.perf_counter()
+                res = e.identify(q, k=5, ef=100, search_tier="archive", include_metadata=False)
+                t.append(time.perf_counter() - t0)
+                if res and track[res[0]["id"]] == tr and abs(int(res[0]["id"]) - int(start)) <= 1:
+                    hits += 1
+            out[f"{label}top1"] = hits / len(queries)
+            out[f"{label}p50_ms"] = statistics.median(t) * 1e3
+        run("")
+        saved = [(s, s.index) for s in e.segment_set.handles if s.kind == "archive"]
+        for s, _ in saved:
+            s.index = None
+        run("v1_")
         for s, index in saved:
             s.index = index
     return out
@@ -239,6 +279,8 @@ def main():
         tmp = Path(tmp)
         results["real"] = real_data(tmp, min(args.queries, 500))
         print(json.dumps(results["real"], indent=1), flush=True)
+        results["audio"] = audio(tmp)
+        print(json.dumps(results["audio"], indent=1), flush=True)
         if not args.skip_scale:
             results["scale"] = scale(tmp, args.n, args.queries, not args.skip_peers)
             print(json.dumps(results["scale"], indent=1), flush=True)

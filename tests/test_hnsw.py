@@ -587,3 +587,39 @@ def test_upper_layer_link_to_lower_node_rejected():
     _fix_graph_crc(blob)
     with pytest.raises(ValueError, match=f"node {first} links to {low} on layer 1, but node {low} only reaches level 0"):
         HnswIndex.from_graph(FUZZ_VECTORS, bytes(blob))
+
+
+def test_from_graph_can_read_layer_0_in_place(small):
+    """borrow_graph: layer 0 is used from the caller's bytes (a segment's mapped section), with the
+    same answers; the bytes are kept alive by the index and never written, also across an add()."""
+    import gc
+    idx, x, q = small
+    blob = bytearray(idx.graph_bytes())
+    pristine = bytes(blob)
+    g = HnswIndex.from_graph(x.copy(), memoryview(blob), borrow_graph=True)
+    assert g.stats()["borrowed_graph"]
+    assert not HnswIndex.from_graph(x.copy(), pristine).stats()["borrowed_graph"]
+    del blob
+    gc.collect()
+    a, b = idx.search(q, k=10, ef=40), g.search(q, k=10, ef=40)
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+    assert g.graph_bytes() == pristine
+    keep = g._g.borrowed_array  # noqa: F841 - the borrowed vectors stay referenced
+    more = unit_rows(np.random.default_rng(9), 100, 32)
+    g.add(more, threads=1)  # copies layer 0 into owned memory first
+    assert not g.stats()["borrowed_graph"] and len(g) == len(idx) + 100
+    ref = HnswIndex.from_graph(x.copy(), pristine)
+    ref.add(more, threads=1)
+    assert g.graph_bytes() == ref.graph_bytes()
+
+
+def test_from_graph_borrow_still_validates(small):
+    idx, x, _ = small
+    blob = bytearray(idx.graph_bytes())
+    blob[64 + 4 * (-(-len(x) // 4)) + 7] ^= 0x7F  # the top byte of node 0's first layer-0 link (CRC fixed)
+    import struct
+    from vibrato._native import segio
+    blob[-4:] = struct.pack("<I", segio.crc32c(bytes(blob[:-4])))
+    with pytest.raises(ValueError, match="out of range|links"):
+        HnswIndex.from_graph(x.copy(), memoryview(blob), borrow_graph=True)

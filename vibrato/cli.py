@@ -161,7 +161,9 @@ def cli():
               help="Accepted for the v2.1 CLI and ignored: the hot tier is a list of chunks, exact scan plus "
                    "an HNSW graph per sealed chunk (docs/CONTRACT.md D1). Rounded up to a power of two; 0 becomes 1.")
 @click.option("--vector-madvise-mode", type=click.Choice(MADVISE_MODES, case_sensitive=False),
-              default=_DEFAULTS.vector_madvise_mode, show_default=True)
+              default=_DEFAULTS.vector_madvise_mode, show_default=True,
+              help="Advice for the segments' vector pages. random (the default; v2.1: normal) reads only the "
+                   "pages a search touches, which keeps a segment larger than its page-cache share fast.")
 @bool_option("--bootstrap-admin-key", False,
              "Create and print BOOTSTRAP_ADMIN_KEY=<token> when no non-revoked key exists.")
 @click.option("--shutdown-timeout-secs", type=click.FloatRange(0), default=_DEFAULTS.shutdown_timeout_secs,

@@ -72,7 +72,7 @@ class Config:
     hnsw_ef_construction: int = 100    # 200 builds 2.6x slower for +0.002 recall@10 (text set, ef 64)
     pq_min_rows: int = 256
     archive_rerank_factor: int = 8     # exact rerank of k * factor ADC candidates (CONTRACT.md D14)
-    vector_madvise_mode: str = "normal"
+    vector_madvise_mode: str = "random"  # v2.1: normal; CONTRACT.md D39
     limits: Limits = field(default_factory=Limits)
 
     @property

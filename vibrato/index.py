@@ -243,13 +243,15 @@ class HnswIndex:
             self._end_search()
 
     @classmethod
-    def from_graph(cls, vectors, graph, id_base: int = 0) -> "HnswIndex":
+    def from_graph(cls, vectors, graph, id_base: int = 0, *, borrow_graph: bool = False) -> "HnswIndex":
         """An index over `vectors` (n, dim) float32 C-contiguous, e.g. a read-only view of an mmap.
 
         The array is referenced, never copied or written (keep the mapping alive as long as the
         index; add() on such an index first copies the vectors into memory it owns). `graph` is a
         bytes-like from graph_bytes(); it is validated completely (ValueError saying what is wrong)
-        before use. Row r has the id id_base + r.
+        before use. With borrow_graph, layer 0 (the bulk of the graph) is read in place from
+        `graph` too, e.g. a segment's mapped graph section, so it costs page cache instead of
+        anonymous memory. Row r has the id id_base + r.
         """
         if not isinstance(vectors, np.ndarray) or vectors.dtype != np.float32 or vectors.ndim != 2:
             raise ValueError("vectors must be a 2-D float32 numpy array, got "
@@ -262,7 +264,7 @@ class HnswIndex:
             gv = memoryview(graph).cast("B")
         except TypeError as e:
             raise ValueError(f"graph must be a bytes-like object, got {type(graph).__name__}") from e
-        g = _hnsw.Graph.from_graph(vectors, gv)
+        g = _hnsw.Graph.from_graph(vectors, gv, bool(borrow_graph))
         if g.n and id_base + g.n - 1 > MAX_LABEL:
             raise ValueError(f"id_base {id_base} + {g.n} rows exceeds the id limit {MAX_LABEL}")
         self = cls.__new__(cls)

@@ -13,7 +13,9 @@
  *
  * Layout (all flat, internal ids are dense uint32 rows 0..n-1 in insertion order):
  *   x         (n, d) float32 row-major; owned (x_owned) or borrowed read-only (e.g. an mmap)
- *   links0    (cap, 1 + M0) uint32: links0[r*(1+M0)] = count, then count neighbour rows
+ *   links0    (cap, 1 + M0) uint32: links0[r*(1+M0)] = count, then count neighbour rows; owned, or
+ *             borrowed read-only from a serialised graph (e.g. a segment file's mapped section, so
+ *             layer 0 stays file-backed memory); an add copies it into owned memory first
  *   levels    (cap,) uint8 top level of each node
  *   up_off    (cap,) uint64: offset in up_links of node r's level-1 block (level l at + (l-1)*(1+M))
  *   up_links  (up_len,) uint32 blocks of (1 + M): count, then neighbour rows
@@ -176,7 +178,8 @@ typedef struct vb_hnsw {
     size_t n, cap;
     const float *x;     /* (n, d): == x_owned, or a borrowed read-only array (never written) */
     float *x_owned;     /* (cap, d) or NULL when x is borrowed */
-    uint32_t *links0;   /* (cap, 1 + M0) */
+    uint32_t *links0;   /* (cap, 1 + M0); not written while links_borrowed */
+    int links_borrowed; /* links0 points into the caller's graph bytes (vb_hnsw_graph_read_checked) */
     uint8_t *levels;    /* (cap,) */
     uint64_t *up_off;   /* (cap,) */
     uint32_t *up_links; /* (up_cap,) */
@@ -262,7 +265,7 @@ static inline int vb_hnsw_init(vb_hnsw_t *h, size_t d, size_t M, size_t efc, uin
 /* Free everything the index owns (a borrowed x is left alone). No search may be running. */
 static inline void vb_hnsw_free(vb_hnsw_t *h) {
     free(h->x_owned);
-    free(h->links0);
+    if (!h->links_borrowed) free(h->links0);
     free(h->levels);
     free(h->up_off);
     free(h->up_links);
@@ -306,6 +309,13 @@ static inline int vb_hnsw_reserve(vb_hnsw_t *h, size_t want) {
     } else if (cap > h->cap) {
         if (vb_realloc_n((void **)&h->x_owned, xsz, sizeof(float))) return VB_ENOMEM;
         h->x = h->x_owned;
+    }
+    if (h->links_borrowed) { /* into owned memory before anything is written */
+        uint32_t *lo = NULL;
+        if (vb_realloc_n((void **)&lo, h->cap * stride0, sizeof(uint32_t))) return VB_ENOMEM;
+        memcpy(lo, h->links0, h->n * stride0 * sizeof(uint32_t));
+        h->links0 = lo;
+        h->links_borrowed = 0;
     }
     if (cap > h->cap) {
         size_t l0;
@@ -1043,7 +1053,7 @@ static inline int vb_hnsw_graph_write(const vb_hnsw_t *h, uint8_t *out, size_t l
  * msg says what failed. Returns VB_OK, VB_ECORRUPT, VB_EINVAL (vectors do not match) or VB_ENOMEM.
  */
 static inline int vb_hnsw_graph_read_checked(vb_hnsw_t *h, const uint8_t *buf, size_t len, const float *x,
-                                             size_t xn, size_t xd, char *msg, size_t msglen) {
+                                             size_t xn, size_t xd, int borrow_links, char *msg, size_t msglen) {
     memset(h, 0, sizeof(*h));
     h->entry = VB_HNSW_NONE;
     if (len < VB_HNSW_GRAPH_HEADER + 4)
@@ -1135,7 +1145,18 @@ static inline int vb_hnsw_graph_read_checked(vb_hnsw_t *h, const uint8_t *buf, s
     int rc = vb_hnsw_init(h, d, M, efc, rng);
     if (rc) VB_FAIL(VB_ENOMEM, "out of memory initialising the index");
     size_t cap = n ? n : 1;
-    if (vb_realloc_n((void **)&h->links0, cap * stride0, 4) || vb_realloc_n((void **)&h->levels, cap, 1) ||
+    /* Layer 0 is used in place when asked and possible: little-endian host, 4-byte aligned (the
+     * caller keeps buf alive and unchanged for the index's lifetime, as it does for x). */
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    if (borrow_links && n && ((uintptr_t)l0 & 3u) == 0) {
+        h->links0 = (uint32_t *)(uintptr_t)l0;
+        h->links_borrowed = 1;
+    }
+#else
+    (void)borrow_links;
+#endif
+    if ((!h->links_borrowed && vb_realloc_n((void **)&h->links0, cap * stride0, 4)) ||
+        vb_realloc_n((void **)&h->levels, cap, 1) ||
         vb_realloc_n((void **)&h->up_off, cap, 8) || vb_realloc_n((void **)&h->up_links, blocks * stride + 1, 4)) {
         vb_hnsw_free(h);
         VB_FAIL(VB_ENOMEM, "out of memory loading a graph of %zu nodes", n);
@@ -1150,7 +1171,7 @@ static inline int vb_hnsw_graph_read_checked(vb_hnsw_t *h, const uint8_t *buf, s
     h->cap = cap;
     if (n) {
         memcpy(h->levels, lev, n);
-        memcpy(h->links0, l0, l0_bytes);
+        if (!h->links_borrowed) memcpy(h->links0, l0, l0_bytes);
     }
     if (blocks) memcpy(h->up_links, up, blocks * stride * 4);
     size_t off = 0;

@@ -23,6 +23,7 @@ cdef extern from "vibrato/hnsw.h" nogil:
         const float *x
         float *x_owned
         uint32_t *links0
+        int links_borrowed
         uint8_t *levels
         uint64_t *up_off
         uint32_t *up_links
@@ -42,4 +43,4 @@ cdef extern from "vibrato/hnsw.h" nogil:
     size_t vb_hnsw_graph_size(const vb_hnsw_t *h)
     int vb_hnsw_graph_write(const vb_hnsw_t *h, uint8_t *out, size_t len)
     int vb_hnsw_graph_read_checked(vb_hnsw_t *h, const uint8_t *buf, size_t len, const float *x, size_t xn,
-                                   size_t xd, char *msg, size_t msglen)
+                                   size_t xd, int borrow_links, char *msg, size_t msglen)

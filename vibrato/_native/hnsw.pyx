@@ -40,12 +40,14 @@ cdef class Graph:
     cdef vb_hnsw_t h
     cdef bint ready
     cdef object vectors_ref   # the borrowed array, kept alive while the graph points into it
+    cdef object graph_ref     # the graph bytes layer 0 is borrowed from (from_graph(borrow=True))
     cdef int searches         # searches in flight (changed only while holding the GIL)
     cdef bint adding
 
     def __cinit__(self):
         self.ready = False
         self.vectors_ref = None
+        self.graph_ref = None
         self.searches = 0
         self.adding = False
 
@@ -62,10 +64,12 @@ cdef class Graph:
         return g
 
     @staticmethod
-    def from_graph(vectors, const uint8_t[::1] graph not None):
+    def from_graph(vectors, const uint8_t[::1] graph not None, bint borrow=False):
         """Validate `graph` (bytes from graph_bytes) and build an index over `vectors` without copying.
 
         vectors: (n, d) float32 C-contiguous, may be read-only; kept by reference, never written.
+        borrow: use layer 0 of `graph` in place (kept by reference, never written) instead of a copy,
+        so it stays in the file-backed pages of a mapped segment.
         Raises ValueError naming what is wrong for any malformed or mismatched blob.
         """
         cdef const float[:, ::1] xv = vectors
@@ -77,14 +81,21 @@ cdef class Graph:
         msg[0] = 0
         with nogil:
             rc = vb_hnsw_graph_read_checked(&g.h, &graph[0] if graph.shape[0] else NULL, graph.shape[0], xp,
-                                            xn, xd, msg, sizeof(msg))
+                                            xn, xd, borrow, msg, sizeof(msg))
         if rc == VB_ENOMEM:
             raise MemoryError(msg.decode("utf-8", "replace"))
         if rc != VB_OK:
             raise ValueError(msg.decode("utf-8", "replace"))
         g.ready = True
         g.vectors_ref = vectors
+        if g.h.links_borrowed:
+            g.graph_ref = graph
         return g
+
+    @property
+    def links_borrowed(self):
+        """True while layer 0 is read in place from the graph bytes given to from_graph."""
+        return bool(self.h.links_borrowed)
 
     @property
     def n(self):
@@ -127,6 +138,8 @@ cdef class Graph:
             self.adding = False
         if self.h.x_owned != NULL:
             self.vectors_ref = None
+        if not self.h.links_borrowed:
+            self.graph_ref = None
         if rc == VB_EINVAL:
             raise ValueError(f"adding {m} rows to {self.h.n} would exceed the limit of {VB_HNSW_MAX_N} rows")
         check_rc(rc, "HNSW add")
@@ -275,6 +288,7 @@ cdef class Graph:
             "graph_searches": self.h.n_graph, "scan_searches": self.h.n_scan,
             "scan_fallbacks": self.h.n_fallback, "distances": self.h.n_dist,
             "borrowed_vectors": self.h.x_owned == NULL,
+            "borrowed_graph": bool(self.h.links_borrowed),
         }
 
 

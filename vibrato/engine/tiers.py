@@ -44,7 +44,8 @@ class SegmentHandle:
         self.index = None
         self.pq = None
         if self.kind == "raw" or reader.graph is not None:
-            self.index = HnswIndex.from_graph(reader.vectors, reader.graph, id_base=self.id_start)
+            # layer 0 read in place from the mapped file: page cache, not anonymous memory
+            self.index = HnswIndex.from_graph(reader.vectors, reader.graph, id_base=self.id_start, borrow_graph=True)
         if self.kind == "archive":
             self.pq = ProductQuantizer.from_bytes(reader.pq_codebook)
             self.codes = reader.pq_codes
