@@ -605,7 +605,6 @@ def test_from_graph_can_read_layer_0_in_place(small):
     np.testing.assert_array_equal(a[0], b[0])
     np.testing.assert_array_equal(a[1], b[1])
     assert g.graph_bytes() == pristine
-    keep = g._g.borrowed_array  # noqa: F841 - the borrowed vectors stay referenced
     more = unit_rows(np.random.default_rng(9), 100, 32)
     g.add(more, threads=1)  # copies layer 0 into owned memory first
     assert not g.stats()["borrowed_graph"] and len(g) == len(idx) + 100
