@@ -6,7 +6,8 @@ Per run, on a fresh data dir (serve-v2, one process unless VIBRATO_BENCH_SERVER_
 load --n vectors and compact them (as perf/bench_wrk.py does), then
   * batch ingest: 4 connections posting batches of 1,000 vectors (JSON float arrays, metadata with a
     tag) until --ingest vectors are acknowledged (durable: fsynced before the answer) -> vectors/s;
-  * queries alone: `wrk -t1 -c4` for --duration s (k=10, ef=64) -> p50 / p99;
+  * queries alone: those rows checkpointed and compacted too, then `wrk -t1 -c4` for --duration s
+    (k=10, ef=64) -> p50 / p99;
   * queries under ingest: the same wrk run while 2 connections keep posting 1,000-vector batches
     -> p50 / p99, and the ingest rate meanwhile.
 Medians over --runs. A benchmark: it asserts nothing. Results: printed, perf/results/bench_ingest_load.json.
@@ -73,6 +74,12 @@ def one_run(x, queries, truth, args, wrk):
             n, secs = asyncio.run(post_batches(server.url, server.headers,
                                                batch_bodies(server, x, len(x), args.ingest), 4))
             res["ingest_vectors_per_s"] = n / secs
+
+            async def settle():  # the unloaded baseline: those rows checkpointed and compacted too
+                import aiohttp
+                async with aiohttp.ClientSession() as session:
+                    await server.after_ingest(session, 0)
+            asyncio.run(settle())
             hdrs = dict(server.headers)
             script = W.lua_script(server.query_path, hdrs, [server.query_body(q) for q in queries])
             alone = W.run_wrk(wrk, server.url, script, 1, 4, args.duration, server.proc.pid, tmp)
