@@ -4,8 +4,8 @@
 
 Per run, on a fresh data dir (serve-v2, one process unless VIBRATO_BENCH_SERVER_ARGS says otherwise):
 load --n vectors and compact them (as perf/bench_wrk.py does), then
-  * batch ingest: 4 connections posting batches of 1,000 vectors (JSON float arrays, metadata with a
-    tag) until --ingest vectors are acknowledged (durable: fsynced before the answer) -> vectors/s;
+  * batch ingest: 4 connections posting batches of 1,000 vectors (JSON float arrays, or with
+    --compact base64 float32 vectors as vibrato.client sends them; metadata with a tag) until --ingest vectors are acknowledged (durable: fsynced before the answer) -> vectors/s;
   * queries alone: those rows checkpointed and compacted too, then `wrk -t1 -c4` for --duration s
     (k=10, ef=64) -> p50 / p99;
   * queries under ingest: the same wrk run while 2 connections keep posting 1,000-vector batches
@@ -51,13 +51,21 @@ async def post_batches(url, headers, bodies, conns, stop=None):
     return done[0], time.perf_counter() - t0
 
 
-def batch_bodies(server, x, start_id, count):
+def batch_bodies(server, x, start_id, count, compact=False):
+    """(rows, body) per 1,000-vector batch: JSON float arrays, or compact (base64 float32) vectors."""
+    import orjson
+    from vibrato.client import pack_f32
     out = []
     for i in range(0, count, 1000):
         rows = x[(start_id + i) % len(x):][:1000]
         if rows.shape[0] < 1000:
             rows = x[:1000]
-        out.append((rows.shape[0], server.batch_request(rows, range(start_id + i, start_id + i + rows.shape[0]))[2]))
+        if compact:
+            body = orjson.dumps({"vectors": [{"vector": pack_f32(v), "metadata": {"tags": ["p10"] if j % 10 == 0 else []}}
+                                             for j, v in enumerate(rows)]})
+        else:
+            body = server.batch_request(rows, range(start_id + i, start_id + i + rows.shape[0]))[2]
+        out.append((rows.shape[0], body))
     return out
 
 
@@ -72,7 +80,7 @@ def one_run(x, queries, truth, args, wrk):
             asyncio.run(W.load(server, x, queries, truth, A))
             res = {}
             n, secs = asyncio.run(post_batches(server.url, server.headers,
-                                               batch_bodies(server, x, len(x), args.ingest), 4))
+                                               batch_bodies(server, x, len(x), args.ingest, args.compact), 4))
             res["ingest_vectors_per_s"] = n / secs
 
             async def settle():  # the unloaded baseline: those rows checkpointed and compacted too
@@ -85,7 +93,7 @@ def one_run(x, queries, truth, args, wrk):
             alone = W.run_wrk(wrk, server.url, script, 1, 4, args.duration, server.proc.pid, tmp)
             res["alone_p50_ms"], res["alone_p99_ms"] = alone["p50_ms"], alone["p99_ms"]
             stop = threading.Event()
-            bodies = batch_bodies(server, x, 2 * len(x), 10_000_000)
+            bodies = batch_bodies(server, x, 2 * len(x), 200_000, args.compact)  # more than --duration needs
             counted = {}
 
             def ingest():
@@ -110,6 +118,7 @@ def main():
     p.add_argument("--ingest", type=int, default=100_000)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--duration", type=float, default=8.0)
+    p.add_argument("--compact", action="store_true", help="ingest bodies with compact (base64 float32) vectors")
     args = p.parse_args()
     wrk = W.ensure_wrk()
     x, queries = H.load_vectors(args.n)
