@@ -187,7 +187,7 @@ def merge(engine, inputs, out_level):
     """SegmentData for the merged output (+ whether it is a PQ archive).
 
     Archive outputs (which grow with the collection) stream their vectors: one pass gathers the PQ
-    training sample, one encodes, one feeds the graph build chunk by chunk, and the writer reads
+    training sample, one encodes them and feeds the graph build chunk by chunk, and the writer reads
     them twice more (checksum, write), each pass holding MERGE_CHUNK_BYTES besides the graph index
     (which holds its own copy while it is built). Raw outputs hold their vectors."""
     from vibrato.pq import ProductQuantizer
@@ -244,13 +244,16 @@ def merge(engine, inputs, out_level):
         pq.train(sample, seed=42, sample=PQ_TRAIN_SAMPLE)
         del sample
         codes = np.empty((n, pq.m), dtype=np.uint8)
-        off = 0
-        for chunk in chunks():
-            codes[off:off + chunk.shape[0]] = pq.encode(chunk)
-            off += chunk.shape[0]
+
+        def encoded():  # one pass over the inputs both encodes and feeds the graph build
+            off = 0
+            for chunk in chunks():
+                codes[off:off + chunk.shape[0]] = pq.encode(chunk)
+                off += chunk.shape[0]
+                yield chunk
         # The graph makes an archive query a graph search (format version 2); the index copies each
         # chunk as it is added, so the only full copy of the vectors is the index's own.
-        graph = pipeline.build_graph(cfg, dim, chunks(), seed=id_start).graph_bytes()
+        graph = pipeline.build_graph(cfg, dim, encoded(), seed=id_start).graph_bytes()
         return SegmentData(**common, vectors=StreamedVectors(n, dim, chunks), pq_codebook=pq.to_bytes(),
                            pq_codes=codes, graph=graph), True
     vectors = np.empty((n, dim), dtype=np.float32)
