@@ -7,6 +7,10 @@ data directory, so a data dir can be moved or restored elsewhere (CONTRACT.md D9
 import time
 
 
+# The states whose data is current: the writer serves `compacting` inputs until a compaction's output
+# is activated (a follower, a snapshot and replay-to-lsn treat them alike).
+SERVING_STATES = ("active", "compacting")
+
 COLUMNS = ("id", "collection_id", "level", "kind", "path", "row_count", "live_count", "vector_id_start",
            "vector_id_end", "start_lsn", "end_lsn", "state", "size_bytes", "error", "created_at", "updated_at")
 _SELECT = "SELECT " + ", ".join(COLUMNS) + " FROM segments"

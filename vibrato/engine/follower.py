@@ -39,7 +39,6 @@ log = logging.getLogger("vibrato.engine")
 
 SYNC_WAIT_SECS = 5.0   # longest wait for the writer to finish publishing a segment-set change
 CATCH_UP_BATCH = 20_000
-SERVING_STATES = ("active", "compacting")  # what the writer searches (engine/compaction.py)
 
 
 class Follower(Searcher):
@@ -133,7 +132,7 @@ class Follower(Searcher):
         Serving means `active` or `compacting`: a compaction marks its inputs `compacting` without
         moving `seq` and the writer serves them until the output is activated, so a reload for any
         other change (a checkpoint) while a compaction runs must keep them."""
-        rows = self.catalog.read(seg_sql.list_by_state, self.cid, SERVING_STATES)
+        rows = self.catalog.read(seg_sql.list_by_state, self.cid, seg_sql.SERVING_STATES)
         have = {h.id: h for h in self.segment_set.handles}
         add = []
         try:

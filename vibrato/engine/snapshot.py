@@ -525,7 +525,7 @@ def _check_catalog(catalog_path: Path, m: dict, base: Path) -> None:
     try:
         for sid, state, rel in refs["segments"]:
             p = resolve_rel(base, rel, SEGMENTS, f"snapshot catalog: segment {sid!r} ({state}) path")
-            if state in ("active", "compacting"):
+            if state in seg_sql.SERVING_STATES:
                 if p.name not in names:
                     raise SnapshotError(f"snapshot catalog references {rel}, which the snapshot does not contain")
                 referenced.add(p.name)
@@ -804,7 +804,7 @@ def replay_to_lsn(data_dir, collection: str, target_lsn: int, progress=None) -> 
                 res = wal.truncate_after_lsn(conn, col["id"], target_lsn)
                 if res["removed"]:
                     lo, hi = res["id_start"], res["id_end"]
-                    dead = [r["id"] for r in seg_sql.list_by_state(conn, col["id"], ("active", "compacting"))
+                    dead = [r["id"] for r in seg_sql.list_by_state(conn, col["id"], seg_sql.SERVING_STATES)
                             if r["vector_id_start"] >= lo and r["vector_id_end"] <= hi]
                     seg_sql.set_states(conn, dead, "obsolete")
                 return res
