@@ -19,6 +19,7 @@ per vector of a fresh process that opens the data dir and runs the queries.
 A benchmark: it asserts nothing. Results: printed, and perf/results/bench_archive.json.
 """
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -72,8 +73,7 @@ def real_data(tmp: Path, nq: int) -> dict:
                      compaction_max_inputs=2) as e:
         ingest(e, base, tags=tags)
         out["compact_s"] = compact_all(e)
-        handles = e.segment_set.handles
-        out["segments"] = [(s.level, s.kind, s.n, s.index is not None) for s in handles]
+        out["segments"] = [(s.level, s.kind, s.n, s.index is not None) for s in e.segment_set.handles]
 
         def run(ef, tier, flt=None, k=10):
             return [[r["id"] for r in e.query(q, k=k, ef=ef, search_tier=tier, filter=flt, include_metadata=False)]
@@ -86,27 +86,35 @@ def real_data(tmp: Path, nq: int) -> dict:
             truth = np.stack([allowed[np.argsort(-(base[allowed] @ q), kind="stable")[:10]] for q in queries])
             got = run(64, "archive", {"tags_all": [name]})
             out[f"filtered_recall_{name}"] = recall([g[:10] for g in got], truth)
-        t = []
-        for q in queries:
-            t0 = time.perf_counter()
-            e.query(q, k=10, ef=64, search_tier="archive", include_metadata=False)
-            t.append(time.perf_counter() - t0)
-        out["archive_p50_ms"] = statistics.median(t) * 1e3
-        # the version-1 way, same archive, same run: no graph -> PQ scan + exact rerank
-        saved = [(s, s.index) for s in handles if s.kind == "archive"]
-        for s, _ in saved:
-            s.index = None
-        for ef in (64, 256):
-            out[f"v1_recall_archive_ef{ef}"] = recall(run(ef, "archive"), gt)
-        t = []
-        for q in queries:
-            t0 = time.perf_counter()
-            e.query(q, k=10, ef=64, search_tier="archive", include_metadata=False)
-            t.append(time.perf_counter() - t0)
-        out["v1_archive_p50_ms"] = statistics.median(t) * 1e3
+        out["archive_p50_ms"] = archive_p50_ms(e, queries)
+        with version_1_way(e):  # same archive, same run: no graph -> PQ scan + exact rerank
+            for ef in (64, 256):
+                out[f"v1_recall_archive_ef{ef}"] = recall(run(ef, "archive"), gt)
+            out["v1_archive_p50_ms"] = archive_p50_ms(e, queries)
+    return out
+
+
+def archive_p50_ms(e, queries) -> float:
+    """p50 of one-thread archive-tier queries, k=10, ef=64."""
+    t = []
+    for q in queries:
+        t0 = time.perf_counter()
+        e.query(q, k=10, ef=64, search_tier="archive", include_metadata=False)
+        t.append(time.perf_counter() - t0)
+    return statistics.median(t) * 1e3
+
+
+@contextlib.contextmanager
+def version_1_way(e):
+    """Search the engine's archives as 0.3.0 did (no graph: the planner's PQ path) while inside."""
+    saved = [(s, s.index) for s in e.segment_set.handles if s.kind == "archive"]
+    for s, _ in saved:
+        s.index = None
+    try:
+        yield
+    finally:
         for s, index in saved:
             s.index = index
-    return out
 
 
 def audio(tmp: Path) -> dict:
@@ -137,12 +145,8 @@ def audio(tmp: Path) -> dict:
             out[f"{label}top1"] = hits / len(queries)
             out[f"{label}p50_ms"] = statistics.median(t) * 1e3
         run("")
-        saved = [(s, s.index) for s in e.segment_set.handles if s.kind == "archive"]
-        for s, _ in saved:
-            s.index = None
-        run("v1_")
-        for s, index in saved:
-            s.index = index
+        with version_1_way(e):
+            run("v1_")
     return out
 
 
