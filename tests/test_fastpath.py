@@ -100,6 +100,14 @@ def query_body(seed=0, **extra) -> bytes:
     return orjson.dumps({"vector": (v / np.linalg.norm(v)).tolist(), "k": 3, **extra})
 
 
+async def queries_ok(reader, writer, token, times, body=None):
+    """Send `times` queries on the connection, each answered 200 (on a fresh app the first loads the
+    key on the regular route; later ones are fast)."""
+    for _ in range(times):
+        writer.write(request(body=query_body() if body is None else body, token=token))
+        assert (await read_response(reader))[0] == 200
+
+
 async def ingest_one(reader, writer, token, bpm):
     v = [0.0] * DIM
     v[bpm % DIM] = 1.0
@@ -123,8 +131,7 @@ def test_answers_the_common_query_like_the_regular_route(env, answered):
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         if app[K.CONFIG].fast_query_path:  # the first run only: both see the same rows
             await ingest_one(reader, writer, env["tokens"]["ingest"], 5)
-        writer.write(request(body=query_body(1), token=token))  # loads the key: the regular route
-        assert (await read_response(reader))[0] == 200
+        await queries_ok(reader, writer, token, 1, query_body(1))  # loads the key: the regular route
         out = []
         for rid in ("given-id-1", None):
             writer.write(request(body=query_body(1), token=token,
@@ -156,8 +163,7 @@ def test_counts_and_audits_each_fast_query(env, answered):
     async def body(port, app):
         metrics = app[K.METRICS]
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(request(body=query_body(), token=token))  # loads the key: the regular route
-        assert (await read_response(reader))[0] == 200
+        await queries_ok(reader, writer, token, 1)  # loads the key: the regular route
         before = (metrics.http_requests.get(("POST", "/v2/query", "200"), 0), metrics.query_requests)
         for i in range(5):
             writer.write(request(body=query_body(i), token=token, extra=[f"x-request-id: {marker}-{i}"]))
@@ -237,9 +243,7 @@ def test_declined_requests_get_the_regular_answer(env, answered, name, build, st
     async def body(port, app):
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         # warm the key cache (the first loads it, the second is fast), so a decline is the request's doing
-        for _ in range(2):
-            writer.write(request(body=query_body(), token=token))
-            assert (await read_response(reader))[0] == 200
+        await queries_ok(reader, writer, token, 2)
         raw = build(token).replace(b"Bearer INGEST", f"Bearer {env['tokens']['ingest']}".encode())
         writer.write(raw)
         got, headers, text, _ = await read_response(reader)
@@ -325,9 +329,7 @@ def test_read_your_writes_on_one_connection(env, answered):
 def test_idle_connection_still_times_out_after_fast_queries(env, answered):
     async def body(port, app):
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        for _ in range(3):  # the first loads the key on the regular route
-            writer.write(request(body=query_body(), token=env["tokens"]["query"]))
-            assert (await read_response(reader))[0] == 200
+        await queries_ok(reader, writer, env["tokens"]["query"], 3)  # the first loads the key: regular route
         t0 = time.monotonic()
         assert await asyncio.wait_for(reader.read(), 10) == b""  # closed by the server
         assert time.monotonic() - t0 < 5  # keepalive 1 s (aiohttp's timer is coarse)
@@ -341,9 +343,7 @@ def test_a_revoked_key_is_refused_within_the_cache_ttl(env, answered):
         key_id, token = await asyncio.to_thread(
             apikeys.create_key, engine.catalog, apikeys.load_pepper(env["config"].data_dir), "short", "query")
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        for _ in range(2):
-            writer.write(request(body=query_body(), token=token))
-            assert (await read_response(reader))[0] == 200
+        await queries_ok(reader, writer, token, 2)
         await asyncio.to_thread(apikeys.revoke_key, engine.catalog, key_id)
         await asyncio.sleep(env["config"].key_cache_ttl_secs + 0.1)
         writer.close()  # (idle past the keep-alive timeout)
@@ -358,9 +358,7 @@ def test_a_revoked_key_is_refused_within_the_cache_ttl(env, answered):
 def test_draining_server_declines(env, answered):
     async def body(port, app):
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        for _ in range(2):  # the first loads the key on the regular route
-            writer.write(request(body=query_body(), token=env["tokens"]["query"]))
-            assert (await read_response(reader))[0] == 200
+        await queries_ok(reader, writer, env["tokens"]["query"], 2)  # the first loads the key: regular route
         app[K.INFLIGHT].draining = True
         writer.write(request(body=query_body(), token=env["tokens"]["query"]))
         status, headers, _, _ = await read_response(reader)
