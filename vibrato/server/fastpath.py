@@ -18,7 +18,6 @@ answers every error (401, 413, 422, 503, ...) exactly as before: the fast path n
 The answer is the same response, headers included, and the same bookkeeping (metrics, audit row,
 access line: `middlewares.record_request`) as the regular route's. docs/SERVER.md, "Fast query path".
 """
-import logging
 import time
 
 import orjson
@@ -30,8 +29,6 @@ from vibrato.server import handlers
 from vibrato.server import state as K
 from vibrato.server.logs import REQUEST_ID
 from vibrato.server.middlewares import new_request_id, record_request, valid_request_id
-
-log = logging.getLogger("vibrato.server")
 
 PATH = "/v2/query"
 _HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
