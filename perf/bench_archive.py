@@ -1,6 +1,11 @@
 """Archive tier benchmark (issue 14): recall, latency, build time and memory of L2 archive segments.
 
-    .venv/bin/python perf/bench_archive.py [--n 1000000] [--queries 200] [--skip-scale] [--skip-peers]
+    .venv/bin/python perf/bench_archive.py [--n 1000000] [--queries 200] [--skip-real] [--skip-scale]
+                                           [--skip-peers] [--data-dir DIR]
+
+The 10M long form: VIBRATO_BENCH_N=10000000 ... --skip-real --skip-peers --data-dir DIR. With
+--data-dir the scale data dir is kept there, and a later run given the same DIR (holding --n rows)
+skips the build and only re-runs the probe: to re-measure memory or latency after a change.
 
 Part 1, real data (shared/data/text, 20k x 128, its 500 queries and exact ground truth): every row
 compacted into L2 archives with the embedded Engine; recall@10 at ef 16/64/256 in the `archive` and
@@ -190,26 +195,14 @@ print(json.dumps({"ids": ids, "p50_ms": statistics.median(t) * 1e3, "p99_ms": fl
 '''
 
 
-def scale(tmp: Path, n: int, nq: int, peers: bool) -> dict:
+def scale(tmp: Path, n: int, nq: int, peers: bool, data: Path | None) -> dict:
     X = text_vectors(n, seed=1)
     Q = text_vectors(nq, seed=99)
     truth = exact_top10(X, Q)
     out = {"n": n, "threads": build_threads()}
-    data = tmp / "scale"
-    t0 = time.perf_counter()
-    with Engine.open(data, dim=128, background=False, checkpoint_max_rows=100_000) as e:
-        ingest(e, X, batch=10_000)
-        out["ingest_checkpoint_s"] = time.perf_counter() - t0
-        # L0 -> L1 steps, then the L1 -> L2 step(s) timed on their own
-        t1 = time.perf_counter()
-        while True:
-            levels = [s.level for s in e.segment_set.handles]
-            if levels.count(0) < 2:
-                break
-            e.compact()
-        out["l1_compaction_s"] = time.perf_counter() - t1
-        out["l2_compaction_s"] = compact_all(e)
-        out["segments"] = [(s.level, s.kind, s.n) for s in e.segment_set.handles]
+    data = data or tmp / "scale"
+    if not (data / "catalog.sqlite3").exists():
+        out.update(build_scale(data, X))
     out["data_dir_bytes"] = sum(f.stat().st_size for f in data.rglob("*") if f.is_file())
     qpath = tmp / "q.npy"
     np.save(qpath, Q)
@@ -224,6 +217,26 @@ def scale(tmp: Path, n: int, nq: int, peers: bool) -> dict:
             out.update(peer_figures(X, Q, truth))
         except Exception as exc:  # noqa: BLE001 - a benchmark reports what it could measure
             out["peer_error"] = repr(exc)
+    return out
+
+
+def build_scale(data: Path, X: np.ndarray) -> dict:
+    """Ingest X with a checkpoint per 100k rows and compact until idle; the phases' times."""
+    out = {}
+    t0 = time.perf_counter()
+    with Engine.open(data, dim=X.shape[1], background=False, checkpoint_max_rows=100_000) as e:
+        ingest(e, X, batch=10_000)
+        out["ingest_checkpoint_s"] = time.perf_counter() - t0
+        # L0 -> L1 steps, then the L1 -> L2 step(s) timed on their own
+        t1 = time.perf_counter()
+        while True:
+            levels = [s.level for s in e.segment_set.handles]
+            if levels.count(0) < 2:
+                break
+            e.compact()
+        out["l1_compaction_s"] = time.perf_counter() - t1
+        out["l2_compaction_s"] = compact_all(e)
+        out["segments"] = [(s.level, s.kind, s.n) for s in e.segment_set.handles]
     return out
 
 
@@ -279,21 +292,25 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, default=int(os.environ.get("VIBRATO_BENCH_N", 1_000_000)))
     p.add_argument("--queries", type=int, default=200)
+    p.add_argument("--skip-real", action="store_true", help="skip parts 1 and 1b (real text and audio sets)")
     p.add_argument("--skip-scale", action="store_true")
     p.add_argument("--skip-peers", action="store_true")
+    p.add_argument("--data-dir", type=Path, help="keep the scale data dir here; reuse it when it exists")
     args = p.parse_args()
     results = {}
     with tempfile.TemporaryDirectory(prefix="bench_archive_") as tmp:
         tmp = Path(tmp)
-        results["real"] = real_data(tmp, min(args.queries, 500))
-        print(json.dumps(results["real"], indent=1), flush=True)
-        results["audio"] = audio(tmp)
-        print(json.dumps(results["audio"], indent=1), flush=True)
+        if not args.skip_real:
+            results["real"] = real_data(tmp, min(args.queries, 500))
+            print(json.dumps(results["real"], indent=1), flush=True)
+            results["audio"] = audio(tmp)
+            print(json.dumps(results["audio"], indent=1), flush=True)
         if not args.skip_scale:
-            results["scale"] = scale(tmp, args.n, args.queries, not args.skip_peers)
+            results["scale"] = scale(tmp, args.n, args.queries, not args.skip_peers, args.data_dir)
             print(json.dumps(results["scale"], indent=1), flush=True)
     OUT.mkdir(exist_ok=True)
-    (OUT / "bench_archive.json").write_text(json.dumps(results, indent=2))
+    name = "bench_archive.json" if args.n == 1_000_000 else f"bench_archive_n{args.n}.json"
+    (OUT / name).write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":
