@@ -589,16 +589,21 @@ def test_upper_layer_link_to_lower_node_rejected():
         HnswIndex.from_graph(FUZZ_VECTORS, bytes(blob))
 
 
-def test_from_graph_can_read_layer_0_in_place(small):
-    """borrow_graph: layer 0 is used from the caller's bytes (a segment's mapped section), with the
-    same answers; the bytes are kept alive by the index and never written, also across an add()."""
+def test_from_graph_can_read_the_graph_in_place(small):
+    """borrow_graph: levels and links on every layer are used from the caller's bytes (a segment's
+    mapped section), with the same answers and the same graph; the bytes are kept alive by the index
+    and never written, also across an add()."""
     import gc
     idx, x, q = small
     blob = bytearray(idx.graph_bytes())
     pristine = bytes(blob)
     g = HnswIndex.from_graph(x.copy(), memoryview(blob), borrow_graph=True)
     assert g.stats()["borrowed_graph"]
-    assert not HnswIndex.from_graph(x.copy(), pristine).stats()["borrowed_graph"]
+    copied = HnswIndex.from_graph(x.copy(), pristine)
+    assert not copied.stats()["borrowed_graph"]
+    shape = ("level_counts", "edges_layer0", "edges_upper", "max_level", "entry")
+    assert len(g.stats()["level_counts"]) > 2  # upper layers are walked through the borrowed levels
+    assert {k: g.stats()[k] for k in shape} == {k: copied.stats()[k] for k in shape}
     del blob
     gc.collect()
     a, b = idx.search(q, k=10, ef=40), g.search(q, k=10, ef=40)
@@ -606,7 +611,7 @@ def test_from_graph_can_read_layer_0_in_place(small):
     np.testing.assert_array_equal(a[1], b[1])
     assert g.graph_bytes() == pristine
     more = unit_rows(np.random.default_rng(9), 100, 32)
-    g.add(more, threads=1)  # copies layer 0 into owned memory first
+    g.add(more, threads=1)  # copies the graph into owned memory first
     assert not g.stats()["borrowed_graph"] and len(g) == len(idx) + 100
     ref = HnswIndex.from_graph(x.copy(), pristine)
     ref.add(more, threads=1)

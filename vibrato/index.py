@@ -249,9 +249,9 @@ class HnswIndex:
         The array is referenced, never copied or written (keep the mapping alive as long as the
         index; add() on such an index first copies the vectors into memory it owns). `graph` is a
         bytes-like from graph_bytes(); it is validated completely (ValueError saying what is wrong)
-        before use. With borrow_graph, layer 0 (the bulk of the graph) is read in place from
-        `graph` too, e.g. a segment's mapped graph section, so it costs page cache instead of
-        anonymous memory. Row r has the id id_base + r.
+        before use. With borrow_graph, the levels and links are read in place from `graph` too,
+        e.g. a segment's mapped graph section, so they cost page cache instead of anonymous memory
+        (what stays anonymous is a word per 64 rows). Row r has the id id_base + r.
         """
         if not isinstance(vectors, np.ndarray) or vectors.dtype != np.float32 or vectors.ndim != 2:
             raise ValueError("vectors must be a 2-D float32 numpy array, got "

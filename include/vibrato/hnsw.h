@@ -13,12 +13,15 @@
  *
  * Layout (all flat, internal ids are dense uint32 rows 0..n-1 in insertion order):
  *   x         (n, d) float32 row-major; owned (x_owned) or borrowed read-only (e.g. an mmap)
- *   links0    (cap, 1 + M0) uint32: links0[r*(1+M0)] = count, then count neighbour rows; owned, or
- *             borrowed read-only from a serialised graph (e.g. a segment file's mapped section, so
- *             layer 0 stays file-backed memory); an add copies it into owned memory first
+ *   links0    (cap, 1 + M0) uint32: links0[r*(1+M0)] = count, then count neighbour rows
  *   levels    (cap,) uint8 top level of each node
- *   up_off    (cap,) uint64: offset in up_links of node r's level-1 block (level l at + (l-1)*(1+M))
- *   up_links  (up_len,) uint32 blocks of (1 + M): count, then neighbour rows
+ *   up_links  (up_len,) uint32 blocks of (1 + M): count, then neighbour rows; node r's blocks (levels
+ *             1..levels[r]) follow those of rows 0..r-1, so its offset is a prefix sum of the levels
+ *   up_base   (cap/64 + 1,) uint64: that offset for every 64th row; the rest is summed from levels
+ *             (<= 63 bytes, only on upper layers) instead of an 8-byte offset per row
+ * links0, levels and up_links are owned, or borrowed read-only from a serialised graph (a segment
+ * file's mapped section, so the graph stays file-backed memory: graph_borrowed); an add copies them
+ * into owned memory first.
  * A node on level l >= 1 has a block there, and every neighbour listed on level l is itself on
  * level >= l (guaranteed by construction and checked when a graph is loaded), so searches never
  * bounds-check.
@@ -178,17 +181,18 @@ typedef struct vb_hnsw {
     size_t n, cap;
     const float *x;     /* (n, d): == x_owned, or a borrowed read-only array (never written) */
     float *x_owned;     /* (cap, d) or NULL when x is borrowed */
-    uint32_t *links0;   /* (cap, 1 + M0); not written while links_borrowed */
-    int links_borrowed; /* links0 points into the caller's graph bytes (vb_hnsw_graph_read_checked) */
+    uint32_t *links0;   /* (cap, 1 + M0) */
     uint8_t *levels;    /* (cap,) */
-    uint64_t *up_off;   /* (cap,) */
+    uint64_t *up_base;  /* (cap / 64 + 1,) offset in up_links of rows 0, 64, 128, ... */
     uint32_t *up_links; /* (up_cap,) */
+    int graph_borrowed; /* links0, levels and up_links point into the caller's graph bytes
+                           (vb_hnsw_graph_read_checked) and are never written */
     size_t up_len, up_cap;
     uint32_t entry; /* entry point row, VB_HNSW_NONE while empty */
     int max_level;  /* level of the entry point */
 
     /* insertion */
-    atomic_uchar *locks;   /* (cap,) one spinlock per node, used only by multi-threaded add */
+    atomic_uchar *locks;   /* (cap,) one spinlock per node, used only by add (NULL while borrowed) */
     pthread_mutex_t ep_mu; /* guards entry/max_level during multi-threaded add */
 
     vb_pool_t pool; /* vb_hnsw_ctx_t scratch objects */
@@ -199,9 +203,17 @@ typedef struct vb_hnsw {
 
 static inline const float *vb_hnsw_vec(const vb_hnsw_t *h, uint32_t r) { return h->x + (size_t)r * h->d; }
 
+/* Offset in up_links of row r's level-1 block: its 64-row block's base plus the levels before it. */
+static inline size_t vb_hnsw_up_off(const vb_hnsw_t *h, uint32_t r) {
+    const uint8_t *lv = h->levels + (r & ~(uint32_t)63);
+    unsigned s = 0;
+    for (uint32_t i = 0; i < (r & 63u); i++) s += lv[i];
+    return h->up_base[r >> 6] + (size_t)s * (1 + h->M);
+}
+
 static inline uint32_t *vb_hnsw_list(const vb_hnsw_t *h, uint32_t r, int level) {
     if (level == 0) return h->links0 + (size_t)r * (1 + h->M0);
-    return h->up_links + h->up_off[r] + (size_t)(level - 1) * (1 + h->M);
+    return h->up_links + vb_hnsw_up_off(h, r) + (size_t)(level - 1) * (1 + h->M);
 }
 
 static inline void vb_hnsw_lock(vb_hnsw_t *h, uint32_t r) {
@@ -265,10 +277,12 @@ static inline int vb_hnsw_init(vb_hnsw_t *h, size_t d, size_t M, size_t efc, uin
 /* Free everything the index owns (a borrowed x is left alone). No search may be running. */
 static inline void vb_hnsw_free(vb_hnsw_t *h) {
     free(h->x_owned);
-    if (!h->links_borrowed) free(h->links0);
-    free(h->levels);
-    free(h->up_off);
-    free(h->up_links);
+    if (!h->graph_borrowed) {
+        free(h->links0);
+        free(h->levels);
+        free(h->up_links);
+    }
+    free(h->up_base);
     free((void *)h->locks);
     vb_pool_destroy(&h->pool);
     pthread_mutex_destroy(&h->ep_mu);
@@ -290,7 +304,7 @@ static inline int vb_realloc_n(void **p, size_t n, size_t size) {
  * over a read-only array copies it once). Existing rows are kept; new link rows are zeroed.
  */
 static inline int vb_hnsw_reserve(vb_hnsw_t *h, size_t want) {
-    if (want <= h->cap && h->x_owned) return VB_OK;
+    if (want <= h->cap && h->x_owned && !h->graph_borrowed) return VB_OK;
     size_t cap = h->cap > want ? h->cap : want;
     if (want > h->cap) {
         size_t grown = h->cap + h->cap / 2;
@@ -310,12 +324,23 @@ static inline int vb_hnsw_reserve(vb_hnsw_t *h, size_t want) {
         if (vb_realloc_n((void **)&h->x_owned, xsz, sizeof(float))) return VB_ENOMEM;
         h->x = h->x_owned;
     }
-    if (h->links_borrowed) { /* into owned memory before anything is written */
-        uint32_t *lo = NULL;
-        if (vb_realloc_n((void **)&lo, h->cap * stride0, sizeof(uint32_t))) return VB_ENOMEM;
+    if (h->graph_borrowed) { /* into owned memory before anything is written */
+        uint32_t *lo = NULL, *uo = NULL;
+        uint8_t *lv = NULL;
+        void *lk = NULL;
+        size_t up_cap = h->up_len ? h->up_len : 1;
+        if (vb_realloc_n((void **)&lo, h->cap * stride0, sizeof(uint32_t)) || vb_realloc_n((void **)&lv, h->cap, 1) ||
+            vb_realloc_n((void **)&uo, up_cap, sizeof(uint32_t)) || vb_realloc_n(&lk, h->cap, sizeof(atomic_uchar))) {
+            free(lo), free(lv), free(uo), free(lk);
+            return VB_ENOMEM;
+        }
         memcpy(lo, h->links0, h->n * stride0 * sizeof(uint32_t));
-        h->links0 = lo;
-        h->links_borrowed = 0;
+        memcpy(lv, h->levels, h->n);
+        if (h->up_len) memcpy(uo, h->up_links, h->up_len * sizeof(uint32_t));
+        h->links0 = lo, h->levels = lv, h->up_links = uo, h->up_cap = up_cap;
+        h->locks = (atomic_uchar *)lk;
+        for (size_t i = 0; i < h->cap; i++) atomic_init(&h->locks[i], 0);
+        h->graph_borrowed = 0;
     }
     if (cap > h->cap) {
         size_t l0;
@@ -323,7 +348,7 @@ static inline int vb_hnsw_reserve(vb_hnsw_t *h, size_t want) {
         if (vb_realloc_n((void **)&h->links0, l0, sizeof(uint32_t))) return VB_ENOMEM;
         memset(h->links0 + h->cap * stride0, 0, (cap - h->cap) * stride0 * sizeof(uint32_t));
         if (vb_realloc_n((void **)&h->levels, cap, 1)) return VB_ENOMEM;
-        if (vb_realloc_n((void **)&h->up_off, cap, sizeof(uint64_t))) return VB_ENOMEM;
+        if (vb_realloc_n((void **)&h->up_base, cap / 64 + 1, sizeof(uint64_t))) return VB_ENOMEM;
         void *lk = (void *)h->locks;
         if (vb_realloc_n(&lk, cap, sizeof(atomic_uchar))) return VB_ENOMEM;
         h->locks = (atomic_uchar *)lk;
@@ -626,7 +651,7 @@ static inline int vb_hnsw_add(vb_hnsw_t *h, const float *restrict x_new, size_t 
         h->up_cap = cap;
     }
     for (size_t i = n0; i < n1; i++) {
-        h->up_off[i] = h->up_len;
+        if ((i & 63) == 0) h->up_base[i >> 6] = h->up_len;
         size_t words = (size_t)h->levels[i] * (1 + h->M);
         memset(h->up_links + h->up_len, 0, words * sizeof(uint32_t)); /* counts 0; no stale bytes ever serialised */
         h->up_len += words;
@@ -1145,38 +1170,43 @@ static inline int vb_hnsw_graph_read_checked(vb_hnsw_t *h, const uint8_t *buf, s
     int rc = vb_hnsw_init(h, d, M, efc, rng);
     if (rc) VB_FAIL(VB_ENOMEM, "out of memory initialising the index");
     size_t cap = n ? n : 1;
-    /* Layer 0 is used in place when asked and possible: little-endian host, 4-byte aligned (the
-     * caller keeps buf alive and unchanged for the index's lifetime, as it does for x). */
+    if (vb_realloc_n((void **)&h->up_base, cap / 64 + 1, 8)) {
+        vb_hnsw_free(h);
+        VB_FAIL(VB_ENOMEM, "out of memory loading a graph of %zu nodes", n);
+    }
+    /* The graph is used in place when asked and possible: little-endian host, 4-byte aligned (the
+     * caller keeps buf alive and unchanged for the index's lifetime, as it does for x). Then only
+     * up_base (a word per 64 rows) is allocated; the locks wait for an add. */
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
     if (borrow_links && n && ((uintptr_t)l0 & 3u) == 0) {
         h->links0 = (uint32_t *)(uintptr_t)l0;
-        h->links_borrowed = 1;
+        h->levels = (uint8_t *)(uintptr_t)lev;
+        h->up_links = (uint32_t *)(uintptr_t)up;
+        h->graph_borrowed = 1;
     }
 #else
     (void)borrow_links;
 #endif
-    if ((!h->links_borrowed && vb_realloc_n((void **)&h->links0, cap * stride0, 4)) ||
-        vb_realloc_n((void **)&h->levels, cap, 1) ||
-        vb_realloc_n((void **)&h->up_off, cap, 8) || vb_realloc_n((void **)&h->up_links, blocks * stride + 1, 4)) {
-        vb_hnsw_free(h);
-        VB_FAIL(VB_ENOMEM, "out of memory loading a graph of %zu nodes", n);
+    if (!h->graph_borrowed) {
+        void *lk = NULL;
+        if (vb_realloc_n((void **)&h->links0, cap * stride0, 4) || vb_realloc_n((void **)&h->levels, cap, 1) ||
+            vb_realloc_n((void **)&h->up_links, blocks * stride + 1, 4) || vb_realloc_n(&lk, cap, sizeof(atomic_uchar))) {
+            free(lk);
+            vb_hnsw_free(h);
+            VB_FAIL(VB_ENOMEM, "out of memory loading a graph of %zu nodes", n);
+        }
+        h->locks = (atomic_uchar *)lk;
+        for (size_t i = 0; i < cap; i++) atomic_init(&h->locks[i], 0);
+        if (n) {
+            memcpy(h->levels, lev, n);
+            memcpy(h->links0, l0, l0_bytes);
+        }
+        if (blocks) memcpy(h->up_links, up, blocks * stride * 4);
     }
-    void *lk = NULL;
-    if (vb_realloc_n(&lk, cap, sizeof(atomic_uchar))) {
-        vb_hnsw_free(h);
-        VB_FAIL(VB_ENOMEM, "out of memory loading a graph of %zu nodes", n);
-    }
-    h->locks = (atomic_uchar *)lk;
-    for (size_t i = 0; i < cap; i++) atomic_init(&h->locks[i], 0);
     h->cap = cap;
-    if (n) {
-        memcpy(h->levels, lev, n);
-        if (!h->links_borrowed) memcpy(h->links0, l0, l0_bytes);
-    }
-    if (blocks) memcpy(h->up_links, up, blocks * stride * 4);
     size_t off = 0;
     for (size_t i = 0; i < n; i++) {
-        h->up_off[i] = off;
+        if ((i & 63) == 0) h->up_base[i >> 6] = off;
         off += (size_t)lev[i] * stride;
     }
     h->up_len = h->up_cap = blocks * stride;

@@ -23,9 +23,9 @@ cdef extern from "vibrato/hnsw.h" nogil:
         const float *x
         float *x_owned
         uint32_t *links0
-        int links_borrowed
         uint8_t *levels
-        uint64_t *up_off
+        uint64_t *up_base
+        int graph_borrowed
         uint32_t *up_links
         size_t up_len
         uint32_t entry
@@ -35,6 +35,7 @@ cdef extern from "vibrato/hnsw.h" nogil:
         size_t n_fallback
         size_t n_dist
 
+    size_t vb_hnsw_up_off(const vb_hnsw_t *h, uint32_t r)
     int vb_hnsw_init(vb_hnsw_t *h, size_t d, size_t M, size_t efc, uint64_t seed)
     void vb_hnsw_free(vb_hnsw_t *h)
     int vb_hnsw_add(vb_hnsw_t *h, const float *x_new, size_t m, size_t nthreads, const vb_distance_ops_t *ops)

@@ -40,7 +40,7 @@ cdef class Graph:
     cdef vb_hnsw_t h
     cdef bint ready
     cdef object vectors_ref   # the borrowed array, kept alive while the graph points into it
-    cdef object graph_ref     # the graph bytes layer 0 is borrowed from (from_graph(borrow=True))
+    cdef object graph_ref     # the graph bytes the links and levels are borrowed from (from_graph(borrow=True))
     cdef int searches         # searches in flight (changed only while holding the GIL)
     cdef bint adding
 
@@ -68,7 +68,7 @@ cdef class Graph:
         """Validate `graph` (bytes from graph_bytes) and build an index over `vectors` without copying.
 
         vectors: (n, d) float32 C-contiguous, may be read-only; kept by reference, never written.
-        borrow: use layer 0 of `graph` in place (kept by reference, never written) instead of a copy,
+        borrow: use the levels and links of `graph` in place (kept by reference, never written) instead of a copy,
         so it stays in the file-backed pages of a mapped segment.
         Raises ValueError naming what is wrong for any malformed or mismatched blob.
         """
@@ -88,14 +88,14 @@ cdef class Graph:
             raise ValueError(msg.decode("utf-8", "replace"))
         g.ready = True
         g.vectors_ref = vectors
-        if g.h.links_borrowed:
+        if g.h.graph_borrowed:
             g.graph_ref = graph
         return g
 
     @property
     def links_borrowed(self):
-        """True while layer 0 is read in place from the graph bytes given to from_graph."""
-        return bool(self.h.links_borrowed)
+        """True while the levels and links are read in place from the graph bytes given to from_graph."""
+        return bool(self.h.graph_borrowed)
 
     @property
     def n(self):
@@ -138,7 +138,7 @@ cdef class Graph:
             self.adding = False
         if self.h.x_owned != NULL:
             self.vectors_ref = None
-        if not self.h.links_borrowed:
+        if not self.h.graph_borrowed:
             self.graph_ref = None
         if rc == VB_EINVAL:
             raise ValueError(f"adding {m} rows to {self.h.n} would exceed the limit of {VB_HNSW_MAX_N} rows")
@@ -256,7 +256,7 @@ cdef class Graph:
                     if l == 0:
                         ln = self.h.links0 + <size_t>r * (1 + self.h.M0)
                     else:
-                        ln = self.h.up_links + self.h.up_off[r] + <size_t>(l - 1) * (1 + self.h.M)
+                        ln = self.h.up_links + vb_hnsw_up_off(&self.h, r) + <size_t>(l - 1) * (1 + self.h.M)
                     cnt = ln[0]
                     for j in range(1, cnt + 1):
                         nb = ln[j]
@@ -278,7 +278,7 @@ cdef class Graph:
             if c > mx0:
                 mx0 = c
             for l in range(1, self.h.levels[i] + 1):
-                eu += self.h.up_links[self.h.up_off[i] + (l - 1) * (1 + self.h.M)]
+                eu += self.h.up_links[vb_hnsw_up_off(&self.h, <uint32_t>i) + (l - 1) * (1 + self.h.M)]
         while len(levels) > 1 and levels[len(levels) - 1] == 0:
             levels.pop()
         return {
@@ -288,7 +288,7 @@ cdef class Graph:
             "graph_searches": self.h.n_graph, "scan_searches": self.h.n_scan,
             "scan_fallbacks": self.h.n_fallback, "distances": self.h.n_dist,
             "borrowed_vectors": self.h.x_owned == NULL,
-            "borrowed_graph": bool(self.h.links_borrowed),
+            "borrowed_graph": bool(self.h.graph_borrowed),
         }
 
 

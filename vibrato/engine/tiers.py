@@ -31,10 +31,12 @@ class SegmentHandle:
         self.id_start = int(reader.id_start)
         self.n = int(reader.count)
         self.id_end = self.id_start + self.n - 1
-        live = np.array(reader.live, dtype=bool)
+        live = reader.live  # read-only, from the mapped file; copied only when a dead range masks it
         for lo, hi in dead_ranges:
             a, b = max(lo, self.id_start), min(hi, self.id_end)
             if a <= b:
+                if not live.flags.writeable:
+                    live = np.array(live, dtype=bool)
                 live[a - self.id_start:b - self.id_start + 1] = False
         self.live = live
         self.live_count = int(live.sum())
@@ -44,7 +46,7 @@ class SegmentHandle:
         self.index = None
         self.pq = None
         if self.kind == "raw" or reader.graph is not None:
-            # layer 0 read in place from the mapped file: page cache, not anonymous memory
+            # the graph is read in place from the mapped file: page cache, not anonymous memory
             self.index = HnswIndex.from_graph(reader.vectors, reader.graph, id_base=self.id_start, borrow_graph=True)
         if self.kind == "archive":
             self.pq = ProductQuantizer.from_bytes(reader.pq_codebook)
