@@ -192,7 +192,8 @@ class HnswIndex:
 
     # ------------------------------------------------------------------ search
 
-    def search(self, Q, k: int = 10, ef: int = 64, allowed=None, threads: int = 1, *, mode: str = "auto"):
+    def search(self, Q, k: int = 10, ef: int = 64, allowed=None, threads: int = 1, *, mode: str = "auto",
+               codes=None, luts=None, rerank: int = 0):
         """Top-k ids by inner product for Q (nq, dim) or one query (dim,).
 
         Returns (ids int64 (nq, k), scores float32 (nq, k)), best first; padded with id -1 and
@@ -205,6 +206,10 @@ class HnswIndex:
 
         threads: queries of a batch are split over this many threads (one query never uses more
         than one). mode: "auto", or "graph"/"scan" to force a strategy (benchmarks, tests).
+
+        codes (n, m) uint8 and luts (nq, m, 256) float32 (ProductQuantizer.adc_tables(Q)): walk the
+        graph on the codes instead of the vectors, then rescore the best max(ef, rerank) rows
+        exactly (scores stay exact; only which rows are considered depends on the codes).
         """
         Q = _float_rows("Q", Q, self.dim, allow_1d=True)
         k = _int_arg("k", k, 1, _hnsw.MAX_EF)
@@ -216,9 +221,13 @@ class HnswIndex:
         if allowed is not None:
             mask = self._mask("allowed", allowed)
             count = int(np.count_nonzero(mask))
+        if luts is not None:
+            luts = np.ascontiguousarray(luts, dtype=np.float32).reshape(Q.shape[0], -1)
+            codes = np.ascontiguousarray(codes, dtype=np.uint8)
+            rerank = _int_arg("rerank", rerank, 0, _hnsw.MAX_EF)
         self._begin_search()
         try:
-            return self._g.search(Q, k, ef, mask, count, _MODES[mode], threads, self._base)
+            return self._g.search(Q, k, ef, mask, count, _MODES[mode], threads, self._base, luts, codes, rerank)
         finally:
             self._end_search()
 

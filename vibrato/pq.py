@@ -125,6 +125,18 @@ class ProductQuantizer:
             raise ValueError(f"metric must be 'ip' or 'l2', got {metric!r}")
         return _pq.adc_table(self._centroids, q, _METRICS[metric])
 
+    def adc_tables(self, Q):
+        """(nq, m, 256) float32 inner-product tables for the queries Q (nq, dim): adc_table per row."""
+        self._require_trained()
+        Q = np.asarray(Q, dtype=np.float32)
+        if Q.ndim != 2 or Q.shape[1] != self.dim:
+            raise ValueError(f"Q must have shape (nq, {self.dim}), got {Q.shape}")
+        if Q.shape[0] == 1:
+            return self.adc_table(Q[0])[None]
+        c = self._centroids  # (m, 256, dsub)
+        sub = Q.reshape(Q.shape[0], self.m, -1).transpose(1, 0, 2)  # (m, nq, dsub)
+        return np.ascontiguousarray(np.matmul(sub, c.transpose(0, 2, 1)).transpose(1, 0, 2))
+
     def adc_scan(self, q, codes, k: int, allowed=None, threads=None):
         """Top-k rows of codes (n, m) by approximate inner product with q, highest first.
 

@@ -676,11 +676,53 @@ static inline int vb_hnsw_add(vb_hnsw_t *h, const float *restrict x_new, size_t 
  * Search.
  * ------------------------------------------------------------------------------------------- */
 
+/*
+ * Traversal on product-quantisation codes (DiskANN's layout: codes in RAM, vectors on disk). With
+ * one, the graph is walked with asymmetric distances from the query's lookup table and the codes,
+ * so a step touches m bytes of codes instead of a d-float vector that may not be in the page cache;
+ * the beam is widened to `rerank` and every row in it is rescored exactly against the vectors
+ * (exact scores, exact order) before the top k are kept.
+ *   lut    (m, 256) float32: lut[j*256 + c] = <q_j, centroid c of subspace j> for this query
+ *   codes  (n, m) uint8 row-major
+ */
+typedef struct {
+    const float *lut;
+    const uint8_t *codes;
+    size_t m;
+    size_t rerank;
+} vb_hnsw_adc_t;
+
+static inline float vb_hnsw_adc_dot(const vb_hnsw_adc_t *a, uint32_t r) {
+    const uint8_t *restrict c = a->codes + (size_t)r * a->m;
+    const float *restrict t = a->lut;
+    float s0 = 0.f, s1 = 0.f;
+    size_t j = 0;
+    for (; j + 2 <= a->m; j += 2) {
+        s0 += t[j * 256 + c[j]];
+        s1 += t[(j + 1) * 256 + c[j + 1]];
+    }
+    if (j < a->m) s0 += t[j * 256 + c[j]];
+    return s0 + s1;
+}
+
+/* The traversal distance of row r: exact, or from its codes when adc is set. */
+static inline float vb_hnsw_dist(const vb_hnsw_t *h, vb_pair_fn dot, const vb_hnsw_adc_t *adc,
+                                 const float *restrict q, uint32_t r) {
+    return adc ? -vb_hnsw_adc_dot(adc, r) : -dot(q, vb_hnsw_vec(h, r), h->d);
+}
+
+static inline void vb_hnsw_prefetch_row(const vb_hnsw_t *h, const vb_hnsw_adc_t *adc, uint32_t r) {
+    if (adc)
+        VB_PREFETCH(adc->codes + (size_t)r * adc->m);
+    else
+        vb_hnsw_prefetch_vec(vb_hnsw_vec(h, r), h->d);
+}
+
 /* Greedy descent from the entry point to layer 1's local minimum (no locks, no allocation). */
-static inline uint32_t vb_hnsw_descend(const vb_hnsw_t *h, const vb_distance_ops_t *ops, const float *restrict q,
-                                       float *outd, size_t *ndist) {
+static inline uint32_t vb_hnsw_descend(const vb_hnsw_t *h, const vb_distance_ops_t *ops, const vb_hnsw_adc_t *adc,
+                                       const float *restrict q, float *outd, size_t *ndist) {
     uint32_t cur = h->entry;
-    float curd = -ops->dot(q, vb_hnsw_vec(h, cur), h->d);
+    float curd = vb_hnsw_dist(h, ops->dot, adc, q, cur);
     size_t nd = 1;
     for (int l = h->max_level; l >= 1; l--) {
         int changed = 1;
@@ -689,8 +731,8 @@ static inline uint32_t vb_hnsw_descend(const vb_hnsw_t *h, const vb_distance_ops
             const uint32_t *ln = vb_hnsw_list(h, cur, l);
             size_t cnt = ln[0];
             for (size_t j = 1; j <= cnt; j++) {
-                if (j < cnt) vb_hnsw_prefetch_vec(vb_hnsw_vec(h, ln[j + 1]), h->d);
-                float dd = -ops->dot(q, vb_hnsw_vec(h, ln[j]), h->d);
+                if (j < cnt) vb_hnsw_prefetch_row(h, adc, ln[j + 1]);
+                float dd = vb_hnsw_dist(h, ops->dot, adc, q, ln[j]);
                 if (dd < curd) {
                     curd = dd;
                     cur = ln[j];
@@ -713,7 +755,7 @@ static inline uint32_t vb_hnsw_descend(const vb_hnsw_t *h, const vb_distance_ops
  * `budget` distances were computed (results incomplete), or VB_ENOMEM.
  */
 static inline int vb_hnsw_search_layer0(const vb_hnsw_t *h, vb_hnsw_ctx_t *c, const vb_distance_ops_t *ops,
-                                        const float *restrict q, uint32_t ep, float epd, size_t ef,
+                                        const vb_hnsw_adc_t *adc, const float *restrict q, uint32_t ep, float epd, size_t ef,
                                         const uint8_t *mask, size_t budget, size_t *ntop_out, size_t *ndist) {
     const size_t d = h->d, stride = 1 + h->M0;
     const float *restrict x = h->x;
@@ -754,11 +796,20 @@ static inline int vb_hnsw_search_layer0(const vb_hnsw_t *h, vb_hnsw_ctx_t *c, co
             tags[nb] = tag;
             fresh[m++] = nb;
         }
-        for (size_t j = 0; j < m && j < VB_HNSW_PREFETCH_ROWS; j++) vb_hnsw_prefetch_vec(x + (size_t)fresh[j] * d, d);
+        if (adc) { /* codes: m bytes a row, all prefetched at once */
+            for (size_t j = 0; j < m; j++) VB_PREFETCH(adc->codes + (size_t)fresh[j] * adc->m);
+        } else {
+            for (size_t j = 0; j < m && j < VB_HNSW_PREFETCH_ROWS; j++) vb_hnsw_prefetch_vec(x + (size_t)fresh[j] * d, d);
+        }
         for (size_t j = 0; j < m; j++) {
             uint32_t nb = fresh[j];
-            if (j + VB_HNSW_PREFETCH_ROWS < m) vb_hnsw_prefetch_vec(x + (size_t)fresh[j + VB_HNSW_PREFETCH_ROWS] * d, d);
-            float dd = -dot(q, x + (size_t)nb * d, d);
+            float dd;
+            if (adc) {
+                dd = -vb_hnsw_adc_dot(adc, nb);
+            } else {
+                if (j + VB_HNSW_PREFETCH_ROWS < m) vb_hnsw_prefetch_vec(x + (size_t)fresh[j + VB_HNSW_PREFETCH_ROWS] * d, d);
+                dd = -dot(q, x + (size_t)nb * d, d);
+            }
             if (ntop < ef || dd < worst) {
                 if (VB_UNLIKELY(ncand + 1 >= c->cand_cap) &&
                     vb_hnsw_cand_make_room(c, &ncand, worst, ntop >= ef)) {
@@ -908,7 +959,8 @@ static inline size_t vb_hnsw_filtered_ef(size_t ef, double s) {
  * list, if not NULL, holds exactly those `allowed` rows ascending (an exact scan then skips the mask).
  */
 static inline int vb_hnsw_search_one(vb_hnsw_t *h, vb_hnsw_ctx_t *c, const vb_distance_ops_t *ops,
-                                     const float *restrict q, size_t k, size_t ef, const uint8_t *mask,
+                                     const vb_hnsw_adc_t *adc, const float *restrict q, size_t k, size_t ef,
+                                     const uint8_t *mask,
                                      size_t allowed, const uint32_t *list, int mode, int64_t *rows,
                                      float *scores) {
     size_t n = h->n;
@@ -934,16 +986,28 @@ static inline int vb_hnsw_search_one(vb_hnsw_t *h, vb_hnsw_ctx_t *c, const vb_di
     } else if (mask && mode == VB_HNSW_FORCE_GRAPH) {
         efs = vb_hnsw_filtered_ef(efs, (double)allowed / (double)n);
     }
+    if (adc && efs < adc->rerank) efs = adc->rerank; /* the beam is what gets rescored exactly */
     size_t nd = 0;
     if (!scan) {
         if (vb_hnsw_ctx_reserve(c, n, efs, h->M0)) return VB_ENOMEM;
         float epd;
-        uint32_t ep = vb_hnsw_descend(h, ops, q, &epd, &nd);
+        uint32_t ep = vb_hnsw_descend(h, ops, adc, q, &epd, &nd);
         size_t ntop;
-        int rc = vb_hnsw_search_layer0(h, c, ops, q, ep, epd, efs, mask, budget, &ntop, &nd);
+        int rc = vb_hnsw_search_layer0(h, c, ops, adc, q, ep, epd, efs, mask, budget, &ntop, &nd);
         if (rc < 0) return rc;
         if (rc == 0) {
-            vb_hnsw_emit(c->top, ntop, k, rows, scores);
+            if (adc) { /* rescore the beam exactly into a top-k heap (c->cand is free now) */
+                size_t nk = 0;
+                for (size_t i = 0; i < ntop; i++) VB_PREFETCH(vb_hnsw_vec(h, c->top[i].id));
+                for (size_t i = 0; i < ntop; i++) {
+                    vb_pair_t p = {-ops->dot(q, vb_hnsw_vec(h, c->top[i].id), h->d), c->top[i].id};
+                    vb_topk_offer(c->cand, &nk, k, p);
+                }
+                nd += ntop;
+                vb_hnsw_emit(c->cand, nk, k, rows, scores);
+            } else {
+                vb_hnsw_emit(c->top, ntop, k, rows, scores);
+            }
             atomic_fetch_add_explicit(&h->n_graph, 1, memory_order_relaxed);
             atomic_fetch_add_explicit(&h->n_dist, nd, memory_order_relaxed);
             return VB_OK;
@@ -961,6 +1025,8 @@ typedef struct {
     vb_hnsw_t *h;
     const vb_distance_ops_t *ops;
     const float *q;
+    const float *luts; /* (nq, adc.m, 256) with adc.codes, else NULL */
+    vb_hnsw_adc_t adc;
     size_t k, ef, allowed;
     const uint8_t *mask;
     const uint32_t *list;
@@ -975,22 +1041,28 @@ static int vb_hnsw_search_task(void *p, size_t tid, size_t b, size_t e) {
     vb_hnsw_ctx_t *c = (vb_hnsw_ctx_t *)vb_pool_get(&t->h->pool);
     if (!c) return VB_ENOMEM;
     int rc = VB_OK;
-    for (size_t i = b; i < e && rc == VB_OK; i++)
-        rc = vb_hnsw_search_one(t->h, c, t->ops, t->q + i * t->h->d, t->k, t->ef, t->mask, t->allowed, t->list,
-                                t->mode, t->rows + i * t->k, t->scores + i * t->k);
+    vb_hnsw_adc_t adc = t->adc;
+    for (size_t i = b; i < e && rc == VB_OK; i++) {
+        if (t->luts) adc.lut = t->luts + i * adc.m * 256;
+        rc = vb_hnsw_search_one(t->h, c, t->ops, t->luts ? &adc : NULL, t->q + i * t->h->d, t->k, t->ef, t->mask,
+                                t->allowed, t->list, t->mode, t->rows + i * t->k, t->scores + i * t->k);
+    }
     vb_pool_put(&t->h->pool, c);
     return rc;
 }
 
 /*
  * Batch search: q (nq, d); rows/scores (nq, k). Queries are split across nthreads (each query runs
- * on one thread). mask (n,) or NULL; allowed = its nonzero count. Thread-safe against other
- * searches; must not overlap vb_hnsw_add.
+ * on one thread). mask (n,) or NULL; allowed = its nonzero count. luts (nq, pq_m, 256) and codes
+ * (n, pq_m), or NULL: traverse on the codes and rescore a beam of max(ef, rerank) exactly (see
+ * vb_hnsw_adc_t). Thread-safe against other searches; must not overlap vb_hnsw_add.
  */
-static inline int vb_hnsw_search(vb_hnsw_t *h, const vb_distance_ops_t *ops, const float *restrict q, size_t nq,
-                                 size_t k, size_t ef, const uint8_t *mask, size_t allowed, int mode,
-                                 size_t nthreads, int64_t *rows, float *scores) {
+static inline int vb_hnsw_search_adc(vb_hnsw_t *h, const vb_distance_ops_t *ops, const float *restrict q, size_t nq,
+                                     size_t k, size_t ef, const uint8_t *mask, size_t allowed, int mode,
+                                     size_t nthreads, const float *luts, const uint8_t *codes, size_t pq_m,
+                                     size_t rerank, int64_t *rows, float *scores) {
     if (k > VB_HNSW_MAX_EF || ef < 1 || ef > VB_HNSW_MAX_EF) return VB_EINVAL;
+    if (luts && (!codes || pq_m < 1 || rerank > VB_HNSW_MAX_EF)) return VB_EINVAL;
     if (mask && allowed > h->n) return VB_EINVAL;
     /* A sparse filter shared by several queries: list its rows once, so exact scans skip the mask. */
     uint32_t *list = NULL;
@@ -1002,10 +1074,17 @@ static inline int vb_hnsw_search(vb_hnsw_t *h, const vb_distance_ops_t *ops, con
             return VB_EINVAL;
         }
     }
-    vb_hnsw_search_task_t t = {h, ops, q, k, ef, allowed, mask, list, mode, rows, scores};
+    vb_hnsw_adc_t adc = {NULL, codes, pq_m, rerank};
+    vb_hnsw_search_task_t t = {h, ops, q, luts, adc, k, ef, allowed, mask, list, mode, rows, scores};
     int rc = vb_parallel_for(nq, nthreads, 4, vb_hnsw_search_task, &t);
     free(list);
     return rc;
+}
+
+static inline int vb_hnsw_search(vb_hnsw_t *h, const vb_distance_ops_t *ops, const float *restrict q, size_t nq,
+                                 size_t k, size_t ef, const uint8_t *mask, size_t allowed, int mode,
+                                 size_t nthreads, int64_t *rows, float *scores) {
+    return vb_hnsw_search_adc(h, ops, q, nq, k, ef, mask, allowed, mode, nthreads, NULL, NULL, 0, 0, rows, scores);
 }
 
 /* ---------------------------------------------------------------------------------------------

@@ -151,15 +151,34 @@ cdef class Graph:
         return 0
 
     def search(self, const float[:, ::1] q not None, size_t k, size_t ef, mask=None, size_t allowed=0,
-               int mode=0, size_t threads=1, int64_t base=0):
+               int mode=0, size_t threads=1, int64_t base=0, luts=None, codes=None, size_t rerank=0):
         """Top-k per query: (ids int64 (nq, k), scores float32 (nq, k)), -1/-inf padded.
 
         mask: None or uint8 (n,) with `allowed` nonzero entries (rows that may be returned).
-        ids are base + row.
+        luts (nq, m * 256) float32 and codes (n, m) uint8: traverse on the codes, rescore a beam of
+        max(ef, rerank) rows exactly. ids are base + row.
         """
         if q.shape[1] != self.h.d:
             raise ValueError(f"queries have dimension {q.shape[1]}, the index has {self.h.d}")
         cdef size_t nq = q.shape[0]
+        cdef const float[:, ::1] lv
+        cdef const uint8_t[:, ::1] cv
+        cdef const float *lp = NULL
+        cdef const uint8_t *cp = NULL
+        cdef size_t pq_m = 0
+        if luts is not None:
+            lv = luts
+            cv = codes
+            pq_m = cv.shape[1]
+            if <size_t>cv.shape[0] != self.h.n or pq_m < 1:
+                raise ValueError(f"codes have shape ({cv.shape[0]}, {pq_m}), the index has {self.h.n} rows")
+            if <size_t>lv.shape[0] != nq or <size_t>lv.shape[1] != pq_m * 256:
+                raise ValueError(f"luts have shape ({lv.shape[0]}, {lv.shape[1]}), expected ({nq}, {pq_m * 256})")
+            if rerank > VB_HNSW_MAX_EF:
+                raise ValueError(f"rerank {rerank} exceeds {VB_HNSW_MAX_EF}")
+            if nq and self.h.n:
+                lp = &lv[0, 0]
+                cp = &cv[0, 0]
         rows = np.empty((nq, k), dtype=np.int64)
         scores = np.empty((nq, k), dtype=np.float32)
         if nq == 0 or k == 0:
@@ -178,8 +197,8 @@ cdef class Graph:
         self._enter()
         try:
             with nogil:
-                rc = vb_hnsw_search(&self.h, _ops, &q[0, 0], nq, k, ef, mp, allowed, mode, threads, &rv[0, 0],
-                                    &sv[0, 0])
+                rc = vb_hnsw_search_adc(&self.h, _ops, &q[0, 0], nq, k, ef, mp, allowed, mode, threads, lp, cp,
+                                        pq_m, rerank, &rv[0, 0], &sv[0, 0])
         finally:
             self.searches -= 1
         check_rc(rc, "HNSW search")

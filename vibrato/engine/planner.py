@@ -41,6 +41,8 @@ from vibrato.engine.hot import HotSlice
 HOT_GRAPH_MIN_FACTOR = 4   # a hot chunk's graph is used only above this many allowed rows per k
 TOPK_SORT_MAX = 256        # top-k of at most this many scores: one stable sort beats partition + tie fix
 EXACT_MAX_FRACTION = 16    # raw segment: exact from a row list only when <= 1 row in this many is allowed
+ARCHIVE_BEAM_FACTOR = 2    # an archive's walk on codes keeps this many times ef rows to rescore exactly
+MAX_EF = _hnsw.MAX_EF
 # The native filtered-search cost model (include/vibrato/hnsw.h: VB_HNSW_COST_PER_EF,
 # VB_HNSW_SCAN_SPEEDUP, vb_hnsw_filtered_ef); tests/test_planner.py checks `native_scans` against
 # the native search's own choice.
@@ -166,6 +168,12 @@ def _pq_candidates(seg, k, ef) -> int:
     return max(k * seg.rerank_factor, ef, 32)
 
 
+def archive_beam(seg, k, ef) -> int:
+    """Beam of a graph walk on an archive's codes, all of it rescored exactly: wider than ef, since
+    the codes only approximate the order (ARCHIVE_BEAM_FACTOR), and at least k * rerank_factor."""
+    return min(max(k * seg.rerank_factor, ARCHIVE_BEAM_FACTOR * ef), MAX_EF)
+
+
 # ------------------------------------------------------------------------------------------ execute
 def search(view, q, k: int, ef: int, allowed, search_tier: str):
     """Top-k (ids int64, scores float32) over the view, best first (ties by id)."""
@@ -194,8 +202,13 @@ def _run(step: Step, q, k, ef):
         take = topk(scores, k)
         return step.rows[take] + t.id_start, scores[take]
     if step.kind == "graph":
-        index = t.chunk.index if hot else t.index
-        ids, scores = index.search(q, k=k, ef=max(ef, k), allowed=step.mask)
+        if hot:
+            ids, scores = t.chunk.index.search(q, k=k, ef=max(ef, k), allowed=step.mask)
+        elif t.ram_codes is not None:  # an archive: walk on its codes, rescore the beam exactly
+            ids, scores = t.index.search(q, k=k, ef=max(ef, k), allowed=step.mask, codes=t.ram_codes,
+                                         luts=t.pq.adc_tables(q.reshape(1, -1)), rerank=archive_beam(t, k, ef))
+        else:
+            ids, scores = t.index.search(q, k=k, ef=max(ef, k), allowed=step.mask)
         ids, scores = ids.reshape(-1), scores.reshape(-1)
         keep = ids >= 0
         if hot:

@@ -15,9 +15,10 @@ METADATA_BATCH_MIN = 4  # reader.metadata_rows costs ~5.6 us + ~0.8 us/row, read
 
 
 class SegmentHandle:
-    """A loaded segment. raw, and archive written by this version: HNSW over the mmapped vectors
-    (exact scores, CONTRACT.md D14); a version-1 archive (no graph): PQ codes for candidate selection
-    + exact rerank against the float32 vectors kept in the file."""
+    """A loaded segment. raw: HNSW over the mmapped vectors. archive written by this version: the
+    same graph walked on PQ codes held in memory, its beam rescored exactly against the mmapped
+    vectors; a version-1 archive (no graph): ADC scan of the PQ codes + exact rerank. Scores are
+    exact everywhere (CONTRACT.md D14)."""
 
     def __init__(self, row: dict, reader, dead_ranges=(), rerank_factor: int = 8):
         from vibrato.index import HnswIndex
@@ -45,12 +46,18 @@ class SegmentHandle:
         self.rerank_factor = rerank_factor
         self.index = None
         self.pq = None
+        self.codes = None
+        self.ram_codes = None
         if self.kind == "raw" or reader.graph is not None:
             # the graph is read in place from the mapped file: page cache, not anonymous memory
             self.index = HnswIndex.from_graph(reader.vectors, reader.graph, id_base=self.id_start, borrow_graph=True)
         if self.kind == "archive":
             self.pq = ProductQuantizer.from_bytes(reader.pq_codebook)
             self.codes = reader.pq_codes
+            if self.index is not None:
+                # the graph walk scores these codes, so they live in memory (m bytes a row); the
+                # vectors are read from the file only to rescore the beam (CONTRACT.md D14)
+                self.ram_codes = np.array(self.codes)
 
     def vectors_for(self, ids, out, found):
         sel = np.flatnonzero((ids >= self.id_start) & (ids <= self.id_end) & ~found)
