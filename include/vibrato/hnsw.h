@@ -45,6 +45,9 @@
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <time.h>
+#include <unistd.h>
 
 #include "vibrato/common.h"
 #include "vibrato/crc32c.h"
@@ -199,6 +202,7 @@ typedef struct vb_hnsw {
 
     /* counters (relaxed atomics; for benchmarks and tests) */
     atomic_size_t n_graph, n_scan, n_fallback, n_dist;
+    atomic_uint rescore_ns; /* moving average of the ns an exact rescore of a beam row takes (adc walks) */
 } vb_hnsw_t;
 
 static inline const float *vb_hnsw_vec(const vb_hnsw_t *h, uint32_t r) { return h->x + (size_t)r * h->d; }
@@ -266,6 +270,7 @@ static inline int vb_hnsw_init(vb_hnsw_t *h, size_t d, size_t M, size_t efc, uin
     atomic_init(&h->n_scan, 0);
     atomic_init(&h->n_fallback, 0);
     atomic_init(&h->n_dist, 0);
+    atomic_init(&h->rescore_ns, 0);
     if (pthread_mutex_init(&h->ep_mu, NULL)) return VB_ENOMEM;
     if (vb_pool_init(&h->pool, vb_hnsw_ctx_create, vb_hnsw_ctx_destroy)) {
         pthread_mutex_destroy(&h->ep_mu);
@@ -705,6 +710,29 @@ static inline float vb_hnsw_adc_dot(const vb_hnsw_adc_t *a, uint32_t r) {
     return s0 + s1;
 }
 
+/* Rescoring slower than this per row means its vectors come from the disk, not the page cache: the
+ * beam's pages are then asked for all at once (MADV_WILLNEED) so the reads run concurrently. */
+#ifndef VB_HNSW_WILLNEED_NS
+#define VB_HNSW_WILLNEED_NS 4000u
+#endif
+
+static inline uint64_t vb_now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+/* Start reading the pages of [p, p + len) (a hint: errors are ignored, nothing waits). */
+static inline void vb_willneed(const void *p, size_t len) {
+    static size_t page;
+    if (!page) {
+        long ps = sysconf(_SC_PAGESIZE);
+        page = ps > 0 ? (size_t)ps : 4096;
+    }
+    uintptr_t a = (uintptr_t)p & ~(uintptr_t)(page - 1);
+    (void)madvise((void *)a, (uintptr_t)p + len - a, MADV_WILLNEED);
+}
+
 /* The traversal distance of row r: exact, or from its codes when adc is set. */
 static inline float vb_hnsw_dist(const vb_hnsw_t *h, vb_pair_fn dot, const vb_hnsw_adc_t *adc,
                                  const float *restrict q, uint32_t r) {
@@ -954,6 +982,30 @@ static inline size_t vb_hnsw_filtered_ef(size_t ef, double s) {
 }
 
 /*
+ * Rescore the beam (c->top, ntop rows scored on codes) exactly and emit the best k. Its time per
+ * row feeds h->rescore_ns; above VB_HNSW_WILLNEED_NS the rows' pages are requested up front.
+ */
+static inline void vb_hnsw_rescore(vb_hnsw_t *h, vb_hnsw_ctx_t *c, const vb_distance_ops_t *ops,
+                                   const float *restrict q, size_t ntop, size_t k, int64_t *rows, float *scores) {
+    size_t nk = 0, bytes = h->d * sizeof(float);
+    uint64_t t0 = vb_now_ns();
+    if (atomic_load_explicit(&h->rescore_ns, memory_order_relaxed) > VB_HNSW_WILLNEED_NS)
+        for (size_t i = 0; i < ntop; i++) vb_willneed(vb_hnsw_vec(h, c->top[i].id), bytes);
+    for (size_t i = 0; i < ntop; i++) VB_PREFETCH(vb_hnsw_vec(h, c->top[i].id));
+    for (size_t i = 0; i < ntop; i++) { /* c->cand is free after the walk: the top-k heap */
+        vb_pair_t p = {-ops->dot(q, vb_hnsw_vec(h, c->top[i].id), h->d), c->top[i].id};
+        vb_topk_offer(c->cand, &nk, k, p);
+    }
+    if (ntop) {
+        uint64_t per = (vb_now_ns() - t0) / ntop;
+        unsigned old = atomic_load_explicit(&h->rescore_ns, memory_order_relaxed);
+        unsigned avg = (unsigned)((old * 7ull + (per > 1000000000u ? 1000000000u : per)) / 8);
+        atomic_store_explicit(&h->rescore_ns, avg, memory_order_relaxed); /* racy by design: a hint */
+    }
+    vb_hnsw_emit(c->cand, nk, k, rows, scores);
+}
+
+/*
  * One query: top-k rows by inner product into rows[0..k) / scores[0..k), best first, padded with
  * -1 / -inf. mask (n,) and allowed (= number of nonzero mask entries) describe an optional filter;
  * list, if not NULL, holds exactly those `allowed` rows ascending (an exact scan then skips the mask).
@@ -996,15 +1048,9 @@ static inline int vb_hnsw_search_one(vb_hnsw_t *h, vb_hnsw_ctx_t *c, const vb_di
         int rc = vb_hnsw_search_layer0(h, c, ops, adc, q, ep, epd, efs, mask, budget, &ntop, &nd);
         if (rc < 0) return rc;
         if (rc == 0) {
-            if (adc) { /* rescore the beam exactly into a top-k heap (c->cand is free now) */
-                size_t nk = 0;
-                for (size_t i = 0; i < ntop; i++) VB_PREFETCH(vb_hnsw_vec(h, c->top[i].id));
-                for (size_t i = 0; i < ntop; i++) {
-                    vb_pair_t p = {-ops->dot(q, vb_hnsw_vec(h, c->top[i].id), h->d), c->top[i].id};
-                    vb_topk_offer(c->cand, &nk, k, p);
-                }
+            if (adc) {
+                vb_hnsw_rescore(h, c, ops, q, ntop, k, rows, scores);
                 nd += ntop;
-                vb_hnsw_emit(c->cand, nk, k, rows, scores);
             } else {
                 vb_hnsw_emit(c->top, ntop, k, rows, scores);
             }
