@@ -655,3 +655,14 @@ def test_fuzz_from_bytes(buf):
     assert len(buf) == 36 + 256 * pq.dim * 4
     x = np.zeros((1, pq.dim), np.float32)
     assert pq.encode(x).shape == (1, pq.m)
+
+
+def test_adc_tables_are_adc_table_per_query(pq32, data32):
+    Q = data32[:7]
+    tables = pq32.adc_tables(Q)
+    assert tables.shape == (7, pq32.m, 256) and tables.dtype == np.float32
+    for i in range(7):
+        np.testing.assert_allclose(tables[i], pq32.adc_table(Q[i]), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(pq32.adc_tables(Q[:1])[0], pq32.adc_table(Q[0]))
+    with pytest.raises(ValueError, match="Q must have shape"):
+        pq32.adc_tables(Q[:, :16])
