@@ -51,10 +51,14 @@ def open_writer(path: str, *, busy_timeout_ms: int = 30_000, wal_autocheckpoint_
     conn.pragma("foreign_keys", "ON")
     conn.pragma("temp_store", "MEMORY")
     conn.pragma("journal_size_limit", journal_size_limit)
-    conn.pragma("cache_size", -16000)  # 16 MB: appends and key-index probes; more only grows RSS
     conn.wal_autocheckpoint(wal_autocheckpoint_pages)
     apsw.bestpractice.connection_dqs(conn)
+    # optimize may ANALYZE at open (SQLite's advice: with analysis_limit). Under a small page cache:
+    # after a bulk load its scan would otherwise leave ~15 MB of pages cached for good.
+    conn.pragma("analysis_limit", 1000)
+    conn.pragma("cache_size", -2000)
     apsw.bestpractice.connection_optimize(conn)
+    conn.pragma("cache_size", -16000)  # 16 MB: appends and key-index probes; more only grows RSS
     conn.transaction_mode = "IMMEDIATE"
     return conn
 
