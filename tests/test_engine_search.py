@@ -143,6 +143,8 @@ def test_archive_scores_are_exact_and_recall_holds(tmp_path, shared_data):
             pass
         assert all(s.kind == "archive" and s.index is not None for s in e.segment_set.handles), \
             [(s.kind, s.index) for s in e.segment_set.handles]
+        # the walk scores PQ codes held in memory (not the mapped file); the vectors only rescore
+        assert all(s.ram_codes.flags.owndata and s.ram_codes.shape == (s.n, s.pq.m) for s in e.segment_set.handles)
         recall = {}
         for ef in (64, 256):
             hits = 0

@@ -9,7 +9,8 @@
 #
 # Knobs: VIBRATO_MADVISE_ROWS (250000), VIBRATO_MADVISE_DIM (512), VIBRATO_MADVISE_QUERIES (300),
 # VIBRATO_MADVISE_GATE_RATIO (1.30), VIBRATO_MADVISE_CACHE_SHARE (0.4; 0 = no cgroup),
-# VIBRATO_MADVISE_DATA_DIR (reuse a built data dir across runs).
+# VIBRATO_MADVISE_DATA_DIR (reuse a built data dir across runs), VIBRATO_MADVISE_ARCHIVE=1 (the same rows
+# as one L2 archive, queried with search_tier=archive).
 # Output: p50/p99 per mode and cache state, the ratios, perf/results/madvise_ab_<ts>.json
 # (pytest-benchmark) and perf/results/madvise_ab_summary.json.
 set -euo pipefail
