@@ -3,7 +3,8 @@
     .venv/bin/python perf/bench_archive.py [--n 1000000] [--queries 200] [--skip-real] [--skip-scale]
                                            [--skip-peers] [--data-dir DIR]
 
-The 10M long form: VIBRATO_BENCH_N=10000000 ... --skip-real --skip-peers --data-dir DIR. With
+The 10M long form: VIBRATO_BENCH_N=10000000 ... --skip-real --skip-peers --checkpoint-rows 100000
+--data-dir DIR (L0 segments of 100k: three compaction levels instead of four). With
 --data-dir the scale data dir is kept there, and a later run given the same DIR (holding --n rows)
 skips the build and only re-runs the probe: to re-measure memory or latency after a change.
 
@@ -63,11 +64,14 @@ def recall(got: list, truth: np.ndarray) -> float:
     return sum(len(set(g) & set(t.tolist())) for g, t in zip(got, truth)) / truth.size
 
 
-def ingest(e, X, batch=5000, tags=None):
+def ingest(e, X, batch=5000, tags=None, checkpoint_rows=None):
+    """Ingest X in batches, checkpointing after every batch (or every checkpoint_rows rows)."""
+    every = checkpoint_rows or batch
     for i in range(0, X.shape[0], batch):
-        e.ingest_batch([{"vector": X[j], **({"metadata": {"tags": tags[j]}} if tags else {})}
-                        for j in range(i, min(i + batch, X.shape[0]))])
-        e.checkpoint()
+        end = min(i + batch, X.shape[0])
+        e.ingest_batch([{"vector": X[j], **({"metadata": {"tags": tags[j]}} if tags else {})} for j in range(i, end)])
+        if end % every == 0 or end == X.shape[0]:
+            e.checkpoint()
 
 
 # ------------------------------------------------------------------------------------ part 1
@@ -245,14 +249,14 @@ print(json.dumps({"ids": ids, "p50_ms": statistics.median(t) * 1e3, "p99_ms": fl
 '''
 
 
-def scale(tmp: Path, n: int, nq: int, peers: bool, data: Path | None) -> dict:
+def scale(tmp: Path, n: int, nq: int, peers: bool, data: Path | None, checkpoint_rows: int) -> dict:
     X = text_vectors(n, seed=1)
     Q = text_vectors(nq, seed=99)
     truth = exact_top10(X, Q)
     out = {"n": n, "threads": build_threads()}
     data = data or tmp / "scale"
     if not (data / "catalog.sqlite3").exists():
-        out.update(build_scale(data, X))
+        out.update(build_scale(data, X, checkpoint_rows))
     out["data_dir_bytes"] = sum(f.stat().st_size for f in data.rglob("*") if f.is_file())
     qpath = tmp / "q.npy"
     np.save(qpath, Q)
@@ -271,12 +275,13 @@ def scale(tmp: Path, n: int, nq: int, peers: bool, data: Path | None) -> dict:
     return out
 
 
-def build_scale(data: Path, X: np.ndarray) -> dict:
-    """Ingest X with a checkpoint per 100k rows and compact until idle; the phases' times."""
+def build_scale(data: Path, X: np.ndarray, checkpoint_rows: int) -> dict:
+    """Ingest X in batches of 10k with a checkpoint per checkpoint_rows and compact until idle; the
+    phases' times."""
     out = {}
     t0 = time.perf_counter()
     with Engine.open(data, dim=X.shape[1], background=False, checkpoint_max_rows=100_000) as e:
-        ingest(e, X, batch=10_000)
+        ingest(e, X, batch=10_000, checkpoint_rows=checkpoint_rows)
         out["ingest_checkpoint_s"] = time.perf_counter() - t0
         # L0 -> L1 steps, then the L1 -> L2 step(s) timed on their own
         t1 = time.perf_counter()
@@ -366,6 +371,8 @@ def main():
     p.add_argument("--skip-scale", action="store_true")
     p.add_argument("--skip-peers", action="store_true")
     p.add_argument("--identify-n", type=int, default=1_000_000, help="frames for part 1c (0: skip it)")
+    p.add_argument("--checkpoint-rows", type=int, default=10_000,
+                   help="part 2: rows per checkpoint (L0 segment); the 10M long form uses 100000")
     p.add_argument("--data-dir", type=Path, help="keep the scale data dir here; reuse it when it exists")
     args = p.parse_args()
     results = {}
@@ -380,7 +387,8 @@ def main():
                 results["identify_scale"] = identify_scale(tmp, args.identify_n)
                 print(json.dumps(results["identify_scale"], indent=1), flush=True)
         if not args.skip_scale:
-            results["scale"] = scale(tmp, args.n, args.queries, not args.skip_peers, args.data_dir)
+            results["scale"] = scale(tmp, args.n, args.queries, not args.skip_peers, args.data_dir,
+                                     args.checkpoint_rows)
             print(json.dumps(results["scale"], indent=1), flush=True)
     OUT.mkdir(exist_ok=True)
     name = "bench_archive.json" if args.n == 1_000_000 else f"bench_archive_n{args.n}.json"
