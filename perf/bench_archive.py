@@ -232,7 +232,7 @@ before = rss()
 with Engine.open(sys.argv[2], dim=Q.shape[1], background=False) as e:
     opened = rss()
     sweep = {}
-    for ef in (16, 32, 64):  # ef=64 last: the headline p50/p99 and memory figures are after it
+    for ef in (16, 32, 128, 256, 64):  # ef=64 last: the headline p50/p99 and memory figures are after it
         ids, t = [], []
         for q in Q:
             t0 = time.perf_counter()
