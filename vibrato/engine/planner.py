@@ -41,7 +41,7 @@ from vibrato.engine.hot import HotSlice
 HOT_GRAPH_MIN_FACTOR = 4   # a hot chunk's graph is used only above this many allowed rows per k
 TOPK_SORT_MAX = 256        # top-k of at most this many scores: one stable sort beats partition + tie fix
 EXACT_MAX_FRACTION = 16    # raw segment: exact from a row list only when <= 1 row in this many is allowed
-ARCHIVE_BEAM_FACTOR = 2    # an archive's walk on codes keeps this many times ef rows to rescore exactly
+ARCHIVE_BEAM_FACTOR = 3    # an archive's walk on codes keeps this many times ef rows to rescore exactly
 MAX_EF = _hnsw.MAX_EF
 # The native filtered-search cost model (include/vibrato/hnsw.h: VB_HNSW_COST_PER_EF,
 # VB_HNSW_SCAN_SPEEDUP, vb_hnsw_filtered_ef); tests/test_planner.py checks `native_scans` against
