@@ -676,3 +676,5 @@ def test_code_walk_rejects_mismatched_codes_and_tables(text, text_index, text_co
         text_index.search(queries[:2], k=10, ef=64, codes=codes, luts=luts[:3], rerank=64)
     with pytest.raises(ValueError, match="rerank"):
         text_index.search(queries[:2], k=10, ef=64, codes=codes, luts=luts[:2], rerank=10**6)
+    with pytest.raises(ValueError, match="codes and luts go together"):
+        text_index.search(queries[:2], k=10, ef=64, codes=codes, rerank=64)

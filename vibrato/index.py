@@ -221,6 +221,8 @@ class HnswIndex:
         if allowed is not None:
             mask = self._mask("allowed", allowed)
             count = int(np.count_nonzero(mask))
+        if (luts is None) != (codes is None):
+            raise ValueError("codes and luts go together: pass both (a walk on codes) or neither")
         if luts is not None:
             luts = np.ascontiguousarray(luts, dtype=np.float32).reshape(Q.shape[0], -1)
             codes = np.ascontiguousarray(codes, dtype=np.uint8)

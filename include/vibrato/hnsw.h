@@ -831,13 +831,9 @@ static inline int vb_hnsw_search_layer0(const vb_hnsw_t *h, vb_hnsw_ctx_t *c, co
         }
         for (size_t j = 0; j < m; j++) {
             uint32_t nb = fresh[j];
-            float dd;
-            if (adc) {
-                dd = -vb_hnsw_adc_dot(adc, nb);
-            } else {
-                if (j + VB_HNSW_PREFETCH_ROWS < m) vb_hnsw_prefetch_vec(x + (size_t)fresh[j + VB_HNSW_PREFETCH_ROWS] * d, d);
-                dd = -dot(q, x + (size_t)nb * d, d);
-            }
+            if (!adc && j + VB_HNSW_PREFETCH_ROWS < m)
+                vb_hnsw_prefetch_vec(x + (size_t)fresh[j + VB_HNSW_PREFETCH_ROWS] * d, d);
+            float dd = vb_hnsw_dist(h, dot, adc, q, nb);
             if (ntop < ef || dd < worst) {
                 if (VB_UNLIKELY(ncand + 1 >= c->cand_cap) &&
                     vb_hnsw_cand_make_room(c, &ncand, worst, ntop >= ef)) {
@@ -1103,10 +1099,10 @@ static int vb_hnsw_search_task(void *p, size_t tid, size_t b, size_t e) {
  * (n, pq_m), or NULL: traverse on the codes and rescore a beam of max(ef, rerank) exactly (see
  * vb_hnsw_adc_t). Thread-safe against other searches; must not overlap vb_hnsw_add.
  */
-static inline int vb_hnsw_search_adc(vb_hnsw_t *h, const vb_distance_ops_t *ops, const float *restrict q, size_t nq,
-                                     size_t k, size_t ef, const uint8_t *mask, size_t allowed, int mode,
-                                     size_t nthreads, const float *luts, const uint8_t *codes, size_t pq_m,
-                                     size_t rerank, int64_t *rows, float *scores) {
+static inline int vb_hnsw_search(vb_hnsw_t *h, const vb_distance_ops_t *ops, const float *restrict q, size_t nq,
+                                 size_t k, size_t ef, const uint8_t *mask, size_t allowed, int mode,
+                                 size_t nthreads, const float *luts, const uint8_t *codes, size_t pq_m,
+                                 size_t rerank, int64_t *rows, float *scores) {
     if (k > VB_HNSW_MAX_EF || ef < 1 || ef > VB_HNSW_MAX_EF) return VB_EINVAL;
     if (luts && (!codes || pq_m < 1 || rerank > VB_HNSW_MAX_EF)) return VB_EINVAL;
     if (mask && allowed > h->n) return VB_EINVAL;
@@ -1125,12 +1121,6 @@ static inline int vb_hnsw_search_adc(vb_hnsw_t *h, const vb_distance_ops_t *ops,
     int rc = vb_parallel_for(nq, nthreads, 4, vb_hnsw_search_task, &t);
     free(list);
     return rc;
-}
-
-static inline int vb_hnsw_search(vb_hnsw_t *h, const vb_distance_ops_t *ops, const float *restrict q, size_t nq,
-                                 size_t k, size_t ef, const uint8_t *mask, size_t allowed, int mode,
-                                 size_t nthreads, int64_t *rows, float *scores) {
-    return vb_hnsw_search_adc(h, ops, q, nq, k, ef, mask, allowed, mode, nthreads, NULL, NULL, 0, 0, rows, scores);
 }
 
 /* ---------------------------------------------------------------------------------------------

@@ -39,12 +39,10 @@ cdef extern from "vibrato/hnsw.h" nogil:
     int vb_hnsw_init(vb_hnsw_t *h, size_t d, size_t M, size_t efc, uint64_t seed)
     void vb_hnsw_free(vb_hnsw_t *h)
     int vb_hnsw_add(vb_hnsw_t *h, const float *x_new, size_t m, size_t nthreads, const vb_distance_ops_t *ops)
-    int vb_hnsw_search_adc(vb_hnsw_t *h, const vb_distance_ops_t *ops, const float *q, size_t nq, size_t k,
-                           size_t ef, const uint8_t *mask, size_t allowed, int mode, size_t nthreads,
-                           const float *luts, const uint8_t *codes, size_t pq_m, size_t rerank,
-                           int64_t *rows, float *scores)
-    int vb_hnsw_search(vb_hnsw_t *h, const vb_distance_ops_t *ops, const float *q, size_t nq, size_t k, size_t ef,
-                       const uint8_t *mask, size_t allowed, int mode, size_t nthreads, int64_t *rows, float *scores)
+    int vb_hnsw_search(vb_hnsw_t *h, const vb_distance_ops_t *ops, const float *q, size_t nq, size_t k,
+                       size_t ef, const uint8_t *mask, size_t allowed, int mode, size_t nthreads,
+                       const float *luts, const uint8_t *codes, size_t pq_m, size_t rerank,
+                       int64_t *rows, float *scores)
     size_t vb_hnsw_graph_size(const vb_hnsw_t *h)
     int vb_hnsw_graph_write(const vb_hnsw_t *h, uint8_t *out, size_t len)
     int vb_hnsw_graph_read_checked(vb_hnsw_t *h, const uint8_t *buf, size_t len, const float *x, size_t xn,

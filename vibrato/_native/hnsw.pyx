@@ -197,8 +197,8 @@ cdef class Graph:
         self._enter()
         try:
             with nogil:
-                rc = vb_hnsw_search_adc(&self.h, _ops, &q[0, 0], nq, k, ef, mp, allowed, mode, threads, lp, cp,
-                                        pq_m, rerank, &rv[0, 0], &sv[0, 0])
+                rc = vb_hnsw_search(&self.h, _ops, &q[0, 0], nq, k, ef, mp, allowed, mode, threads, lp, cp,
+                                    pq_m, rerank, &rv[0, 0], &sv[0, 0])
         finally:
             self.searches -= 1
         check_rc(rc, "HNSW search")
