@@ -21,6 +21,8 @@ class Limits:
     max_source_file_bytes: int = 4096
     max_idempotency_key_bytes: int = 256
     max_body_bytes: int = 2 * 1024 * 1024  # v2.1's (axum's) default body limit (CONTRACT.md §2)
+    max_delete_ids: int = 10_000      # ids per /v2/vectors/delete (CONTRACT.md D40)
+    max_delete_source_files: int = 1000  # source_file names in one delete filter
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,9 @@ def open_writer(path: str, *, busy_timeout_ms: int = 30_000, wal_autocheckpoint_
     conn.pragma("foreign_keys", "ON")
     conn.pragma("temp_store", "MEMORY")
     conn.pragma("journal_size_limit", journal_size_limit)
+    # Freed content (a pruned blob, a purged payload) is overwritten with zeros, in the page and in
+    # freelist pages, so a purge leaves no copy behind in the database file (CONTRACT.md D40).
+    conn.pragma("secure_delete", 1)
     conn.wal_autocheckpoint(wal_autocheckpoint_pages)
     apsw.bestpractice.connection_dqs(conn)
     # optimize may ANALYZE at open (SQLite's advice: with analysis_limit). Under a small page cache:

@@ -143,6 +143,10 @@ class Catalog:
 
     def _run_checkpoint_request(self, conn, req):
         try:
+            if req.fn.mode is None:  # vacuum: like a checkpoint, it cannot run inside a transaction
+                conn.execute("VACUUM")
+                req.future.set_result(None)
+                return
             req.future.set_result(self._checkpoint(conn, req.fn.mode, req.fn.name))
         except apsw.Error as exc:
             req.future.set_exception(_storage_error(exc))
@@ -215,6 +219,15 @@ class Catalog:
         fut = Future()
         # A checkpoint cannot run inside a transaction: the writer loop runs this marker on its own.
         self._queue.put(_WriteRequest(_CheckpointMarker(modes[mode], mode), (), None, fut))
+        return fut.result()
+
+    def vacuum(self):
+        """VACUUM on the writer thread now (rewrites the file without free space; the -wal then holds
+        the new pages until a checkpoint)."""
+        if self.readonly:
+            raise StorageError("catalog is open read-only: the writer process vacuums it")
+        fut = Future()
+        self._queue.put(_WriteRequest(_CheckpointMarker(None, "vacuum"), (), None, fut))
         return fut.result()
 
     def _drain_after_stop(self):
@@ -313,7 +326,8 @@ class Catalog:
 
 
 class _CheckpointMarker:
-    """A write request that runs an SQLite checkpoint outside any transaction (see _run_group)."""
+    """A write request that runs an SQLite checkpoint (or, mode None, a VACUUM) outside any
+    transaction (see _run_group)."""
 
     def __init__(self, mode, name):
         self.mode = mode

@@ -8,6 +8,10 @@ Tables (all timestamps are unix seconds):
                                     hash; checkpointed_at is set in the transaction that activates
                                     the segment holding the row
   id_tombstones                     id ranges removed by replay-to-lsn (never re-issued)
+  deleted_vectors                   one row per deleted id: the delete's lsn (from the WAL's own
+                                    sequence), when it was deleted and when its payload was purged
+  catalog_meta                      small key/value flags (e.g. a catalog written before
+                                    secure_delete must be vacuumed once before a purge)
   segments                          segment files (path relative to the data dir) and their state
   checkpoint_jobs, compaction_jobs  job state machines, reconciled by recovery
   snapshot_pins                     segments a snapshot is copying; the server does not delete them
@@ -150,6 +154,27 @@ CREATE TABLE orphan_files(
     deleted_reason TEXT
 );
 CREATE INDEX idx_orphans_live ON orphan_files(quarantined_at) WHERE deleted_at IS NULL;
+"""),
+    # Deletes (CONTRACT.md D40). source_file is indexed so a whole track is found without a scan.
+    # A catalog written by an earlier version may hold freed pages with old payloads (it ran without
+    # secure_delete): its first purge vacuums it (engine/purge.py).
+    (2, "v2_deletes", """
+CREATE TABLE deleted_vectors(
+    collection_id TEXT NOT NULL REFERENCES collections(id),
+    vector_id INTEGER NOT NULL,
+    lsn INTEGER NOT NULL,
+    deleted_at INTEGER NOT NULL,
+    purged_at INTEGER,
+    PRIMARY KEY(collection_id, vector_id)
+);
+CREATE INDEX idx_deleted_lsn ON deleted_vectors(collection_id, lsn);
+CREATE INDEX idx_deleted_unpurged ON deleted_vectors(collection_id, vector_id) WHERE purged_at IS NULL;
+CREATE INDEX idx_wal_source ON wal_entries(collection_id, source_file);
+CREATE TABLE catalog_meta(
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+INSERT INTO catalog_meta(key, value) SELECT 'vacuum_before_purge', '1' WHERE EXISTS (SELECT 1 FROM wal_entries);
 """),
 ]
 

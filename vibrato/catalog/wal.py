@@ -151,8 +151,9 @@ def truncate_after_lsn(conn, collection_id: str, target_lsn: int, now: int | Non
 
 
 def last_lsn(conn, collection_id: str) -> int:
-    """The highest lsn of the collection's WAL rows (0 when it has none)."""
-    return conn.execute("SELECT COALESCE(MAX(lsn), 0) FROM wal_entries WHERE collection_id = ?",
+    """The highest lsn of the collection's WAL events, rows and deletes (0 when it has none)."""
+    return conn.execute("SELECT MAX(COALESCE((SELECT MAX(lsn) FROM wal_entries WHERE collection_id = ?1), 0), "
+                        "COALESCE((SELECT MAX(lsn) FROM deleted_vectors WHERE collection_id = ?1), 0))",
                         (collection_id,)).fetchone()[0]
 
 

@@ -1,7 +1,7 @@
 """Checkpoint: the oldest hot rows (un-checkpointed WAL) become one L0 segment.
 
 The plan: at most checkpoint_max_rows of the oldest hot rows, LSNs [start, end]. The build: those
-rows densified over their id range (gaps become tombstones) plus a new graph. The durable order is
+rows densified over their id range (gaps and deleted rows become tombstones) plus a new graph. The durable order is
 pipeline.py's; activation marks WAL rows [start, end] checkpointed in the same transaction that
 makes the segment active, and publishing hides those hot rows. A failure before activation leaves
 the WAL rows pending and the hot tier untouched. Ingest continues throughout (it only appends to
@@ -54,8 +54,11 @@ class Checkpoint(pipeline.SegmentJob):
         from vibrato.segment import SegmentData
 
         eng, ids = self.engine, self.ids
-        id_start = int(ids[0])
-        vec, live, start, duration, bpm, sources, tags = densify(id_start, ids, self.vectors, self.metas, eng.dim)
+        id_start, id_end = int(ids[0]), int(ids[-1])
+        keep = ~np.isin(ids, eng.segment_set.deleted)  # deleted rows are written as tombstones (D40)
+        metas = self.metas if keep.all() else [m for m, k in zip(self.metas, keep.tolist()) if k]
+        vec, live, start, duration, bpm, sources, tags = densify(id_start, id_end, ids[keep], self.vectors[keep],
+                                                                 metas, eng.dim)
         graph = pipeline.build_graph(eng.config, eng.dim, vec, seed=id_start).graph_bytes()
         data = SegmentData(level=0, id_start=id_start, vectors=vec, live=live, start_time_ms=start,
                            duration_ms=duration, bpm=bpm, tags=tags, source_file=sources, graph=graph)
@@ -96,9 +99,9 @@ def roll_back(conn, jid, seg_id, details, error):
         seg_sql.set_state(conn, seg_id, "failed", error=error)
 
 
-def densify(id_start: int, ids: np.ndarray, vectors: np.ndarray, metas: list, dim: int):
-    """Rows for every id in [ids[0], ids[-1]]: gaps become tombstones (zero vector, live=False)."""
-    n = int(ids[-1]) - id_start + 1
+def densify(id_start: int, id_end: int, ids: np.ndarray, vectors: np.ndarray, metas: list, dim: int):
+    """Rows for every id in [id_start, id_end]: ids not given become tombstones (zero vector, live=False)."""
+    n = id_end - id_start + 1
     rows = ids - id_start
     out_vec = np.zeros((n, dim), dtype=np.float32)
     out_vec[rows] = vectors

@@ -11,7 +11,7 @@ Policy (one step per call):
                                    keeps the count bounded (CONTRACT.md D24).
 "Adjacent" means consecutive in the id order of ALL active segments, so the output's id range
 [first.start, last.end] overlaps no other segment. Overlapping inputs are an integrity error and the
-inputs stay active (CONTRACT.md D13). Rows dead in the inputs (tombstones, replayed-away ids) are written as
+inputs stay active (CONTRACT.md D13). Rows dead in the inputs (tombstones, replayed-away or deleted ids) are written as
 tombstones: zero vector, no metadata.
 
 The durable order is pipeline.py's: the job row marks the inputs `compacting`; activation makes

@@ -18,6 +18,7 @@ from vibrato.catalog import Catalog, collections, jobs, orphans, segments as seg
 from vibrato.config import Config
 from vibrato.engine import checkpoint as _checkpoint
 from vibrato.engine import compaction as _compaction
+from vibrato.engine import deletes as _deletes
 from vibrato.engine import planner as _planner
 from vibrato.engine import recovery as _recovery
 from vibrato.engine.background import BackgroundWorkers
@@ -30,6 +31,7 @@ from vibrato.engine.throttle import IoThrottle
 from vibrato.engine.tiers import View
 from vibrato.engine.validation import check_filter, check_identify, check_search, check_vector, prepare_rows
 from vibrato.errors import NotReadyError
+from vibrato.ids import job_id as new_job_id
 
 log = logging.getLogger("vibrato.engine")
 
@@ -238,13 +240,26 @@ class Engine(Searcher):
             self._workers.wake_checkpoint()
         return [(r[0], r[1]) for r in results]
 
+    # ------------------------------------------------------------------ delete
+    def delete(self, ids=None, *, filter=None) -> dict:
+        """Delete by `ids` or by `filter` (the query's clauses plus `source_file`: one name or a list);
+        exactly one. Returns {"deleted": n, "lsn": lsn or None}; durable and invisible to every later
+        query when it returns (CONTRACT.md D40)."""
+        self._require_ready()
+        return _deletes.delete(self, ids, filter)
+
     # ------------------------------------------------------------------ admin
     def checkpoint(self, *, background: bool = False) -> dict:
         self._require_ready()
         return _checkpoint.run(self, background=background)
 
-    def compact(self, *, background: bool = False) -> dict:
+    def compact(self, *, background: bool = False, purge: bool = False, progress=None) -> dict:
+        """One compaction step; with purge=True instead erase every deleted row's payload now and
+        return only when that is durable (engine/deletes.py, CONTRACT.md D40)."""
         self._require_ready()
+        if purge:
+            return {"job_id": new_job_id("prg"), "state": "completed",
+                    "details": _deletes.purge(self, progress=progress)}
         return _compaction.run(self, background=background)
 
     def snapshot(self, progress=None) -> dict:
@@ -275,6 +290,7 @@ class Engine(Searcher):
             "hot_vectors": hot,
             "wal_pending": pending,
             "total_vectors": sum(s.live_count for s in segs) + hot,
+            "deleted_vectors": int(self.segment_set.deleted.shape[0]),
             "checkpoint_jobs_inflight": chk_inflight,
             "compaction_jobs_inflight": cmp_inflight,
             "sqlite_wal_bytes": wal_stats["sqlite_wal_bytes"],

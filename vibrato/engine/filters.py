@@ -117,6 +117,14 @@ class FilterIndex:
                     keep = live[chunk_rows]
                     self._append_postings(tag, chunk_rows[keep] + id_start)
 
+    def kill_ids(self, ids: np.ndarray):
+        """Mark ids dead (a delete); ids past the indexed ones are ignored (rows added later are
+        masked by state.SegmentSet)."""
+        with self._lock:
+            ids = ids[ids < self.size]
+            if ids.shape[0]:
+                self.live[ids] = False
+
     def kill_range(self, id_start: int, id_end: int):
         """Mark ids [id_start, id_end] dead (replay-to-lsn)."""
         with self._lock:

@@ -12,7 +12,8 @@ Before every search it calls `sync()`:
      active segments, drop the retired ones, hide the hot rows the new segments hold (by id: ids
      ascend with lsn and checkpoint takes the oldest rows);
   3. when the published `lsn` is past what it applied, read the WAL rows after it (un-checkpointed
-     ones) into the hot tier and the filter index;
+     ones) into the hot tier and the filter index, then the deletes after the last one it applied
+     (a delete takes an lsn from the same sequence, engine/deletes.py);
   4. read `seq` again: if it moved, a change overlapped steps 2-3 (rows may have left the WAL for a
      segment not loaded yet), so start over.
 
@@ -25,7 +26,9 @@ import os
 import threading
 import time
 
-from vibrato.catalog import Catalog, collections, segments as seg_sql, wal
+import numpy as np
+
+from vibrato.catalog import Catalog, collections, deletes, segments as seg_sql, wal
 from vibrato.config import Config
 from vibrato.engine.core import Searcher
 from vibrato.engine.maintenance import segment_file
@@ -59,6 +62,9 @@ class Follower(Searcher):
             raise
         self.segment_set = SegmentSet.for_config(config)
         self.segment_set.set_dead_ranges(self.catalog.read(wal.tombstone_ranges, self.cid))
+        deleted, self._deletes_applied = self.catalog.read(
+            lambda conn: (deletes.all_ids(conn, self.cid), deletes.last_lsn(conn, self.cid)))
+        self.segment_set.set_deleted(deleted)
         self._lock = threading.Lock()  # one sync at a time
         self._seq = -1                 # the writer's seq this follower's segment set matches
         self._applied = 0              # the highest lsn in its hot tier (or skipped as checkpointed)
@@ -99,6 +105,7 @@ class Follower(Searcher):
                     lsn = self.shared.lsn
                     if complete and lsn > self._applied:
                         self._catch_up()
+                        self._catch_up_deletes()
                         # every row up to lsn was pending (read now) or checkpointed (in a segment
                         # loaded, or a moved seq below makes this loop reload)
                         self._applied = max(self._applied, lsn)
@@ -164,3 +171,9 @@ class Follower(Searcher):
             last = rows[-1][0]
             self.segment_set.append_wal_rows([r for r in rows if r[1] > top_id])
             self._applied = last
+
+    def _catch_up_deletes(self):
+        ids, top = self.catalog.read(deletes.after_lsn, self.cid, self._deletes_applied)
+        if ids.shape[0]:
+            self.segment_set.delete(np.unique(ids))
+        self._deletes_applied = top

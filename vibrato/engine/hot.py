@@ -32,6 +32,28 @@ class HotChunk:
         self.tags: list = []
         self.n = 0
         self.index = None  # HnswIndex over all `capacity` rows once sealed and built
+        self.live = None   # bool (capacity,) once a row is deleted; None: every row is live
+        self.dead = 0      # rows deleted
+
+    def kill(self, deleted: np.ndarray) -> int:
+        """Mark rows [0, n) whose ids are in sorted `deleted` not live; returns how many were live."""
+        ids = self.ids[:self.n]
+        if self.n == 0 or deleted.shape[0] == 0:
+            return 0
+        a, b = np.searchsorted(deleted, (ids[0], ids[-1] + 1))
+        want = deleted[a:b]
+        if want.shape[0] == 0:
+            return 0
+        pos = np.searchsorted(ids, want)
+        rows = pos[ids[np.minimum(pos, self.n - 1)] == want]
+        live = np.ones(self.capacity, dtype=bool) if self.live is None else self.live
+        rows = rows[live[rows]]
+        if rows.shape[0] == 0:
+            return 0
+        live[rows] = False
+        self.live = live
+        self.dead += int(rows.shape[0])
+        return int(rows.shape[0])
 
     @property
     def sealed(self) -> bool:
@@ -86,18 +108,28 @@ class HotView:
             rows[sel[ok]] = cand[ok]
         return where, rows
 
-    def vectors_for(self, ids: np.ndarray, out: np.ndarray, found: np.ndarray):
-        """Fill out[i] and found[i] for ids held in this view."""
+    def locate_live(self, ids: np.ndarray):
+        """locate(), with deleted rows reported as not held (-1)."""
         where, rows = self.locate(ids)
+        for si in np.unique(where[where >= 0]).tolist():
+            live = self.slices[si].chunk.live
+            if live is not None:
+                sel = np.flatnonzero(where == si)
+                where[sel[~live[rows[sel]]]] = -1
+        return where, rows
+
+    def vectors_for(self, ids: np.ndarray, out: np.ndarray, found: np.ndarray):
+        """Fill out[i] and found[i] for the live ids held in this view."""
+        where, rows = self.locate_live(ids)
         for si in np.unique(where[where >= 0]).tolist():
             sel = np.flatnonzero(where == si)
             out[sel] = self.slices[si].chunk.vectors[rows[sel]]
             found[sel] = True
 
     def metadata_many(self, ids: np.ndarray) -> list:
-        """Metadata dict per id (None where the id is not in this view), one lookup for all ids."""
+        """Metadata dict per id (None where the id is not in this view or deleted), one lookup for all ids."""
         out = [None] * ids.shape[0]
-        where, rows = self.locate(ids)
+        where, rows = self.locate_live(ids)
         for si in np.unique(where[where >= 0]).tolist():
             ch = self.slices[si].chunk
             sel = np.flatnonzero(where == si)
@@ -148,6 +180,19 @@ class HotTier:
 
     def count(self) -> int:
         return sum(ch.n for ch in self.chunks) - self.lo
+
+    def live_count(self) -> int:
+        """Visible rows not deleted."""
+        dead = 0
+        for ci, ch in enumerate(self.chunks):
+            if ch.live is not None:
+                lo = self.lo if ci == 0 else 0
+                dead += int(np.count_nonzero(~ch.live[lo:ch.n]))
+        return self.count() - dead
+
+    def kill(self, deleted: np.ndarray) -> int:
+        """A delete: every chunk marks its rows in sorted `deleted`; returns how many were live."""
+        return sum(ch.kill(deleted) for ch in self.chunks)
 
     def head(self, max_rows: int):
         """The oldest visible rows (at most max_rows) as copies: (ids, lsns, vectors, metas)."""

@@ -94,6 +94,10 @@ def plan(view, allowed, k: int, ef: int, search_tier: str) -> list:
 def _plan_hot(sl, allowed, k, ef) -> Step:
     ch = sl.chunk
     rows = None if allowed is None else _hot_rows(sl, allowed)
+    if ch.live is not None:  # rows deleted in this chunk
+        keep = ch.live[sl.lo:sl.hi] if rows is None else ch.live[rows]
+        if not keep.all():
+            rows = np.flatnonzero(keep) + sl.lo if rows is None else rows[keep]
     a = sl.hi - sl.lo if rows is None else rows.shape[0]
     if a == 0:
         return Step("skip", sl, None, None)

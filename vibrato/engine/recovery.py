@@ -29,7 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from vibrato.catalog import collections, jobs, orphans, segments as seg_sql, wal
+from vibrato.catalog import collections, deletes, jobs, orphans, segments as seg_sql, wal
 from vibrato.datadir import UnsafePathError
 from vibrato.engine import checkpoint, compaction
 from vibrato.engine.maintenance import (delete_quarantined, gc_obsolete, quarantine_file, quarantine_gc, segment_file,
@@ -63,6 +63,7 @@ def recover(engine, progress=None) -> dict:
     reconcile_jobs(engine, rep)
     step("segment validation")
     engine.segment_set.set_dead_ranges(cat.read(wal.tombstone_ranges, engine.cid))
+    engine.segment_set.set_deleted(cat.read(deletes.all_ids, engine.cid))
     handles = validate_and_load(engine, rep, progress)
     step("hot tail rebuild")
     engine.segment_set.add(handles)
@@ -313,7 +314,8 @@ def validate_and_load(engine, rep, progress) -> list:
         if row["state"] != "active":
             cat.write(seg_sql.set_state, row["id"], "active")
             row = dict(row, state="active")
-        handles.append(SegmentHandle(row, value, engine.segment_set.dead_ranges, engine.config.archive_rerank_factor))
+        handles.append(SegmentHandle(row, value, engine.segment_set.dead_ranges, engine.config.archive_rerank_factor,
+                                     deleted=engine.segment_set.deleted))
         if row["state"] == "active":
             engine.housekeeping.unscrubbed.add(row["id"])
     handles.sort(key=lambda h: h.id_start)

@@ -39,6 +39,7 @@ from pathlib import Path
 from vibrato.catalog import Catalog, backup, collections, segments as seg_sql, wal
 from vibrato.config import Config
 from vibrato.datadir import DIR_MODE, FILE_MODE, UnsafePathError, fsync_dir, open_regular, plain_name, resolve_rel
+from vibrato.engine.deletes import undo_for_replay
 from vibrato.engine.lock import DataDirLock, is_locked
 from vibrato.errors import NotFoundError, VibratoError
 from vibrato.ids import job_id as new_id
@@ -802,6 +803,7 @@ def replay_to_lsn(data_dir, collection: str, target_lsn: int, progress=None) -> 
 
             def txn(conn):
                 res = wal.truncate_after_lsn(conn, col["id"], target_lsn)
+                res["deletes_undone"] = undo_for_replay(data_dir, conn, col["id"], target_lsn)
                 if res["removed"]:
                     lo, hi = res["id_start"], res["id_end"]
                     dead = [r["id"] for r in seg_sql.list_by_state(conn, col["id"], seg_sql.SERVING_STATES)
@@ -811,7 +813,8 @@ def replay_to_lsn(data_dir, collection: str, target_lsn: int, progress=None) -> 
             res = cat.write(txn)
             if progress is not None:
                 progress("replay: done", 1, 1)
-            log.info("replay-to-lsn %d on %s: removed %d rows", target_lsn, collection, res["removed"])
+            log.info("replay-to-lsn %d on %s: removed %d rows, undid %d deletes", target_lsn, collection,
+                     res["removed"], res["deletes_undone"])
         finally:
             cat.close()
     return {"replayed_to_lsn": int(target_lsn), "collection": collection}

@@ -1,8 +1,9 @@
 """The engine's shared state, each part with one owner and an explicit interface.
 
-* `SegmentSet`: what queries search. The active segment handles, the hot tier, the filter index and
-  the tombstone (replayed-away) id ranges, changed only through `add` (recovery), `swap` (checkpoint,
-  compaction) and `append` (ingest), under one lock. `view()` is the immutable snapshot a query
+* `SegmentSet`: what queries search. The active segment handles, the hot tier, the filter index,
+  the tombstone (replayed-away) id ranges and the deleted ids, changed only through `add` (recovery),
+  `swap` (checkpoint, compaction), `append` (ingest) and `delete`, under one lock. Every handle and
+  hot row it publishes is masked by the deleted ids, whenever it was built. `view()` is the immutable snapshot a query
   holds for its whole life (tiers.View).
 * `Readiness`: recovering -> recovered, or degraded by blockers; a blocker found later (the scrubber,
   an unsafe catalog row, a hot tier out of step) degrades it live (CONTRACT.md D21).
@@ -31,6 +32,7 @@ class Counter(enum.Enum):
     OBSOLETE_FILES_DELETED = "obsolete_files_deleted_total"
     QUARANTINE_EVICTIONS = "quarantine_evictions_total"
     INGEST_VECTORS = "ingest_vectors_total"
+    DELETE_VECTORS = "delete_vectors_total"
     QUERY = "query_total"
     IDENTIFY = "identify_total"
     WAL_ROWS_PRUNED = "wal_rows_pruned_total"
@@ -115,6 +117,7 @@ class SegmentSet:
         self._hot = HotTier(dim, hot_chunk_rows)
         self.filters = FilterIndex()
         self._dead_ranges: tuple = ()
+        self._deleted = _NO_IDS  # every deleted id, sorted; replaced (never changed in place)
 
     # -------------------------------------------------------------- reads
     def view(self) -> View:
@@ -131,10 +134,16 @@ class SegmentSet:
         """Inclusive (lo, hi) id ranges replayed away (tombstones): never live in any tier."""
         return self._dead_ranges
 
+    @property
+    def deleted(self) -> np.ndarray:
+        """Every deleted id, sorted (read-only snapshot)."""
+        return self._deleted
+
     def handles_and_hot_count(self) -> tuple[tuple, int]:
-        """Both read at one instant (stats: no row counted twice or missed across a swap)."""
+        """Both read at one instant (stats: no row counted twice or missed across a swap); the hot
+        count is of live rows."""
         with self._lock:
-            return self._segments, self._hot.count()
+            return self._segments, self._hot.live_count()
 
     def hot_count(self) -> int:
         with self._lock:
@@ -163,9 +172,31 @@ class SegmentSet:
             for lo, hi in self._dead_ranges:
                 self.filters.kill_range(lo, hi)
 
+    def set_deleted(self, ids):
+        """Recovery and a follower's start, before segments load: the deleted ids (sorted)."""
+        with self._lock:
+            self._deleted = np.array(ids, dtype=np.int64)
+            self._deleted.flags.writeable = False
+            self.filters.kill_ids(self._deleted)
+
+    def delete(self, ids: np.ndarray) -> int:
+        """A committed delete (sorted unique ids): from now on no view serves them, in any tier or
+        filter. Returns how many rows it took out of the searchable tiers."""
+        ids = np.asarray(ids, dtype=np.int64)
+        if ids.shape[0] == 0:
+            return 0
+        with self._lock:
+            merged = np.union1d(self._deleted, ids)
+            merged.flags.writeable = False
+            self._deleted = merged
+            self.filters.kill_ids(ids)
+            return sum(h.kill(ids) for h in self._segments) + self._hot.kill(ids)
+
     def add(self, handles):
         """Recovery: publish loaded segments and index their filter columns."""
         with self._lock:
+            for h in handles:
+                h.kill(self._deleted)
             self._segments = _sorted(self._segments + tuple(handles))
             for h in handles:
                 r = h.reader
@@ -177,6 +208,8 @@ class SegmentSet:
         an added segment, are hidden. The filter index is by id: it already holds every row of `add`
         that it ever held hot (a follower indexes the rest first, `index_columns`)."""
         with self._lock:
+            for h in add:  # built from rows read before a delete that committed since
+                h.kill(self._deleted)
             gone = {s.id for s in remove}
             self._segments = _sorted(tuple(s for s in self._segments if s.id not in gone) + tuple(add))
             if drop_hot_through is not None:
@@ -215,6 +248,14 @@ class SegmentSet:
         with self._lock:
             self._hot.append(ids, lsns, vectors, metas)
             self.filters.add_rows(ids, bpm, [m[4] for m in metas])
+            if self._deleted.shape[0] and self._deleted[-1] >= ids[0]:
+                gone = self._deleted[np.searchsorted(self._deleted, ids[0]):]
+                self._hot.kill(gone)  # a catch-up that read a row after its delete
+                self.filters.kill_ids(gone)
+
+
+_NO_IDS = np.empty(0, np.int64)
+_NO_IDS.flags.writeable = False
 
 
 def _sorted(handles: tuple) -> tuple:

@@ -20,7 +20,7 @@ class SegmentHandle:
     vectors; a version-1 archive (no graph): ADC scan of the PQ codes + exact rerank. Scores are
     exact everywhere (CONTRACT.md D14)."""
 
-    def __init__(self, row: dict, reader, dead_ranges=(), rerank_factor: int = 8):
+    def __init__(self, row: dict, reader, dead_ranges=(), rerank_factor: int = 8, deleted=None):
         from vibrato.index import HnswIndex
         from vibrato.pq import ProductQuantizer
 
@@ -42,6 +42,8 @@ class SegmentHandle:
         self.live = live
         self.live_count = int(live.sum())
         self.all_live = self.live_count == self.n
+        if deleted is not None:
+            self.kill(deleted)
         self.vectors = reader.vectors
         self.rerank_factor = rerank_factor
         self.index = None
@@ -58,6 +60,29 @@ class SegmentHandle:
                 # the graph walk scores these codes, so they live in memory (m bytes a row); the
                 # vectors are read from the file only to rescore the beam (CONTRACT.md D14)
                 self.ram_codes = np.array(self.codes)
+
+    def kill(self, deleted: np.ndarray) -> int:
+        """Mark the ids of sorted `deleted` that fall in this segment not live (a delete, state.SegmentSet
+        holds the lock); returns how many were live. The mapped flags are copied on the first one."""
+        a, b = np.searchsorted(deleted, (self.id_start, self.id_end + 1))
+        if a == b:
+            return 0
+        rows = deleted[a:b] - self.id_start
+        rows = rows[self.live[rows]]
+        if rows.shape[0] == 0:
+            return 0
+        live = self.live if self.live.flags.writeable else np.array(self.live, dtype=bool)
+        live[rows] = False
+        self.live = live
+        self.live_count -= int(rows.shape[0])
+        self.all_live = False
+        return int(rows.shape[0])
+
+    def on_disk_live(self, deleted: np.ndarray) -> np.ndarray:
+        """The ids of sorted `deleted` whose payload this segment's file still holds (purge)."""
+        a, b = np.searchsorted(deleted, (self.id_start, self.id_end + 1))
+        ids = deleted[a:b]
+        return ids[self.reader.live[ids - self.id_start]]
 
     def vectors_for(self, ids, out, found):
         sel = np.flatnonzero((ids >= self.id_start) & (ids <= self.id_end) & ~found)

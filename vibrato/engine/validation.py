@@ -218,6 +218,51 @@ def make_filter(tags_any, tags_all, bpm_gte, bpm_lte) -> QueryFilter | None:
                        None if bpm_lte is None else float(np.float32(bpm_lte)))
 
 
+class DeleteRequest(NamedTuple):
+    """A checked delete: exactly one of `ids` (sorted unique int64) or a filter, which is the query's
+    (`flt`, may be None) plus `source_files` (None: any)."""
+    ids: np.ndarray | None
+    flt: QueryFilter | None
+    source_files: list | None
+
+
+def check_delete(ids, flt, limits: Limits) -> DeleteRequest:
+    """Exactly one of ids / filter (CONTRACT.md D40). A filter must name at least one condition: an
+    empty one would delete everything, which is never what a takedown means."""
+    if (ids is None) == (flt is None):
+        raise BadRequestError("give exactly one of ids or filter")
+    if ids is not None:
+        if isinstance(ids, (str, bytes, dict)) or not hasattr(ids, "__len__"):
+            raise BadRequestError("ids must be an array of vector ids")
+        check_count("ids", len(ids), limits, "max_delete_ids", "ids")
+        for i, v in enumerate(ids):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not 0 <= v <= U64_MAX:
+                raise BadRequestError(f"ids[{i}] must be a non-negative integer, got {v!r}")
+        out = np.unique(np.array([min(int(v), 2**63 - 1) for v in ids], dtype=np.int64))
+        return DeleteRequest(out, None, None)
+    if not isinstance(flt, dict):
+        raise BadRequestError("filter must be an object")
+    rest = {k: v for k, v in flt.items() if k != "source_file"}
+    sources = None
+    if "source_file" in flt:
+        raw = flt["source_file"]
+        names = [raw] if isinstance(raw, str) else raw
+        if not isinstance(names, list) or not names:
+            raise BadRequestError("filter.source_file must be a name or a non-empty array of names")
+        check_count("filter.source_file", len(names), limits, "max_delete_source_files", "names")
+        for i, name in enumerate(names):
+            where = "filter.source_file" if isinstance(raw, str) else f"filter.source_file[{i}]"
+            if not isinstance(name, str):
+                raise BadRequestError(f"{where} must be a string")
+            check_text(name, where, limits, "max_source_file_bytes")
+        sources = sorted(set(names))
+    query_filter = check_filter(rest, limits)
+    if sources is None and query_filter is None:
+        raise BadRequestError("filter must have at least one condition (source_file, tags_any, tags_all, "
+                              "bpm_gte or bpm_lte)")
+    return DeleteRequest(None, query_filter, sources)
+
+
 # ---------------------------------------------------------------------------- ingest rows
 @dataclass
 class PreparedBatch:
