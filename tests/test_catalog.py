@@ -28,9 +28,11 @@ def test_schema_and_pragmas(tmp_path, cat):
     assert cat.read(lambda c: c.pragma("application_id")) == schema.APPLICATION_ID
     assert cat.write(lambda c: c.pragma("journal_mode")) == "wal"
     assert cat.write(lambda c: c.pragma("synchronous")) == 2  # FULL: an acknowledged commit survives power loss
+    assert cat.write(lambda c: c.pragma("secure_delete")) == 1  # freed payloads are zeroed (purge, D40)
     cat.close()
     again = Catalog(tmp_path / "catalog.sqlite3")  # migrations are idempotent
-    assert again.read(lambda c: c.execute("SELECT COUNT(*) FROM schema_migrations").fetchone()[0]) == 1
+    assert again.read(lambda c: c.execute("SELECT COUNT(*) FROM schema_migrations").fetchone()[0]) == \
+        schema.LATEST_VERSION
     again.close()
 
 

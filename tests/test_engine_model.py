@@ -1,7 +1,8 @@
 """Randomised model test: a pure-Python reference model against the real engine.
 
 Hundreds of seeded operation sequences (ingest, batch with duplicate keys, conflicting keys,
-filtered queries, checkpoint, compact, close + reopen) on real SQLite and real segment files.
+filtered queries, deletes by id, by track and by filter, purge, checkpoint, compact, close + reopen)
+on real SQLite and real segment files.
 After every step the engine must agree with the model on ids, created flags, filter semantics,
 metadata and counts, and the brute-force best match of every query must be returned.
 VIBRATO_MODEL_SEEDS / VIBRATO_MODEL_OPS scale it (CI-sized defaults).
@@ -25,6 +26,15 @@ class Model:
     def __init__(self):
         self.rows = []          # index = id: (vector, metadata)
         self.keys = {}          # key -> (id, payload)
+        self.deleted = set()    # deleted ids: a retried key answers its id, created=False, still deleted
+
+    def live(self):
+        return [i for i in range(len(self.rows)) if i not in self.deleted]
+
+    def delete(self, ids) -> int:
+        new = {i for i in ids if 0 <= i < len(self.rows)} - self.deleted
+        self.deleted |= new
+        return len(new)
 
     def ingest(self, vector, meta, key):
         payload = (vector.tobytes(), tuple(sorted(meta.items(), key=lambda kv: kv[0])))
@@ -89,7 +99,10 @@ def gen_key(rng, step):
 
 
 def check_query(eng, model, rng):
-    target = int(rng.integers(0, len(model.rows)))
+    if not model.live():
+        assert eng.query(model.rows[0][0], k=5, ef=64, search_tier="all") == []
+        return
+    target = int(rng.choice(model.live()))
     vec, meta = model.rows[target]
     mode = int(rng.integers(0, 5))
     flt = None
@@ -105,14 +118,14 @@ def check_query(eng, model, rng):
     tier = ["active", "all"][int(rng.integers(0, 2))]
     res = eng.query(vec, k=k, ef=max(16 * k, 256), filter=flt, search_tier="all", include_metadata=True)
     del tier
-    allowed = [i for i in range(len(model.rows)) if model.matches(i, _norm_filter(flt))]
+    allowed = [i for i in model.live() if model.matches(i, _norm_filter(flt))]
     if not allowed:
         assert res == []
         return
     ids = [r["id"] for r in res]
     assert len(ids) == len(set(ids))
     for r in res:
-        assert 0 <= r["id"] < len(model.rows)
+        assert 0 <= r["id"] < len(model.rows) and r["id"] not in model.deleted
         assert model.matches(r["id"], _norm_filter(flt)), (r, flt)
         m = model.rows[r["id"]][1]
         got = r["metadata"]
@@ -125,6 +138,27 @@ def check_query(eng, model, rng):
     best = allowed[int(np.argmax(X @ vec.astype(np.float64)))]
     assert best in ids, f"brute-force best {best} missing from {ids[:10]} (filter {flt})"
     assert len(res) == min(k, len(allowed))
+
+
+def do_delete(eng, model, rng):
+    """Delete by ids (some unknown or already deleted), by track (source_file) or by a tag + bpm filter."""
+    mode = int(rng.integers(0, 3))
+    if mode == 0:
+        ids = [int(i) for i in rng.integers(0, len(model.rows) + 3, size=int(rng.integers(1, 5)))]
+        want = model.delete(ids)
+        got = eng.delete(ids=ids)
+    elif mode == 1:
+        names = sorted({model.rows[int(i)][1]["source_file"]
+                        for i in rng.integers(0, len(model.rows), size=int(rng.integers(1, 3)))})
+        want = model.delete([i for i in range(len(model.rows)) if model.rows[i][1]["source_file"] in names])
+        got = eng.delete(filter={"source_file": names if len(names) > 1 else names[0]})
+    else:
+        meta = model.rows[int(rng.integers(0, len(model.rows)))][1]
+        flt = {"tags_all": [meta["tags"][0]], "bpm_gte": meta["bpm"] - 3, "bpm_lte": meta["bpm"] + 3}
+        want = model.delete([i for i in range(len(model.rows)) if model.matches(i, flt)])
+        got = eng.delete(filter=flt)
+    assert got["deleted"] == want
+    assert (got["lsn"] is None) == (want == 0)
 
 
 def _norm_filter(flt):
@@ -176,9 +210,14 @@ def run_sequence(seed, tmp_path, ops=OPS, drain=False, **overrides):
                         eng.ingest_batch(payload)
                 else:
                     assert eng.ingest_batch(payload) == want
-            elif roll < 82:
+            elif roll < 77:
                 if model.rows:
                     check_query(eng, model, rng)
+            elif roll < 81:
+                if model.rows:
+                    do_delete(eng, model, rng)
+            elif roll < 82:
+                eng.compact(purge=True)
             elif roll < 89:
                 eng.checkpoint()
             elif roll < 95:
@@ -187,7 +226,9 @@ def run_sequence(seed, tmp_path, ops=OPS, drain=False, **overrides):
                 eng.close()
                 eng = Engine.open(data_dir, **opts)
             if step % 20 == 0 or step == ops - 1:
-                assert eng.stats()["total_vectors"] == len(model.rows)
+                stats = eng.stats()
+                assert stats["total_vectors"] == len(model.rows) - len(model.deleted)
+                assert stats["deleted_vectors"] == len(model.deleted)
         if drain:
             eng.checkpoint()
             while eng.compact()["state"] != "idle":
@@ -198,10 +239,11 @@ def run_sequence(seed, tmp_path, ops=OPS, drain=False, **overrides):
                 check_query(eng, model, rng)
         for vid in list(range(min(6, len(model.rows)))) + list(range(max(0, len(model.rows) - 6), len(model.rows))):
             res = eng.query(model.rows[vid][0], k=20, ef=512, search_tier="all", include_metadata=False)
-            assert vid in [r["id"] for r in res]
+            assert (vid in [r["id"] for r in res]) == (vid not in model.deleted)
         eng.close()
         eng = Engine.open(data_dir, **opts)
-        assert eng.stats()["total_vectors"] == len(model.rows)
+        assert eng.stats()["total_vectors"] == len(model.rows) - len(model.deleted)
+        assert eng.stats()["deleted_vectors"] == len(model.deleted)
     finally:
         eng.close()
 

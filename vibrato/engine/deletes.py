@@ -59,6 +59,7 @@ def delete(engine, ids=None, flt=None) -> dict:
         found, lsn = result
         if lsn is None:
             return
+        fault_point("delete:committed")
         try:
             engine.segment_set.delete(found)
             if engine.shared_state is not None:
@@ -110,7 +111,7 @@ def purge(engine, progress=None) -> dict:
         out["checkpoints"] += 1
         if res["state"] == "idle":
             break
-    fault_point("purge_after_checkpoint")
+    fault_point("purge:checkpointed")
 
     # 2. rewrite every segment file that still holds a deleted row
     with engine.compaction_lock:
@@ -124,13 +125,14 @@ def purge(engine, progress=None) -> dict:
         out["obsolete_files_deleted"] = gc_obsolete(engine)
     if progress is not None and doomed:
         progress("purge: rewriting segments", len(doomed), len(doomed))
-    fault_point("purge_after_rewrite")
+    fault_point("purge:rewritten")
 
     # 3. erase the catalog's copies
     if ids.shape[0]:
         still = cat.read(del_sql.pending_among, cid, ids)  # only when ingest outran the checkpoints
         erase = np.setdiff1d(ids, still, assume_unique=True)
         out["purged_ids"] = cat.write(del_sql.erase_payloads, cid, erase)
+    fault_point("purge:erased")
     if cat.read(del_sql.needs_vacuum):
         cat.vacuum()
         cat.write(del_sql.clear_vacuum_flag)
