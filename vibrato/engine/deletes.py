@@ -17,12 +17,15 @@ delete acknowledged before it starts:
      segment's own level), and delete the obsolete files (unless a running snapshot pins them);
   3. erase the WAL rows' vectors and metadata; the catalog runs with secure_delete, so the freed
      bytes are zeroed (a catalog from before that is vacuumed once);
-  4. delete the quarantined files (orphans from old crashes, which may hold old rows);
+  4. delete the quarantined files (orphans from old crashes) and the previous state a restore
+     left in tmp/restore_backup_* (both may hold old rows); snapshots/ is kept (D40);
   5. TRUNCATE-checkpoint the SQLite WAL, so no older page image survives in the -wal file.
 Every step is durable before the next; a crash in between leaves the deletes in force, and the
 next purge finishes the work.
 """
 import logging
+import os
+import shutil
 import time
 
 import numpy as np
@@ -138,10 +141,11 @@ def purge(engine, progress=None) -> dict:
         cat.write(del_sql.clear_vacuum_flag)
         out["vacuumed"] = True
 
-    # 4. quarantined orphans may hold rows from before a crash
+    # 4. quarantined orphans and a restore's backup may hold rows from before
     for o in cat.read(orphans.live):
         if o["id"] not in engine.housekeeping.unsafe_orphans and delete_quarantined(engine, o, "purge"):
             out["quarantine_files_deleted"] += 1
+    out["restore_backups_deleted"] = _remove_restore_backups(engine.config.tmp_dir)
 
     # 5. no older page image left in the SQLite WAL
     _truncate_wal(cat)
@@ -149,6 +153,25 @@ def purge(engine, progress=None) -> dict:
     log.info("purge: %d ids erased, %d segments rewritten, %d checkpoints", out["purged_ids"],
              len(out["segments_rewritten"]), out["checkpoints"])
     return out
+
+
+def _remove_restore_backups(tmp_dir) -> int:
+    """Delete tmp/restore_backup_* (the data a restore replaced); symlinks are removed, never followed."""
+    from vibrato.datadir import fsync_dir
+    from vibrato.engine.snapshot import BACKUP_PREFIX
+
+    n = 0
+    for entry in os.scandir(tmp_dir):
+        if entry.name.startswith(BACKUP_PREFIX):
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+            else:
+                os.unlink(entry.path)
+            log.warning("purge: deleted %s (a restore's backup of the data it replaced)", entry.name)
+            n += 1
+    if n:
+        fsync_dir(tmp_dir)
+    return n
 
 
 def _truncate_wal(cat):
