@@ -415,3 +415,22 @@ def test_sigkill_at_each_delete_and_purge_step(tmp_path, point):
     finally:
         eng.close()
     assert grep_data_dir(data_dir, needles) == []
+
+
+@pytest.mark.parametrize("keep", [15, 300])
+def test_k_live_results_when_most_rows_are_deleted(tmp_path, X, keep):
+    eng = tiered_engine(tmp_path / "d", X)
+    try:
+        live = np.sort(np.random.default_rng(keep).choice(X.shape[0], keep, replace=False))
+        gone = np.setdiff1d(np.arange(X.shape[0]), live)
+        for b in range(0, gone.shape[0], 500):
+            eng.delete(ids=gone[b:b + 500].tolist())
+        for qi in range(0, X.shape[0], 97):
+            for tier in ("all", "active", "archive"):
+                res = eng.query(X[qi], k=10, ef=16, search_tier=tier)
+                in_tier = [i for i in live.tolist() if tier == "all" or (tier == "archive") == (i < 600)]
+                assert set(ids_of(res)) <= set(live.tolist())
+                assert len(res) == min(10, len(in_tier)), (tier, qi)
+        assert eng.stats()["total_vectors"] == keep
+    finally:
+        eng.close()
