@@ -130,7 +130,8 @@ def cli():
                                                 "--hot-index-shards", "--audit-retention-days"])
 @click.option_panel("Request limits", options=["--max-body-bytes", "--max-k", "--max-ef", "--max-batch",
                                                "--max-identify-frames", "--max-tags", "--max-tag-bytes",
-                                               "--max-source-file-bytes", "--max-idempotency-key-bytes"])
+                                               "--max-source-file-bytes", "--max-idempotency-key-bytes",
+                                               "--max-delete-ids", "--max-delete-source-files"])
 @data_dir_option
 @click.option("--collection", default=_DEFAULTS.collection, show_default=True, help="Collection served.")
 @click.option("--dim", type=click.IntRange(1, 4096), default=_DEFAULTS.dim, show_default=True,
@@ -212,13 +213,18 @@ def cli():
               show_default=True)
 @click.option("--max-idempotency-key-bytes", type=click.IntRange(1), default=_LIMITS.max_idempotency_key_bytes,
               show_default=True)
+@click.option("--max-delete-ids", type=click.IntRange(1), default=_LIMITS.max_delete_ids, show_default=True,
+              help="Ids per /v2/vectors/delete request.")
+@click.option("--max-delete-source-files", type=click.IntRange(1), default=_LIMITS.max_delete_source_files,
+              show_default=True, help="source_file names in one delete filter.")
 def serve_v2(data_dir, collection, dim, port, host, checkpoint_interval_secs, compaction_interval_secs,
              orphan_ttl_hours, audio_colocated, public_health_metrics, catalog_read_timeout_ms,
              sqlite_wal_autocheckpoint_pages, quarantine_max_files, quarantine_max_bytes, background_io_mb_per_sec,
              hot_index_shards, vector_madvise_mode, bootstrap_admin_key, shutdown_timeout_secs, server_threads,
              inline_search, fast_query_path, query_workers, audit_retention_days, log_level, max_body_bytes, max_k, max_ef, max_batch, max_identify_frames,
-             max_tags, max_tag_bytes, max_source_file_bytes, max_idempotency_key_bytes, keepalive_timeout_secs,
-             header_timeout_secs, body_timeout_secs, max_connections):
+             max_tags, max_tag_bytes, max_source_file_bytes, max_idempotency_key_bytes, max_delete_ids,
+             max_delete_source_files, keepalive_timeout_secs, header_timeout_secs, body_timeout_secs,
+             max_connections):
     """Run the v2 HTTP server until SIGTERM/SIGINT (graceful shutdown, exit 0)."""
     from vibrato.server import logs
     from vibrato.server.app import serve
@@ -242,7 +248,8 @@ def serve_v2(data_dir, collection, dim, port, host, checkpoint_interval_secs, co
             limits=Limits(max_k=max_k, max_ef=max_ef, max_batch=max_batch, max_identify_frames=max_identify_frames,
                           max_tags=max_tags, max_tag_bytes=max_tag_bytes,
                           max_source_file_bytes=max_source_file_bytes,
-                          max_idempotency_key_bytes=max_idempotency_key_bytes, max_body_bytes=max_body_bytes))
+                          max_idempotency_key_bytes=max_idempotency_key_bytes, max_body_bytes=max_body_bytes,
+                          max_delete_ids=max_delete_ids, max_delete_source_files=max_delete_source_files))
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
     logs.configure(config.log_level)
@@ -450,6 +457,96 @@ def replay_to_lsn(data_dir, collection, target_lsn):
         _fail(exc)
     click.echo(f"replayed_to_lsn={out['replayed_to_lsn']}")
     click.echo(f"collection={out['collection']}")
+
+
+# ---------------------------------------------------------------------------- deletes (over HTTP)
+def server_options(timeout: float):
+    """--url, --token (or VIBRATO_TOKEN, which keeps the secret out of the process list) and --timeout."""
+    def wrap(f):
+        f = click.option("--timeout", type=click.FloatRange(0, min_open=True), default=timeout, show_default=True,
+                         help="Seconds to wait for the server's answer.")(f)
+        f = click.option("--token", envvar="VIBRATO_TOKEN", required=True,
+                         help="API key (vbk_....<secret>); default $VIBRATO_TOKEN.")(f)
+        return click.option("--url", required=True, help="The running server, e.g. http://127.0.0.1:8080.")(f)
+    return wrap
+
+
+def _call_server(url: str, token: str, timeout: float, fn):
+    """fn(client) against a running server; an HTTP error or an unreachable server exits 1."""
+    from vibrato.client import Client, VibratoHTTPError
+    try:
+        client = Client(url, token, timeout=timeout)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
+    try:
+        with client:
+            return fn(client)
+    except VibratoHTTPError as exc:
+        _error(f"HTTP {exc.status} {exc.code}: {exc.message}")
+    except OSError as exc:
+        _error(f"cannot reach {url}: {exc}")
+
+
+def _parse_ids(text: str, where: str) -> list[int]:
+    """Vector ids separated by commas and/or whitespace."""
+    out = []
+    for part in text.replace(",", " ").split():
+        if not (part.isascii() and part.isdigit()):
+            raise ValueError(f"{where}: {part!r} is not a vector id (a non-negative integer)")
+        out.append(int(part))
+    return out
+
+
+def _kv(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value)) or "-"
+    return str(value)
+
+
+@cli.command("delete")
+@server_options(60.0)
+@click.option("--ids", "ids_text", default=None, help="Comma-separated vector ids, e.g. 1,2,3.")
+@click.option("--ids-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="A file of vector ids separated by commas, spaces or newlines ('-': stdin).")
+@click.option("--source-file", "source_files", multiple=True,
+              help="Delete every vector whose metadata.source_file is NAME (repeat for several names).")
+def delete_cmd(url, token, timeout, ids_text, ids_file, source_files):
+    """Delete vectors on a running server (POST /v2/vectors/delete; role ingest): by id or by source_file,
+    exactly one way. Prints deleted=<n> and lsn=<lsn or ->. The rows are never served again; their payloads
+    leave the data dir as segments are rewritten, or at once with `vibrato purge`."""
+    given = sum(x is not None and x != () for x in (ids_text, ids_file, source_files))
+    if given != 1:
+        raise click.UsageError("give exactly one of --ids, --ids-file or --source-file")
+    ids = flt = None
+    try:
+        if ids_text is not None:
+            ids = _parse_ids(ids_text, "--ids")
+        elif ids_file is not None:
+            text = sys.stdin.read() if str(ids_file) == "-" else ids_file.read_text()
+            ids = _parse_ids(text, str(ids_file))
+        else:
+            flt = {"source_file": list(source_files) if len(source_files) > 1 else source_files[0]}
+    except (OSError, ValueError) as exc:
+        _fail(exc)
+    out = _call_server(url, token, timeout, lambda c: c.delete(ids, filter=flt))
+    click.echo(f"deleted={out['deleted']}")
+    click.echo(f"lsn={_kv(out['lsn'])}")
+
+
+@cli.command("purge")
+@server_options(3600.0)
+def purge_cmd(url, token, timeout):
+    """Erase the payloads of every deleted vector now, on a running server (POST /v2/admin/compact
+    {"purge": true}; role admin). Can take minutes. Prints job_id=, state= and each detail as key=value."""
+    out = _call_server(url, token, timeout, lambda c: c.compact(purge=True))
+    click.echo(f"job_id={out['job_id']}")
+    click.echo(f"state={out['state']}")
+    for key, value in out.get("details", {}).items():
+        click.echo(f"{key}={_kv(value)}")
 
 
 def main():

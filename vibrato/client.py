@@ -96,6 +96,24 @@ def _identify_body(vectors, k, ef, search_tier, include_metadata) -> dict:
     return body
 
 
+def _delete_body(ids, filter) -> dict:
+    """Exactly one of ids / filter is sent as given (the server answers 400 for both or neither)."""
+    body = {}
+    if ids is not None:
+        body["ids"] = ids if isinstance(ids, np.ndarray) else list(ids)  # numpy: orjson writes its integers
+    if filter is not None:
+        body["filter"] = filter
+    return body
+
+
+def _delete_path(id) -> str:
+    return f"/v2/vectors/{urllib.parse.quote(str(id), safe='')}"
+
+
+def _compact_body(purge: bool):
+    return {"purge": True} if purge else None
+
+
 def _decode(status: int, body: bytes, request_id, allow=()):
     if status in allow or 200 <= status < 300:
         return orjson.loads(body)["data"]
@@ -183,11 +201,22 @@ class Client:
         """The readiness payload; a 503 (not ready) is returned, not raised."""
         return self._call("GET", "/v2/health/ready", allow=(503,))
 
+    def delete(self, ids=None, *, filter=None) -> dict:
+        """Delete by ids, or by filter (tags_any, tags_all, bpm_gte, bpm_lte, source_file: a name or a
+        list); exactly one. Returns {"deleted": n, "lsn": lsn or None}."""
+        return self._call("POST", "/v2/vectors/delete", _delete_body(ids, filter))
+
+    def delete_one(self, id) -> dict:
+        """DELETE /v2/vectors/{id}: {"deleted": 0 or 1, "lsn": ...}."""
+        return self._call("DELETE", _delete_path(id))
+
     def checkpoint(self) -> dict:
         return self._call("POST", "/v2/admin/checkpoint")
 
-    def compact(self) -> dict:
-        return self._call("POST", "/v2/admin/compact")
+    def compact(self, purge: bool = False) -> dict:
+        """One compaction step; with purge=True erase every deleted row's payload now (can take minutes:
+        give the client a timeout to match)."""
+        return self._call("POST", "/v2/admin/compact", _compact_body(purge))
 
     def snapshot(self) -> dict:
         return self._call("POST", "/v2/admin/snapshot")
@@ -262,11 +291,17 @@ class AsyncClient:
     async def health_ready(self) -> dict:
         return await self._call("GET", "/v2/health/ready", allow=(503,))
 
+    async def delete(self, ids=None, *, filter=None) -> dict:
+        return await self._call("POST", "/v2/vectors/delete", _delete_body(ids, filter))
+
+    async def delete_one(self, id) -> dict:
+        return await self._call("DELETE", _delete_path(id))
+
     async def checkpoint(self) -> dict:
         return await self._call("POST", "/v2/admin/checkpoint")
 
-    async def compact(self) -> dict:
-        return await self._call("POST", "/v2/admin/compact")
+    async def compact(self, purge: bool = False) -> dict:
+        return await self._call("POST", "/v2/admin/compact", _compact_body(purge))
 
     async def snapshot(self) -> dict:
         return await self._call("POST", "/v2/admin/snapshot")

@@ -56,12 +56,14 @@ class Route:
     summary: str
     request: str | None = None
     responses: dict = field(default_factory=dict)
+    body_optional: bool = False   # the request body may be left out
+    description: str = ""         # OpenAPI text; {limit names} are filled from Config.limits
 
 
 def _route(method, path, handler, action, role, summary, *, audited=False, public=False, request=None,
-           responses=None):
+           responses=None, body_optional=False, description=""):
     return Route(method, path, handler, Policy(path, action, role, audited, public), summary, request,
-                 responses or {})
+                 responses or {}, body_optional, description)
 
 
 ROUTES = (
@@ -70,6 +72,21 @@ ROUTES = (
     _route("POST", "/v2/vectors/batch", h.ingest_batch, "ingest_batch", "ingest",
            "Ingest a batch atomically (all or nothing)", audited=True, request="BatchIngestRequest",
            responses={"201": "BatchIngestResponse", "409": "Error"}),
+    _route("POST", "/v2/vectors/delete", h.delete, "delete", "ingest",
+           "Delete vectors by id or by filter (durable and invisible to every later query when answered)",
+           audited=True, request="DeleteRequest", responses={"200": "DeleteResponse"},
+           description="Exactly one of `ids` (at most {max_delete_ids} ids, --max-delete-ids) or `filter` (the "
+                       "query filter's clauses plus `source_file`: one name or at most {max_delete_source_files} "
+                       "names, --max-delete-source-files; at least one condition). Ids that do not exist or are "
+                       "already deleted count 0; `lsn` is null when nothing was deleted. Shape errors (unknown "
+                       "field, an id that is not a u64 integer) are 422; both or neither of ids and filter, an "
+                       "empty filter, an empty source_file list and values above a limit are 400. The payloads "
+                       "leave the data dir as segments are rewritten, or at once with POST /v2/admin/compact "
+                       "{{\"purge\": true}}."),
+    _route("DELETE", "/v2/vectors/{id}", h.delete_one, "delete", "ingest", "Delete one vector by id",
+           audited=True, responses={"200": "DeleteResponse"},
+           description="Answers like POST /v2/vectors/delete with {{\"ids\": [id]}} (deleted 0 or 1); an id that "
+                       "is not an integer from 0 to 2^64-1 is 400."),
     _route("POST", "/v2/query", h.query, "query", "query", "k-nearest-neighbour search (inner product)",
            audited=True, request="QueryRequest", responses={"200": "QueryResponse"}),
     _route("POST", "/v2/identify", h.identify, "identify", "query", "Identify a sequence of frames",
@@ -80,8 +97,15 @@ ROUTES = (
            public=True, responses={"200": "HealthResponse", "503": "HealthResponse"}),
     _route("POST", "/v2/admin/checkpoint", h.admin_checkpoint, "checkpoint", "admin",
            "Flush the WAL tail into an L0 segment", audited=True, responses={"200": "JobResponse"}),
-    _route("POST", "/v2/admin/compact", h.admin_compact, "compact", "admin", "Run one compaction step",
-           audited=True, responses={"200": "JobResponse"}),
+    _route("POST", "/v2/admin/compact", h.admin_compact, "compact", "admin",
+           "Run one compaction step, or purge deleted rows", audited=True, request="CompactRequest",
+           body_optional=True, responses={"200": "JobResponse"},
+           description="Without a body (or with {{\"purge\": false}}) one compaction step. With {{\"purge\": "
+                       "true}} it erases the payloads of every delete acknowledged before it starts (checkpoint, "
+                       "rewrite the segments holding them, erase the catalog's copies, delete quarantined files, "
+                       "truncate the SQLite WAL) and answers when that is durable: job_id prg_..., state completed, "
+                       "details purged_ids, checkpoints, segments_rewritten, obsolete_files_deleted, "
+                       "quarantine_files_deleted, vacuumed, seconds. It can take minutes."),
     _route("POST", "/v2/admin/snapshot", h.admin_snapshot, "snapshot", "admin", "Create a snapshot",
            audited=True, responses={"200": "JobResponse"}),
     _route("GET", "/v2/admin/stats", h.admin_stats, "stats", "admin", "Engine statistics",
@@ -107,7 +131,7 @@ def create_app(config: Config, engine=None, *, worker: int | None = None) -> web
     app[K.METRICS] = ServerMetrics()
     app[K.VALIDATOR] = Validator(config)
     app[K.POLICIES] = {r.path: r.policy for r in ROUTES}
-    app[K.OPENAPI] = orjson.dumps(openapi.build(ROUTES, dim=config.dim))
+    app[K.OPENAPI] = orjson.dumps(openapi.build(ROUTES, dim=config.dim, limits=config.limits))
     app[K.INFLIGHT] = inflight = K.InFlight()
     app[K.METRICS].in_flight_fn = lambda: inflight.count
     app[K.WORKERS] = None

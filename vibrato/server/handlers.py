@@ -14,7 +14,8 @@ import time
 import orjson
 from aiohttp import web
 
-from vibrato.errors import NotReadyError, VibratoError
+from vibrato.engine.validation import U64_MAX
+from vibrato.errors import BadRequestError, NotReadyError, VibratoError
 from vibrato.server import state as K
 from vibrato.server.errors import InvalidJsonError, PayloadTooLargeError, UnsupportedMediaTypeError
 from vibrato.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -167,6 +168,32 @@ async def identify(request: web.Request) -> web.Response:
     return json_response({"data": {"results": results, "query_time_ms": secs * 1000.0}})
 
 
+# ---------------------------------------------------------------------------- deletes
+async def delete(request: web.Request) -> web.Response:
+    """POST /v2/vectors/delete: exactly one of {"ids": [...]} or {"filter": {...}} (CONTRACT.md D40)."""
+    req = await parse(request, "delete")
+    return await _delete(request, req["ids"], req["filter"])
+
+
+async def delete_one(request: web.Request) -> web.Response:
+    """DELETE /v2/vectors/{id}: one id; a path segment that is not a u64 is 400 (never echoed: the
+    access log and audit row must not carry what a client may have put there by mistake)."""
+    raw = request.match_info["id"]
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 20 or int(raw) > U64_MAX:
+        raise BadRequestError(f"the vector id in the path must be an integer between 0 and {U64_MAX}")
+    return await _delete(request, [int(raw)], None)
+
+
+async def _delete(request: web.Request, ids, flt) -> web.Response:
+    # A catalog write (one transaction, fsynced): on the executor, like ingest.
+    out = await _blocking(request, request.app[K.ENGINE].delete, ids, filter=flt)
+    deleted, lsn = int(out["deleted"]), out["lsn"]
+    lsn = None if lsn is None else int(lsn)
+    # Counts only: never the filter (its source_file names are what a takedown must erase).
+    request[K.AUDIT_DETAILS] = {"deleted": deleted, "lsn": lsn, "by": "ids" if ids is not None else "filter"}
+    return json_response({"data": {"deleted": deleted, "lsn": lsn}})
+
+
 # ---------------------------------------------------------------------------- health
 async def health_live(request: web.Request) -> web.Response:
     return json_response({"data": {"status": "ok", "ready": True, "report": "live"}})
@@ -181,18 +208,24 @@ async def health_ready(request: web.Request) -> web.Response:
 
 
 # ---------------------------------------------------------------------------- admin
+async def _run_admin(request: web.Request, kind: str, call, *args):
+    """call(app, *args) on the executor. Admin failures answer 500 `<kind>_failed` with the engine's
+    message (503 while recovering)."""
+    try:
+        return await _blocking(request, call, request.app, *args)
+    except NotReadyError:
+        raise
+    except VibratoError as exc:
+        raise VibratoError(exc.message, code=f"{kind}_failed", status=500) from exc
+    except Exception as exc:  # noqa: BLE001
+        log.exception("%s failed", kind)
+        raise VibratoError(f"{kind} failed: {exc}", code=f"{kind}_failed", status=500) from exc
+
+
 def _admin(kind: str, call):
-    """Admin failures answer 500 `<kind>_failed` with the engine's message (503 while recovering)."""
+    """An admin route whose body is never read."""
     async def handler(request: web.Request) -> web.Response:
-        try:
-            result = await _blocking(request, call, request.app)
-        except NotReadyError:
-            raise
-        except VibratoError as exc:
-            raise VibratoError(exc.message, code=f"{kind}_failed", status=500) from exc
-        except Exception as exc:  # noqa: BLE001
-            log.exception("%s failed", kind)
-            raise VibratoError(f"{kind} failed: {exc}", code=f"{kind}_failed", status=500) from exc
+        result = await _run_admin(request, kind, call)
         if kind != "stats":
             request[K.AUDIT_DETAILS] = {}
         return json_response({"data": result})
@@ -200,8 +233,24 @@ def _admin(kind: str, call):
     return handler
 
 
+async def admin_compact(request: web.Request) -> web.Response:
+    """POST /v2/admin/compact: no body (or an empty one) is one compaction step, as in v2.1; a JSON body
+    `{"purge": true}` erases the payloads of every deleted row instead (seconds to minutes, on the
+    executor; CONTRACT.md D40). A body that is there is checked like any other (415, 413, 400, 422)."""
+    purge = False
+    if request.body_exists:
+        body = await read_body(request)
+        if body.strip():
+            purge = parse_and_validate(body, request.app[K.VALIDATOR].compact)["purge"]
+    result = await _run_admin(request, "compact", lambda app: app[K.ENGINE].compact(purge=purge))
+    details = {}
+    if purge:
+        details = {"purge": True, "purged_ids": int(result.get("details", {}).get("purged_ids", 0))}
+    request[K.AUDIT_DETAILS] = details
+    return json_response({"data": result})
+
+
 admin_checkpoint = _admin("checkpoint", lambda app: app[K.ENGINE].checkpoint())
-admin_compact = _admin("compact", lambda app: app[K.ENGINE].compact())
 admin_snapshot = _admin("snapshot", lambda app: app[K.ENGINE].snapshot())
 admin_stats = _admin("stats", lambda app: app[K.METRICS].stats())  # every process's counters
 

@@ -47,6 +47,18 @@ _STATS_SERIES = [
 ]
 _REFERENCE_STATS_FIELDS = {s[0] for s in _STATS_SERIES if s[0]} | {"ready", "live"}
 
+# Addition series whose name or HELP text is not the generic `vibrato_<field>` / "Engine statistic
+# <field>.": field -> (name, help). The engine's delete counter is exported under the name the contract
+# gives it (CONTRACT.md D40); it counts in the writer only (deletes are forwarded there), so the query
+# workers' counters never add to it.
+_STATS_NAMES = {
+    "delete_vectors_total": ("vibrato_deleted_vectors_total",
+                             "Vectors deleted (live when the delete committed) through /v2/vectors/delete and "
+                             "DELETE /v2/vectors/{id} since the server started."),
+    "deleted_vectors": ("vibrato_deleted_vectors", "Deleted vector ids recorded in the catalog (never served "
+                                                   "again)."),
+}
+
 
 def _label(bound: float) -> str:
     """Bucket label as in v2.1 (CONTRACT.md §1.6): integers without '.0'."""
@@ -194,11 +206,11 @@ class _Collector:
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 continue
-            name = "vibrato_" + field
+            name, doc = _STATS_NAMES.get(field, ("vibrato_" + field, f"Engine statistic {field}."))
             if field.endswith("_total"):
-                yield CounterMetricFamily(name, f"Engine statistic {field}.", value=value)
+                yield CounterMetricFamily(name, doc, value=value)
             else:
-                yield GaugeMetricFamily(name, f"Engine statistic {field}.", value=value)
+                yield GaugeMetricFamily(name, doc, value=value)
         req = CounterMetricFamily("vibrato_http_requests_total", "HTTP requests by method, route and status.",
                                   labels=["method", "route", "status"])
         for key, count in sorted(m.http_requests.items()):

@@ -4,7 +4,11 @@ Request schemas come from `vibrato.server.schemas` (the same objects that valida
 response schemas are declared here. `build(routes)` is called by `create_app` with the route
 table, so a route cannot exist without being documented (tests check both directions).
 """
+import dataclasses
+import re
+
 from vibrato import __version__
+from vibrato.engine.validation import U64_MAX
 from vibrato.server.schemas import REQUEST_BODIES
 
 _INT = {"type": "integer", "minimum": 0}
@@ -49,11 +53,17 @@ RESPONSES = {
         "query_time_ms": {"type": "number", "minimum": 0}})),
     "HealthResponse": _data(_obj({"status": {"type": "string", "enum": ["ok", "degraded"]},
                                   "ready": {"type": "boolean"}, "report": {"type": "string"}})),
-    "JobResponse": _data(_obj({"job_id": {"type": "string", "pattern": "^(chk|cmp|snap)_[0-9]+_[0-9a-f]{16}$"},
+    "DeleteResponse": _data(_obj({
+        "deleted": {**_INT, "description": "rows deleted by this call (unknown or already deleted ids count 0)"},
+        "lsn": {"anyOf": [_INT, {"type": "null"}], "description": "the delete's lsn; null when nothing was deleted"}})),
+    "JobResponse": _data(_obj({"job_id": {"type": "string", "pattern": "^(chk|cmp|snap|prg)_[0-9]+_[0-9a-f]{16}$"},
                                "state": {"type": "string", "enum": ["idle", "completed"]},
                                "details": {"type": "object"}})),
-    "StatsResponse": _data(_obj({f: ({"type": "boolean"} if f in ("ready", "live") else _INT) for f in STATS_FIELDS},
-                                additional=True)),
+    "StatsResponse": _data(_obj({**{f: ({"type": "boolean"} if f in ("ready", "live") else _INT)
+                                    for f in STATS_FIELDS},
+                                 "deleted_vectors": {**_INT, "description": "ids deleted (never served again)"},
+                                 "delete_vectors_total": {**_INT, "description": "rows deleted since start"}},
+                                required=list(STATS_FIELDS), additional=True)),
     "OpenApiResponse": {"type": "object", "required": ["openapi", "paths"]},
 }
 
@@ -82,25 +92,53 @@ def _fix_vector_length(node, dim: int):
             _fix_vector_length(v, dim)
 
 
+class _Defaults(dict):
+    """format_map source: a limit's configured value, or its name when no Limits were given."""
+
+    def __missing__(self, key):
+        return key
+
+
 def _ref(name: str) -> dict:
     return {"$ref": f"#/components/schemas/{name}"}
 
 
-def build(routes, dim: int | None = None) -> dict:
-    """routes: iterable of Route (method, path, policy, summary, request, responses{status: schema})."""
+_PATH_PARAM = re.compile(r"\{([a-z_]+)\}")
+
+
+def _operation_id(r) -> str:
+    """The route's audit action, made unique when two routes share one (delete by body and by path)."""
+    params = _PATH_PARAM.findall(r.path)
+    return r.policy.action + "".join(f"_by_{p}" for p in params)
+
+
+def build(routes, dim: int | None = None, limits=None) -> dict:
+    """routes: iterable of Route (method, path, policy, summary, request, responses{status: schema},
+    body_optional, description). limits: the Limits whose values fill the descriptions' {names}."""
     paths = {}
+    values = dataclasses.asdict(limits) if limits is not None else {}
     for r in routes:
-        op = {"operationId": r.policy.action, "summary": r.summary, "responses": {}}
+        op = {"operationId": _operation_id(r), "summary": r.summary, "responses": {}}
         role = r.policy.role
+        notes = []
         if role is not None:
             op["security"] = [{"bearer": []}]
             note = f"Requires role `{role}` (admin passes every role check)."
             if r.policy.public_when_flag:
                 note = f"Public with --public-health-metrics true (the default); otherwise requires role `{role}`."
                 op["security"] = [{}, {"bearer": []}]
-            op["description"] = note
+            notes.append(note)
+        if r.description:
+            notes.append(r.description.format_map(_Defaults(values)))
+        if notes:
+            op["description"] = " ".join(notes)
+        params = _PATH_PARAM.findall(r.path)
+        if params:
+            op["parameters"] = [{"name": p, "in": "path", "required": True,
+                                 "schema": {"type": "integer", "minimum": 0, "maximum": U64_MAX}} for p in params]
         if r.request:
-            op["requestBody"] = {"required": True, "content": {"application/json": {"schema": _ref(r.request)}}}
+            op["requestBody"] = {"required": not r.body_optional,
+                                 "content": {"application/json": {"schema": _ref(r.request)}}}
         for status, schema in r.responses.items():
             if schema == "text":
                 op["responses"][status] = {"description": "Prometheus text exposition (version 0.0.4)",

@@ -236,6 +236,29 @@ class Frames(Spec):
                                                      "frame's little-endian float32 components, frame after frame"}]}
 
 
+class Names(Spec):
+    """A delete filter's `source_file`: one name, or an array of at most `max_delete_source_files` names.
+    An empty array has the right shape; the engine's rule refuses it (400)."""
+
+    def __init__(self, description=""):
+        self.description = description
+
+    def check(self, value, path, ctx):
+        if type(value) is str:
+            return check_text(value, path, ctx.limits, "max_source_file_bytes")
+        if type(value) is not list:
+            raise ValidationError(f"{path}: expected a string or an array of strings, got {_type_name(value)}")
+        check_count(path, len(value), ctx.limits, "max_delete_source_files", "names")
+        for i, name in enumerate(value):
+            if type(name) is not str:
+                raise ValidationError(f"{path}[{i}]: expected a string, got {_type_name(name)}")
+            check_text(name, f"{path}[{i}]", ctx.limits, "max_source_file_bytes")
+        return value
+
+    def schema(self):
+        return {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1}]}
+
+
 class Array(Spec):
     def __init__(self, items: Spec, limit=None, description=""):
         self.items = items
@@ -255,12 +278,15 @@ class Array(Spec):
 
 
 class Object(Spec):
-    """A JSON object with a closed set of fields. `fields`: name -> (spec, required, default)."""
+    """A JSON object with a closed set of fields. `fields`: name -> (spec, required, default).
+    one_of: names of which exactly one must be given, documented in the schema only (the caller
+    enforces it, as a 400 of the engine's rules)."""
 
-    def __init__(self, fields, nullable=False, description=""):
+    def __init__(self, fields, nullable=False, description="", one_of=()):
         self.fields = fields
         self.nullable = nullable
         self.description = description
+        self.one_of = tuple(one_of)
         self._allowed = ", ".join(fields)
 
     def check(self, value, path, ctx):
@@ -297,6 +323,8 @@ class Object(Spec):
         s = {"type": "object", "properties": props, "additionalProperties": False}
         if required:
             s["required"] = required
+        if self.one_of:
+            s["oneOf"] = [{"required": [name]} for name in self.one_of]
         return s
 
 
@@ -344,8 +372,29 @@ IDENTIFY = Object({
     "search_tier": (Enum(SEARCH_TIERS), False, "all"),
 })
 
+DELETE_FILTER = Object({
+    "source_file": (Names(description="one source_file name or a non-empty array of at most "
+                                      "--max-delete-source-files (1000) names; exact match"), False, None),
+    "tags_any": FILTER.fields["tags_any"],
+    "tags_all": FILTER.fields["tags_all"],
+    "bpm_gte": FILTER.fields["bpm_gte"],
+    "bpm_lte": FILTER.fields["bpm_lte"],
+}, description="the query filter's clauses plus source_file, ANDed; at least one condition is required")
+
+DELETE = Object({
+    "ids": (Array(Int(), limit="max_delete_ids",
+                  description="vector ids, at most --max-delete-ids (10000); unknown or already deleted ids "
+                              "count 0"), False, None),
+    "filter": (DELETE_FILTER, False, None),
+}, one_of=("ids", "filter"), description="exactly one of ids or filter")
+
+COMPACT = Object({
+    "purge": (Bool(description="erase the payloads of every deleted row now instead of one compaction step"),
+              False, False),
+}, description="optional; no body is a compaction step")
+
 REQUEST_BODIES = {"IngestRequest": INGEST, "BatchIngestRequest": BATCH, "QueryRequest": QUERY,
-                  "IdentifyRequest": IDENTIFY}
+                  "IdentifyRequest": IDENTIFY, "DeleteRequest": DELETE, "CompactRequest": COMPACT}
 
 
 # ---------------------------------------------------------------------------- vector decoding
@@ -444,3 +493,18 @@ class Validator:
         if frames is not None:
             req["vectors"] = frames
         return req
+
+    def delete(self, doc, maybe_bools=True) -> dict:
+        """Engine.delete's arguments: {"ids": list or None, "filter": dict or None}, the filter with only
+        the clauses sent (the engine tells an absent source_file from a given one). The engine's rules
+        (check_delete) run here too, so their 400s (exactly one of ids / filter, an empty filter, an
+        empty source_file list) come before readiness, like every other value check."""
+        req = DELETE.check(doc, "", self)
+        flt = req["filter"]
+        if flt is not None:
+            flt = {name: flt[name] for name in doc["filter"]}
+        rules.check_delete(req["ids"], flt, self.limits)
+        return {"ids": req["ids"], "filter": flt}
+
+    def compact(self, doc, maybe_bools=True) -> dict:
+        return COMPACT.check(doc, "", self)
