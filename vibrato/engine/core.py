@@ -310,7 +310,6 @@ class Engine(Searcher):
             "segments_by_level": levels,
             "segment_rows": sum(s.n for s in segs),
             "deleted_vectors": int(self.segment_set.deleted.shape[0]),
-            "deleted_vectors": int(self.segment_set.deleted.shape[0]),
             "sqlite_db_bytes": wal_stats["sqlite_db_bytes"],
             "sqlite_wal_checkpoints": wal_stats["sqlite_wal_checkpoints"],
             "catalog_group_commits_total": wal_stats["catalog_group_commits_total"],

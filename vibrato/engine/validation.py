@@ -238,7 +238,8 @@ def check_delete(ids, flt, limits: Limits) -> DeleteRequest:
         for i, v in enumerate(ids):
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not 0 <= v <= U64_MAX:
                 raise BadRequestError(f"ids[{i}] must be a non-negative integer, got {v!r}")
-        out = np.unique(np.array([min(int(v), 2**63 - 1) for v in ids], dtype=np.int64))
+        # ids at or past 2**63 cannot exist (ids are dense from 0): they simply match nothing
+        out = np.unique(np.array([int(v) for v in ids if v < 2**63], dtype=np.int64))
         return DeleteRequest(out, None, None)
     if not isinstance(flt, dict):
         raise BadRequestError("filter must be an object")
