@@ -44,9 +44,10 @@ def ids_for_sources(conn, collection_id: str, names) -> np.ndarray:
     rows = conn.execute(
         "SELECT w.vector_id FROM wal_entries w WHERE w.collection_id = ? "
         "AND w.source_file IN (SELECT value FROM json_each(?)) AND NOT EXISTS (SELECT 1 FROM deleted_vectors d "
-        "WHERE d.collection_id = w.collection_id AND d.vector_id = w.vector_id) ORDER BY w.vector_id",
+        "WHERE d.collection_id = w.collection_id AND d.vector_id = w.vector_id)",
         (collection_id, json.dumps(list(names)))).fetchall()
-    return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+    # sorted here: an ORDER BY makes SQLite walk the vector_id index over the whole collection
+    return np.sort(np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows)))
 
 
 def record(conn, collection_id: str, ids: np.ndarray, now: int | None = None) -> int:
