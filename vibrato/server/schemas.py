@@ -277,6 +277,17 @@ class Array(Spec):
         return {"type": "array", "items": self.items.json_schema()}
 
 
+class VectorId(Int):
+    """A vector id in a delete: not a JSON integer in 0..2^64-1 is a bad id, 400 (CONTRACT.md D40),
+    where other integer fields answer a wrong type with 422."""
+
+    def check(self, value, path, ctx):
+        try:
+            return super().check(value, path, ctx)
+        except ValidationError as exc:
+            raise BadRequestError(str(exc)) from None
+
+
 class Object(Spec):
     """A JSON object with a closed set of fields. `fields`: name -> (spec, required, default).
     one_of: names of which exactly one must be given, documented in the schema only (the caller
@@ -382,7 +393,7 @@ DELETE_FILTER = Object({
 }, description="the query filter's clauses plus source_file, ANDed; at least one condition is required")
 
 DELETE = Object({
-    "ids": (Array(Int(), limit="max_delete_ids",
+    "ids": (Array(VectorId(), limit="max_delete_ids",
                   description="vector ids, at most --max-delete-ids (10000); unknown or already deleted ids "
                               "count 0"), False, None),
     "filter": (DELETE_FILTER, False, None),
