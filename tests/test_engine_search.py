@@ -249,3 +249,49 @@ def test_identify_accuracy_on_audio_set(tmp_path, shared_data):
             res = e.identify(q, k=5, ef=100, include_metadata=True)
             correct += bool(res and res[0]["id"] == start and res[0]["metadata"]["source_file"] == f"track{track}.wav")
         assert correct >= 95, f"{correct}/100 excerpts identified"
+
+
+def test_identify_finds_a_match_under_a_component_common_to_every_query_frame(tmp_path):
+    """Noise and the room add a component common to every frame of an excerpt. The raw noisy frames'
+    nearest neighbours are then the stored frames that resemble it ("hiss" rows here) wherever they
+    are; identify's centred probes still find the excerpt, and the score is the exact mean inner
+    product of the frames as given (CONTRACT.md D1)."""
+    rng = np.random.default_rng(11)
+    dim, tracks, per = 32, 40, 120
+    walk = np.cumsum(rng.standard_normal((tracks, per, dim)).astype(np.float32), axis=1)
+    walk -= walk.mean(axis=1, keepdims=True)
+    frames = walk.reshape(-1, dim)
+    frames /= np.linalg.norm(frames, axis=1, keepdims=True)
+    hiss = rng.standard_normal(dim).astype(np.float32)
+    hiss /= np.linalg.norm(hiss)
+    stored = np.concatenate([frames, hiss + 0.05 * rng.standard_normal((400, dim)).astype(np.float32)])
+    stored /= np.linalg.norm(stored, axis=1, keepdims=True)
+    start = 7 * per + 23
+    q = frames[start:start + 60] + 1.2 * hiss + 0.15 * rng.standard_normal((60, dim)).astype(np.float32)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    raw_hits = stored[np.argsort(-(q @ stored.T), axis=1)[:, :32]]
+    assert np.mean(np.abs(raw_hits @ hiss) > 0.9) > 0.5  # the raw frames' neighbours are mostly hiss
+    with Engine.open(tmp_path / "d", dim=dim, background=False, checkpoint_max_rows=2000) as e:
+        e.ingest_batch([{"vector": v} for v in stored])
+        e.checkpoint()
+        res = e.identify(q, k=3, ef=64, include_metadata=False)
+    assert res[0]["id"] == start
+    want = float(np.mean(np.sum(q.astype(np.float64) * stored[start:start + 60], axis=1)))
+    assert abs(res[0]["score"] - want) < 1e-5
+    assert [r["score"] for r in res] == sorted((r["score"] for r in res), reverse=True)
+
+
+def test_identify_votes_count_a_split_offset_once_and_keep_neighbours():
+    from vibrato.engine.identify import probes, vote
+    # an excerpt cut between frames 100 and 101 splits its votes; a lone start gets more raw votes
+    starts = np.array([100] * 5 + [101] * 5 + [500] * 7 + [900])
+    best = vote(starts, keep=1, spread=1)
+    assert 100 in best and 101 in best and 500 not in best  # 5 + 5 beats 7; neighbours 99, 101 kept
+    assert vote(np.array([-3, -1]), keep=4, spread=4).shape[0] == 0
+    assert set(vote(np.array([0, 0, 5]), keep=4, spread=4).tolist()) == {0, 1, 4, 5, 6}
+    short = np.eye(4, dtype=np.float32)
+    assert probes(short) is short  # too few frames to centre
+    rng = np.random.default_rng(0)
+    long = rng.standard_normal((40, 8)).astype(np.float32)
+    p = probes(long)
+    assert p.shape == long.shape and np.allclose(np.linalg.norm(p, axis=1), 1, atol=1e-5)

@@ -206,18 +206,8 @@ def _run(step: Step, q, k, ef):
         take = topk(scores, k)
         return step.rows[take] + t.id_start, scores[take]
     if step.kind == "graph":
-        if hot:
-            ids, scores = t.chunk.index.search(q, k=k, ef=max(ef, k), allowed=step.mask)
-        elif t.ram_codes is not None:  # an archive: walk on its codes, rescore the beam exactly
-            ids, scores = t.index.search(q, k=k, ef=max(ef, k), allowed=step.mask, codes=t.ram_codes,
-                                         luts=t.pq.adc_tables(q.reshape(1, -1)), rerank=archive_beam(t, k, ef))
-        else:
-            ids, scores = t.index.search(q, k=k, ef=max(ef, k), allowed=step.mask)
-        ids, scores = ids.reshape(-1), scores.reshape(-1)
-        keep = ids >= 0
-        if hot:
-            return t.chunk.ids[ids[keep]], scores[keep]
-        return ids[keep], scores[keep]
+        ids, scores = _graph(step, q.reshape(1, -1), k, ef, 1)
+        return ids[0], scores[0]
     # pq
     rows, _approx = t.pq.adc_scan(q, t.codes, _pq_candidates(t, k, ef), step.mask)
     rows = np.asarray(rows, dtype=np.int64)
@@ -226,6 +216,45 @@ def _run(step: Step, q, k, ef):
     exact = kernels.dot_many(q, t.vectors, rows, threads=1)
     take = topk(exact, k)
     return rows[take] + t.id_start, exact[take]
+
+
+def _graph(step: Step, Q, k, ef, threads):
+    """A graph step for every row of Q (nq, dim) in one native call: per row (ids, scores) of the
+    results found, best first, ids global."""
+    t = step.target
+    if isinstance(t, HotSlice):
+        ids, scores = t.chunk.index.search(Q, k=k, ef=max(ef, k), allowed=step.mask, threads=threads)
+    elif t.ram_codes is not None:  # an archive: walk on its codes, rescore the beam exactly
+        ids, scores = t.index.search(Q, k=k, ef=max(ef, k), allowed=step.mask, threads=threads, codes=t.ram_codes,
+                                     luts=t.pq.adc_tables(Q), rerank=archive_beam(t, k, ef))
+    else:
+        ids, scores = t.index.search(Q, k=k, ef=max(ef, k), allowed=step.mask, threads=threads)
+    out = []
+    for row_ids, row_scores in zip(ids, scores):
+        keep = row_ids >= 0
+        row_ids = row_ids[keep]
+        out.append((t.chunk.ids[row_ids] if isinstance(t, HotSlice) else row_ids, row_scores[keep]))
+    return [i for i, _ in out], [s for _, s in out]
+
+
+def search_many(view, Q, k: int, ef: int, search_tier: str, threads: int = 1) -> list:
+    """Top-k (ids, scores) for every row of Q (nq, dim), no filter: each graph target searched once
+    for all rows (identify's probes; the native search splits them over `threads`), the others row
+    by row."""
+    nq = Q.shape[0]
+    ids = [[] for _ in range(nq)]
+    scores = [[] for _ in range(nq)]
+    for step in plan(view, None, k, ef, search_tier):
+        if step.kind == "skip":
+            continue
+        if step.kind == "graph":
+            got = zip(*_graph(step, Q, k, ef, threads))
+        else:
+            got = (_run(step, q, k, ef) for q in Q)
+        for i, (a, b) in enumerate(got):
+            ids[i].append(a)
+            scores[i].append(b)
+    return [merge_topk(a, b, k) for a, b in zip(ids, scores)]
 
 
 def topk(scores: np.ndarray, k: int) -> np.ndarray:

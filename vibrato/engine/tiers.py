@@ -115,6 +115,10 @@ class View:
         """Top-k (ids, scores) over the tiers of search_tier (allowed: a filter's `Allowed` or None)."""
         return planner.search(self, q, k, ef, allowed, search_tier)
 
+    def search_many(self, Q, k, ef, search_tier, threads: int = 1) -> list:
+        """Top-k (ids, scores) for every row of Q, no filter (planner.search_many)."""
+        return planner.search_many(self, Q, k, ef, search_tier, threads)
+
     def vectors_for(self, ids: np.ndarray, search_tier: str = "all"):
         """(vectors (n, dim), found bool (n,)) for live ids in the searched tiers."""
         include_hot, pred = tier_filter(search_tier)
