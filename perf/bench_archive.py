@@ -370,6 +370,7 @@ def main():
     p.add_argument("--n", type=int, default=int(os.environ.get("VIBRATO_BENCH_N", 1_000_000)))
     p.add_argument("--queries", type=int, default=200)
     p.add_argument("--skip-real", action="store_true", help="skip parts 1 and 1b (real text and audio sets)")
+    p.add_argument("--identify-only", action="store_true", help="run parts 1b and 1c (identify) alone")
     p.add_argument("--skip-scale", action="store_true")
     p.add_argument("--skip-peers", action="store_true")
     p.add_argument("--identify-n", type=int, default=1_000_000, help="frames for part 1c (0: skip it)")
@@ -381,19 +382,22 @@ def main():
     with tempfile.TemporaryDirectory(prefix="bench_archive_") as tmp:
         tmp = Path(tmp)
         if not args.skip_real:
-            results["real"] = real_data(tmp, min(args.queries, 500))
-            print(json.dumps(results["real"], indent=1), flush=True)
+            if not args.identify_only:
+                results["real"] = real_data(tmp, min(args.queries, 500))
+                print(json.dumps(results["real"], indent=1), flush=True)
             results["audio"] = audio(tmp)
             print(json.dumps(results["audio"], indent=1), flush=True)
             if args.identify_n:
                 results["identify_scale"] = identify_scale(tmp, args.identify_n)
                 print(json.dumps(results["identify_scale"], indent=1), flush=True)
-        if not args.skip_scale:
+        if not args.skip_scale and not args.identify_only:
             results["scale"] = scale(tmp, args.n, args.queries, not args.skip_peers, args.data_dir,
                                      args.checkpoint_rows)
             print(json.dumps(results["scale"], indent=1), flush=True)
     OUT.mkdir(exist_ok=True)
     name = "bench_archive.json" if args.n == 1_000_000 else f"bench_archive_n{args.n}.json"
+    if args.identify_only:
+        name = "bench_archive_identify.json"
     (OUT / name).write_text(json.dumps(results, indent=2))
 
 
