@@ -127,7 +127,8 @@ def cli():
                                         "--max-connections"])
 @click.option_panel("Background work", options=["--checkpoint-interval-secs", "--compaction-interval-secs",
                                                 "--audio-colocated", "--background-io-mb-per-sec",
-                                                "--hot-index-shards", "--audit-retention-days"])
+                                                "--hot-index-shards", "--audit-retention-days",
+                                                "--hot-max-rows", "--ingest-backpressure-wait-secs"])
 @click.option_panel("Request limits", options=["--max-body-bytes", "--max-k", "--max-ef", "--max-batch",
                                                "--max-identify-frames", "--max-tags", "--max-tag-bytes",
                                                "--max-source-file-bytes", "--max-idempotency-key-bytes",
@@ -196,6 +197,12 @@ def cli():
               show_default=True,
               help="Time to receive a request body after its head (408 and close after); "
                    "0 = max(30, --max-body-bytes / 64 KiB/s).")
+@click.option("--hot-max-rows", type=click.IntRange(0), default=_DEFAULTS.hot_max_rows, show_default=True,
+              help="Bound on un-checkpointed (hot) rows; at it, ingest waits for a checkpoint, then gets 429 with "
+                   "Retry-After. 0 = 4 x the checkpoint size (200000).")
+@click.option("--ingest-backpressure-wait-secs", type=click.FloatRange(0),
+              default=_DEFAULTS.ingest_backpressure_wait_secs, show_default=True,
+              help="How long an ingest at --hot-max-rows waits for room before its 429.")
 @click.option("--max-connections", type=click.IntRange(1), default=_DEFAULTS.max_connections, show_default=True,
               help="Open client connections; beyond it new ones are answered 503 and closed.")
 @click.option("--max-body-bytes", type=click.IntRange(1), default=_LIMITS.max_body_bytes, show_default=True,
@@ -224,7 +231,7 @@ def serve_v2(data_dir, collection, dim, port, host, checkpoint_interval_secs, co
              inline_search, fast_query_path, query_workers, audit_retention_days, log_level, max_body_bytes, max_k, max_ef, max_batch, max_identify_frames,
              max_tags, max_tag_bytes, max_source_file_bytes, max_idempotency_key_bytes, max_delete_ids,
              max_delete_source_files, keepalive_timeout_secs, header_timeout_secs, body_timeout_secs,
-             max_connections):
+             max_connections, hot_max_rows, ingest_backpressure_wait_secs):
     """Run the v2 HTTP server until SIGTERM/SIGINT (graceful shutdown, exit 0)."""
     from vibrato.server import logs
     from vibrato.server.app import serve
@@ -239,6 +246,7 @@ def serve_v2(data_dir, collection, dim, port, host, checkpoint_interval_secs, co
             log_level=log_level.lower(),
             keepalive_timeout_secs=keepalive_timeout_secs, header_timeout_secs=header_timeout_secs,
             body_timeout_secs=body_timeout_secs, max_connections=max_connections,
+            hot_max_rows=hot_max_rows, ingest_backpressure_wait_secs=ingest_backpressure_wait_secs,
             checkpoint_interval_secs=checkpoint_interval_secs, compaction_interval_secs=compaction_interval_secs,
             orphan_ttl_hours=orphan_ttl_hours, audio_colocated=audio_colocated,
             background_io_mb_per_sec=background_io_mb_per_sec, catalog_read_timeout_ms=catalog_read_timeout_ms,

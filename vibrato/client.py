@@ -10,10 +10,14 @@ identify body is ~53 KB instead of ~100 KB of JSON floats, and cheaper for the s
         hits = c.query(q, k=10)["results"]
 
 `Client` keeps one keep-alive connection per thread (thread-safe); `AsyncClient` one aiohttp session.
+A 429 (ingest backpressure: nothing was written) is retried after its `Retry-After` for up to
+`backpressure_retry_secs` (120 s) before it is raised (CONTRACT.md D41).
 """
+import asyncio
 import base64
 import http.client
 import threading
+import time
 import urllib.parse
 
 import numpy as np
@@ -114,6 +118,19 @@ def _compact_body(purge: bool):
     return {"purge": True} if purge else None
 
 
+BACKPRESSURE_RETRY_SECS = 120.0  # how long a client keeps retrying ingests answered 429 (Retry-After)
+
+
+def _retry_after(status: int, headers: dict) -> float | None:
+    """Seconds to wait before retrying a 429 (ingest backpressure, CONTRACT.md D41), else None."""
+    if status != 429:
+        return None
+    try:
+        return min(60.0, max(0.0, float(headers.get("retry-after", "1"))))
+    except ValueError:
+        return 1.0
+
+
 def _decode(status: int, body: bytes, request_id, allow=()):
     if status in allow or 200 <= status < 300:
         return orjson.loads(body)["data"]
@@ -128,7 +145,8 @@ def _decode(status: int, body: bytes, request_id, allow=()):
 class Client:
     """Blocking client over http.client (one keep-alive connection per thread)."""
 
-    def __init__(self, base_url: str = "http://127.0.0.1:8080", token: str | None = None, timeout: float = 60.0):
+    def __init__(self, base_url: str = "http://127.0.0.1:8080", token: str | None = None, timeout: float = 60.0,
+                 backpressure_retry_secs: float = BACKPRESSURE_RETRY_SECS):
         u = urllib.parse.urlsplit(base_url)
         if u.scheme != "http":
             raise ValueError(f"only http:// URLs are supported, got {base_url!r}")
@@ -136,6 +154,7 @@ class Client:
         self.port = u.port or 80
         self.token = token
         self.timeout = timeout
+        self.backpressure_retry_secs = backpressure_retry_secs
         self._local = threading.local()
 
     # ------------------------------------------------------------------ transport
@@ -164,8 +183,15 @@ class Client:
         raise AssertionError("unreachable")
 
     def _call(self, method, path, body=None, allow=()):
-        status, headers, data = self.request(method, path, body)
-        return _decode(status, data, headers.get("x-request-id"), allow)
+        """One call; a 429 (nothing was written) is retried after its Retry-After, for up to
+        backpressure_retry_secs."""
+        deadline = time.monotonic() + self.backpressure_retry_secs
+        while True:
+            status, headers, data = self.request(method, path, body)
+            wait = _retry_after(status, headers)
+            if wait is None or time.monotonic() + wait > deadline:
+                return _decode(status, data, headers.get("x-request-id"), allow)
+            time.sleep(wait)
 
     def close(self):
         conn = getattr(self._local, "conn", None)
@@ -241,10 +267,11 @@ class AsyncClient:
     """asyncio client over one aiohttp.ClientSession (create it inside a running loop)."""
 
     def __init__(self, base_url: str = "http://127.0.0.1:8080", token: str | None = None, timeout: float = 60.0,
-                 connections: int = 100):
+                 connections: int = 100, backpressure_retry_secs: float = BACKPRESSURE_RETRY_SECS):
         import aiohttp
         self.base_url = base_url.rstrip("/")
         self.token = token
+        self.backpressure_retry_secs = backpressure_retry_secs
         self._session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=timeout),
             connector=aiohttp.TCPConnector(limit=connections))
@@ -257,8 +284,14 @@ class AsyncClient:
             return resp.status, {k.lower(): v for k, v in resp.headers.items()}, data
 
     async def _call(self, method, path, body=None, allow=()):
-        status, headers, data = await self.request(method, path, body)
-        return _decode(status, data, headers.get("x-request-id"), allow)
+        """As Client._call: a 429 is retried after its Retry-After, for up to backpressure_retry_secs."""
+        deadline = time.monotonic() + self.backpressure_retry_secs
+        while True:
+            status, headers, data = await self.request(method, path, body)
+            wait = _retry_after(status, headers)
+            if wait is None or time.monotonic() + wait > deadline:
+                return _decode(status, data, headers.get("x-request-id"), allow)
+            await asyncio.sleep(wait)
 
     async def close(self):
         await self._session.close()

@@ -67,6 +67,8 @@ class Config:
                                        # hot_exact_rows chunks instead (identify stays exact, CONTRACT.md D1)
     hot_exact_rows: int = 16_384       # hot rows scanned exactly; sealed chunks beyond get an HNSW
     checkpoint_max_rows: int = 50_000  # rows per L0 segment; also triggers an early checkpoint
+    hot_max_rows: int = 0              # bound on un-checkpointed rows; 0 = 4 x checkpoint_max_rows (CONTRACT.md D41)
+    ingest_backpressure_wait_secs: float = 5.0  # an ingest at the bound waits this long, then 429
     publish_state: bool = False        # keep tmp/serving.state current for follower processes (engine/follower.py)
     compaction_max_inputs: int = 8
     l2_merge_max_rows: int = 4_000_000  # L2 archive segments are merged until this size (CONTRACT.md D24)
@@ -101,6 +103,10 @@ class Config:
                      "quarantine_max_files", "quarantine_max_bytes", "background_io_mb_per_sec"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.hot_max_rows < 0:
+            raise ValueError(f"--hot-max-rows must be >= 0 (0: 4 x --checkpoint-max-rows), got {self.hot_max_rows}")
+        if self.ingest_backpressure_wait_secs < 0:
+            raise ValueError("--ingest-backpressure-wait-secs must be >= 0")
         if not 1 <= self.query_workers <= 64:
             raise ValueError(f"--query-workers must be between 1 and 64, got {self.query_workers}")
         for name in ("keepalive_timeout_secs", "header_timeout_secs", "max_connections"):
@@ -131,6 +137,11 @@ class Config:
     @property
     def snapshots_dir(self) -> Path:
         return self.data_dir / "snapshots"
+
+    @property
+    def hot_bound(self) -> int:
+        """Un-checkpointed rows the hot tier may hold (hot_max_rows, default 4 x checkpoint_max_rows)."""
+        return self.hot_max_rows or 4 * self.checkpoint_max_rows
 
     @property
     def tmp_dir(self) -> Path:

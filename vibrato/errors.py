@@ -36,6 +36,17 @@ class NotReadyError(VibratoError):
     status = 503
 
 
+class BackpressureError(VibratoError):
+    """Ingest must wait: the hot tier is at its bound until a checkpoint drains it (429, with
+    `retry_after` seconds for the Retry-After header; nothing was written)."""
+    code = "ingest_backpressure"
+    status = 429
+
+    def __init__(self, message: str, retry_after: float):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class CatalogReadTimeout(VibratoError):
     """A catalog read exceeded --catalog-read-timeout-ms (503)."""
     code = "catalog_read_timeout"

@@ -60,14 +60,20 @@ class BackgroundWorkers:
             self._wake_checkpoint.clear()
             if self._stop.is_set():
                 break
-            self._build_hot_graphs()
-            full = eng.segment_set.hot_count() >= cfg.checkpoint_max_rows
+            # due by size: a full checkpoint's rows, or half the hot tier's bound when that is smaller
+            # (ingest is held at the bound), or an ingest waiting for room
+            full = eng.segment_set.hot_count() >= min(cfg.checkpoint_max_rows, cfg.hot_bound // 2) \
+                or eng.segment_set.waiting
+            if not full:
+                self._build_hot_graphs()  # backpressured ingests wait for the checkpoint, not for these
             if not full and time.monotonic() < next_due:
                 continue
             try:
                 while not self._stop.is_set():
                     res = eng.checkpoint(background=True)
-                    if res["state"] == "idle" or eng.segment_set.hot_count() < cfg.checkpoint_max_rows:
+                    if res["state"] == "idle" or (
+                            eng.segment_set.hot_count() < min(cfg.checkpoint_max_rows, cfg.hot_bound // 2)
+                            and not eng.segment_set.waiting):
                         break
             except Exception as exc:  # noqa: BLE001
                 log.warning("background checkpoint failed: %s", exc)

@@ -30,10 +30,12 @@ from vibrato.engine.state import Counter, Counters, Readiness, SegmentSet
 from vibrato.engine.throttle import IoThrottle
 from vibrato.engine.tiers import View
 from vibrato.engine.validation import check_filter, check_identify, check_search, check_vector, prepare_rows
-from vibrato.errors import NotReadyError
+from vibrato.errors import BackpressureError, NotReadyError
 from vibrato.ids import job_id as new_job_id
 
 log = logging.getLogger("vibrato.engine")
+
+BACKPRESSURE_RETRY_SECS = 1.0  # Retry-After of a 429 at the hot tier's bound
 
 
 class Searcher:
@@ -235,10 +237,32 @@ class Engine(Searcher):
                 self.add_blocker(f"hot tier out of step with the WAL after {exc!r}; restart to rebuild it")
             self.counters.add(Counter.INGEST_VECTORS, len(created))
 
-        results = self.catalog.write(wal.insert_batch, self.cid, prep.rows, after_commit=apply)
-        if self._workers is not None and self.segment_set.hot_count() >= self.config.checkpoint_max_rows:
+        n = len(prep.rows)
+        self._admit(n)
+        try:
+            results = self.catalog.write(wal.insert_batch, self.cid, prep.rows, after_commit=apply)
+        finally:
+            self.segment_set.release(n)
+        cfg = self.config
+        if self._workers is not None and self.segment_set.hot_count() >= min(cfg.checkpoint_max_rows,
+                                                                              cfg.hot_bound // 2):
             self._workers.wake_checkpoint()
         return [(r[0], r[1]) for r in results]
+
+    def _admit(self, n: int):
+        """Backpressure (CONTRACT.md D41): the hot tier never holds more than config.hot_bound rows.
+        A batch that does not fit waits for the checkpointer (embedded without background work:
+        checkpoints here), at most ingest_backpressure_wait_secs, then BackpressureError (429)."""
+        cfg, rows = self.config, self.segment_set
+        if self._workers is None:
+            while not rows.reserve(n, cfg.hot_bound, 0.0, lambda: None):
+                self.checkpoint()
+            return
+        if not rows.reserve(n, cfg.hot_bound, cfg.ingest_backpressure_wait_secs, self._workers.wake_checkpoint):
+            raise BackpressureError(
+                f"ingest paused: the hot tier holds {rows.hot_count()} un-checkpointed rows, at its bound of "
+                f"{cfg.hot_bound} (--hot-max-rows); retry after a checkpoint drains it",
+                retry_after=BACKPRESSURE_RETRY_SECS)
 
     # ------------------------------------------------------------------ delete
     def delete(self, ids=None, *, filter=None) -> dict:

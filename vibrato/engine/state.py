@@ -13,6 +13,7 @@ Thread-safety: every method may be called from any thread.
 """
 import enum
 import threading
+import time
 
 import numpy as np
 import orjson
@@ -118,6 +119,9 @@ class SegmentSet:
         self.filters = FilterIndex()
         self._dead_ranges: tuple = ()
         self._deleted = _NO_IDS  # every deleted id, sorted; replaced (never changed in place)
+        self._room = threading.Condition(self._lock)  # ingest backpressure (reserve / release)
+        self._reserved = 0       # rows of ingests admitted and not yet appended
+        self.waiting = 0         # ingests waiting for room: the checkpointer drains the tier for them
 
     # -------------------------------------------------------------- reads
     def view(self) -> View:
@@ -162,6 +166,34 @@ class SegmentSet:
         """Sealed hot chunks whose HNSW graph is not built yet (background.py builds them)."""
         with self._lock:
             return self._hot.sealed_without_index()
+
+    # -------------------------------------------------------------- ingest backpressure
+    def reserve(self, n: int, bound: int, timeout: float, on_full) -> bool:
+        """Admit an ingest of n rows when the hot tier's rows plus those admitted and not yet appended
+        stay within `bound` (an empty tier takes any batch); else call `on_full()` (wake the
+        checkpointer) and wait up to `timeout` s for a checkpoint to make room. False: no room."""
+        deadline = time.monotonic() + timeout
+        with self._room:
+            while True:
+                used = self._hot.count() + self._reserved
+                if used + n <= bound or used == 0:
+                    self._reserved += n
+                    return True
+                on_full()
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self.waiting += 1
+                try:
+                    self._room.wait(min(left, 0.25))
+                finally:
+                    self.waiting -= 1
+
+    def release(self, n: int):
+        """The admitted rows are appended (or the write failed)."""
+        with self._room:
+            self._reserved -= n
+            self._room.notify_all()
 
     # -------------------------------------------------------------- changes
     def set_dead_ranges(self, ranges):
@@ -216,6 +248,7 @@ class SegmentSet:
                 self._hot.drop_through(drop_hot_through)
             if drop_hot_ids_through is not None:
                 self._hot.drop_ids_through(drop_hot_ids_through)
+            self._room.notify_all()
 
     def index_columns(self, handles):
         """A follower: index the filter columns of the rows of `handles` the filter index has not seen

@@ -68,10 +68,10 @@ def _route(method, path, handler, action, role, summary, *, audited=False, publi
 
 ROUTES = (
     _route("POST", "/v2/vectors", h.ingest, "ingest", "ingest", "Ingest one vector", audited=True,
-           request="IngestRequest", responses={"201": "IngestResponse", "409": "Error"}),
+           request="IngestRequest", responses={"201": "IngestResponse", "409": "Error", "429": "backpressure"}),
     _route("POST", "/v2/vectors/batch", h.ingest_batch, "ingest_batch", "ingest",
            "Ingest a batch atomically (all or nothing)", audited=True, request="BatchIngestRequest",
-           responses={"201": "BatchIngestResponse", "409": "Error"}),
+           responses={"201": "BatchIngestResponse", "409": "Error", "429": "backpressure"}),
     _route("POST", "/v2/vectors/delete", h.delete, "delete", "ingest",
            "Delete vectors by id or by filter (durable and invisible to every later query when answered)",
            audited=True, request="DeleteRequest", responses={"200": "DeleteResponse"},

@@ -14,6 +14,7 @@
 """
 import asyncio
 import logging
+import math
 import random
 import secrets
 import time
@@ -130,7 +131,9 @@ async def error_middleware(request: web.Request, handler):
             log.error("%s: %s", exc.code, exc.message)
         if exc.status == 408:
             request[EXPECT_REFUSED] = True  # the rest of the body is not read: close the connection
-        return json_response(error_body(exc.code, exc.message), exc.status)
+        retry = getattr(exc, "retry_after", None)  # 429 backpressure (CONTRACT.md D41)
+        headers = {"Retry-After": str(max(1, math.ceil(retry)))} if retry is not None else None
+        return json_response(error_body(exc.code, exc.message), exc.status, headers=headers)
     except (RequestPayloadError, http_exceptions.HttpProcessingError) as exc:
         # Broken body framing (chunked encoding, content length, compression). The exception text
         # quotes request bytes, so neither it nor a traceback is logged or echoed.

@@ -140,7 +140,15 @@ def build(routes, dim: int | None = None, limits=None) -> dict:
             op["requestBody"] = {"required": not r.body_optional,
                                  "content": {"application/json": {"schema": _ref(r.request)}}}
         for status, schema in r.responses.items():
-            if schema == "text":
+            if schema == "backpressure":  # CONTRACT.md D41
+                op["responses"][status] = {
+                    "description": "ingest_backpressure: the hot tier is at --hot-max-rows and no checkpoint made "
+                                   "room within --ingest-backpressure-wait-secs; nothing was written, retry after "
+                                   "Retry-After seconds (vibrato.client does)",
+                    "headers": {"Retry-After": {"schema": {"type": "integer", "minimum": 1},
+                                                "description": "seconds to wait before retrying"}},
+                    "content": {"application/json": {"schema": _ref("Error")}}}
+            elif schema == "text":
                 op["responses"][status] = {"description": "Prometheus text exposition (version 0.0.4)",
                                            "content": {"text/plain": {"schema": {"type": "string"}}}}
             else:
