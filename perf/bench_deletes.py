@@ -79,6 +79,16 @@ def measure_hnswlib(index, Q, truth, rounds=3):
     return {"p50_ms": round(statistics.median(lat) * 1e3, 4), "recall@10": round(hits / (10 * len(Q)), 4)}
 
 
+def purge_and_measure(eng, Q, truth, n) -> dict:
+    """Purge (timed), then the query figures again."""
+    t = time.perf_counter()
+    out = eng.compact(purge=True)["details"]
+    secs = time.perf_counter() - t
+    return {"purge_s": round(secs, 2), "purge_s_per_100k_rows": round(secs * 100_000 / n, 2),
+            "purge_details": {k: (len(v) if isinstance(v, list) else v) for k, v in out.items()},
+            "vibrato_after_purge": measure_ours(eng, Q, truth)}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=200_000)
@@ -125,12 +135,7 @@ def main():
         print(f"deleted {want_tracks} tracks: {res['delete_tracks_per_s']} tracks/s", flush=True)
         truth = exact_top(X, live, Q)
         res["10%"] = {"vibrato": measure_ours(eng, Q, truth), "hnswlib": measure_hnswlib(peer, Q, truth)}
-        t = time.perf_counter()
-        out = eng.compact(purge=True)["details"]
-        res["10%"]["purge_s"] = round(time.perf_counter() - t, 2)
-        res["10%"]["purge_s_per_100k_rows"] = round(res["10%"]["purge_s"] * 100_000 / args.n, 2)
-        res["10%"]["purge_details"] = {k: (len(v) if isinstance(v, list) else v) for k, v in out.items()}
-        res["10%"]["vibrato_after_purge"] = measure_ours(eng, Q, truth)
+        res["10%"].update(purge_and_measure(eng, Q, truth, args.n))
         print("10% deleted:", res["10%"], flush=True)
 
         # single ids, then batches of 1,000, until half of the rows are gone
@@ -154,12 +159,7 @@ def main():
               flush=True)
         truth = exact_top(X, live, Q)
         res["50%"] = {"vibrato": measure_ours(eng, Q, truth), "hnswlib": measure_hnswlib(peer, Q, truth)}
-        t = time.perf_counter()
-        out = eng.compact(purge=True)["details"]
-        res["50%"]["purge_s"] = round(time.perf_counter() - t, 2)
-        res["50%"]["purge_s_per_100k_rows"] = round(res["50%"]["purge_s"] * 100_000 / args.n, 2)
-        res["50%"]["purge_details"] = {k: (len(v) if isinstance(v, list) else v) for k, v in out.items()}
-        res["50%"]["vibrato_after_purge"] = measure_ours(eng, Q, truth)
+        res["50%"].update(purge_and_measure(eng, Q, truth, args.n))
         print("50% deleted:", res["50%"], flush=True)
         eng.close()
     finally:

@@ -1,6 +1,10 @@
 """Helpers shared by the engine tests (not a test module)."""
 import contextlib
 import hashlib
+import os
+import signal
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -49,3 +53,20 @@ def churning(eng):
     finally:
         stop.set()
         t.join()
+
+
+def run_python(code: str, args, env_extra=None, kill_after=None) -> tuple[int, str]:
+    """Run `code` in a child Python with `args`; SIGKILL it after `kill_after` s (None: let it end).
+    Returns (exit code, stderr)."""
+    env = dict(os.environ, **(env_extra or {}))
+    p = subprocess.Popen([sys.executable, "-c", code, *map(str, args)], env=env, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE)
+    if kill_after is not None:
+        try:
+            p.wait(timeout=kill_after)
+        except subprocess.TimeoutExpired:
+            p.send_signal(signal.SIGKILL)
+    rc = p.wait(timeout=120)
+    err = p.stderr.read().decode()
+    p.stderr.close()
+    return rc, err

@@ -5,15 +5,13 @@ segment files, real child processes killed with SIGKILL.
 """
 import os
 import signal
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from enginetools import dump, payload
+from enginetools import dump, payload, run_python
 from vibrato.catalog import deletes as del_sql
 from vibrato.config import Limits
 from vibrato.engine import Engine, replay_to_lsn
@@ -342,17 +340,7 @@ CHILD = textwrap.dedent("""
 
 def run_delete_child(data_dir, ledger, seed, env_extra=None, kill_after=None):
     code = CHILD.format(tests=str(Path(__file__).parent), dim=DIM)
-    env = dict(os.environ, **(env_extra or {}))
-    p = subprocess.Popen([sys.executable, "-c", code, str(data_dir), str(ledger), str(seed)], env=env,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        p.wait(timeout=kill_after)
-    except subprocess.TimeoutExpired:
-        p.send_signal(signal.SIGKILL)
-    rc = p.wait(timeout=120)
-    err = p.stderr.read().decode()
-    p.stderr.close()
-    return rc, err
+    return run_python(code, [data_dir, ledger, seed], env_extra, kill_after)
 
 
 def verify_deletes(data_dir, ledger):

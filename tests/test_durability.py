@@ -7,8 +7,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import textwrap
 import time
 from pathlib import Path
@@ -16,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from enginetools import churning, dump, payload
+from enginetools import churning, dump, payload, run_python
 from vibrato.engine import Engine, faults, replay_to_lsn, snapshot_create, snapshot_restore
 from vibrato.errors import DataDirLockedError
 
@@ -57,18 +55,7 @@ CHILD = textwrap.dedent("""
 
 def run_child(data_dir, ledger, seed, env_extra=None, kill_after=None):
     code = CHILD.format(tests=str(Path(__file__).parent), dim=DIM)
-    env = dict(os.environ, **(env_extra or {}))
-    p = subprocess.Popen([sys.executable, "-c", code, str(data_dir), str(ledger), str(seed), "x"], env=env,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    if kill_after is not None:
-        try:
-            p.wait(timeout=kill_after)
-        except subprocess.TimeoutExpired:
-            p.send_signal(signal.SIGKILL)
-    rc = p.wait(timeout=120)
-    err = p.stderr.read().decode()
-    p.stderr.close()
-    return rc, err
+    return run_python(code, [data_dir, ledger, seed, "x"], env_extra, kill_after)
 
 
 def read_ledger(ledger):

@@ -158,6 +158,17 @@ class Enum(Spec):
         return {"type": "string", "enum": list(self.values)}
 
 
+def _strings(value: list, path, ctx, count_attr: str, noun: str, bytes_attr: str) -> list:
+    """A list of strings: at most Limits.<count_attr> of them (400), each a string (422) of at most
+    Limits.<bytes_attr> UTF-8 bytes without NUL (400)."""
+    check_count(path, len(value), ctx.limits, count_attr, noun)
+    for i, item in enumerate(value):
+        if type(item) is not str:
+            raise ValidationError(f"{path}[{i}]: expected a string, got {_type_name(item)}")
+        check_text(item, f"{path}[{i}]", ctx.limits, bytes_attr)
+    return value
+
+
 class Tags(Spec):
     """An array of strings, at most `max_tags` of at most `max_tag_bytes` utf-8 bytes each."""
 
@@ -167,12 +178,7 @@ class Tags(Spec):
     def check(self, value, path, ctx):
         if type(value) is not list:
             raise ValidationError(f"{path}: expected an array of strings, got {_type_name(value)}")
-        check_count(path, len(value), ctx.limits, "max_tags", "tags")
-        for i, tag in enumerate(value):
-            if type(tag) is not str:
-                raise ValidationError(f"{path}[{i}]: expected a string, got {_type_name(tag)}")
-            check_text(tag, f"{path}[{i}]", ctx.limits, "max_tag_bytes")
-        return value
+        return _strings(value, path, ctx, "max_tags", "tags", "max_tag_bytes")
 
     def schema(self):
         return {"type": "array", "items": {"type": "string"}}
@@ -248,12 +254,7 @@ class Names(Spec):
             return check_text(value, path, ctx.limits, "max_source_file_bytes")
         if type(value) is not list:
             raise ValidationError(f"{path}: expected a string or an array of strings, got {_type_name(value)}")
-        check_count(path, len(value), ctx.limits, "max_delete_source_files", "names")
-        for i, name in enumerate(value):
-            if type(name) is not str:
-                raise ValidationError(f"{path}[{i}]: expected a string, got {_type_name(name)}")
-            check_text(name, f"{path}[{i}]", ctx.limits, "max_source_file_bytes")
-        return value
+        return _strings(value, path, ctx, "max_delete_source_files", "names", "max_source_file_bytes")
 
     def schema(self):
         return {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1}]}
