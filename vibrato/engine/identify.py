@@ -21,7 +21,7 @@ import numpy as np
 
 from vibrato import kernels
 
-VOTERS = 24                   # query frames that vote (all of them when fewer)
+VOTERS = 16                   # query frames that vote (all of them when fewer)
 VOTE_K_MIN = 32               # neighbours per voting frame (at least 4k)
 CENTRE = 0.8                  # share of the query's mean frame taken out of each probe
 CENTRE_MIN_FRAMES = 16        # shorter queries probe with their frames as given
@@ -50,12 +50,12 @@ def vote(starts: np.ndarray, keep: int, spread: int) -> np.ndarray:
     starts = starts[starts >= 0]
     if starts.shape[0] == 0:
         return starts
-    u, c = np.unique(starts, return_counts=True)
-    lo = int(u[0]) - 1
-    votes = np.zeros(int(u[-1]) - lo + 2, dtype=np.int64)
-    votes[u - lo] = c
-    near = np.maximum(np.concatenate(([0], votes[:-1])), np.concatenate((votes[1:], [0])))
-    score = votes[u - lo] + near[u - lo]
+    u, c = np.unique(starts, return_counts=True)  # sparse: starts spread over the whole id space
+    adjacent = np.diff(u) == 1
+    left, right = np.zeros_like(c), np.zeros_like(c)
+    left[1:][adjacent] = c[:-1][adjacent]
+    right[:-1][adjacent] = c[1:][adjacent]
+    score = c + np.maximum(left, right)
     order = np.lexsort((u, -score))
     best = u[order[:keep]]
     top = best[:spread]
