@@ -111,3 +111,19 @@ def test_http_429_with_retry_after_and_the_client_retries(tmp_path):
         for _ in range(6):
             c.ingest_batch(rng.standard_normal((400, DIM)).astype(np.float32))
         assert c.stats()["next_id"] == created + 2400
+
+
+def test_compaction_starts_when_l0_segments_wait_not_only_on_its_timer(tmp_path):
+    rng = np.random.default_rng(5)
+    eng = Engine.open(tmp_path / "d", dim=DIM, checkpoint_max_rows=100, compaction_max_inputs=3,
+                      checkpoint_interval_secs=3600, compaction_interval_secs=3600)
+    try:
+        for _ in range(6):
+            eng.ingest_batch(batch(rng, 100))
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and eng.stats()["compaction_total"] == 0:
+            time.sleep(0.05)
+        assert eng.stats()["compaction_total"] >= 1  # the timer alone would wait an hour
+        assert eng.stats()["total_vectors"] == 600
+    finally:
+        eng.close()

@@ -3,7 +3,8 @@
 Three daemon threads, each lowering its own CPU and I/O priority when `audio_colocated`:
   checkpoint   every checkpoint_interval_secs, or at once when the hot tier reaches
                checkpoint_max_rows; also builds graphs for sealed hot chunks (pipeline.build_graph)
-  compaction   every compaction_interval_secs, as many steps as there is work
+  compaction   every compaction_interval_secs, or at once when a checkpoint leaves
+               compaction_max_inputs L0 segments waiting; as many steps as there is work
   housekeeping every few seconds (maintenance.run_once): delete obsolete segment files and expired
                quarantined files, prune checkpointed WAL blobs past the retention window, purge
                old job/segment/audit rows, scrub one segment's checksums
@@ -24,6 +25,7 @@ class BackgroundWorkers:
         self.engine = engine
         self._stop = threading.Event()
         self._wake_checkpoint = threading.Event()
+        self._wake_compaction = threading.Event()
         self._threads = []
 
     def start(self):
@@ -40,6 +42,7 @@ class BackgroundWorkers:
     def stop(self):
         self._stop.set()
         self._wake_checkpoint.set()
+        self._wake_compaction.set()
         for t in self._threads:
             t.join()
 
@@ -79,6 +82,8 @@ class BackgroundWorkers:
                 log.warning("background checkpoint failed: %s", exc)
             if interval > 0:
                 next_due = time.monotonic() + interval
+            if sum(1 for s in eng.segment_set.handles if s.level == 0) >= cfg.compaction_max_inputs:
+                self.wake_compaction()  # the work waiting triggers compaction, not only its timer
 
     def _build_hot_graphs(self):
         eng = self.engine
@@ -91,9 +96,16 @@ class BackgroundWorkers:
                 log.warning("hot chunk graph build failed: %s", exc)
                 return
 
+    def wake_compaction(self):
+        self._wake_compaction.set()
+
     def _compaction_loop(self):
         eng, cfg = self.engine, self.engine.config
-        while not self._stop.wait(timeout=cfg.compaction_interval_secs):
+        while not self._stop.is_set():
+            self._wake_compaction.wait(timeout=cfg.compaction_interval_secs)
+            self._wake_compaction.clear()
+            if self._stop.is_set():
+                break
             try:
                 for _ in range(16):
                     if self._stop.is_set() or eng.compact(background=True)["state"] == "idle":
