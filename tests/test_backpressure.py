@@ -127,3 +127,16 @@ def test_compaction_starts_when_l0_segments_wait_not_only_on_its_timer(tmp_path)
         assert eng.stats()["total_vectors"] == 600
     finally:
         eng.close()
+
+
+def test_a_client_is_usable_after_a_refused_connection(tmp_path):
+    from server_util import ServerProcess, free_port
+    from vibrato.client import Client
+
+    port = free_port()
+    c = Client(f"http://127.0.0.1:{port}")
+    with pytest.raises(ConnectionRefusedError):
+        c.health_live()
+    with ServerProcess(tmp_path / "data", port=port) as srv:
+        srv.wait_ready()
+        assert c.health_live()["status"] == "ok"  # the same client, a new connection

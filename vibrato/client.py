@@ -180,6 +180,12 @@ class Client:
                 self._local.conn = None
                 if attempt:
                     raise
+            except BaseException:
+                # e.g. a refused connect or a timeout: the connection is mid-request, so a later call
+                # on it would fail with CannotSendRequest; the next call opens a new one
+                conn.close()
+                self._local.conn = None
+                raise
         raise AssertionError("unreachable")
 
     def _call(self, method, path, body=None, allow=()):

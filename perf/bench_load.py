@@ -1,0 +1,132 @@
+"""Loading a catalog over HTTP (issue 18). Report, don't assert.
+
+    .venv/bin/python perf/bench_load.py [--n 1000000] [--batch 2000] [--settle 60] [--server-args "..."]
+
+`vibrato serve-v2` with the runbook's defaults (checkpoint every 30 s, compaction every 180 s,
+--audio-colocated true) and one `vibrato.client.Client` posting batches of --batch x 128 vectors
+(shared/data/text tiled with noise, compact base64 encoding, retrying 429s after Retry-After) as fast as
+it can until --n are acknowledged. Sampled every 0.5 s from /v2/admin/stats: the hot tier
+(`hot_vectors`) and the segment count. Reported: acknowledged vectors/s, the hot tier's peak, the
+server's peak RSS (VmHWM, its whole process), query p50 / recall@10 (200 queries, k=10, ef=64, exact
+ground truth) right after the last batch and --settle s later, and the same once everything is
+checkpointed and compacted (the "fully compacted" reference). Results: perf/results/bench_load.json.
+"""
+import argparse
+import json
+import os
+import shlex
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import text_vectors  # noqa: E402
+from bench_http import free_port  # noqa: E402
+from vibrato.client import Client  # noqa: E402
+
+OUT = Path(__file__).resolve().parent / "results"
+
+
+def peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def query_figures(c, Q, truth):
+    lat, hits = [], 0
+    for q, t in zip(Q, truth):
+        t0 = time.perf_counter()
+        res = c.query(q, k=10, ef=64, search_tier="all", include_metadata=False)["results"]
+        lat.append(time.perf_counter() - t0)
+        hits += len({r["id"] for r in res} & set(t.tolist()))
+    return {"p50_ms": round(statistics.median(lat) * 1e3, 3), "recall@10": round(hits / truth.size, 4)}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=1_000_000)
+    ap.add_argument("--batch", type=int, default=2000)
+    ap.add_argument("--settle", type=float, default=60.0)
+    ap.add_argument("--server-args", default="")
+    args = ap.parse_args()
+    X = text_vectors(args.n)
+    rng = np.random.default_rng(9)
+    Q = X[rng.choice(args.n, 200, replace=False)] + rng.normal(0, 0.05, (200, X.shape[1])).astype(np.float32)
+    Q /= np.linalg.norm(Q, axis=1, keepdims=True)
+    truth = np.stack([np.argsort(-(X @ q))[:10] for q in Q])
+    port = free_port()
+    work = Path(tempfile.mkdtemp(prefix="vibrato-bench-load-"))
+    cmd = [sys.executable, "-m", "vibrato.cli", "serve-v2", "--data-dir", str(work / "data"), "--dim", "128",
+           "--host", "127.0.0.1", "--port", str(port), "--bootstrap-admin-key", "true", "--log-level", "warning",
+           *shlex.split(args.server_args)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    res = {"n": args.n, "batch": args.batch, "server_args": args.server_args}
+    try:
+        token = proc.stdout.readline().strip().split("=", 1)[1]
+        c = Client(f"http://127.0.0.1:{port}", token, timeout=600)
+        for _ in range(600):
+            try:
+                if c.health_ready()["ready"]:
+                    break
+            except Exception:  # noqa: BLE001 - not listening yet
+                pass
+            time.sleep(0.1)
+        samples, stop = [], threading.Event()
+
+        def sample():
+            mon = Client(f"http://127.0.0.1:{port}", token, timeout=60)
+            while not stop.is_set():
+                s = mon.stats()
+                samples.append((time.monotonic(), s["hot_vectors"], s["active_segments"]))
+                stop.wait(0.5)
+
+        t = threading.Thread(target=sample, daemon=True)
+        t.start()
+        t0 = time.monotonic()
+        for lo in range(0, args.n, args.batch):
+            c.ingest_batch(X[lo:lo + args.batch])
+        load_s = time.monotonic() - t0
+        res["acked_vectors_per_s"] = round(args.n / load_s, 1)
+        res["hot_peak"] = max(h for _, h, _ in samples)
+        res["after_load"] = {**query_figures(c, Q, truth), "stats": {k: c.stats()[k] for k in
+                                                                     ("hot_vectors", "active_segments")}}
+        print(json.dumps(res, indent=1), flush=True)
+        time.sleep(max(0.0, args.settle - (time.monotonic() - t0 - load_s)))
+        res[f"after_{args.settle:g}s"] = {**query_figures(c, Q, truth), "stats": {k: c.stats()[k] for k in
+                                                                                  ("hot_vectors", "active_segments",
+                                                                                   "segments_by_level")}}
+        stop.set()
+        t.join()
+        res["peak_rss_mib"] = round(peak_rss_mib(proc.pid), 1)
+        while c.checkpoint()["state"] != "idle":
+            pass
+        while c.compact()["state"] != "idle":
+            pass
+        res["fully_compacted"] = {**query_figures(c, Q, truth),
+                                  "stats": {k: c.stats()[k] for k in ("active_segments", "segments_by_level")}}
+        res["hot_series"] = [(round(ts - t0, 1), h, n) for ts, h, n in samples[::4]]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        subprocess.run(["rm", "-rf", str(work)], check=False)
+    OUT.mkdir(exist_ok=True)
+    (OUT / "bench_load.json").write_text(json.dumps(res, indent=1))
+    print(json.dumps({k: v for k, v in res.items() if k != "hot_series"}, indent=1))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()
