@@ -467,6 +467,26 @@ def replay_to_lsn(data_dir, collection, target_lsn):
     click.echo(f"collection={out['collection']}")
 
 
+@cli.command("import")
+@data_dir_option
+@click.option("--collection", default="default", show_default=True)
+@click.option("--vectors", "vectors_path", required=True, type=click.Path(dir_okay=False),
+              help="A .npy array (rows, dim) of float16/32/64.")
+@click.option("--metadata", "metadata_path", type=click.Path(dir_okay=False), default=None,
+              help="JSON lines, one metadata object per vector, in row order.")
+def import_(data_dir, collection, vectors_path, metadata_path):
+    """Import vectors straight into segments (all or nothing; ids continue the collection's); the server
+    must be stopped."""
+    from vibrato.engine import bulk_import
+    try:
+        with _Progress() as progress:
+            out = bulk_import.run(data_dir, collection, vectors_path, metadata_path, progress=progress)
+    except Exception as exc:  # noqa: BLE001
+        _fail(exc)
+    for key in ("imported", "id_start", "id_end", "segments"):
+        click.echo(f"{key}={out[key]}")
+
+
 # ---------------------------------------------------------------------------- deletes (over HTTP)
 def server_options(timeout: float):
     """--url, --token (or VIBRATO_TOKEN, which keeps the secret out of the process list) and --timeout."""
