@@ -220,6 +220,9 @@ def test_follower_sees_a_delete_at_its_next_sync(tmp_path, X):
         fol = Follower.open(d, dim=DIM)
         try:
             assert 5 not in ids_of(fol.query(X[5], k=5, ef=64, search_tier="all"))
+            # its filter index was built from the loaded segment's columns: the delete masks them too
+            assert 5 not in ids_of(fol.query(X[5], k=5, ef=64, search_tier="all",
+                                             filter={"tags_any": ["odd", "even"]}))
             for vid in (50, 350):
                 assert vid in ids_of(fol.query(X[vid], k=5, ef=64, search_tier="all"))
             eng.delete(ids=[50, 350])

@@ -185,5 +185,4 @@ def load_handle(engine, row: dict, path, verify: bool = True) -> SegmentHandle:
     except BaseException:
         reader.close()
         raise
-    return SegmentHandle(row, reader, engine.segment_set.dead_ranges, engine.config.archive_rerank_factor,
-                         deleted=engine.segment_set.deleted)
+    return SegmentHandle(row, reader, engine.segment_set.dead_ranges, engine.config.archive_rerank_factor)

@@ -314,8 +314,7 @@ def validate_and_load(engine, rep, progress) -> list:
         if row["state"] != "active":
             cat.write(seg_sql.set_state, row["id"], "active")
             row = dict(row, state="active")
-        handles.append(SegmentHandle(row, value, engine.segment_set.dead_ranges, engine.config.archive_rerank_factor,
-                                     deleted=engine.segment_set.deleted))
+        handles.append(SegmentHandle(row, value, engine.segment_set.dead_ranges, engine.config.archive_rerank_factor))
         if row["state"] == "active":
             engine.housekeeping.unscrubbed.add(row["id"])
     handles.sort(key=lambda h: h.id_start)

@@ -2,8 +2,9 @@
 
 * `SegmentSet`: what queries search. The active segment handles, the hot tier, the filter index,
   the tombstone (replayed-away) id ranges and the deleted ids, changed only through `add` (recovery),
-  `swap` (checkpoint, compaction), `append` (ingest) and `delete`, under one lock. Every handle and
-  hot row it publishes is masked by the deleted ids, whenever it was built. `view()` is the immutable snapshot a query
+  `swap` (checkpoint, compaction), `append` (ingest) and `delete`, under one lock. Every handle it is
+  given (`add`, `swap`, `index_columns`) and every hot row appended is masked here by the deleted
+  ids, whenever it was built. `view()` is the immutable snapshot a query
   holds for its whole life (tiers.View).
 * `Readiness`: recovering -> recovered, or degraded by blockers; a blocker found later (the scrubber,
   an unsafe catalog row, a hot tier out of step) degrades it live (CONTRACT.md D21).
@@ -254,6 +255,8 @@ class SegmentSet:
         """A follower: index the filter columns of the rows of `handles` the filter index has not seen
         (ids at or past its size; ids are indexed in ascending order, so the rest are known)."""
         with self._lock:
+            for h in handles:  # before their columns are indexed (swap masks them again: no-op)
+                h.kill(self._deleted)
             for h in sorted(handles, key=lambda s: s.id_start):
                 first = max(h.id_start, self.filters.size)
                 if first > h.id_end:

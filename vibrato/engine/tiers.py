@@ -20,7 +20,7 @@ class SegmentHandle:
     vectors; a version-1 archive (no graph): ADC scan of the PQ codes + exact rerank. Scores are
     exact everywhere (CONTRACT.md D14)."""
 
-    def __init__(self, row: dict, reader, dead_ranges=(), rerank_factor: int = 8, deleted=None):
+    def __init__(self, row: dict, reader, dead_ranges=(), rerank_factor: int = 8):
         from vibrato.index import HnswIndex
         from vibrato.pq import ProductQuantizer
 
@@ -42,8 +42,6 @@ class SegmentHandle:
         self.live = live
         self.live_count = int(live.sum())
         self.all_live = self.live_count == self.n
-        if deleted is not None:
-            self.kill(deleted)
         self.vectors = reader.vectors
         self.rerank_factor = rerank_factor
         self.index = None
