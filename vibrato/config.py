@@ -102,13 +102,10 @@ class Config:
         shards = max(1, int(self.hot_index_shards))
         object.__setattr__(self, "hot_index_shards", 1 << (shards - 1).bit_length())
         for name in ("checkpoint_interval_secs", "compaction_interval_secs", "catalog_read_timeout_ms",
-                     "quarantine_max_files", "quarantine_max_bytes", "background_io_mb_per_sec"):
+                     "quarantine_max_files", "quarantine_max_bytes", "background_io_mb_per_sec",
+                     "hot_max_rows", "ingest_backpressure_wait_secs"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
-        if self.hot_max_rows < 0:
-            raise ValueError(f"--hot-max-rows must be >= 0 (0: 4 x --checkpoint-max-rows), got {self.hot_max_rows}")
-        if self.ingest_backpressure_wait_secs < 0:
-            raise ValueError("--ingest-backpressure-wait-secs must be >= 0")
         if not 1 <= self.query_workers <= 64:
             raise ValueError(f"--query-workers must be between 1 and 64, got {self.query_workers}")
         for name in ("keepalive_timeout_secs", "header_timeout_secs", "max_connections"):
@@ -145,6 +142,12 @@ class Config:
     def hot_bound(self) -> int:
         """Un-checkpointed rows the hot tier may hold (hot_max_rows, default 4 x checkpoint_max_rows)."""
         return self.hot_max_rows or 4 * self.checkpoint_max_rows
+
+    @property
+    def checkpoint_due_rows(self) -> int:
+        """Hot rows that make a checkpoint due before its timer: a full checkpoint's, or half the
+        hot tier's bound when that is smaller (ingest is held at the bound)."""
+        return min(self.checkpoint_max_rows, self.hot_bound // 2)
 
     @property
     def tmp_dir(self) -> Path:

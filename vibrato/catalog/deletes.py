@@ -80,11 +80,6 @@ def last_lsn(conn, collection_id: str) -> int:
                         (collection_id,)).fetchone()[0]
 
 
-def count(conn, collection_id: str) -> int:
-    return conn.execute("SELECT COUNT(*) FROM deleted_vectors WHERE collection_id = ?",
-                        (collection_id,)).fetchone()[0]
-
-
 def unpurged(conn, collection_id: str) -> np.ndarray:
     """Deleted ids whose payload has not been erased yet, sorted."""
     rows = conn.execute("SELECT vector_id FROM deleted_vectors WHERE collection_id = ? AND purged_at IS NULL "

@@ -2,7 +2,8 @@
 
 Three daemon threads, each lowering its own CPU and I/O priority when `audio_colocated`:
   checkpoint   every checkpoint_interval_secs, or at once when the hot tier reaches
-               checkpoint_max_rows; also builds graphs for sealed hot chunks (pipeline.build_graph)
+               checkpoint_due_rows or an ingest waits for room; also builds graphs for sealed hot
+               chunks (pipeline.build_graph)
   compaction   every compaction_interval_secs, or at once when a checkpoint leaves
                compaction_max_inputs L0 segments waiting; as many steps as there is work
   housekeeping every few seconds (maintenance.run_once): delete obsolete segment files and expired
@@ -63,10 +64,8 @@ class BackgroundWorkers:
             self._wake_checkpoint.clear()
             if self._stop.is_set():
                 break
-            # due by size: a full checkpoint's rows, or half the hot tier's bound when that is smaller
-            # (ingest is held at the bound), or an ingest waiting for room
-            full = eng.segment_set.hot_count() >= min(cfg.checkpoint_max_rows, cfg.hot_bound // 2) \
-                or eng.segment_set.waiting
+            # due by size, or an ingest waiting for room
+            full = eng.segment_set.hot_count() >= cfg.checkpoint_due_rows or eng.segment_set.waiting
             if not full:
                 self._build_hot_graphs()  # backpressured ingests wait for the checkpoint, not for these
             if not full and time.monotonic() < next_due:
@@ -74,9 +73,8 @@ class BackgroundWorkers:
             try:
                 while not self._stop.is_set():
                     res = eng.checkpoint(background=True)
-                    if res["state"] == "idle" or (
-                            eng.segment_set.hot_count() < min(cfg.checkpoint_max_rows, cfg.hot_bound // 2)
-                            and not eng.segment_set.waiting):
+                    if res["state"] == "idle" or (eng.segment_set.hot_count() < cfg.checkpoint_due_rows
+                                                  and not eng.segment_set.waiting):
                         break
             except Exception as exc:  # noqa: BLE001
                 log.warning("background checkpoint failed: %s", exc)

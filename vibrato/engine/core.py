@@ -243,9 +243,7 @@ class Engine(Searcher):
             results = self.catalog.write(wal.insert_batch, self.cid, prep.rows, after_commit=apply)
         finally:
             self.segment_set.release(n)
-        cfg = self.config
-        if self._workers is not None and self.segment_set.hot_count() >= min(cfg.checkpoint_max_rows,
-                                                                              cfg.hot_bound // 2):
+        if self._workers is not None and self.segment_set.hot_count() >= self.config.checkpoint_due_rows:
             self._workers.wake_checkpoint()
         return [(r[0], r[1]) for r in results]
 

@@ -33,7 +33,6 @@ class HotChunk:
         self.n = 0
         self.index = None  # HnswIndex over all `capacity` rows once sealed and built
         self.live = None   # bool (capacity,) once a row is deleted; None: every row is live
-        self.dead = 0      # rows deleted
 
     def kill(self, deleted: np.ndarray) -> int:
         """Mark rows [0, n) whose ids are in sorted `deleted` not live; returns how many were live."""
@@ -52,7 +51,6 @@ class HotChunk:
             return 0
         live[rows] = False
         self.live = live
-        self.dead += int(rows.shape[0])
         return int(rows.shape[0])
 
     @property
