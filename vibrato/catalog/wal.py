@@ -10,6 +10,8 @@ import hashlib
 import json
 import time
 
+import orjson
+
 from vibrato.catalog import collections
 from vibrato.errors import ConflictError
 
@@ -89,6 +91,23 @@ def _same_payload(stored: bytes, row) -> bool:
     h.update(f"{row[ROW_SOURCE]}\x00{row[ROW_START]}\x00{row[ROW_DURATION]}\x00{row[ROW_BPM]!r}\x00"
              f"{row[ROW_TAGS]}".encode("utf-8", "surrogatepass"))
     return stored == h.digest()
+
+
+def insert_checkpointed(conn, collection_id: str, first_id: int, metas, now: int | None = None) -> tuple[int, int]:
+    """Bulk import: a row per id first_id, first_id + 1, ... for the normalised metas (source_file,
+    start_time_ms, duration_ms, bpm, tags), already checkpointed and without a vector blob (their
+    segments hold the vectors). payload_sha256 is empty: it only answers idempotency keys, and these
+    rows have none. Returns the (first, last) lsn given to them."""
+    now = int(time.time()) if now is None else now
+    before = conn.total_changes()
+    conn.executemany(
+        "INSERT INTO wal_entries(collection_id, vector_id, vector, source_file, start_time_ms, duration_ms, bpm, "
+        "tags_json, idempotency_key, payload_sha256, checkpointed_at, created_at) "
+        "VALUES (?, ?, NULL, ?, ?, ?, ?, ?, NULL, x'', ?, ?)",
+        ((collection_id, first_id + i, m[0], m[1], m[2], m[3], orjson.dumps(m[4]).decode(), now, now)
+         for i, m in enumerate(metas)))
+    last = conn.last_insert_rowid()
+    return last - (conn.total_changes() - before) + 1, last
 
 
 def pending(conn, collection_id: str, after_lsn: int = 0, limit: int = -1) -> list:

@@ -15,12 +15,11 @@ catalog does not know are quarantined at the next start (orphans, CONTRACT.md §
 whole file is imported.
 """
 import os
-import time
 
 import numpy as np
 import orjson
 
-from vibrato.catalog import collections, segments as seg_sql
+from vibrato.catalog import collections, segments as seg_sql, wal
 from vibrato.config import Limits
 from vibrato.engine.faults import fault_point
 from vibrato.engine.lock import is_locked
@@ -132,16 +131,7 @@ def _write(eng, X, metadata_path, limits, progress) -> dict:
             first = collections.allocate_ids(conn, cid, n)
             if first != id_start:
                 raise VibratoError(f"the collection's next id moved from {id_start} to {first} during the import")
-            now = int(time.time())
-            rows = ((cid, id_start + i, m[0], m[1], m[2], m[3], orjson.dumps(m[4]).decode(), now, now)
-                    for i, m in enumerate(_metas(metadata_path, n, limits)))
-            # payload_sha256 is empty: it only answers idempotency keys, and imported rows have none
-            conn.executemany(
-                "INSERT INTO wal_entries(collection_id, vector_id, vector, source_file, start_time_ms, duration_ms, "
-                "bpm, tags_json, idempotency_key, payload_sha256, checkpointed_at, created_at) "
-                "VALUES (?, ?, NULL, ?, ?, ?, ?, ?, NULL, x'', ?, ?)", rows)
-            last_lsn = conn.last_insert_rowid()
-            first_lsn = last_lsn - n + 1
+            first_lsn, _last = wal.insert_checkpointed(conn, cid, id_start, _metas(metadata_path, n, limits))
             for _tmp, _final, row in done:
                 off = row["vector_id_start"] - id_start
                 seg_sql.insert(conn, {**row, "start_lsn": first_lsn + off,
