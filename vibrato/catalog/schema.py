@@ -157,7 +157,7 @@ CREATE INDEX idx_orphans_live ON orphan_files(quarantined_at) WHERE deleted_at I
 """),
     # Deletes (CONTRACT.md D40). source_file is indexed so a whole track is found without a scan.
     # A catalog written by an earlier version may hold freed pages with old payloads (it ran without
-    # secure_delete): its first purge vacuums it (engine/purge.py).
+    # secure_delete): its first purge vacuums it (engine/deletes.py).
     (2, "v2_deletes", """
 CREATE TABLE deleted_vectors(
     collection_id TEXT NOT NULL REFERENCES collections(id),

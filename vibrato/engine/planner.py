@@ -206,8 +206,7 @@ def _run(step: Step, q, k, ef):
         take = topk(scores, k)
         return step.rows[take] + t.id_start, scores[take]
     if step.kind == "graph":
-        ids, scores = _graph(step, q.reshape(1, -1), k, ef, 1)
-        return ids[0], scores[0]
+        return _graph(step, q.reshape(1, -1), k, ef, 1)[0]
     # pq
     rows, _approx = t.pq.adc_scan(q, t.codes, _pq_candidates(t, k, ef), step.mask)
     rows = np.asarray(rows, dtype=np.int64)
@@ -219,7 +218,7 @@ def _run(step: Step, q, k, ef):
 
 
 def _graph(step: Step, Q, k, ef, threads):
-    """A graph step for every row of Q (nq, dim) in one native call: per row (ids, scores) of the
+    """A graph step for every row of Q (nq, dim) in one native call: per row, (ids, scores) of the
     results found, best first, ids global."""
     t = step.target
     if isinstance(t, HotSlice):
@@ -229,12 +228,12 @@ def _graph(step: Step, Q, k, ef, threads):
                                      luts=t.pq.adc_tables(Q), rerank=archive_beam(t, k, ef))
     else:
         ids, scores = t.index.search(Q, k=k, ef=max(ef, k), allowed=step.mask, threads=threads)
+    rows_of = t.chunk.ids if isinstance(t, HotSlice) else None  # hot: chunk rows -> ids
     out = []
     for row_ids, row_scores in zip(ids, scores):
         keep = row_ids >= 0
-        row_ids = row_ids[keep]
-        out.append((t.chunk.ids[row_ids] if isinstance(t, HotSlice) else row_ids, row_scores[keep]))
-    return [i for i, _ in out], [s for _, s in out]
+        out.append((row_ids[keep] if rows_of is None else rows_of[row_ids[keep]], row_scores[keep]))
+    return out
 
 
 def search_many(view, Q, k: int, ef: int, search_tier: str, threads: int = 1) -> list:
@@ -248,7 +247,7 @@ def search_many(view, Q, k: int, ef: int, search_tier: str, threads: int = 1) ->
         if step.kind == "skip":
             continue
         if step.kind == "graph":
-            got = zip(*_graph(step, Q, k, ef, threads))
+            got = _graph(step, Q, k, ef, threads)
         else:
             got = (_run(step, q, k, ef) for q in Q)
         for i, (a, b) in enumerate(got):

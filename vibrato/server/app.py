@@ -79,8 +79,9 @@ ROUTES = (
                        "query filter's clauses plus `source_file`: one name or at most {max_delete_source_files} "
                        "names, --max-delete-source-files; at least one condition). Ids that do not exist or are "
                        "already deleted count 0; `lsn` is null when nothing was deleted. Shape errors (unknown "
-                       "field, an id that is not a u64 integer) are 422; both or neither of ids and filter, an "
-                       "empty filter, an empty source_file list and values above a limit are 400. The payloads "
+                       "field, ids not an array) are 422; an id that is not a u64 integer, both or neither of "
+                       "ids and filter, an empty filter, an empty source_file list and values above a limit are "
+                       "400. The payloads "
                        "leave the data dir as segments are rewritten, or at once with POST /v2/admin/compact "
                        "{{\"purge\": true}}."),
     _route("DELETE", "/v2/vectors/{id}", h.delete_one, "delete", "ingest", "Delete one vector by id",
