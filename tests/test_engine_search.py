@@ -203,6 +203,37 @@ def test_identify_spans_tiers_with_exact_scores(tmp_path, shared_data):
         assert all(r["id"] != 980 for r in e.identify(q, k=3, search_tier="archive"))
 
 
+def test_window_scores_in_place_equal_the_gathered_windows(tmp_path):
+    """Windows inside a segment are scored from the mapped rows; windows spanning two segments or a
+    segment and the hot tier, and windows in the hot tier, are gathered: every one must equal the mean
+    per-row inner product of the rows gathered by id, and a window with a deleted row is a hole."""
+    rng = np.random.default_rng(11)
+    X = unit(rng, 700, 16)
+    L = 20
+    with Engine.open(tmp_path / "d", dim=16, background=False) as e:
+        for lo, hi in ((0, 300), (300, 310), (310, 500)):  # the middle segment is shorter than a window
+            e.ingest_batch([{"vector": x} for x in X[lo:hi]])
+            e.checkpoint()
+        e.ingest_batch([{"vector": x} for x in X[500:]])
+        e.delete(ids=[120])
+        view = e.view()
+        assert len(view.segments) == 3
+        q = unit(rng, L, 16).reshape(-1)
+        starts = np.array([0, 50, 101, 110, 121, 290, 300, 305, 470, 490, 600, 680, 681, 700], dtype=np.int64)
+        got = view.window_scores(starts, q, L)
+        for s, score in zip(starts.tolist(), got.tolist()):
+            ids = np.arange(s, s + L, dtype=np.int64)
+            if s + L > 700 or s <= 120 < s + L:
+                assert score == -np.inf, s
+                continue
+            vecs, found = view.vectors_for(ids)
+            assert found.all()
+            want = float(np.dot(vecs.reshape(-1).astype(np.float64), q.astype(np.float64))) / L
+            assert score == pytest.approx(want, abs=1e-5), s
+        archive_only = view.window_scores(starts, q, L, search_tier="archive")
+        assert np.isneginf(archive_only).all()
+
+
 def test_identify_hole_guard(tmp_path):
     d = tmp_path / "d"
     rng = np.random.default_rng(5)

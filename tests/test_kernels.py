@@ -76,6 +76,23 @@ def test_many_and_ids(level, n, d, seed):
                                    rtol=1e-4, atol=tol)
 
 
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 60), d=st.integers(1, 40), L=st.integers(1, 12), seed=st.integers(0, 2**32 - 1))
+def test_windows_score_consecutive_rows_in_place(level, n, d, L, seed):
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((n, d)).astype(np.float32)
+    q = rng.standard_normal(L * d).astype(np.float32)
+    if L > n:
+        with pytest.raises(ValueError, match="does not fit"):
+            D.dot_windows(q, X, np.zeros(1, np.int64), level)
+        return
+    starts = rng.integers(0, n - L + 1, size=8).astype(np.int64)
+    want = [X[s:s + L].astype(np.float64).ravel() @ q.astype(np.float64) for s in starts]
+    np.testing.assert_allclose(D.dot_windows(q, X, starts, level), want, rtol=1e-4, atol=1e-4 * np.sqrt(L * d))
+    with pytest.raises(ValueError, match=rf"\[0, {n - L + 1}\)"):
+        D.dot_windows(q, X, np.array([n - L + 1], np.int64), level)
+
+
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_many_threaded_equals_single(level, threads):
     rng = np.random.default_rng(7)
@@ -117,6 +134,7 @@ def test_empty_inputs():
     q = np.ones(4, np.float32)
     assert K.dot_many(q, np.empty((0, 4), np.float32)).shape == (0,)
     assert K.dot_many(q, np.ones((3, 4), np.float32), np.empty(0, np.int64)).shape == (0,)
+    assert K.dot_windows(q, np.ones((3, 4), np.float32), np.empty(0, np.int64)).shape == (0,)
     assert K.dot_matrix(np.empty((0, 4), np.float32), np.ones((3, 4), np.float32)).shape == (0, 3)
 
 
@@ -137,6 +155,10 @@ BAD_CALLS = [
      r"\[0, 4\)"),
     (lambda: K.l2sq_many(np.ones(4, np.float32), np.ones((4, 4), np.float16)), "float32"),
     (lambda: K.dot_matrix(np.ones((2, 3), np.float32), np.ones((2, 4), np.float32)), "dimension mismatch"),
+    (lambda: K.dot_windows(np.ones(6, np.float32), np.ones((4, 4), np.float32), np.zeros(1, np.int64)),
+     "multiple of X's row length"),
+    (lambda: K.dot_windows(np.ones(8, np.float32), np.ones((4, 4), np.float32), np.array([3], np.int64)),
+     r"\[0, 3\)"),
     (lambda: K.dot_many(np.ones(4, np.float32), np.ones((4, 4), np.float32), threads=0), "threads"),
 ]
 

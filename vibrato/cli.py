@@ -175,7 +175,8 @@ def cli():
 @bool_option("--inline-search", _DEFAULTS.inline_search,
              "Run small queries (k <= 100, ef <= 256) on the event loop instead of a worker thread: less CPU "
              "per query; a query that is slow (cold pages of a segment larger than memory) then delays the "
-             "others. false sends every query to the executor.")
+             "others. A small identify (<= 256 frames) runs there only when it is the one request in flight. "
+             "false sends every query and identify to the executor.")
 @bool_option("--fast-query-path", _DEFAULTS.fast_query_path,
              "Answer a well-formed, authorized small query (one that --inline-search runs on the loop) straight "
              "from the connection, without aiohttp's per-request objects: same response, metrics, audit row and "

@@ -10,7 +10,7 @@ Every call releases the GIL while the kernel runs.
 from vibrato._native import cpu as _cpu
 from vibrato._native import distance as _distance
 
-__all__ = ["dot", "l2sq", "dot_many", "l2sq_many", "dot_matrix", "l2sq_matrix", "isa"]
+__all__ = ["dot", "l2sq", "dot_many", "l2sq_many", "dot_windows", "dot_matrix", "l2sq_matrix", "isa"]
 
 
 def isa() -> str:
@@ -41,6 +41,12 @@ def dot_many(q, X, ids=None, threads=None):
 def l2sq_many(q, X, ids=None, threads=None):
     """Squared L2 distances of q (d,) to each row of X (n, d), or to X[ids]. (n,) float32."""
     return _distance.l2sq_many(q, X, ids, threads=threads)
+
+
+def dot_windows(q, X, starts):
+    """Inner products of a flattened L-row query q (L*d,) with the L consecutive rows X[s:s+L] of X (n, d)
+    for each int64 start s (s + L <= n), read in place. (len(starts),) float32."""
+    return _distance.dot_windows(q, X, starts)
 
 
 def dot_matrix(Q, X, threads=None):

@@ -135,6 +135,36 @@ def l2sq_many(q, X, ids=None, int level=-1, threads=None):
     return _many(1, q, X, ids, level, threads)
 
 
+def dot_windows(q, X, starts, int level=-1):
+    """out[i] = q . X[starts[i] : starts[i] + L].ravel() with L = len(q) / X.shape[1]: a flattened L-row
+    query against L consecutive rows of X, read in place (identify scores its windows so, without
+    gathering them). starts: int64 rows with starts[i] + L <= X.shape[0]. Returns (n,) float32."""
+    _check_vec(q, "q")
+    _check_mat(X, "X")
+    cdef size_t d = X.shape[1]
+    if d == 0 or q.shape[0] == 0 or q.shape[0] % d:
+        raise ValueError(f"q's length {q.shape[0]} is not a positive multiple of X's row length {d}")
+    cdef size_t L = q.shape[0] // d
+    if L > <size_t>X.shape[0]:
+        raise ValueError(f"a window of {L} rows does not fit in X's {X.shape[0]} rows")
+    _check_ids(starts, X.shape[0] - L + 1)
+    cdef vb_pair_fn fn = _ops(level).dot
+    cdef size_t n = starts.shape[0]
+    out = np.empty(n, dtype=np.float32)
+    if n == 0:
+        return out
+    cdef const float[::1] qv = q
+    cdef const float[:, ::1] Xv = X
+    cdef const int64_t[::1] sv = starts
+    cdef float[::1] outv = out
+    cdef const float *base = &Xv[0, 0]
+    cdef size_t i
+    with nogil:
+        for i in range(n):
+            outv[i] = fn(&qv[0], base + <size_t>sv[i] * d, L * d)
+    return out
+
+
 def distance_matrix(Q, X, int metric=0, int level=-1, threads=None):
     """out[i, j] = op(Q[i], X[j]) as (nq, nx) float32; metric 0 = inner product, 1 = squared L2."""
     _check_mat(Q, "Q")

@@ -13,20 +13,18 @@ CONTRACT.md D1):
   2. voting (a Hough histogram, as audio fingerprinting does with hash hits): each probe's
      neighbours give starts s = hit - offset; a start's votes are its own plus its better adjacent
      start's, since an excerpt cut between two frames splits its votes over both;
-  3. the best-voted starts (and their neighbours) are gathered as windows s .. s+L-1 by id; a window
-     with a missing, tombstoned, deleted or replayed-away id is rejected (the hole guard), the rest are
-     scored exactly as the mean per-frame inner product of the frames as given, and the top k returned.
+  3. the best-voted starts (and their neighbours) are scored as windows s .. s+L-1 by id (in place
+     where a window lies in one segment, tiers.View.window_scores); a window with a missing,
+     tombstoned, deleted or replayed-away id is rejected (the hole guard), the rest are scored
+     exactly as the mean per-frame inner product of the frames as given, and the top k returned.
 """
 import numpy as np
-
-from vibrato import kernels
 
 VOTERS = 16                   # query frames that vote (all of them when fewer)
 VOTE_K_MIN = 32               # neighbours per voting frame (at least 4k)
 CENTRE = 0.8                  # share of the query's mean frame taken out of each probe
 CENTRE_MIN_FRAMES = 16        # shorter queries probe with their frames as given
 RESCORE_MIN = 64              # best-voted starts scored in full (at least 8k), plus neighbours of the best
-WINDOW_BUDGET_ROWS = 1 << 19  # gather at most this many rows per scoring block
 SEARCH_THREADS = 2            # the probes' searches run on this many threads (GIL released)
 
 
@@ -73,19 +71,7 @@ def identify(view, frames: np.ndarray, k: int, ef: int, search_tier: str, includ
     cand = vote(starts, max(8 * k, RESCORE_MIN), max(2 * k, 16))
     if cand.shape[0] == 0:
         return []
-    scores = np.full(cand.shape[0], -np.inf, dtype=np.float64)
-    offsets = np.arange(L, dtype=np.int64)
-    flat_query = frames.reshape(-1)
-    block = max(1, WINDOW_BUDGET_ROWS // L)
-    for b in range(0, cand.shape[0], block):
-        c = cand[b:b + block]
-        win = (c[:, None] + offsets[None, :]).reshape(-1)
-        vecs, found = view.vectors_for(win, search_tier)
-        ok = found.reshape(c.shape[0], L).all(axis=1)
-        if not ok.any():
-            continue
-        v = vecs.reshape(c.shape[0], L * frames.shape[1])[ok]
-        scores[np.flatnonzero(ok) + b] = kernels.dot_many(flat_query, v, threads=1) / L
+    scores = view.window_scores(cand, frames.reshape(-1), L, search_tier)
     valid = np.isfinite(scores)
     if not valid.any():
         return []

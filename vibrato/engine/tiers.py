@@ -7,10 +7,12 @@ unlinked while mapped stays valid on Linux) until the query drops the View.
 """
 import numpy as np
 
+from vibrato import kernels
 from vibrato.engine import planner
 from vibrato.engine.hot import HotView
 from vibrato.engine.planner import tier_filter
 
+WINDOW_BUDGET_ROWS = 1 << 19  # window_scores gathers at most this many rows at a time
 METADATA_BATCH_MIN = 4  # reader.metadata_rows costs ~5.6 us + ~0.8 us/row, reader.metadata ~1.8 us/row
 
 
@@ -133,6 +135,42 @@ class View:
                 if pred(seg):
                     seg.vectors_for(ids, out, found)
         return out, found
+
+    def window_scores(self, starts: np.ndarray, flat_query: np.ndarray, L: int, search_tier: str = "all"):
+        """Mean per-row inner product of flat_query (L * dim,) with the L consecutive ids from each of
+        `starts` (float64; -inf where a window has an id no searched tier holds live: identify's hole
+        guard). A window inside one live stretch of a segment is scored in place from the mapped rows;
+        the rest (hot tier, windows spanning tiers) are gathered by id, at most WINDOW_BUDGET_ROWS
+        rows at a time."""
+        _, pred = tier_filter(search_tier)
+        scores = np.full(starts.shape[0], -np.inf, dtype=np.float64)
+        pending = np.ones(starts.shape[0], dtype=bool)
+        if self.segments:
+            which = np.searchsorted(self._starts, starts, side="right") - 1
+            for si in np.unique(which[which >= 0]).tolist():
+                seg = self.segments[si]
+                if not pred(seg):
+                    continue
+                sel = np.flatnonzero((which == si) & (starts + (L - 1) <= seg.id_end))
+                rows = starts[sel] - seg.id_start
+                if not seg.all_live:
+                    pending[sel] = False  # a window with a dead row in its segment is a hole
+                    ok = seg.live[rows[:, None] + np.arange(L)].all(axis=1)
+                    sel, rows = sel[ok], rows[ok]
+                if sel.shape[0]:  # (none fit in a segment shorter than L)
+                    scores[sel] = kernels.dot_windows(flat_query, seg.vectors, rows) / L
+                    pending[sel] = False
+        rest = np.flatnonzero(pending)
+        offsets = np.arange(L, dtype=np.int64)
+        block = max(1, WINDOW_BUDGET_ROWS // L)
+        for b in range(0, rest.shape[0], block):
+            sel = rest[b:b + block]
+            vecs, found = self.vectors_for((starts[sel, None] + offsets).reshape(-1), search_tier)
+            ok = found.reshape(sel.shape[0], L).all(axis=1)
+            if ok.any():
+                v = vecs.reshape(sel.shape[0], flat_query.shape[0])[ok]
+                scores[sel[ok]] = kernels.dot_many(flat_query, v, threads=1) / L
+        return scores
 
     def metadata_many(self, ids: np.ndarray) -> list:
         """Metadata dict per id (None for an id no tier holds live): one lookup in the hot view, then
