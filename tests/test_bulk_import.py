@@ -54,7 +54,7 @@ def test_import_continues_the_ids_and_is_searchable_with_metadata(tmp_path, monk
         assert new == (1010, True)
 
 
-@pytest.mark.parametrize("case", ["nan", "dim1", "dtype", "badjson", "badfield", "count"])
+@pytest.mark.parametrize("case", ["nan", "dim1", "dtype", "badjson", "badfield", "count", "extra"])
 def test_malformed_input_is_refused_before_anything_is_written(tmp_path, case):
     rng = np.random.default_rng(2)
     d = tmp_path / "d"
@@ -62,7 +62,7 @@ def test_malformed_input_is_refused_before_anything_is_written(tmp_path, case):
     vp, mp = write_inputs(tmp_path, X)
     lines = mp.read_text().splitlines(keepends=True)
     want = {"nan": "row 37", "dim1": "shape", "dtype": "int64", "badjson": "line 5", "badfield": "line 9",
-            "count": "99 lines"}[case]
+            "count": "99 lines", "extra": "more than 100 lines"}[case]
     if case == "nan":
         X[37, 3] = np.nan
         np.save(vp, X)
@@ -76,10 +76,57 @@ def test_malformed_input_is_refused_before_anything_is_written(tmp_path, case):
         lines[8] = json.dumps({"source_file": "a", "color": "red"}) + "\n"
     elif case == "count":
         lines = lines[:99]
+    elif case == "extra":
+        lines.append(lines[-1])
     mp.write_text("".join(lines))
     with pytest.raises(BadRequestError, match=want):
         bulk_import.run(d, "default", vp, mp)
     assert not d.exists()  # nothing was created, not even the data dir
+
+
+@pytest.mark.parametrize("point", ["import:segment_written", "import:renamed"])
+def test_an_error_while_the_activation_is_open_rolls_it_back_and_removes_the_files(tmp_path, monkeypatch, point):
+    """The activating transaction inserts the WAL rows while segments are still being written; a failure
+    then must roll those rows back and leave no segment file behind, and the import can run again."""
+    from vibrato.engine import faults
+
+    monkeypatch.setattr(bulk_import, "IMPORT_SEGMENT_ROWS", 200)
+    rng = np.random.default_rng(6)
+    d = tmp_path / "d"
+    with Engine.open(d, dim=DIM, background=False) as eng:
+        eng.ingest_batch([{"vector": v} for v in unit(rng, 20)])
+        eng.checkpoint()
+    files_before = sorted(p.name for p in (d / "segments").iterdir())
+    X = unit(rng, 700)
+    vp, mp = write_inputs(tmp_path, X)
+    faults.arm(point)
+    try:
+        with pytest.raises(OSError, match="injected"):
+            bulk_import.run(d, "default", vp, mp)
+    finally:
+        faults.disarm_all()
+    assert sorted(p.name for p in (d / "segments").iterdir()) == files_before
+    assert not list((d / "tmp").glob("*.vdb.tmp"))
+    with Engine.open(d, dim=DIM, background=False) as eng:
+        assert sorted(dump(eng)) == list(range(20)) and eng.stats()["next_id"] == 20
+    assert bulk_import.run(d, "default", vp, mp)["id_start"] == 20
+
+
+def test_a_server_compacts_imported_segments_at_start_not_at_its_timer(tmp_path, monkeypatch):
+    import time
+
+    monkeypatch.setattr(bulk_import, "IMPORT_SEGMENT_ROWS", 100)
+    rng = np.random.default_rng(8)
+    d = tmp_path / "d"
+    X = unit(rng, 800)
+    vp, mp = write_inputs(tmp_path, X)
+    assert bulk_import.run(d, "default", vp, mp)["segments"] == 8  # compaction_max_inputs
+    with Engine.open(d, dim=DIM, compaction_interval_secs=3600, checkpoint_interval_secs=3600) as eng:
+        deadline = time.monotonic() + 20  # both timers are an hour away
+        while any(s.level == 0 for s in eng.segment_set.handles) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(s.level == 0 for s in eng.segment_set.handles)
+        assert eng.query(X[321], k=1, ef=64)[0]["id"] == 321
 
 
 def test_import_refuses_a_locked_data_dir_and_the_cli_prints_key_values(tmp_path):

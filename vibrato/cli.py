@@ -475,13 +475,18 @@ def replay_to_lsn(data_dir, collection, target_lsn):
               help="A .npy array (rows, dim) of float16/32/64.")
 @click.option("--metadata", "metadata_path", type=click.Path(dir_okay=False), default=None,
               help="JSON lines, one metadata object per vector, in row order.")
-def import_(data_dir, collection, vectors_path, metadata_path):
+@click.option("--ef-construction", type=click.IntRange(1, 4096), default=_DEFAULTS.import_ef_construction,
+              show_default=True,
+              help="Graph quality of the imported L0 segments; compaction rebuilds them at the server's "
+                   "ef_construction (100). Higher: better recall before that, slower import.")
+def import_(data_dir, collection, vectors_path, metadata_path, ef_construction):
     """Import vectors straight into segments (all or nothing; ids continue the collection's); the server
     must be stopped."""
     from vibrato.engine import bulk_import
     try:
         with _Progress() as progress:
-            out = bulk_import.run(data_dir, collection, vectors_path, metadata_path, progress=progress)
+            out = bulk_import.run(data_dir, collection, vectors_path, metadata_path, progress=progress,
+                                  ef_construction=ef_construction)
     except Exception as exc:  # noqa: BLE001
         _fail(exc)
     for key in ("imported", "id_start", "id_end", "segments"):

@@ -10,7 +10,6 @@ import hashlib
 import json
 import time
 
-import orjson
 
 from vibrato.catalog import collections
 from vibrato.errors import ConflictError
@@ -95,17 +94,16 @@ def _same_payload(stored: bytes, row) -> bool:
 
 def insert_checkpointed(conn, collection_id: str, first_id: int, metas, now: int | None = None) -> tuple[int, int]:
     """Bulk import: a row per id first_id, first_id + 1, ... for the normalised metas (source_file,
-    start_time_ms, duration_ms, bpm, tags), already checkpointed and without a vector blob (their
-    segments hold the vectors). payload_sha256 is empty: it only answers idempotency keys, and these
-    rows have none. Returns the (first, last) lsn given to them."""
+    start_time_ms, duration_ms, bpm, tags as JSON text), already checkpointed and without a vector
+    blob (their segments hold the vectors). payload_sha256 is empty: it only answers idempotency keys,
+    and these rows have none. Returns the (first, last) lsn given to them."""
     now = int(time.time()) if now is None else now
     before = conn.total_changes()
     conn.executemany(
         "INSERT INTO wal_entries(collection_id, vector_id, vector, source_file, start_time_ms, duration_ms, bpm, "
         "tags_json, idempotency_key, payload_sha256, checkpointed_at, created_at) "
         "VALUES (?, ?, NULL, ?, ?, ?, ?, ?, NULL, x'', ?, ?)",
-        ((collection_id, first_id + i, m[0], m[1], m[2], m[3], orjson.dumps(m[4]).decode(), now, now)
-         for i, m in enumerate(metas)))
+        ((collection_id, first_id + i, m[0], m[1], m[2], m[3], m[4], now, now) for i, m in enumerate(metas)))
     last = conn.last_insert_rowid()
     return last - (conn.total_changes() - before) + 1, last
 

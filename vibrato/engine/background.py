@@ -4,8 +4,8 @@ Three daemon threads, each lowering its own CPU and I/O priority when `audio_col
   checkpoint   every checkpoint_interval_secs, or at once when the hot tier reaches
                checkpoint_due_rows or an ingest waits for room; also builds graphs for sealed hot
                chunks (pipeline.build_graph)
-  compaction   every compaction_interval_secs, or at once when a checkpoint leaves
-               compaction_max_inputs L0 segments waiting; as many steps as there is work
+  compaction   every compaction_interval_secs, or at once when a checkpoint (or the start, after an
+               import) leaves compaction_max_inputs L0 segments waiting; as many steps as there is work
   housekeeping every few seconds (maintenance.run_once): delete obsolete segment files and expired
                quarantined files, prune checkpointed WAL blobs past the retention window, purge
                old job/segment/audit rows, scrub one segment's checksums
@@ -39,6 +39,12 @@ class BackgroundWorkers:
             t = threading.Thread(target=self._run, args=(fn,), name=name, daemon=True)
             t.start()
             self._threads.append(t)
+        if self._l0_waiting():  # e.g. after `vibrato import`: do not leave its segments to the timer
+            self.wake_compaction()
+
+    def _l0_waiting(self) -> bool:
+        return (sum(1 for s in self.engine.segment_set.handles if s.level == 0)
+                >= self.engine.config.compaction_max_inputs)
 
     def stop(self):
         self._stop.set()
@@ -80,7 +86,7 @@ class BackgroundWorkers:
                 log.warning("background checkpoint failed: %s", exc)
             if interval > 0:
                 next_due = time.monotonic() + interval
-            if sum(1 for s in eng.segment_set.handles if s.level == 0) >= cfg.compaction_max_inputs:
+            if self._l0_waiting():
                 self.wake_compaction()  # the work waiting triggers compaction, not only its timer
 
     def _build_hot_graphs(self):

@@ -153,15 +153,16 @@ def build_threads() -> int:
     return max(1, min(2, os.cpu_count() or 1))
 
 
-def build_graph(cfg, dim: int, vectors, *, seed: int, threads: int | None = None, short_lived: bool = False):
+def build_graph(cfg, dim: int, vectors, *, seed: int, threads: int | None = None, short_lived: bool = False,
+                ef_construction: int | None = None):
     """An HnswIndex over `vectors` (rows in order) with the configured m and ef_construction
     (`l0_ef_construction` for a short-lived graph: an L0 segment or a hot chunk, which compaction
-    rebuilds); `threads` defaults to build_threads(). `vectors` is an (n, dim) array or an iterable
+    rebuilds; or `ef_construction` when given); `threads` defaults to build_threads(). `vectors` is an (n, dim) array or an iterable
     of such chunks: each is copied into the index as it comes, so a caller streaming a merge never
     holds the vectors twice."""
     from vibrato.index import HnswIndex
 
-    efc = cfg.l0_ef_construction if short_lived else cfg.hnsw_ef_construction
+    efc = ef_construction or (cfg.l0_ef_construction if short_lived else cfg.hnsw_ef_construction)
     index = HnswIndex(dim, m=cfg.hnsw_m, ef_construction=efc, seed=seed)
     threads = build_threads() if threads is None else threads
     for chunk in (vectors,) if isinstance(vectors, np.ndarray) else vectors:
