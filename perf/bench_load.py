@@ -7,7 +7,7 @@
 (shared/data/text tiled with noise, compact base64 encoding, retrying 429s after Retry-After) as fast as
 it can until --n are acknowledged. Sampled every 0.5 s from /v2/admin/stats: the hot tier
 (`hot_vectors`) and the segment count. Reported: acknowledged vectors/s, the hot tier's peak, the
-server's peak RSS (VmHWM, its whole process), query p50 / recall@10 (200 queries, k=10, ef=64, exact
+server's peak RSS (VmHWM, its whole process; and sampled RssAnon / RssFile), query p50 / recall@10 (200 queries, k=10, ef=64, exact
 ground truth) right after the last batch and --settle s later, and the same once everything is
 checkpointed and compacted (the "fully compacted" reference). Results: perf/results/bench_load.json.
 """
@@ -40,6 +40,17 @@ def peak_rss_mib(pid: int) -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def rss_parts_mib(pid: int) -> dict:
+    """The server's resident memory now, split as /proc reports it: anonymous (heap, numpy arrays,
+    graphs being built), file pages it has mapped (segments, the catalog) and shared memory."""
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key = line.split(":", 1)[0]
+        if key in ("RssAnon", "RssFile", "RssShmem"):
+            out[key] = int(line.split()[1]) / 1024
+    return out
 
 
 def query_figures(c, Q, truth):
@@ -81,13 +92,14 @@ def main():
             except Exception:  # noqa: BLE001 - not listening yet
                 pass
             time.sleep(0.1)
-        samples, stop = [], threading.Event()
+        samples, parts, stop = [], [], threading.Event()
 
         def sample():
             mon = Client(f"http://127.0.0.1:{port}", token, timeout=60)
             while not stop.is_set():
                 s = mon.stats()
                 samples.append((time.monotonic(), s["hot_vectors"], s["active_segments"]))
+                parts.append((time.monotonic(), rss_parts_mib(proc.pid)))
                 stop.wait(0.5)
 
         t = threading.Thread(target=sample, daemon=True)
@@ -108,6 +120,11 @@ def main():
         stop.set()
         t.join()
         res["peak_rss_mib"] = round(peak_rss_mib(proc.pid), 1)
+        top = max(parts, key=lambda p: sum(p[1].values()))
+        res["rss_at_sampled_peak_mib"] = {"t": round(top[0] - t0, 1), **{k: round(v, 1) for k, v in top[1].items()}}
+        res["rss_anon_peak_mib"] = round(max(p[1].get("RssAnon", 0) for p in parts), 1)
+        res["rss_series"] = [(round(ts - t0, 1), round(p.get("RssAnon", 0)), round(p.get("RssFile", 0)))
+                             for ts, p in parts[::4]]
         while c.checkpoint()["state"] != "idle":
             pass
         while c.compact()["state"] != "idle":
@@ -124,7 +141,7 @@ def main():
         subprocess.run(["rm", "-rf", str(work)], check=False)
     OUT.mkdir(exist_ok=True)
     (OUT / "bench_load.json").write_text(json.dumps(res, indent=1))
-    print(json.dumps({k: v for k, v in res.items() if k != "hot_series"}, indent=1))
+    print(json.dumps({k: v for k, v in res.items() if k not in ("hot_series", "rss_series")}, indent=1))
 
 
 if __name__ == "__main__":
