@@ -53,6 +53,23 @@ def rss_parts_mib(pid: int) -> dict:
     return out
 
 
+def rss_by_mapping_mib(pid: int, top: int = 8) -> list:
+    """The mappings holding the most resident memory (smaps), grouped by file name (anonymous ones as
+    [anon]), largest first: what the file-backed part of the peak is made of."""
+    import collections
+    import re
+
+    out, cur = collections.Counter(), "[anon]"
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):
+            parts = line.split()
+            cur = os.path.basename(parts[5]) if len(parts) > 5 else "[anon]"
+            cur = re.sub(r"seg_\w+\.vdb", "seg_*.vdb", cur)
+        elif line.startswith("Rss:"):
+            out[cur] += int(line.split()[1]) / 1024
+    return [(name, round(mib, 1)) for name, mib in out.most_common(top)]
+
+
 def query_figures(c, Q, truth):
     lat, hits = [], 0
     for q, t in zip(Q, truth):
@@ -92,7 +109,7 @@ def main():
             except Exception:  # noqa: BLE001 - not listening yet
                 pass
             time.sleep(0.1)
-        samples, parts, stop = [], [], threading.Event()
+        samples, parts, peak_maps, stop = [], [], [], threading.Event()
 
         def sample():
             mon = Client(f"http://127.0.0.1:{port}", token, timeout=60)
@@ -100,6 +117,8 @@ def main():
                 s = mon.stats()
                 samples.append((time.monotonic(), s["hot_vectors"], s["active_segments"]))
                 parts.append((time.monotonic(), rss_parts_mib(proc.pid)))
+                if sum(parts[-1][1].values()) >= max(sum(p[1].values()) for p in parts):
+                    peak_maps[:] = rss_by_mapping_mib(proc.pid)
                 stop.wait(0.5)
 
         t = threading.Thread(target=sample, daemon=True)
@@ -123,6 +142,7 @@ def main():
         top = max(parts, key=lambda p: sum(p[1].values()))
         res["rss_at_sampled_peak_mib"] = {"t": round(top[0] - t0, 1), **{k: round(v, 1) for k, v in top[1].items()}}
         res["rss_anon_peak_mib"] = round(max(p[1].get("RssAnon", 0) for p in parts), 1)
+        res["rss_by_mapping_at_peak_mib"] = peak_maps
         res["rss_series"] = [(round(ts - t0, 1), round(p.get("RssAnon", 0)), round(p.get("RssFile", 0)))
                              for ts, p in parts[::4]]
         while c.checkpoint()["state"] != "idle":
