@@ -7,7 +7,8 @@
 (shared/data/text tiled with noise, compact base64 encoding, retrying 429s after Retry-After) as fast as
 it can until --n are acknowledged. Sampled every 0.5 s from /v2/admin/stats: the hot tier
 (`hot_vectors`) and the segment count. Reported: acknowledged vectors/s, the hot tier's peak, the
-server's peak RSS (VmHWM, its whole process; and sampled RssAnon / RssFile), query p50 / recall@10 (200 queries, k=10, ef=64, exact
+server's peak RSS (VmHWM, its whole process) at the end of the load and after the queries and --settle
+(sampled RssAnon / RssFile say how much of it is mapped segment pages the queries touched), query p50 / recall@10 (200 queries, k=10, ef=64, exact
 ground truth) right after the last batch and --settle s later, and the same once everything is
 checkpointed and compacted (the "fully compacted" reference). Results: perf/results/bench_load.json.
 """
@@ -127,6 +128,8 @@ def main():
         for lo in range(0, args.n, args.batch):
             c.ingest_batch(X[lo:lo + args.batch])
         load_s = time.monotonic() - t0
+        # the load's own peak, before any query maps segment pages in (VmHWM so far: kernel-tracked)
+        res["peak_rss_during_load_mib"] = round(peak_rss_mib(proc.pid), 1)
         res["acked_vectors_per_s"] = round(args.n / load_s, 1)
         res["hot_peak"] = max(h for _, h, _ in samples)
         res["after_load"] = {**query_figures(c, Q, truth), "stats": {k: c.stats()[k] for k in
@@ -138,7 +141,7 @@ def main():
                                                                                    "segments_by_level")}}
         stop.set()
         t.join()
-        res["peak_rss_mib"] = round(peak_rss_mib(proc.pid), 1)
+        res["peak_rss_mib"] = round(peak_rss_mib(proc.pid), 1)  # load + the queries + --settle s
         top = max(parts, key=lambda p: sum(p[1].values()))
         res["rss_at_sampled_peak_mib"] = {"t": round(top[0] - t0, 1), **{k: round(v, 1) for k, v in top[1].items()}}
         res["rss_anon_peak_mib"] = round(max(p[1].get("RssAnon", 0) for p in parts), 1)

@@ -477,8 +477,8 @@ def replay_to_lsn(data_dir, collection, target_lsn):
               help="JSON lines, one metadata object per vector, in row order.")
 @click.option("--ef-construction", type=click.IntRange(1, 4096), default=_DEFAULTS.import_ef_construction,
               show_default=True,
-              help="Graph quality of the imported L0 segments; compaction rebuilds them at the server's "
-                   "ef_construction (100). Higher: better recall before that, slower import.")
+              help="Graph quality of the imported L0 segments, which compaction rebuilds. Higher: better "
+                   "recall until then, slower import.")
 def import_(data_dir, collection, vectors_path, metadata_path, ef_construction):
     """Import vectors straight into segments (all or nothing; ids continue the collection's); the server
     must be stopped."""

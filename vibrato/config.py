@@ -74,7 +74,7 @@ class Config:
     l2_merge_max_rows: int = 4_000_000  # L2 archive segments are merged until this size (CONTRACT.md D24)
     hnsw_m: int = 16
     hnsw_ef_construction: int = 100    # 200 builds 2.6x slower for +0.002 recall@10 (text set, ef 64)
-    l0_ef_construction: int = 48       # L0 segments and hot chunks (rebuilt by compaction): 2.1x faster
+    l0_ef_construction: int = 48       # hot chunks, L0 and L1 segments (rebuilt by compaction): 2.1x faster
     import_ef_construction: int = 24   # `vibrato import`'s L0 segments (rebuilt by compaction): 2x faster again
                                        # builds, recall@10 0.991 vs 0.998 at ef 64 (50k text rows)
     pq_min_rows: int = 256

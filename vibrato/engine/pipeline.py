@@ -156,7 +156,7 @@ def build_threads() -> int:
 def build_graph(cfg, dim: int, vectors, *, seed: int, threads: int | None = None, short_lived: bool = False,
                 ef_construction: int | None = None):
     """An HnswIndex over `vectors` (rows in order) with the configured m and ef_construction
-    (`l0_ef_construction` for a short-lived graph: an L0 segment or a hot chunk, which compaction
+    (`l0_ef_construction` for a short-lived graph: a hot chunk, an L0 or L1 segment, which compaction
     rebuilds; or `ef_construction` when given); `threads` defaults to build_threads(). `vectors` is an (n, dim) array or an iterable
     of such chunks: each is copied into the index as it comes, so a caller streaming a merge never
     holds the vectors twice."""
