@@ -129,16 +129,17 @@ def test_hnsw_build_parameters_come_from_config(tmp_path, monkeypatch):
             built.append((m, ef_construction))
             super().__init__(dim, m=m, ef_construction=ef_construction, seed=seed)
     monkeypatch.setattr(index_mod, "HnswIndex", Spy)
-    with open_engine(tmp_path / "d", hnsw_m=8, hnsw_ef_construction=40, l0_ef_construction=12) as eng:
+    with open_engine(tmp_path / "d", hnsw_m=8, hnsw_ef_construction=40, l0_ef_construction=12,
+                     l1_ef_construction=20) as eng:
         for part in range(2):
             ingest(eng, [f"k{part}_{i}" for i in range(40)])
             eng.checkpoint()
             eng.checkpoint()
             # the L0 checkpoints and the L1 their compaction makes get the short-lived graphs
             assert eng.compact()["state"] == "completed"
-        assert [(s.level, s.index.ef_construction) for s in eng.segment_set.handles] == [(1, 12), (1, 12)]
+        assert [(s.level, s.index.ef_construction) for s in eng.segment_set.handles] == [(1, 20), (1, 20)]
         assert eng.compact()["state"] == "completed"  # two L1s -> an L2: the full graph
         assert [(s.level, s.index.m, s.index.ef_construction) for s in eng.segment_set.handles] == [(2, 8, 40)]
-    assert built == [(8, 12), (8, 12), (8, 12)] * 2 + [(8, 40)]
+    assert built == [(8, 12), (8, 12), (8, 20)] * 2 + [(8, 40)]
     g = pipeline.build_graph(eng.config, DIM, payload("x", DIM)[0].reshape(1, DIM), seed=0, threads=1)
     assert (g.m, g.ef_construction) == (8, 40) and len(g) == 1

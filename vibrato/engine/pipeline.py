@@ -156,8 +156,8 @@ def build_threads() -> int:
 def build_graph(cfg, dim: int, vectors, *, seed: int, threads: int | None = None, short_lived: bool = False,
                 ef_construction: int | None = None):
     """An HnswIndex over `vectors` (rows in order) with the configured m and ef_construction
-    (`l0_ef_construction` for a short-lived graph: a hot chunk, an L0 or L1 segment, which compaction
-    rebuilds; or `ef_construction` when given); `threads` defaults to build_threads(). `vectors` is an (n, dim) array or an iterable
+    (`l0_ef_construction` for a short-lived graph: a hot chunk or an L0 segment, which compaction
+    rebuilds; or `ef_construction` when given: an L1's or an import's); `threads` defaults to build_threads(). `vectors` is an (n, dim) array or an iterable
     of such chunks: each is copied into the index as it comes, so a caller streaming a merge never
     holds the vectors twice."""
     from vibrato.index import HnswIndex
