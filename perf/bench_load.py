@@ -87,6 +87,8 @@ def main():
     ap.add_argument("--batch", type=int, default=2000)
     ap.add_argument("--settle", type=float, default=60.0)
     ap.add_argument("--server-args", default="")
+    ap.add_argument("--py-spy", type=Path, help="record the server with py-spy (raw) while the queries --settle s "
+                                                "after the load run (perf/spy_top.py summarises it)")
     args = ap.parse_args()
     X = text_vectors(args.n)
     rng = np.random.default_rng(9)
@@ -136,9 +138,17 @@ def main():
                                                                      ("hot_vectors", "active_segments")}}
         print(json.dumps(res, indent=1), flush=True)
         time.sleep(max(0.0, args.settle - (time.monotonic() - t0 - load_s)))
+        spy = None
+        if args.py_spy:
+            spy = subprocess.Popen([str(Path(sys.executable).with_name("py-spy")), "record", "-r", "200", "-d", "15",
+                                    "-f", "raw", "--threads", "-o", str(args.py_spy), "-p", str(proc.pid)],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(1.0)
         res[f"after_{args.settle:g}s"] = {**query_figures(c, Q, truth), "stats": {k: c.stats()[k] for k in
                                                                                   ("hot_vectors", "active_segments",
                                                                                    "segments_by_level")}}
+        if spy is not None:
+            spy.wait(60)
         stop.set()
         t.join()
         res["peak_rss_mib"] = round(peak_rss_mib(proc.pid), 1)  # load + the queries + --settle s
