@@ -118,9 +118,9 @@ def test_a_server_compacts_imported_segments_at_start_not_at_its_timer(tmp_path,
     monkeypatch.setattr(bulk_import, "IMPORT_SEGMENT_ROWS", 100)
     rng = np.random.default_rng(8)
     d = tmp_path / "d"
-    X = unit(rng, 800)
+    X = unit(rng, 1000)
     vp, mp = write_inputs(tmp_path, X)
-    assert bulk_import.run(d, "default", vp, mp)["segments"] == 8  # compaction_max_inputs
+    assert bulk_import.run(d, "default", vp, mp)["segments"] == 10  # compaction_max_inputs
     with Engine.open(d, dim=DIM, compaction_interval_secs=3600, checkpoint_interval_secs=3600) as eng:
         deadline = time.monotonic() + 20  # both timers are an hour away
         while any(s.level == 0 for s in eng.segment_set.handles) and time.monotonic() < deadline:

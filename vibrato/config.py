@@ -70,7 +70,7 @@ class Config:
     hot_max_rows: int = 0              # bound on un-checkpointed rows; 0 = 4 x checkpoint_max_rows (CONTRACT.md D41)
     ingest_backpressure_wait_secs: float = 5.0  # an ingest at the bound waits this long, then 429
     publish_state: bool = False        # keep tmp/serving.state current for follower processes (engine/follower.py)
-    compaction_max_inputs: int = 8
+    compaction_max_inputs: int = 10      # fan-in of a merge; a 1M load's 20 L0s become 2 L1s, not 3 (perf/README.md)
     l2_merge_max_rows: int = 4_000_000  # L2 archive segments are merged until this size (CONTRACT.md D24)
     hnsw_m: int = 16
     hnsw_ef_construction: int = 100    # 200 builds 2.6x slower for +0.002 recall@10 (text set, ef 64)

@@ -1,8 +1,9 @@
 """Compaction: merge neighbouring segments into bigger ones so the segment count stays bounded.
 
 Policy (one step per call):
-  * >= 2 L0 segments            -> up to 8 adjacent L0s merge into one L1 raw segment (new graph);
-  * else >= 2 L1 segments       -> up to 8 adjacent L1s merge into one L2 archive segment: the float32
+  * >= 2 L0 segments            -> up to 10 (compaction_max_inputs) adjacent L0s merge into one L1 raw
+                                   segment (new graph);
+  * else >= 2 L1 segments       -> up to 10 adjacent L1s merge into one L2 archive segment: the float32
                                    vectors, an HNSW graph over them and PQ codes (format version 2;
                                    CONTRACT.md D14); raw L2 when rows < pq_min_rows or no PQ split fits dim;
   * else L2 segments            -> the smallest adjacent run of L2s whose rows fit l2_merge_max_rows
