@@ -10,7 +10,6 @@ import hashlib
 import json
 import time
 
-
 from vibrato.catalog import collections
 from vibrato.errors import ConflictError
 

@@ -95,7 +95,8 @@ class BackgroundWorkers:
             if self._stop.is_set():
                 return
             try:
-                ch.index = build_graph(eng.config, eng.dim, ch.vectors, seed=0, threads=1, short_lived=True)
+                ch.index = build_graph(eng.config, eng.dim, ch.vectors, seed=0, threads=1,
+                                       ef_construction=eng.config.l0_ef_construction)
             except Exception as exc:  # noqa: BLE001
                 log.warning("hot chunk graph build failed: %s", exc)
                 return

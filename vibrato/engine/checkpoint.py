@@ -59,7 +59,8 @@ class Checkpoint(pipeline.SegmentJob):
         metas = self.metas if keep.all() else [m for m, k in zip(self.metas, keep.tolist()) if k]
         vec, live, start, duration, bpm, sources, tags = densify(id_start, id_end, ids[keep], self.vectors[keep],
                                                                  metas, eng.dim)
-        graph = pipeline.build_graph(eng.config, eng.dim, vec, seed=id_start, short_lived=True).graph_bytes()
+        graph = pipeline.build_graph(eng.config, eng.dim, vec, seed=id_start,
+                                     ef_construction=eng.config.l0_ef_construction).graph_bytes()
         data = SegmentData(level=0, id_start=id_start, vectors=vec, live=live, start_time_ms=start,
                            duration_ms=duration, bpm=bpm, tags=tags, source_file=sources, graph=graph)
         return data, {"level": 0, "kind": "raw", "vector_id_start": id_start, "vector_id_end": int(ids[-1]),

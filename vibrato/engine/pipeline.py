@@ -153,17 +153,16 @@ def build_threads() -> int:
     return max(1, min(2, os.cpu_count() or 1))
 
 
-def build_graph(cfg, dim: int, vectors, *, seed: int, threads: int | None = None, short_lived: bool = False,
+def build_graph(cfg, dim: int, vectors, *, seed: int, threads: int | None = None,
                 ef_construction: int | None = None):
-    """An HnswIndex over `vectors` (rows in order) with the configured m and ef_construction
-    (`l0_ef_construction` for a short-lived graph: a hot chunk or an L0 segment, which compaction
-    rebuilds; or `ef_construction` when given: an L1's or an import's); `threads` defaults to build_threads(). `vectors` is an (n, dim) array or an iterable
-    of such chunks: each is copied into the index as it comes, so a caller streaming a merge never
-    holds the vectors twice."""
+    """An HnswIndex over `vectors` (rows in order) with the configured m, at `ef_construction` (default
+    hnsw_ef_construction; short-lived graphs, which compaction rebuilds, pass theirs: l0_, l1_ or
+    import_ef_construction); `threads` defaults to build_threads(). `vectors` is an (n, dim) array or
+    an iterable of such chunks: each is copied into the index as it comes, so a caller streaming a
+    merge never holds the vectors twice."""
     from vibrato.index import HnswIndex
 
-    efc = ef_construction or (cfg.l0_ef_construction if short_lived else cfg.hnsw_ef_construction)
-    index = HnswIndex(dim, m=cfg.hnsw_m, ef_construction=efc, seed=seed)
+    index = HnswIndex(dim, m=cfg.hnsw_m, ef_construction=ef_construction or cfg.hnsw_ef_construction, seed=seed)
     threads = build_threads() if threads is None else threads
     for chunk in (vectors,) if isinstance(vectors, np.ndarray) else vectors:
         index.add(chunk, threads=threads)
