@@ -46,7 +46,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import DATA, text_vectors  # noqa: E402
+from benchlib import DATA, exact_top10, text_vectors  # noqa: E402
 from vibrato.engine import Engine  # noqa: E402
 from vibrato.engine.pipeline import build_threads  # noqa: E402
 
@@ -205,19 +205,6 @@ def identify_scale(tmp: Path, n: int) -> dict:
 
 
 # ------------------------------------------------------------------------------------ part 2
-def exact_top10(X, Q):
-    best = np.empty((Q.shape[0], 10), dtype=np.int64)
-    scores = np.full((Q.shape[0], 10), -np.inf)
-    for lo in range(0, X.shape[0], 200_000):
-        s = Q.astype(np.float64) @ X[lo:lo + 200_000].astype(np.float64).T
-        ids = np.argpartition(-s, 10, axis=1)[:, :10] + lo
-        sc = np.take_along_axis(s, ids - lo, axis=1)
-        allids, allsc = np.concatenate([best, ids], 1), np.concatenate([scores, sc], 1)
-        o = np.argsort(-allsc, axis=1, kind="stable")[:, :10]
-        best, scores = np.take_along_axis(allids, o, 1), np.take_along_axis(allsc, o, 1)
-    return best
-
-
 PROBE = r'''
 import json, resource, statistics, sys, time
 import numpy as np

@@ -25,7 +25,7 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import text_vectors  # noqa: E402
+from benchlib import exact_top10, text_vectors  # noqa: E402
 
 FRAMES_PER_TRACK = 750
 
@@ -44,18 +44,6 @@ def write_inputs(root: Path, n: int, metadata: bool):
                                            "tags": [f"genre{(i // FRAMES_PER_TRACK) % 12}"]}) + b"\n"
                              for i in range(lo, min(n, lo + 100_000))))
     return X, path
-
-
-def exact_top10(X, Q):
-    best = np.full((Q.shape[0], 10), -1, dtype=np.int64)
-    best_s = np.full((Q.shape[0], 10), -np.inf, dtype=np.float32)
-    for lo in range(0, X.shape[0], 200_000):
-        s = Q @ X[lo:lo + 200_000].T
-        ids = np.concatenate([best, np.argpartition(-s, 10, axis=1)[:, :10] + lo], axis=1)
-        sc = np.concatenate([best_s, np.take_along_axis(s, ids[:, 10:] - lo, axis=1)], axis=1)
-        order = np.argsort(-sc, axis=1)[:, :10]
-        best, best_s = np.take_along_axis(ids, order, axis=1), np.take_along_axis(sc, order, axis=1)
-    return best
 
 
 def main():

@@ -29,7 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import text_vectors  # noqa: E402
+from benchlib import exact_top10, text_vectors  # noqa: E402
 from bench_http import free_port  # noqa: E402
 from vibrato.client import Client  # noqa: E402
 
@@ -94,7 +94,7 @@ def main():
     rng = np.random.default_rng(9)
     Q = X[rng.choice(args.n, 200, replace=False)] + rng.normal(0, 0.05, (200, X.shape[1])).astype(np.float32)
     Q /= np.linalg.norm(Q, axis=1, keepdims=True)
-    truth = np.stack([np.argsort(-(X @ q))[:10] for q in Q])
+    truth = exact_top10(X, Q)
     port = free_port()
     work = Path(tempfile.mkdtemp(prefix="vibrato-bench-load-"))
     cmd = [sys.executable, "-m", "vibrato.cli", "serve-v2", "--data-dir", str(work / "data"), "--dim", "128",
