@@ -93,6 +93,50 @@ def test_windows_score_consecutive_rows_in_place(level, n, d, L, seed):
         D.dot_windows(q, X, np.array([n - L + 1], np.int64), level)
 
 
+
+@pytest.mark.parametrize("d", [1, 7, 16, 31, 64, 100, 128, 129, 384])
+def test_sq8_codes_round_trip_within_half_a_step(d):
+    rng = np.random.default_rng(d)
+    X = rng.standard_normal((300, d)).astype(np.float32) * rng.uniform(0.01, 100, (300, 1)).astype(np.float32)
+    X[0] = 0.0
+    X[1, d // 2] = np.nan
+    X[2, 0] = np.inf
+    codes, scale = D.sq8_encode(X)
+    assert codes.dtype == np.int8 and codes.shape == X.shape and scale.shape == (300,)
+    assert (scale[:3] == 0).all() and (codes[:3] == 0).all()  # zero and non-finite rows score 0
+    assert codes.min() >= -127
+    err = np.abs(codes[3:].astype(np.float64) * scale[3:, None] - X[3:])
+    assert (err <= scale[3:, None] * 0.5 * (1 + 1e-5) + 1e-12).all()
+    assert (np.abs(codes[3:]).max(axis=1) == 127).all()  # each row uses the full range
+
+
+@pytest.mark.parametrize("d", [1, 15, 16, 33, 64, 128, 200])
+def test_sq8_dot_every_level_matches_numpy(level, d):
+    rng = np.random.default_rng(d)
+    X = rng.standard_normal((500, d)).astype(np.float32)
+    codes, scale = D.sq8_encode(X)
+    q = rng.standard_normal(d).astype(np.float32)
+    ids = rng.choice(500, 120).astype(np.int64)  # repeats and any order
+    want = (codes[ids].astype(np.float64) @ q.astype(np.float64)) * scale[ids]
+    got = D.dot_sq8(q, codes, scale, ids, level=level)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(np.abs(q).sum() * scale.max()))
+    assert D.dot_sq8(q, codes, scale, np.empty(0, np.int64), level=level).shape == (0,)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda c, s, q: D.dot_sq8(q, c, s, np.array([50], np.int64)), "ids must lie in"),
+    (lambda c, s, q: D.dot_sq8(q, c, s, np.array([-1], np.int64)), "ids must lie in"),
+    (lambda c, s, q: D.dot_sq8(q[:7], c, s, np.array([0], np.int64)), "dimension mismatch"),
+    (lambda c, s, q: D.dot_sq8(q, c.astype(np.uint8), s, np.array([0], np.int64)), "codes must be"),
+    (lambda c, s, q: D.dot_sq8(q, c, s[:10], np.array([0], np.int64)), "scale must be"),
+    (lambda c, s, q: D.sq8_encode(np.zeros((3, 8), np.float64)), "float32"),
+])
+def test_sq8_bad_input_is_a_clear_value_error(call, message):
+    codes, scale = D.sq8_encode(np.ones((50, 8), np.float32))
+    with pytest.raises(ValueError, match=message):
+        call(codes, scale, np.ones(8, np.float32))
+
+
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_many_threaded_equals_single(level, threads):
     rng = np.random.default_rng(7)

@@ -181,6 +181,35 @@ def test_plan_choices_follow_the_allowed_count(tiered):
     assert segs and all(s.kind in ("graph", "pq") and s.mask is None for s in segs)  # all rows allowed: no mask
 
 
+def test_a_wide_filter_scans_raw_segments_on_their_int8_codes(tiered, monkeypatch):
+    """Where the native search would scan many allowed rows of a raw segment, the plan says `scan`:
+    the segment's int8 codes are built on first use, and the result is the exact top-k of its
+    allowed rows, with their float scores."""
+    eng, X, _, _ = tiered
+    from vibrato.engine.validation import check_filter
+    monkeypatch.setattr(planner, "SCAN_CODES_MIN_ROWS", 200)  # the fixture's segments are small
+    view = eng.view()
+    allowed = eng.segment_set.filters.evaluate(check_filter({"tags_all": ["p50"]}, eng.config.limits))
+    mask = allowed.to_mask()
+    scans = [s for s in planner.plan(view, allowed, 10, 64, "all") if s.kind == "scan"]
+    assert scans and all(s.target.ram_codes is None and s.target.level <= 1 for s in scans)
+    assert all(s.target.kind != "archive" for s in scans)
+    rng = np.random.default_rng(3)
+    for step in scans:
+        seg = step.target
+        rows = np.flatnonzero(step.mask)
+        np.testing.assert_array_equal(rows + seg.id_start, np.flatnonzero(mask[seg.id_start:seg.id_end + 1] & seg.live) + seg.id_start)
+        before = seg.index.stats()["scan_code_searches"]
+        for qi in rng.choice(X.shape[0], 8, replace=False).tolist():
+            ids, scores = planner._run(step, X[qi], 10, 64)
+            exact = kernels.dot_many(X[qi], seg.vectors, rows, threads=1)
+            take = planner.topk(exact, 10)
+            np.testing.assert_array_equal(ids, rows[take] + seg.id_start)
+            np.testing.assert_array_equal(scores, exact[take])
+        assert seg.index.has_scan_codes
+        assert seg.index.stats()["scan_code_searches"] == before + 8
+
+
 @pytest.mark.parametrize("n", [500, 3000])
 def test_native_scans_never_claims_a_scan_the_native_search_would_not_make(n):
     rng = np.random.default_rng(n)

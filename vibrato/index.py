@@ -233,6 +233,20 @@ class HnswIndex:
         finally:
             self._end_search()
 
+    def build_scan_codes(self) -> None:
+        """Keep an int8 copy of the vectors (d + 4 bytes per row, in RAM) for filtered exact scans:
+        they rank the allowed rows on it, reading a quarter of the memory, and rescore the best
+        max(8k, ef) on the float vectors, so scores stay exact. A no-op once built; dropped by add()."""
+        self._begin_search()
+        try:
+            self._g.build_scan_codes()
+        finally:
+            self._end_search()
+
+    @property
+    def has_scan_codes(self) -> bool:
+        return self._g.has_scan_codes
+
     def _mask(self, name, allowed):
         """The uint8 row mask of a bool mask over rows."""
         n = len(self)

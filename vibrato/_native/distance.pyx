@@ -5,7 +5,7 @@ ValueError naming the argument (never a silent copy, never a crash). Every kerne
 GIL. ``level`` selects an ISA explicitly (tests use it to run every path in one process); the
 default -1 means the process-wide level chosen by vibrato._native.cpu.
 """
-from libc.stdint cimport int64_t
+from libc.stdint cimport int8_t, int64_t, uint32_t
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 
 import numpy as np
@@ -162,6 +162,51 @@ def dot_windows(q, X, starts, int level=-1):
     with nogil:
         for i in range(n):
             outv[i] = fn(&qv[0], base + <size_t>sv[i] * d, L * d)
+    return out
+
+
+def sq8_encode(X):
+    """The int8 scan codes of X (n, d) float32: (codes int8 (n, d), scale float32 (n,)), with
+    X[r] ~ scale[r] * codes[r] (include/vibrato/distance.h, vb_sq8_encode)."""
+    _check_mat(X, "X")
+    cdef size_t n = X.shape[0], d = X.shape[1]
+    codes = np.empty((n, d), dtype=np.int8)
+    scale = np.empty(n, dtype=np.float32)
+    if n == 0:
+        return codes, scale
+    cdef const float[:, ::1] Xv = X
+    cdef int8_t[:, ::1] cv = codes
+    cdef float[::1] sv = scale
+    with nogil:
+        vb_sq8_encode(&Xv[0, 0], n, d, &cv[0, 0], &sv[0])
+    return codes, scale
+
+
+def dot_sq8(q, codes, scale, ids, int level=-1):
+    """scale[ids[j]] * (q . codes[ids[j]]) as (len(ids),) float32: the approximate inner products an
+    exact scan on the int8 codes ranks by (ids: int64 rows of codes)."""
+    _check_vec(q, "q")
+    if not isinstance(codes, np.ndarray) or codes.dtype != np.int8 or codes.ndim != 2 or not codes.flags.c_contiguous:
+        raise ValueError("codes must be a C-contiguous 2-D numpy int8 array")
+    if codes.shape[1] != q.shape[0]:
+        raise ValueError(f"dimension mismatch: q has {q.shape[0]}, codes rows have {codes.shape[1]}")
+    if (not isinstance(scale, np.ndarray) or scale.dtype != np.float32 or scale.shape != (codes.shape[0],)
+            or not scale.flags.c_contiguous):
+        raise ValueError(f"scale must be a C-contiguous float32 array of shape ({codes.shape[0]},)")
+    _check_ids(ids, codes.shape[0])
+    cdef const vb_distance_ops_t *ops = _ops(level)
+    cdef size_t n = ids.shape[0], d = q.shape[0]
+    out = np.empty(n, dtype=np.float32)
+    if n == 0:
+        return out
+    rows = ids.astype(np.uint32)
+    cdef const float[::1] qv = q
+    cdef const int8_t[:, ::1] cv = codes
+    cdef const float[::1] sv = scale
+    cdef const uint32_t[::1] rv = rows
+    cdef float[::1] outv = out
+    with nogil:
+        ops.dot_sq8_ids32(&outv[0], &qv[0], &cv[0, 0], &sv[0], d, &rv[0], n)
     return out
 
 

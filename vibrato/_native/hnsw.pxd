@@ -34,10 +34,13 @@ cdef extern from "vibrato/hnsw.h" nogil:
         size_t n_scan
         size_t n_fallback
         size_t n_dist
+        size_t n_sq8
 
     size_t vb_hnsw_up_off(const vb_hnsw_t *h, uint32_t r)
     int vb_hnsw_init(vb_hnsw_t *h, size_t d, size_t M, size_t efc, uint64_t seed)
     void vb_hnsw_free(vb_hnsw_t *h)
+    int vb_hnsw_sq8_build(vb_hnsw_t *h)
+    bint vb_hnsw_has_sq8(const vb_hnsw_t *h)
     int vb_hnsw_add(vb_hnsw_t *h, const float *x_new, size_t m, size_t nthreads, const vb_distance_ops_t *ops)
     int vb_hnsw_search(vb_hnsw_t *h, const vb_distance_ops_t *ops, const float *q, size_t nq, size_t k,
                        size_t ef, const uint8_t *mask, size_t allowed, int mode, size_t nthreads,

@@ -210,6 +210,23 @@ cdef class Graph:
                     rp[i] += base
         return rows, scores
 
+    def build_scan_codes(self):
+        """Build the int8 scan codes of the rows (include/vibrato/hnsw.h, vb_hnsw_sq8_build): d + 4
+        bytes per row in RAM; filtered exact scans then rank on them and rescore exactly. A no-op
+        once built; safe while searches run."""
+        cdef int rc
+        self._enter()
+        try:
+            with nogil:
+                rc = vb_hnsw_sq8_build(&self.h)
+        finally:
+            self.searches -= 1
+        check_rc(rc, "building the scan codes")
+
+    @property
+    def has_scan_codes(self):
+        return bool(vb_hnsw_has_sq8(&self.h))
+
     def graph_bytes(self):
         """The graph (params, entry point, levels, links; no vectors) as bytes, CRC32C-terminated."""
         if self.adding:
@@ -306,6 +323,7 @@ cdef class Graph:
             "level_counts": levels, "edges_layer0": e0, "edges_upper": eu, "max_degree_layer0": mx0,
             "graph_searches": self.h.n_graph, "scan_searches": self.h.n_scan,
             "scan_fallbacks": self.h.n_fallback, "distances": self.h.n_dist,
+            "scan_code_searches": self.h.n_sq8, "scan_codes": bool(vb_hnsw_has_sq8(&self.h)),
             "borrowed_vectors": self.h.x_owned == NULL,
             "borrowed_graph": bool(self.h.graph_borrowed),
         }

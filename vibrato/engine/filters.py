@@ -225,8 +225,8 @@ class FilterIndex:
             for tag in tags_all or ():
                 mask &= self._tag_mask(tag, n)
             if tags_any is not None:
-                sub = np.zeros(n, dtype=bool)
-                for tag in tags_any:
+                sub = self._tag_mask(tags_any[0], n)  # a fresh array: ORed into in place
+                for tag in tags_any[1:]:
                     sub |= self._tag_mask(tag, n)
                 mask &= sub
             if lo is not None:

@@ -11,6 +11,10 @@ tier covers (hot slices, then segments by id) and gives each one step:
          chunks once their graph is built), with
          a bool mask local to the target (None when every row is allowed). The native search keeps
          its own cost model and may still scan (include/vibrato/hnsw.h, vb_hnsw_search_one);
+  scan   a raw segment whose graph search would scan at least SCAN_CODES_MIN_ROWS allowed rows:
+         the native exact scan under a target-local mask, ranking on the segment's int8 scan codes
+         (built in RAM on its first such query, d + 4 bytes per row) and rescoring the best
+         max(8k, ef) rows on the float vectors, so the scores stay exact;
   pq     version-1 archive segments (no graph): ADC scan of the PQ codes under a target-local mask,
          exact rerank of the best max(k * rerank_factor, ef) (CONTRACT.md D14).
 
@@ -19,7 +23,8 @@ When `exact` is chosen (see `_exact_is_cheaper`):
     allowed ("exact scan below a size threshold, HNSW above");
   * raw segments: only where the native cost model would scan too (`native_scans`, a strictly
     weaker form of it), so results never change, and only when the filter is selective enough
-    that building the segment-sized mask would cost more than scoring the rows;
+    that building the segment-sized mask would cost more than scoring the rows; where it scans
+    SCAN_CODES_MIN_ROWS rows or more, `scan` instead;
   * version-1 archive segments: when at most max(k * rerank_factor, ef) rows are allowed (the ADC
     scan would return them all for rerank anyway); archives with a graph plan like raw segments.
 Exact steps break score ties by the lower row, as the native scan and ADC scan do, so a result
@@ -41,6 +46,7 @@ from vibrato.engine.hot import HotSlice
 HOT_GRAPH_MIN_FACTOR = 4   # a hot chunk's graph is used only above this many allowed rows per k
 TOPK_SORT_MAX = 256        # top-k of at most this many scores: one stable sort beats partition + tie fix
 EXACT_MAX_FRACTION = 16    # raw segment: exact from a row list only when <= 1 row in this many is allowed
+SCAN_CODES_MIN_ROWS = 2048  # raw segment: a scan of at least this many rows ranks on int8 codes (~3x cheaper)
 ARCHIVE_BEAM_FACTOR = 3    # an archive's walk on codes keeps this many times ef rows to rescore exactly
 MAX_EF = _hnsw.MAX_EF
 # The native filtered-search cost model (include/vibrato/hnsw.h: VB_HNSW_COST_PER_EF,
@@ -53,10 +59,10 @@ _EMPTY_SCORES = np.empty(0, np.float32)
 
 
 class Step(NamedTuple):
-    kind: str          # "skip" | "exact" | "graph" | "pq"
+    kind: str          # "skip" | "exact" | "graph" | "scan" | "pq"
     target: object     # a HotSlice or a SegmentHandle
     rows: object       # exact: int64 rows of the target's arrays, or None for rows [lo, hi) of a hot slice
-    mask: object       # graph/pq: bool mask over the target's rows (None: every row allowed)
+    mask: object       # graph/scan/pq: bool mask over the target's rows (None: every row allowed)
 
 
 def tier_filter(search_tier: str):
@@ -154,7 +160,10 @@ def _plan_segment(seg, allowed, k, ef) -> Step:
     if seg.index is None:
         exact = a <= _pq_candidates(seg, k, ef)
     else:
-        exact = a * EXACT_MAX_FRACTION <= seg.n and native_scans(a, seg.n, k, max(ef, k))
+        scans = native_scans(a, seg.n, k, max(ef, k))
+        if scans and a >= SCAN_CODES_MIN_ROWS and seg.ram_codes is None:
+            return Step("scan", seg, None, mask if mask is not None else _rows_mask(rows, seg.n))
+        exact = a * EXACT_MAX_FRACTION <= seg.n and scans
     if exact:
         return Step("exact", seg, rows if rows is not None else np.flatnonzero(mask), None)
     return Step("graph" if seg.index is not None else "pq", seg, None,
@@ -207,6 +216,12 @@ def _run(step: Step, q, k, ef):
         return step.rows[take] + t.id_start, scores[take]
     if step.kind == "graph":
         return _graph(step, q.reshape(1, -1), k, ef, 1)[0]
+    if step.kind == "scan":
+        if not t.index.has_scan_codes:
+            t.index.build_scan_codes()
+        ids, scores = t.index.search(q, k=k, ef=max(ef, k), allowed=step.mask, mode="scan")
+        keep = ids[0] >= 0
+        return ids[0][keep], scores[0][keep]
     # pq
     rows, _approx = t.pq.adc_scan(q, t.codes, _pq_candidates(t, k, ef), step.mask)
     rows = np.asarray(rows, dtype=np.int64)

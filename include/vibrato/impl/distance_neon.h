@@ -49,4 +49,7 @@ static float vb_l2sq_f32_neon(const float *restrict a, const float *restrict b, 
     }
     return s;
 }
+/* The int8 scan codes use the scalar kernel, which the compiler vectorises for NEON. */
+#define vb_dot_sq8_neon vb_dot_sq8_scalar
+
 #endif /* VB_AARCH64 */
