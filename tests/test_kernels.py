@@ -121,6 +121,11 @@ def test_sq8_dot_every_level_matches_numpy(level, d):
     got = D.dot_sq8(q, codes, scale, ids, level=level)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(np.abs(q).sum() * scale.max()))
     assert D.dot_sq8(q, codes, scale, np.empty(0, np.int64), level=level).shape == (0,)
+    every = D.dot_sq8(q, codes, scale, level=level)  # every row, contiguous
+    np.testing.assert_array_equal(every[ids], got)
+    import vibrato.kernels as K
+    np.testing.assert_array_equal(K.dot_scan_codes(q, codes, scale), D.dot_sq8(q, codes, scale))
+    np.testing.assert_array_equal(K.scan_codes(X)[0], codes)
 
 
 @pytest.mark.parametrize("call, message", [

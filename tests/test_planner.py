@@ -210,6 +210,39 @@ def test_a_wide_filter_scans_raw_segments_on_their_int8_codes(tiered, monkeypatc
         assert seg.index.stats()["scan_code_searches"] == before + 8
 
 
+def test_a_large_hot_slice_is_ranked_on_its_int8_codes_and_rescored_exactly(tmp_path, monkeypatch):
+    """The growing hot chunk (and a sealed one before its graph) is scanned on the scan codes kept
+    beside its vectors: the result is the exact top-k of its rows, with float scores, also across
+    ties, and the codes are those of the rows as appended."""
+    rng = np.random.default_rng(21)
+    X = unit(rng, 3000, 24)
+    X[2040:2056] = X[42]  # exact ties, across the chunk boundary: the lower id wins as in the float scan
+    eng = Engine.open(tmp_path / "d", dim=24, background=False, hot_exact_rows=2048, checkpoint_max_rows=10**6)
+    try:
+        for lo in range(0, 3000, 700):
+            eng.ingest_batch([{"vector": X[i]} for i in range(lo, min(3000, lo + 700))])
+        view = eng.view()
+        assert [s.hi - s.lo for s in view.hot.slices] == [2048, 952]
+        codes, scale = kernels.scan_codes(X)
+        ch = view.hot.slices[0].chunk
+        np.testing.assert_array_equal(ch.codes, codes[:2048])
+        np.testing.assert_array_equal(ch.scale, scale[:2048])
+        monkeypatch.setattr(planner, "SCAN_CODES_MIN_ROWS", 900)  # both slices take the codes path
+        calls = []
+        real = kernels.dot_scan_codes
+        monkeypatch.setattr(kernels, "dot_scan_codes", lambda *a: calls.append(1) or real(*a))
+        for qi in [42, 7, 2999] + rng.choice(3000, 10, replace=False).tolist():
+            for k, ef in ((10, 64), (1, 1), (5, 16)):
+                ids, scores = planner.search(view, X[qi], k, ef, None, "all")
+                exact = kernels.dot_many(X[qi], X, threads=1)
+                want = planner.topk(exact, k)
+                np.testing.assert_array_equal(ids, want)
+                np.testing.assert_array_equal(scores, exact[want])
+        assert len(calls) == 2 * 13 * 3
+    finally:
+        eng.close()
+
+
 @pytest.mark.parametrize("n", [500, 3000])
 def test_native_scans_never_claims_a_scan_the_native_search_would_not_make(n):
     rng = np.random.default_rng(n)

@@ -10,7 +10,8 @@ Every call releases the GIL while the kernel runs.
 from vibrato._native import cpu as _cpu
 from vibrato._native import distance as _distance
 
-__all__ = ["dot", "l2sq", "dot_many", "l2sq_many", "dot_windows", "dot_matrix", "l2sq_matrix", "isa"]
+__all__ = ["dot", "l2sq", "dot_many", "l2sq_many", "dot_windows", "dot_matrix", "l2sq_matrix", "isa",
+           "scan_codes", "dot_scan_codes"]
 
 
 def isa() -> str:
@@ -47,6 +48,20 @@ def dot_windows(q, X, starts):
     """Inner products of a flattened L-row query q (L*d,) with the L consecutive rows X[s:s+L] of X (n, d)
     for each int64 start s (s + L <= n), read in place. (len(starts),) float32."""
     return _distance.dot_windows(q, X, starts)
+
+
+def scan_codes(X):
+    """The int8 scan codes of X (n, d): (codes int8 (n, d), scale float32 (n,)) with X[r] ~ scale[r] *
+    codes[r], each row rounded on its own range (error <= scale/2 per component). Rows with a
+    non-finite or zero component range get scale 0."""
+    return _distance.sq8_encode(X)
+
+
+def dot_scan_codes(q, codes, scale, ids=None):
+    """Approximate inner products of q (d,) with every row of the scan codes, or rows ids (int64): a
+    quarter of the memory of dot_many, for ranking candidates that are then rescored exactly. (n,)
+    float32."""
+    return _distance.dot_sq8(q, codes, scale, ids)
 
 
 def dot_matrix(Q, X, threads=None):

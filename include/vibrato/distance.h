@@ -31,6 +31,9 @@ typedef void (*vb_ids32_fn)(float *restrict out, const float *restrict x, const 
  * codes (vb_sq8_encode); ids must already be checked to lie in [0, rows(codes)) */
 typedef void (*vb_sq8_ids32_fn)(float *restrict out, const float *restrict x, const int8_t *restrict codes,
                                 const float *restrict scale, size_t d, const uint32_t *restrict ids, size_t n);
+/* out[j] = scale[j] * (x . codes row j) for j < ny */
+typedef void (*vb_sq8_ny_fn)(float *restrict out, const float *restrict x, const int8_t *restrict codes,
+                             const float *restrict scale, size_t d, size_t ny);
 
 typedef struct vb_distance_ops {
     int level; /* vb_simd_level_t actually used by this table */
@@ -42,6 +45,7 @@ typedef struct vb_distance_ops {
     vb_ids_fn l2sq_ids;
     vb_ids32_fn dot_ids32;
     vb_sq8_ids32_fn dot_sq8_ids32;
+    vb_sq8_ny_fn dot_sq8_ny;
 } vb_distance_ops_t;
 
 /* How far ahead the by-id loops prefetch rows (in rows). */
@@ -89,6 +93,12 @@ static inline void vb_prefetch_row(const float *row, size_t d) {
         }                                                                                                     \
     }
 
+#define VB_DEFINE_SQ8_NY(name, pair, attr)                                                                    \
+    attr static void name(float *restrict out, const float *restrict x, const int8_t *restrict codes,          \
+                          const float *restrict scale, size_t d, size_t ny) {                                 \
+        for (size_t j = 0; j < ny; j++) out[j] = scale[j] * pair(x, codes + j * d, d);                        \
+    }
+
 /* The derived kernels of one ISA (from its pair kernels vb_dot_f32_<isa>, vb_l2sq_f32_<isa>) and its
  * ops table vb_ops_<isa>. */
 #define VB_DEFINE_OPS(isa, level, attr)                                                                       \
@@ -98,10 +108,11 @@ static inline void vb_prefetch_row(const float *row, size_t d) {
     VB_DEFINE_IDS(vb_l2sq_ids_f32_##isa, int64_t, vb_l2sq_f32_##isa, attr)                                    \
     VB_DEFINE_IDS(vb_dot_ids32_f32_##isa, uint32_t, vb_dot_f32_##isa, attr)                                   \
     VB_DEFINE_SQ8_IDS(vb_dot_sq8_ids32_##isa, vb_dot_sq8_##isa, attr)                                         \
+    VB_DEFINE_SQ8_NY(vb_dot_sq8_ny_##isa, vb_dot_sq8_##isa, attr)                                             \
     static const vb_distance_ops_t vb_ops_##isa = {                                                           \
         level,                   vb_dot_f32_##isa,       vb_l2sq_f32_##isa,       vb_dot_ny_f32_##isa,        \
         vb_l2sq_ny_f32_##isa,    vb_dot_ids_f32_##isa,   vb_l2sq_ids_f32_##isa,   vb_dot_ids32_f32_##isa,     \
-        vb_dot_sq8_ids32_##isa,                                                                               \
+        vb_dot_sq8_ids32_##isa,  vb_dot_sq8_ny_##isa,                                                         \
     };
 
 VB_DEFINE_OPS(scalar, VB_SIMD_SCALAR, )

@@ -7,6 +7,8 @@ cdef extern from "vibrato/distance.h" nogil:
     ctypedef void (*vb_ids32_fn)(float *out, const float *x, const float *y, size_t d, const uint32_t *ids, size_t n)
     ctypedef void (*vb_sq8_ids32_fn)(float *out, const float *x, const int8_t *codes, const float *scale, size_t d,
                                      const uint32_t *ids, size_t n)
+    ctypedef void (*vb_sq8_ny_fn)(float *out, const float *x, const int8_t *codes, const float *scale, size_t d,
+                                  size_t ny)
     ctypedef struct vb_distance_ops_t:
         int level
         vb_pair_fn dot
@@ -17,6 +19,7 @@ cdef extern from "vibrato/distance.h" nogil:
         vb_ids_fn l2sq_ids
         vb_ids32_fn dot_ids32
         vb_sq8_ids32_fn dot_sq8_ids32
+        vb_sq8_ny_fn dot_sq8_ny
     void vb_sq8_encode(const float *x, size_t n, size_t d, int8_t *codes, float *scale)
     const vb_distance_ops_t *vb_distance_ops_for(int level)
     void vb_distance_matrix(const vb_distance_ops_t *ops, int metric, float *out, const float *x, size_t nq,

@@ -182,9 +182,9 @@ def sq8_encode(X):
     return codes, scale
 
 
-def dot_sq8(q, codes, scale, ids, int level=-1):
-    """scale[ids[j]] * (q . codes[ids[j]]) as (len(ids),) float32: the approximate inner products an
-    exact scan on the int8 codes ranks by (ids: int64 rows of codes)."""
+def dot_sq8(q, codes, scale, ids=None, int level=-1):
+    """scale[r] * (q . codes[r]) for every row r of codes, or for r in ids (int64 rows), as float32:
+    the approximate inner products an exact scan on the int8 codes ranks by."""
     _check_vec(q, "q")
     if not isinstance(codes, np.ndarray) or codes.dtype != np.int8 or codes.ndim != 2 or not codes.flags.c_contiguous:
         raise ValueError("codes must be a C-contiguous 2-D numpy int8 array")
@@ -193,18 +193,23 @@ def dot_sq8(q, codes, scale, ids, int level=-1):
     if (not isinstance(scale, np.ndarray) or scale.dtype != np.float32 or scale.shape != (codes.shape[0],)
             or not scale.flags.c_contiguous):
         raise ValueError(f"scale must be a C-contiguous float32 array of shape ({codes.shape[0]},)")
-    _check_ids(ids, codes.shape[0])
+    if ids is not None:
+        _check_ids(ids, codes.shape[0])
     cdef const vb_distance_ops_t *ops = _ops(level)
-    cdef size_t n = ids.shape[0], d = q.shape[0]
+    cdef size_t n = codes.shape[0] if ids is None else ids.shape[0], d = q.shape[0]
     out = np.empty(n, dtype=np.float32)
     if n == 0:
         return out
-    rows = ids.astype(np.uint32)
     cdef const float[::1] qv = q
     cdef const int8_t[:, ::1] cv = codes
     cdef const float[::1] sv = scale
-    cdef const uint32_t[::1] rv = rows
+    cdef const uint32_t[::1] rv
     cdef float[::1] outv = out
+    if ids is None:
+        with nogil:
+            ops.dot_sq8_ny(&outv[0], &qv[0], &cv[0, 0], &sv[0], d, n)
+        return out
+    rv = ids.astype(np.uint32)
     with nogil:
         ops.dot_sq8_ids32(&outv[0], &qv[0], &cv[0, 0], &sv[0], d, &rv[0], n)
     return out

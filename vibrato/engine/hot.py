@@ -15,16 +15,22 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from vibrato import kernels
+
 
 class HotChunk:
     """Rows [0, n) of a chunk are immutable once appended. Shapes: ids/lsns (capacity,), vectors
-    (capacity, dim) float32, bpm/start/duration (capacity,)."""
+    (capacity, dim) float32, bpm/start/duration (capacity,); codes (capacity, dim) int8 and scale
+    (capacity,): the rows' int8 scan codes (kernels.scan_codes), which the planner's exact scan of a
+    chunk without a graph ranks on before rescoring the best rows exactly."""
 
     def __init__(self, capacity: int, dim: int):
         self.capacity = capacity
         self.ids = np.zeros(capacity, dtype=np.int64)
         self.lsns = np.zeros(capacity, dtype=np.int64)
         self.vectors = np.zeros((capacity, dim), dtype=np.float32)
+        self.codes = np.zeros((capacity, dim), dtype=np.int8)
+        self.scale = np.zeros(capacity, dtype=np.float32)
         self.bpm = np.zeros(capacity, dtype=np.float32)
         self.start = np.zeros(capacity, dtype=np.uint32)
         self.duration = np.zeros(capacity, dtype=np.uint32)
@@ -159,6 +165,7 @@ class HotTier:
             ch.ids[a:b] = ids[i:i + take]
             ch.lsns[a:b] = lsns[i:i + take]
             ch.vectors[a:b] = vectors[i:i + take]
+            ch.codes[a:b], ch.scale[a:b] = kernels.scan_codes(np.ascontiguousarray(ch.vectors[a:b]))
             for j, m in enumerate(metas[i:i + take]):
                 ch.sources.append(m[0])
                 ch.start[a + j] = m[1]

@@ -20,7 +20,9 @@ tier covers (hot slices, then segments by id) and gives each one step:
 
 When `exact` is chosen (see `_exact_is_cheaper`):
   * hot slices: always unless the chunk has a graph and more than HOT_GRAPH_MIN_FACTOR * k rows are
-    allowed ("exact scan below a size threshold, HNSW above");
+    allowed ("exact scan below a size threshold, HNSW above"); a whole slice of at least
+    SCAN_CODES_MIN_ROWS rows (the growing chunk, a sealed one before its graph) is ranked on the
+    chunk's int8 scan codes and its best max(8k, ef) rows rescored exactly, like a `scan` step;
   * raw segments: only where the native cost model would scan too (`native_scans`, a strictly
     weaker form of it), so results never change, and only when the filter is selective enough
     that building the segment-sized mask would cost more than scoring the rows; where it scans
@@ -46,7 +48,8 @@ from vibrato.engine.hot import HotSlice
 HOT_GRAPH_MIN_FACTOR = 4   # a hot chunk's graph is used only above this many allowed rows per k
 TOPK_SORT_MAX = 256        # top-k of at most this many scores: one stable sort beats partition + tie fix
 EXACT_MAX_FRACTION = 16    # raw segment: exact from a row list only when <= 1 row in this many is allowed
-SCAN_CODES_MIN_ROWS = 2048  # raw segment: a scan of at least this many rows ranks on int8 codes (~3x cheaper)
+SCAN_CODES_MIN_ROWS = 2048  # a scan of at least this many rows ranks on int8 codes (~2.5x cheaper)
+SCAN_CODES_RERANK_PER_K = 8  # ... and rescores max(this * k, ef) rows exactly (as the native scan does)
 ARCHIVE_BEAM_FACTOR = 3    # an archive's walk on codes keeps this many times ef rows to rescore exactly
 MAX_EF = _hnsw.MAX_EF
 # The native filtered-search cost model (include/vibrato/hnsw.h: VB_HNSW_COST_PER_EF,
@@ -204,6 +207,8 @@ def _run(step: Step, q, k, ef):
     hot = isinstance(t, HotSlice)
     if step.kind == "exact":
         if hot:
+            if step.rows is None and t.hi - t.lo >= SCAN_CODES_MIN_ROWS:
+                return _hot_codes_scan(q, t, k, ef)
             if step.rows is None:
                 scores = kernels.dot_many(q, t.chunk.vectors[t.lo:t.hi], threads=1)
                 take = topk(scores, k)
@@ -230,6 +235,20 @@ def _run(step: Step, q, k, ef):
     exact = kernels.dot_many(q, t.vectors, rows, threads=1)
     take = topk(exact, k)
     return rows[take] + t.id_start, exact[take]
+
+
+def _hot_codes_scan(q, sl, k, ef):
+    """Top-k of a whole hot slice: rank its rows on the chunk's int8 scan codes (a quarter of the
+    memory traffic), rescore the best max(8k, ef) exactly. Candidates are rescored in row order, so
+    ties go to the lower row as in the float scan."""
+    ch = sl.chunk
+    approx = kernels.dot_scan_codes(q, ch.codes[sl.lo:sl.hi], ch.scale[sl.lo:sl.hi])
+    n, depth = approx.shape[0], max(SCAN_CODES_RERANK_PER_K * k, ef)
+    cand = np.arange(n) if depth >= n else np.sort(np.argpartition(approx, n - depth)[n - depth:])
+    cand += sl.lo
+    exact = kernels.dot_many(q, ch.vectors, cand, threads=1)
+    take = topk(exact, k)
+    return ch.ids[cand[take]], exact[take]
 
 
 def _graph(step: Step, Q, k, ef, threads):
