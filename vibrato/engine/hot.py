@@ -82,8 +82,9 @@ class HotSlice:
 class HotView:
     """An immutable view of the hot tier at one instant."""
 
-    def __init__(self, slices: tuple):
+    def __init__(self, slices: tuple, dim: int):
         self.slices = slices
+        self.dim = dim
         self.count = sum(s.hi - s.lo for s in slices)
         self._firsts = np.array([s.first_id for s in slices], dtype=np.int64)
 
@@ -121,6 +122,27 @@ class HotView:
                 sel = np.flatnonzero(where == si)
                 where[sel[~live[rows[sel]]]] = -1
         return where, rows
+
+    def head(self, max_rows: int):
+        """Copies of the oldest rows of this view (at most max_rows): (ids, lsns, vectors, metas).
+        Reads only rows the view covers, which never change, so no lock is needed: a checkpoint
+        copying 50,000 rows held the tier's lock (and every query's view()) for ~40-75 ms."""
+        ids, lsns, vecs, metas = [], [], [], []
+        left = max_rows
+        for s in self.slices:
+            if left <= 0:
+                break
+            ch, lo = s.chunk, s.lo
+            hi = min(s.hi, lo + left)
+            ids.append(ch.ids[lo:hi].copy())
+            lsns.append(ch.lsns[lo:hi].copy())
+            vecs.append(ch.vectors[lo:hi].copy())
+            metas.extend(zip(ch.sources[lo:hi], ch.start[lo:hi].tolist(), ch.duration[lo:hi].tolist(),
+                             ch.bpm[lo:hi].astype(np.float64).tolist(), ch.tags[lo:hi]))
+            left -= hi - lo
+        if not ids:
+            return (np.empty(0, np.int64), np.empty(0, np.int64), np.empty((0, self.dim), np.float32), [])
+        return np.concatenate(ids), np.concatenate(lsns), np.concatenate(vecs), metas
 
     def vectors_for(self, ids: np.ndarray, out: np.ndarray, found: np.ndarray):
         """Fill out[i] and found[i] for the live ids held in this view."""
@@ -181,7 +203,7 @@ class HotTier:
             lo = self.lo if ci == 0 else 0
             if ch.n > lo:
                 slices.append(HotSlice(ch, lo, ch.n))
-        return HotView(tuple(slices))
+        return HotView(tuple(slices), self.dim)
 
     def count(self) -> int:
         return sum(ch.n for ch in self.chunks) - self.lo
@@ -198,27 +220,6 @@ class HotTier:
     def kill(self, deleted: np.ndarray) -> int:
         """A delete: every chunk marks its rows in sorted `deleted`; returns how many were live."""
         return sum(ch.kill(deleted) for ch in self.chunks)
-
-    def head(self, max_rows: int):
-        """The oldest visible rows (at most max_rows) as copies: (ids, lsns, vectors, metas)."""
-        ids, lsns, vecs, metas = [], [], [], []
-        left = max_rows
-        for ci, ch in enumerate(self.chunks):
-            if left <= 0:
-                break
-            lo = self.lo if ci == 0 else 0
-            hi = min(ch.n, lo + left)
-            if hi <= lo:
-                continue
-            ids.append(ch.ids[lo:hi].copy())
-            lsns.append(ch.lsns[lo:hi].copy())
-            vecs.append(ch.vectors[lo:hi].copy())
-            metas.extend((ch.sources[r], int(ch.start[r]), int(ch.duration[r]), float(ch.bpm[r]), ch.tags[r])
-                         for r in range(lo, hi))
-            left -= hi - lo
-        if not ids:
-            return (np.empty(0, np.int64), np.empty(0, np.int64), np.empty((0, self.dim), np.float32), [])
-        return np.concatenate(ids), np.concatenate(lsns), np.concatenate(vecs), metas
 
     def drop_through(self, lsn: int):
         """Hide every row with lsn <= `lsn` (they now live in a published segment)."""

@@ -155,9 +155,9 @@ class SegmentSet:
             return self._hot.count()
 
     def hot_head(self, max_rows: int):
-        """Copies of the oldest hot rows (checkpoint's input): (ids, lsns, vectors, metas)."""
-        with self._lock:
-            return self._hot.head(max_rows)
+        """Copies of the oldest hot rows (checkpoint's input): (ids, lsns, vectors, metas), copied
+        outside the lock from a view taken under it."""
+        return self.hot_view().head(max_rows)
 
     def hot_view(self) -> HotView:
         with self._lock:
