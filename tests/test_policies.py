@@ -193,7 +193,7 @@ def test_drop_through_keeps_the_growing_chunk_and_appends_after_it():
     assert len(t.chunks) == 1 and not t.chunks[0].sealed and t.lo == 8
     append(t, 40, 12, 140)  # fills the growing chunk (8 more) and opens a new one (4)
     assert visible(t) == list(range(40, 52)) and t.count() == 12
-    ids, lsns, _, _ = t.head(100)
+    ids, lsns, _, _ = t.view().head(100)
     assert ids.tolist() == list(range(40, 52)) and lsns.tolist() == list(range(140, 152))
     t.drop_through(147)  # the now-sealed chunk is fully dropped and popped
     assert len(t.chunks) == 1 and visible(t) == list(range(48, 52))
