@@ -12,6 +12,7 @@ cdef extern from "vibrato/hnsw.h" nogil:
     int VB_HNSW_AUTO
     int VB_HNSW_FORCE_GRAPH
     int VB_HNSW_FORCE_SCAN
+    int VB_SQ8_RERANK_PER_K
 
     ctypedef struct vb_hnsw_t:
         size_t d

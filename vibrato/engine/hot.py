@@ -187,7 +187,7 @@ class HotTier:
             ch.ids[a:b] = ids[i:i + take]
             ch.lsns[a:b] = lsns[i:i + take]
             ch.vectors[a:b] = vectors[i:i + take]
-            ch.codes[a:b], ch.scale[a:b] = kernels.scan_codes(np.ascontiguousarray(ch.vectors[a:b]))
+            ch.codes[a:b], ch.scale[a:b] = kernels.scan_codes(ch.vectors[a:b])
             for j, m in enumerate(metas[i:i + take]):
                 ch.sources.append(m[0])
                 ch.start[a + j] = m[1]

@@ -49,7 +49,7 @@ HOT_GRAPH_MIN_FACTOR = 4   # a hot chunk's graph is used only above this many al
 TOPK_SORT_MAX = 256        # top-k of at most this many scores: one stable sort beats partition + tie fix
 EXACT_MAX_FRACTION = 16    # raw segment: exact from a row list only when <= 1 row in this many is allowed
 SCAN_CODES_MIN_ROWS = 2048  # a scan of at least this many rows ranks on int8 codes (~2.5x cheaper)
-SCAN_CODES_RERANK_PER_K = 8  # ... and rescores max(this * k, ef) rows exactly (as the native scan does)
+SCAN_CODES_RERANK_PER_K = _hnsw.SQ8_RERANK_PER_K  # ... and rescores max(this * k, ef) rows exactly, as the native one
 ARCHIVE_BEAM_FACTOR = 3    # an archive's walk on codes keeps this many times ef rows to rescore exactly
 MAX_EF = _hnsw.MAX_EF
 # The native filtered-search cost model (include/vibrato/hnsw.h: VB_HNSW_COST_PER_EF,
