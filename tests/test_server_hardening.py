@@ -15,6 +15,7 @@ import time
 import uuid
 
 import aiohttp
+import numpy as np
 import orjson
 import pytest
 from aiohttp import web
@@ -101,6 +102,49 @@ def assert_json_error(status, headers, body, want_status, want_code):
     doc = orjson.loads(body)
     assert set(doc) == {"code", "message"} and doc["code"] == want_code, doc
     return doc
+
+
+# ---------------------------------------------------------------------------- receive buffer
+def _post(path, token, body: bytes) -> bytes:
+    return (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
+
+
+def test_reads_of_interleaved_connections_and_bodies_beyond_the_receive_buffer_arrive_intact(server):
+    """Every connection's reads pass through one shared receive buffer (protocol.py): a request
+    split over many reads while other connections are read in between, and a batch body several
+    times the buffer's size, must each reach the handler byte for byte."""
+    from vibrato.server.protocol import RECV_BUFFER_BYTES
+
+    rng = np.random.default_rng(7)
+    n = 4 * RECV_BUFFER_BYTES // (DIM * 20) + 1  # JSON floats: ~20 bytes each
+    vecs = rng.standard_normal((n, DIM)).astype("float32")
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)  # each its own best match
+    big = orjson.dumps({"vectors": [{"vector": v.tolist(), "idempotency_key": f"rb-{uuid.uuid4()}"} for v in vecs]})
+    assert len(big) > 3 * RECV_BUFFER_BYTES
+    q = orjson.dumps({"vector": vecs[0].tolist(), "k": 1, "search_tier": "all", "include_metadata": False})
+    slow, other = connect(server.port), connect(server.port)
+    try:
+        data = _post("/v2/vectors/batch", server.admin, big)
+        step = len(data) // 7 + 1
+        for i in range(0, len(data), step):
+            slow.sendall(data[i:i + step])
+            time.sleep(0.02)  # the server reads this piece alone ...
+            other.sendall(_post("/v2/query", server.admin, q))  # ... then a whole request elsewhere
+            status, _, body, _ = read_response(other)
+            assert status == 200, body
+        status, _, body, _ = read_response(slow)
+        assert status == 201, body
+        acks = orjson.loads(body)["data"]["results"]
+        assert len(acks) == n and all(a["created"] for a in acks)
+        other.sendall(_post("/v2/query", server.admin, q))
+        status, _, body, _ = read_response(other)
+        top = orjson.loads(body)["data"]["results"][0]
+        assert top["id"] == acks[0]["id"]  # the first row of the body, stored as sent
+        assert abs(top["score"] - 1.0) < 1e-3
+    finally:
+        slow.close()
+        other.close()
 
 
 # ---------------------------------------------------------------------------- 3. no secrets in logs

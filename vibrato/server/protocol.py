@@ -36,6 +36,8 @@ log = logging.getLogger("vibrato.server")
 
 _bad_request_log = RateLimitedLog(log, logging.WARNING, 10.0)
 
+RECV_BUFFER_BYTES = 256 * 1024
+
 _REASONS = {400: "Bad Request", 408: "Request Timeout", 500: "Internal Server Error", 503: "Service Unavailable",
             504: "Gateway Timeout"}
 
@@ -66,8 +68,15 @@ def _describe(exc: BaseException | None) -> str:
     return "malformed HTTP request"
 
 
-class HardenedRequestHandler(RequestHandler):
-    """aiohttp's per-connection protocol with header/body timeouts and value-free error answers."""
+class HardenedRequestHandler(RequestHandler, asyncio.BufferedProtocol):
+    """aiohttp's per-connection protocol with header/body timeouts and value-free error answers.
+
+    It receives through `get_buffer`/`buffer_updated` (a BufferedProtocol): the event loop's plain
+    `recv(256 KiB)` allocates a fresh 256 KiB bytes object per read, which glibc serves with mmap,
+    shrinks with mremap and frees with munmap, three syscalls and a zeroed page per request
+    (strace under wrk). The server's one receive buffer is reused instead; each read is copied
+    out at its own size.
+    """
 
     __slots__ = ("_header_timeout", "_body_timeout", "_head_timer", "_body_timer", "_body_payload", "_fast")
 
@@ -79,6 +88,15 @@ class HardenedRequestHandler(RequestHandler):
         self._head_timer = None
         self._body_timer = None
         self._body_payload = None
+
+    # ------------------------------------------------------------------ receiving
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._manager.recv_buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        # The loop calls get_buffer, recv_into and this back to back on its one thread, so the
+        # shared buffer holds exactly this connection's bytes here.
+        self.data_received(self._manager.recv_buffer[:nbytes].tobytes())
 
     # ------------------------------------------------------------------ timers
     def data_received(self, data: bytes) -> None:
@@ -254,6 +272,9 @@ class HardenedServer(Server):
         self.body_timeout = body_timeout
         self.refused_total = 0
         self._pending = 0  # protocols created whose connection_made has not run yet
+        # Every connection's reads land here first (HardenedRequestHandler.get_buffer); one loop
+        # thread serves them all. asyncio's own read size.
+        self.recv_buffer = memoryview(bytearray(RECV_BUFFER_BYTES))
 
     def _reset_pending(self):
         self._pending = 0
