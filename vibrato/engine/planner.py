@@ -265,8 +265,10 @@ def _graph(step: Step, Q, k, ef, threads):
     rows_of = t.chunk.ids if isinstance(t, HotSlice) else None  # hot: chunk rows -> ids
     out = []
     for row_ids, row_scores in zip(ids, scores):
-        keep = row_ids >= 0
-        out.append((row_ids[keep] if rows_of is None else rows_of[row_ids[keep]], row_scores[keep]))
+        if row_ids.shape[0] and row_ids[-1] < 0:  # padded (-1 at the tail): fewer than k found
+            found = int(np.count_nonzero(row_ids >= 0))
+            row_ids, row_scores = row_ids[:found], row_scores[:found]
+        out.append((row_ids if rows_of is None else rows_of[row_ids], row_scores))
     return out
 
 
@@ -333,8 +335,9 @@ def f32_floats(values) -> list:
     """float32 values as the floats of their shortest repr (0.1, not 0.10000000149011612), in one
     pass; NaN and infinities stay floats (the HTTP layer serializes them as null)."""
     arr = np.asarray(values, dtype=np.float32)
-    out = orjson.loads(orjson.dumps(arr, option=orjson.OPT_SERIALIZE_NUMPY))
-    if not np.isfinite(arr).all():
+    raw = orjson.dumps(arr, option=orjson.OPT_SERIALIZE_NUMPY)
+    out = orjson.loads(raw)
+    if b"null" in raw:  # orjson writes NaN and infinities as null
         out = [float(arr[i]) if v is None else v for i, v in enumerate(out)]
     return out
 

@@ -5,6 +5,8 @@ and compaction change with one atomic `swap`. A query holds one View for its who
 half-published change; segments it references stay mapped (and their files readable, since a file
 unlinked while mapped stays valid on Linux) until the query drops the View.
 """
+import functools
+
 import numpy as np
 
 from vibrato import kernels
@@ -102,11 +104,19 @@ class SegmentHandle:
         return [self.reader.metadata(r) for r in rows]
 
 
+def _id_start(seg) -> int:
+    return seg.id_start
+
+
 class View:
     def __init__(self, segments: tuple, hot: HotView):
-        self.segments = tuple(sorted(segments, key=lambda s: s.id_start))
+        self.segments = tuple(sorted(segments, key=_id_start))
         self.hot = hot
-        self._starts = np.array([s.id_start for s in self.segments], dtype=np.int64)
+
+    @functools.cached_property
+    def _starts(self) -> np.ndarray:
+        # only id lookups need it, not a query's search: built on first use
+        return np.array([s.id_start for s in self.segments], dtype=np.int64)
 
     def with_segments(self, segments, hot=None) -> "View":
         return View(tuple(segments), self.hot if hot is None else hot)
