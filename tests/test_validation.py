@@ -7,6 +7,8 @@ import hashlib
 import numpy as np
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from vibrato import index as index_mod
 from vibrato.catalog import wal
@@ -303,3 +305,44 @@ def test_compact_vectors_over_http(env):  # noqa: F811 - the imported fixture
         vector = spec["components"]["schemas"]["QueryRequest"]["properties"]["vector"]
         assert {s.get("format") for s in vector["oneOf"]} >= {"byte"}
     run(env, body)
+
+
+# ---------------------------------------------------------------------------- JSON rows -> float32
+_number = st.one_of(st.floats(allow_nan=False, allow_infinity=False, width=64),
+                    st.integers(min_value=-(2**53), max_value=2**53))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(1, 9).flatmap(lambda d: st.lists(st.lists(_number, min_size=d, max_size=d), min_size=1, max_size=5)))
+def test_float32_rows_converts_numbers_as_numpy_does(rows):
+    """The native conversion of parsed JSON rows (the server's common case) gives numpy's exact
+    float32 values, overflow to +-inf included."""
+    got = rules.float32_rows(rows, len(rows[0]))
+    with np.errstate(over="ignore"):
+        want = np.array(rows, dtype=np.float64 if any(type(x) is float for r in rows for x in r) else None)
+        want = want.astype(np.float32)
+    assert got.dtype == np.float32 and got.flags.c_contiguous and got.shape == want.shape
+    assert np.array_equal(got, want)
+
+
+@pytest.mark.parametrize("rows", [
+    [[1.0, True, 0.0]],            # a boolean: numpy would take it as 1.0
+    [[0.0, 0.0, False]],
+    [[1.0, None, 0.0]],            # not a number
+    [[1.0, "2", 0.0]],
+    [[1.0, 2.0]],                  # another length
+    [[1.0, 2.0, 3.0], [1.0, 2.0]],
+    [[1.0, 2**53 + 1, 0.0]],       # beyond 2**53: numpy rounds int64 -> float32 once; left to it
+    [[1.0, -(2**64), 0.0]],
+    [(1.0, 2.0, 3.0)],             # not a list
+    [np.zeros(3, np.float32)],     # the compact form, decoded elsewhere
+    ((1.0, 2.0, 3.0),),
+])
+def test_float32_rows_leaves_everything_else_to_the_general_path(rows):
+    assert rules.float32_rows(rows, 3) is None
+
+
+def test_decode_vectors_still_names_a_boolean_the_native_pass_refused():
+    v = Validator(Config(data_dir="/nonexistent", dim=3))
+    with pytest.raises(VibratoError, match=r"vector\[1\]: expected a number, got a boolean"):
+        v.query({"vector": [1.0, True, 0.0]}, True)

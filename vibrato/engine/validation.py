@@ -21,6 +21,7 @@ from typing import NamedTuple
 import numpy as np
 import orjson
 
+from vibrato._native.rows import float32_rows  # noqa: F401 - re-exported: JSON rows -> float32 (server/schemas.py)
 from vibrato.config import Limits
 from vibrato.errors import BadRequestError
 from vibrato.index import FiniteArray, first_nonfinite

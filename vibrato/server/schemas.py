@@ -414,13 +414,18 @@ def decode_vectors(rows: list, dim: int, kind: str, maybe_bools: bool = True) ->
     """Turn parsed JSON arrays into one checked (n, dim) float32 FiniteArray, or raise naming the bad element.
 
     rows: lists already known to be JSON arrays. kind: rules.VECTOR, BATCH or FRAMES (the field paths
-    and dimension messages of that body). maybe_bools: False when the body cannot contain a JSON
-    boolean (skips a per-row type scan that numpy's upcasting of True/False to 1.0/0.0 would
-    otherwise need).
+    and dimension messages of that body). Rows of plain numbers are converted natively
+    (rules.float32_rows, which refuses booleans itself); the general path below takes the rest.
+    maybe_bools: false when the body cannot contain a JSON boolean (skips the general path's per-row
+    type scan that numpy's upcasting of True/False to 1.0/0.0 would otherwise need); its truth is
+    only asked for there (handlers.parse_and_validate passes a lazy one).
     """
     n = len(rows)
     if n == 0:
         return rules.finite_rows(np.empty((0, dim), dtype=np.float32), kind, rows)
+    out = rules.float32_rows(rows, dim)  # the common case, in one native pass; None: see below
+    if out is not None:
+        return rules.finite_rows(out, kind, rows)
     arr = None
     try:
         arr = np.array(rows)
