@@ -45,8 +45,8 @@ def answered(monkeypatch):
     count = {"n": 0}
     original = fastpath.FastQuery.answer
 
-    def spy(self, message, body, client):
-        out = original(self, message, body, client)
+    def spy(self, message, body, client, conn):
+        out = original(self, message, body, client, conn)
         count["n"] += out is not None
         return out
     monkeypatch.setattr(fastpath.FastQuery, "answer", spy)
@@ -353,6 +353,29 @@ def test_a_revoked_key_is_refused_within_the_cache_ttl(env, answered):
         writer.close()
     serve(env, body)
     assert answered["n"] == 1  # the first loads the key on the regular route
+
+
+def test_a_connection_that_proved_its_key_is_refused_after_revocation(env, answered):
+    """The fast path checks a connection's secret once per cached key record (FastQuery._authorize);
+    revocation still reaches that connection within the key cache's TTL."""
+    async def body(port, app):
+        engine = env["engine"]
+        key_id, token = await asyncio.to_thread(
+            apikeys.create_key, engine.catalog, apikeys.load_pepper(env["config"].data_dir), "kept", "query")
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        await queries_ok(reader, writer, token, 3)
+        await asyncio.to_thread(apikeys.revoke_key, engine.catalog, key_id)
+        revoked_at, statuses = time.monotonic(), []
+        while time.monotonic() - revoked_at < env["config"].key_cache_ttl_secs + 0.6:
+            writer.write(request(body=query_body(), token=token))  # the same connection, kept busy
+            statuses.append((await read_response(reader))[0])
+            await asyncio.sleep(0.05)
+        assert statuses[-1] == 403, statuses
+        first = statuses.index(403)
+        assert set(statuses[:first]) <= {200} and set(statuses[first:]) == {403}, statuses
+        writer.close()
+    serve(env, body)
+    assert answered["n"] >= 2  # the memo was in use before the revocation
 
 
 def test_draining_server_declines(env, answered):

@@ -280,6 +280,11 @@ class KeyStore:
             raise InvalidAuthError()
         if not hmac.compare_digest(hash_secret(self._pepper, secret).encode(), record.key_hash.encode()):
             raise InvalidAuthError()
+        return self.check_access(record, role)
+
+    @staticmethod
+    def check_access(record: KeyRecord, role: str | None) -> KeyRecord:
+        """Revocation and role (403) of a record whose secret was checked."""
         if record.revoked:
             raise ForbiddenError()
         if role is not None and "admin" not in record.roles and role not in record.roles:

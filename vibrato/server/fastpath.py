@@ -18,6 +18,7 @@ answers every error (401, 413, 422, 503, ...) exactly as before: the fast path n
 The answer is the same response, headers included, and the same bookkeeping (metrics, audit row,
 access line: `middlewares.record_request`) as the regular route's. docs/SERVER.md, "Fast query path".
 """
+import hmac
 import time
 
 import orjson
@@ -31,6 +32,15 @@ from vibrato.server.logs import REQUEST_ID
 from vibrato.server.middlewares import new_request_id, record_request, valid_request_id
 
 PATH = "/v2/query"
+
+
+def _same(a: str, b: str) -> bool:
+    """Constant-time equality of two header values (False for non-ASCII ones, which never verify)."""
+    try:
+        return hmac.compare_digest(a, b)
+    except TypeError:
+        return False
+
 _HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
 _SERVER = f"\r\nServer: {SERVER_SOFTWARE}\r\nx-request-id: ".encode("ascii")
 
@@ -57,8 +67,31 @@ class FastQuery:
                 and not message.should_close and not message.chunked and message.compression is None
                 and not message.upgrade)
 
-    def answer(self, message, body: bytes, client: str) -> bytes | None:
-        """The whole HTTP response for a candidate message, or None: let the regular route answer."""
+    def _authorize(self, header: str, conn) -> str | None:
+        """The key id of a valid Authorization header allowed to query, or None when its key is not
+        cached (loading it reads the catalog: the regular route does that off the loop); raises
+        AuthError otherwise. The secret's hash is checked once per connection and cached key record:
+        `conn.auth_memo` keeps (header, key id, record) after a success, and the same header against
+        the same record (the key cache replaces it on every reload, each KeyStore.ttl) skips the
+        hash. Revocation and role are checked on every request."""
+        store = self.keystore
+        memo = conn.auth_memo
+        if memo is not None and _same(memo[0], header):
+            record = store.lookup(memo[1])
+            if record is memo[2]:
+                store.check_access(record, self.policy.role)
+                return memo[1]
+        key_id, secret = apikeys.parse_authorization(header)
+        record = store.lookup(key_id)
+        if record is store.MISS:
+            return None
+        store.check(record, secret, self.policy.role)
+        conn.auth_memo = (header, key_id, record)
+        return key_id
+
+    def answer(self, message, body: bytes, client: str, conn) -> bytes | None:
+        """The whole HTTP response for a candidate message, or None: let the regular route answer.
+        conn: the connection's protocol (server/protocol.py), which keeps `auth_memo` for _authorize."""
         started = (time.time(), time.perf_counter())
         headers = message.headers
         if self.inflight.draining or "Expect" in headers or len(body) > self.max_body:
@@ -69,14 +102,11 @@ class FastQuery:
         auth = headers.getall("Authorization", ())
         if len(auth) != 1:
             return None
-        store = self.keystore
         try:
-            key_id, secret = apikeys.parse_authorization(auth[0])
-            record = store.lookup(key_id)
-            if record is store.MISS:
-                return None  # loading the key reads the catalog: the regular route does it off the loop
-            store.check(record, secret, self.policy.role)
+            key_id = self._authorize(auth[0], conn)
         except apikeys.AuthError:
+            return None
+        if key_id is None:
             return None
         try:
             req = handlers.parse_and_validate(body, self.validate)

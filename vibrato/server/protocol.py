@@ -78,11 +78,13 @@ class HardenedRequestHandler(RequestHandler, asyncio.BufferedProtocol):
     out at its own size.
     """
 
-    __slots__ = ("_header_timeout", "_body_timeout", "_head_timer", "_body_timer", "_body_payload", "_fast")
+    __slots__ = ("_header_timeout", "_body_timeout", "_head_timer", "_body_timer", "_body_payload", "_fast",
+                 "auth_memo")
 
     def __init__(self, manager, *, header_timeout: float, body_timeout: float, fast=None, **kwargs):
         super().__init__(manager, **kwargs)
         self._fast = fast  # a FastQuery (server/fastpath.py), or None
+        self.auth_memo = None  # FastQuery._authorize's (header, key id, record) for this connection
         self._header_timeout = header_timeout
         self._body_timeout = body_timeout
         self._head_timer = None
@@ -149,7 +151,7 @@ class HardenedRequestHandler(RequestHandler, asyncio.BufferedProtocol):
             return  # TCP only: the internal unix socket carries forwarded requests
         # The body is complete and not read by anyone yet: peek at it, so a request the fast path
         # declines reaches the regular route intact.
-        response = fast.answer(message, b"".join(getattr(payload, "_buffer", ())), client[0])
+        response = fast.answer(message, b"".join(getattr(payload, "_buffer", ())), client[0], self)
         if response is None:
             return
         self._messages.popleft()
