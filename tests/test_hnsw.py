@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
+from vibrato import kernels
 from vibrato._native import hnsw as native
 from vibrato._native import segio
 from vibrato.index import HnswIndex
@@ -393,6 +394,38 @@ def test_scan_on_int8_codes_returns_the_exact_top_k(text, selectivity):
     # auto mode scans on the codes too where its cost model picks a scan
     auto = idx.search(q, k=10, ef=64, allowed=mask)
     assert mask[auto[0]].all()
+
+
+def test_graph_walk_on_int8_codes_keeps_recall_and_exact_scores(text):
+    """Once the codes are built (a segment's first filtered scan builds them), graph walks read them
+    and rescore their beam on the float vectors: recall as the float walk's, every score the exact
+    float inner product of its row, best first; filtered walks return allowed rows only."""
+    base, queries, _ = text
+    x = base[:8000]
+    idx = HnswIndex(128, m=8, ef_construction=40, seed=0)
+    idx.add(x, threads=1)
+    q = queries[:100]
+    exact = np.argsort(-(q @ x.T), axis=1, kind="stable")[:, :10]
+
+    def recall(ids):
+        return np.mean([len(set(a.tolist()) & set(b.tolist())) / 10 for a, b in zip(ids, exact)])
+
+    floats = idx.search(q, k=10, ef=64, mode="graph")
+    assert idx.stats()["code_walks"] == 0
+    idx.build_scan_codes()
+    ids, scores = idx.search(q, k=10, ef=64, mode="graph")
+    assert idx.stats()["code_walks"] == len(q)
+    assert recall(ids) >= recall(floats[0]) - 0.01
+    np.testing.assert_array_equal(scores, np.stack([[kernels.dot(qi, x[r]) for r in row] for qi, row in zip(q, ids)]))
+    assert (np.diff(scores, axis=1) <= 0).all()
+    both = [(i, r) for i in range(len(q)) for r in set(ids[i].tolist()) & set(floats[0][i].tolist())]
+    assert len(both) > 8 * len(q)
+    for i, r in both:  # a row found by both walks has the same score
+        assert scores[i][ids[i] == r][0] == floats[1][i][floats[0][i] == r][0]
+    mask = np.random.default_rng(5).random(8000) < 0.3
+    got, _ = idx.search(q, k=10, ef=64, allowed=mask, mode="graph")
+    assert mask[got[got >= 0]].all() and (got >= 0).all()
+    assert idx.stats()["code_walks"] == 2 * len(q)
 
 
 def test_scan_codes_are_dropped_by_add_and_skipped_for_few_rows(small):

@@ -36,6 +36,7 @@ cdef extern from "vibrato/hnsw.h" nogil:
         size_t n_fallback
         size_t n_dist
         size_t n_sq8
+        size_t n_sq8_walk
 
     size_t vb_hnsw_up_off(const vb_hnsw_t *h, uint32_t r)
     int vb_hnsw_init(vb_hnsw_t *h, size_t d, size_t M, size_t efc, uint64_t seed)

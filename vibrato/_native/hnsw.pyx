@@ -324,7 +324,8 @@ cdef class Graph:
             "level_counts": levels, "edges_layer0": e0, "edges_upper": eu, "max_degree_layer0": mx0,
             "graph_searches": self.h.n_graph, "scan_searches": self.h.n_scan,
             "scan_fallbacks": self.h.n_fallback, "distances": self.h.n_dist,
-            "scan_code_searches": self.h.n_sq8, "scan_codes": bool(vb_hnsw_has_sq8(&self.h)),
+            "scan_code_searches": self.h.n_sq8, "code_walks": self.h.n_sq8_walk,
+            "scan_codes": bool(vb_hnsw_has_sq8(&self.h)),
             "borrowed_vectors": self.h.x_owned == NULL,
             "borrowed_graph": bool(self.h.graph_borrowed),
         }
