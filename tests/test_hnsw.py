@@ -428,6 +428,28 @@ def test_graph_walk_on_int8_codes_keeps_recall_and_exact_scores(text):
     assert idx.stats()["code_walks"] == 2 * len(q)
 
 
+def test_codes_topk_over_rows_without_a_graph(small):
+    """native.codes_topk (a hot chunk's scan on codes): the exact top k, ties to the lower row,
+    padded when there are fewer rows than k; shapes are checked before any native work."""
+    _, x, q = small
+    x = np.ascontiguousarray(x[:700])
+    x[300:305] = x[10]  # exact ties: the lower row first
+    codes, scale = kernels.scan_codes(x)
+    for qi, k, depth in ((x[10], 10, 80), (q[0], 1, 1), (q[1], 25, 25), (q[2], 5, 10_000)):
+        rows, scores = native.codes_topk(qi, codes, scale, x, k, depth)
+        exact = kernels.dot_many(qi, x, threads=1)
+        want = np.argsort(-exact, kind="stable")[:k]
+        np.testing.assert_array_equal(rows, want)
+        np.testing.assert_array_equal(scores, exact[want])
+    rows, scores = native.codes_topk(q[0], codes[:3], scale[:3], x[:3], 5, 40)
+    assert rows.tolist()[3:] == [-1, -1] and np.isneginf(scores[3:]).all() and sorted(rows[:3].tolist()) == [0, 1, 2]
+    assert native.codes_topk(q[0], codes, scale, x, 0, 8)[0].shape == (0,)
+    with pytest.raises(ValueError, match="do not match"):
+        native.codes_topk(q[0], codes[:-1], scale, x, 5, 40)
+    with pytest.raises(ValueError, match="dimension"):
+        native.codes_topk(q[0][:-1], codes, scale, x, 5, 40)
+
+
 def test_scan_codes_are_dropped_by_add_and_skipped_for_few_rows(small):
     _, x, q = small
     idx = HnswIndex(32, m=8, ef_construction=40, seed=3)

@@ -229,8 +229,8 @@ def test_a_large_hot_slice_is_ranked_on_its_int8_codes_and_rescored_exactly(tmp_
         np.testing.assert_array_equal(ch.scale, scale[:2048])
         monkeypatch.setattr(planner, "SCAN_CODES_MIN_ROWS", 900)  # both slices take the codes path
         calls = []
-        real = kernels.dot_scan_codes
-        monkeypatch.setattr(kernels, "dot_scan_codes", lambda *a: calls.append(1) or real(*a))
+        real = planner._hnsw.codes_topk
+        monkeypatch.setattr(planner._hnsw, "codes_topk", lambda *a: calls.append(1) or real(*a))
         for qi in [42, 7, 2999] + rng.choice(3000, 10, replace=False).tolist():
             for k, ef in ((10, 64), (1, 1), (5, 16)):
                 ids, scores = planner.search(view, X[qi], k, ef, None, "all")

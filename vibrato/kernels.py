@@ -11,7 +11,7 @@ from vibrato._native import cpu as _cpu
 from vibrato._native import distance as _distance
 
 __all__ = ["dot", "l2sq", "dot_many", "l2sq_many", "dot_windows", "dot_matrix", "l2sq_matrix", "isa",
-           "scan_codes", "dot_scan_codes"]
+           "scan_codes"]
 
 
 def isa() -> str:
@@ -55,13 +55,6 @@ def scan_codes(X):
     codes[r], each row rounded on its own range (error <= scale/2 per component). Rows with a
     non-finite or zero component range get scale 0."""
     return _distance.sq8_encode(X)
-
-
-def dot_scan_codes(q, codes, scale, ids=None):
-    """Approximate inner products of q (d,) with every row of the scan codes, or rows ids (int64): a
-    quarter of the memory of dot_many, for ranking candidates that are then rescored exactly. (n,)
-    float32."""
-    return _distance.dot_sq8(q, codes, scale, ids)
 
 
 def dot_matrix(Q, X, threads=None):

@@ -1104,27 +1104,74 @@ static inline size_t vb_hnsw_filtered_ef(size_t ef, double s) {
 }
 
 /*
+ * The exact top k of candidate rows cand[0..n) (chosen on codes) of x (rows of d floats): each
+ * scored with ops->dot, kept in `heap` (room for k + 1 pairs) and written best first (ties to the
+ * lower row), padded with -1 / -inf. Shared by the segment scans and walks on codes and by
+ * vb_sq8_topk (hot chunks).
+ */
+static inline void vb_rescore_rows(const vb_distance_ops_t *ops, const float *restrict q, const float *x, size_t d,
+                                   const vb_pair_t *cand, size_t n, size_t k, vb_pair_t *heap, int64_t *rows,
+                                   float *scores) {
+    size_t nk = 0;
+    for (size_t i = 0; i < n; i++) VB_PREFETCH(x + (size_t)cand[i].id * d);
+    for (size_t i = 0; i < n; i++) {
+        vb_pair_t p = {-ops->dot(q, x + (size_t)cand[i].id * d, d), cand[i].id};
+        vb_topk_offer(heap, &nk, k, p);
+    }
+    vb_hnsw_emit(heap, nk, k, rows, scores);
+}
+
+/*
  * Rescore the beam (c->top, ntop rows scored on codes) exactly and emit the best k. Its time per
  * row feeds h->rescore_ns; above VB_HNSW_WILLNEED_NS the rows' pages are requested up front.
  */
 static inline void vb_hnsw_rescore(vb_hnsw_t *h, vb_hnsw_ctx_t *c, const vb_distance_ops_t *ops,
                                    const float *restrict q, size_t ntop, size_t k, int64_t *rows, float *scores) {
-    size_t nk = 0, bytes = h->d * sizeof(float);
+    size_t bytes = h->d * sizeof(float);
     uint64_t t0 = vb_now_ns();
     if (atomic_load_explicit(&h->rescore_ns, memory_order_relaxed) > VB_HNSW_WILLNEED_NS)
         for (size_t i = 0; i < ntop; i++) vb_willneed(vb_hnsw_vec(h, c->top[i].id), bytes);
-    for (size_t i = 0; i < ntop; i++) VB_PREFETCH(vb_hnsw_vec(h, c->top[i].id));
-    for (size_t i = 0; i < ntop; i++) { /* c->cand is free after the walk: the top-k heap */
-        vb_pair_t p = {-ops->dot(q, vb_hnsw_vec(h, c->top[i].id), h->d), c->top[i].id};
-        vb_topk_offer(c->cand, &nk, k, p);
-    }
+    /* c->cand is free after the walk: the top-k heap */
+    vb_rescore_rows(ops, q, h->x, h->d, c->top, ntop, k, c->cand, rows, scores);
     if (ntop) {
         uint64_t per = (vb_now_ns() - t0) / ntop;
         unsigned old = atomic_load_explicit(&h->rescore_ns, memory_order_relaxed);
         unsigned avg = (unsigned)((old * 7ull + (per > 1000000000u ? 1000000000u : per)) / 8);
         atomic_store_explicit(&h->rescore_ns, avg, memory_order_relaxed); /* racy by design: a hint */
     }
-    vb_hnsw_emit(c->cand, nk, k, rows, scores);
+}
+
+/*
+ * Exact top k of all n rows of x (n, d), without a graph (a hot chunk's rows): ranked on their
+ * int8 codes (vb_sq8_encode: codes (n, d), scale (n,)), the best `depth` (at least k, at most n)
+ * rescored exactly by vb_rescore_rows. rows/scores (k,): best first, padded with -1 / -inf.
+ */
+static inline int vb_sq8_topk(const vb_distance_ops_t *ops, const float *restrict q, const int8_t *codes,
+                              const float *scale, const float *x, size_t n, size_t d, size_t k, size_t depth,
+                              int64_t *rows, float *scores) {
+    if (depth < k) depth = k;
+    if (depth > n) depth = n;
+    vb_pair_t *top = (vb_pair_t *)malloc((depth + k + 2) * sizeof(vb_pair_t));
+    float *dist = (float *)malloc(VB_HNSW_SCAN_BLOCK * sizeof(float));
+    uint32_t *ids = (uint32_t *)malloc(VB_HNSW_SCAN_BLOCK * sizeof(uint32_t));
+    if (!top || !dist || !ids) {
+        free(top);
+        free(dist);
+        free(ids);
+        return VB_ENOMEM;
+    }
+    size_t ntop = 0;
+    for (size_t b = 0; b < n; b += VB_HNSW_SCAN_BLOCK) {
+        size_t m = n - b < VB_HNSW_SCAN_BLOCK ? n - b : VB_HNSW_SCAN_BLOCK;
+        ops->dot_sq8_ny(dist, q, codes + b * d, scale + b, d, m);
+        for (size_t i = 0; i < m; i++) ids[i] = (uint32_t)(b + i);
+        vb_hnsw_offer(top, &ntop, depth, ids, dist, m);
+    }
+    vb_rescore_rows(ops, q, x, d, top, ntop, k, top + depth + 1, rows, scores);
+    free(top);
+    free(dist);
+    free(ids);
+    return VB_OK;
 }
 
 /*

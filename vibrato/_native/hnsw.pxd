@@ -1,5 +1,5 @@
 # Declarations of include/vibrato/hnsw.h (the HNSW index in C). See that header for the contracts.
-from libc.stdint cimport int64_t, uint64_t, uint32_t, uint8_t
+from libc.stdint cimport int64_t, int8_t, uint64_t, uint32_t, uint8_t
 
 from vibrato._native.distance cimport vb_distance_ops_t
 
@@ -48,6 +48,8 @@ cdef extern from "vibrato/hnsw.h" nogil:
                        size_t ef, const uint8_t *mask, size_t allowed, int mode, size_t nthreads,
                        const float *luts, const uint8_t *codes, size_t pq_m, size_t rerank,
                        int64_t *rows, float *scores)
+    int vb_sq8_topk(const vb_distance_ops_t *ops, const float *q, const int8_t *codes, const float *scale,
+                    const float *x, size_t n, size_t d, size_t k, size_t depth, int64_t *rows, float *scores)
     size_t vb_hnsw_graph_size(const vb_hnsw_t *h)
     int vb_hnsw_graph_write(const vb_hnsw_t *h, uint8_t *out, size_t len)
     int vb_hnsw_graph_read_checked(vb_hnsw_t *h, const uint8_t *buf, size_t len, const float *x, size_t xn,

@@ -7,7 +7,7 @@ Every heavy call releases the GIL. Thread-safety: any number of searches may run
 different Python threads; add() refuses to run while a search is in flight and vice versa
 (RuntimeError), since the C index does not support that overlap.
 """
-from libc.stdint cimport int64_t, uint64_t, uint32_t, uint8_t
+from libc.stdint cimport int64_t, int8_t, uint64_t, uint32_t, uint8_t
 from libc.math cimport isfinite
 
 import numpy as np
@@ -329,6 +329,36 @@ cdef class Graph:
             "borrowed_vectors": self.h.x_owned == NULL,
             "borrowed_graph": bool(self.h.graph_borrowed),
         }
+
+
+def codes_topk(const float[::1] q not None, const int8_t[:, ::1] codes not None, const float[::1] scale not None,
+               const float[:, ::1] x not None, size_t k, size_t depth):
+    """Exact top k of the rows of x (n, d) without a graph: ranked on their int8 codes (n, d) and
+    scale (n,) (distance.sq8_encode), the best max(k, depth) (at most n) rescored exactly against x.
+    Returns (rows int64 (k,), scores float32 (k,)), best first (ties to the lower row), padded with
+    -1 / -inf (include/vibrato/hnsw.h, vb_sq8_topk)."""
+    cdef size_t n = x.shape[0], d = x.shape[1]
+    if <size_t>q.shape[0] != d:
+        raise ValueError(f"q has dimension {q.shape[0]}, the rows have {d}")
+    if <size_t>codes.shape[0] != n or <size_t>codes.shape[1] != d or <size_t>scale.shape[0] != n:
+        raise ValueError(f"codes {codes.shape[0]}x{codes.shape[1]} and scale ({scale.shape[0]},) do not match "
+                         f"the rows ({n}, {d})")
+    if n > VB_HNSW_MAX_N or k > VB_HNSW_MAX_EF or depth > VB_HNSW_MAX_EF:
+        raise ValueError(f"n {n}, k {k} or depth {depth} beyond the limits ({VB_HNSW_MAX_N}, {VB_HNSW_MAX_EF})")
+    rows = np.empty(k, dtype=np.int64)
+    scores = np.empty(k, dtype=np.float32)
+    if k == 0:
+        return rows, scores
+    cdef int64_t[::1] rv = rows
+    cdef float[::1] sv = scores
+    cdef const int8_t *cp = &codes[0, 0] if n else NULL
+    cdef const float *sp = &scale[0] if n else NULL
+    cdef const float *xp = &x[0, 0] if n else NULL
+    cdef int rc
+    with nogil:
+        rc = vb_sq8_topk(_ops, &q[0], cp, sp, xp, n, d, k, depth, &rv[0], &sv[0])
+    check_rc(rc, "scan on int8 codes")
+    return rows, scores
 
 
 def first_nonfinite(const float[:, ::1] x not None):

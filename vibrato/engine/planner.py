@@ -238,17 +238,14 @@ def _run(step: Step, q, k, ef):
 
 
 def _hot_codes_scan(q, sl, k, ef):
-    """Top-k of a whole hot slice: rank its rows on the chunk's int8 scan codes (a quarter of the
-    memory traffic), rescore the best max(8k, ef) exactly. Candidates are rescored in row order, so
-    ties go to the lower row as in the float scan."""
-    ch = sl.chunk
-    approx = kernels.dot_scan_codes(q, ch.codes[sl.lo:sl.hi], ch.scale[sl.lo:sl.hi])
-    n, depth = approx.shape[0], max(SCAN_CODES_RERANK_PER_K * k, ef)
-    cand = np.arange(n) if depth >= n else np.sort(np.argpartition(approx, n - depth)[n - depth:])
-    cand += sl.lo
-    exact = kernels.dot_many(q, ch.vectors, cand, threads=1)
-    take = topk(exact, k)
-    return ch.ids[cand[take]], exact[take]
+    """Top-k of a whole hot slice, natively: its rows ranked on the chunk's int8 scan codes (a quarter
+    of the memory traffic), the best max(8k, ef) rescored exactly, ties to the lower row as in the
+    float scan (the same code as a segment's scan on codes, include/vibrato/hnsw.h vb_sq8_topk)."""
+    ch, lo, hi = sl.chunk, sl.lo, sl.hi
+    rows, scores = _hnsw.codes_topk(q, ch.codes[lo:hi], ch.scale[lo:hi], ch.vectors[lo:hi], k,
+                                    max(SCAN_CODES_RERANK_PER_K * k, ef))
+    found = k if rows[-1] >= 0 else int(np.count_nonzero(rows >= 0))
+    return ch.ids[rows[:found] + lo], scores[:found]
 
 
 def _graph(step: Step, Q, k, ef, threads):
