@@ -432,7 +432,7 @@ def test_codes_topk_over_rows_without_a_graph(small):
     """native.codes_topk (a hot chunk's scan on codes): the exact top k, ties to the lower row,
     padded when there are fewer rows than k; shapes are checked before any native work."""
     _, x, q = small
-    x = np.ascontiguousarray(x[:700])
+    x = x[:700].copy()  # (the fixture is shared: not changed in place)
     x[300:305] = x[10]  # exact ties: the lower row first
     codes, scale = kernels.scan_codes(x)
     for qi, k, depth in ((x[10], 10, 80), (q[0], 1, 1), (q[1], 25, 25), (q[2], 5, 10_000)):
