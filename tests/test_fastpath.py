@@ -337,14 +337,18 @@ def test_idle_connection_still_times_out_after_fast_queries(env, answered):
     assert answered["n"] == 2
 
 
+async def new_query_key(env, name):
+    """(key id, token) of a fresh query key in the engine's catalog."""
+    return await asyncio.to_thread(apikeys.create_key, env["engine"].catalog,
+                                   apikeys.load_pepper(env["config"].data_dir), name, "query")
+
+
 def test_a_revoked_key_is_refused_within_the_cache_ttl(env, answered):
     async def body(port, app):
-        engine = env["engine"]
-        key_id, token = await asyncio.to_thread(
-            apikeys.create_key, engine.catalog, apikeys.load_pepper(env["config"].data_dir), "short", "query")
+        key_id, token = await new_query_key(env, "short")
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         await queries_ok(reader, writer, token, 2)
-        await asyncio.to_thread(apikeys.revoke_key, engine.catalog, key_id)
+        await asyncio.to_thread(apikeys.revoke_key, env["engine"].catalog, key_id)
         await asyncio.sleep(env["config"].key_cache_ttl_secs + 0.1)
         writer.close()  # (idle past the keep-alive timeout)
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -359,12 +363,10 @@ def test_a_connection_that_proved_its_key_is_refused_after_revocation(env, answe
     """The fast path checks a connection's secret once per cached key record (FastQuery._authorize);
     revocation still reaches that connection within the key cache's TTL."""
     async def body(port, app):
-        engine = env["engine"]
-        key_id, token = await asyncio.to_thread(
-            apikeys.create_key, engine.catalog, apikeys.load_pepper(env["config"].data_dir), "kept", "query")
+        key_id, token = await new_query_key(env, "kept")
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         await queries_ok(reader, writer, token, 3)
-        await asyncio.to_thread(apikeys.revoke_key, engine.catalog, key_id)
+        await asyncio.to_thread(apikeys.revoke_key, env["engine"].catalog, key_id)
         revoked_at, statuses = time.monotonic(), []
         while time.monotonic() - revoked_at < env["config"].key_cache_ttl_secs + 0.6:
             writer.write(request(body=query_body(), token=token))  # the same connection, kept busy
