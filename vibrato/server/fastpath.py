@@ -33,6 +33,9 @@ from vibrato.server.middlewares import new_request_id, record_request, valid_req
 
 PATH = "/v2/query"
 
+_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
+_SERVER = f"\r\nServer: {SERVER_SOFTWARE}\r\nx-request-id: ".encode("ascii")
+
 
 def _same(a: str, b: str) -> bool:
     """Constant-time equality of two header values (False for non-ASCII ones, which never verify)."""
@@ -40,9 +43,6 @@ def _same(a: str, b: str) -> bool:
         return hmac.compare_digest(a, b)
     except TypeError:
         return False
-
-_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
-_SERVER = f"\r\nServer: {SERVER_SOFTWARE}\r\nx-request-id: ".encode("ascii")
 
 
 class FastQuery:

@@ -72,10 +72,10 @@ class HardenedRequestHandler(RequestHandler, asyncio.BufferedProtocol):
     """aiohttp's per-connection protocol with header/body timeouts and value-free error answers.
 
     It receives through `get_buffer`/`buffer_updated` (a BufferedProtocol): the event loop's plain
-    `recv(256 KiB)` allocates a fresh 256 KiB bytes object per read, which glibc serves with mmap,
-    shrinks with mremap and frees with munmap, three syscalls and a zeroed page per request
-    (strace under wrk). The server's one receive buffer is reused instead; each read is copied
-    out at its own size.
+    `recv(256 KiB)` allocates a fresh 256 KiB bytes object per read, which glibc serves with mmap
+    (the server fixes its mmap threshold at 256 KiB, engine/memory.py), shrinks with mremap and
+    frees with munmap: three syscalls and a zeroed page per request (strace under wrk). The
+    server's one receive buffer is reused instead; each read is copied out at its own size.
     """
 
     __slots__ = ("_header_timeout", "_body_timeout", "_head_timer", "_body_timer", "_body_payload", "_fast",
