@@ -244,7 +244,7 @@ def _hot_codes_scan(q, sl, k, ef):
     ch, lo, hi = sl.chunk, sl.lo, sl.hi
     rows, scores = _hnsw.codes_topk(q, ch.codes[lo:hi], ch.scale[lo:hi], ch.vectors[lo:hi], k,
                                     max(SCAN_CODES_RERANK_PER_K * k, ef))
-    found = k if rows[-1] >= 0 else int(np.count_nonzero(rows >= 0))
+    found = k if k and rows[-1] >= 0 else int(np.count_nonzero(rows >= 0))
     return ch.ids[rows[:found] + lo], scores[:found]
 
 
