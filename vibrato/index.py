@@ -234,9 +234,10 @@ class HnswIndex:
             self._end_search()
 
     def build_scan_codes(self) -> None:
-        """Keep an int8 copy of the vectors (d + 4 bytes per row, in RAM) for filtered exact scans:
-        they rank the allowed rows on it, reading a quarter of the memory, and rescore the best
-        max(8k, ef) on the float vectors, so scores stay exact. A no-op once built; dropped by add()."""
+        """Keep an int8 copy of the vectors (d + 4 bytes per row, in RAM) for filtered exact scans and
+        graph walks: they rank rows on it, reading a quarter of the memory, and rescore the best
+        (max(8k, ef) of a scan, the beam of a walk) on the float vectors, so scores stay exact. A
+        no-op once built; dropped by add()."""
         self._begin_search()
         try:
             self._g.build_scan_codes()

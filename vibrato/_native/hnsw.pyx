@@ -213,8 +213,8 @@ cdef class Graph:
 
     def build_scan_codes(self):
         """Build the int8 scan codes of the rows (include/vibrato/hnsw.h, vb_hnsw_sq8_build): d + 4
-        bytes per row in RAM; filtered exact scans then rank on them and rescore exactly. A no-op
-        once built; safe while searches run."""
+        bytes per row in RAM; filtered exact scans and graph walks then rank on them and rescore
+        exactly. A no-op once built; safe while searches run."""
         cdef int rc
         self._enter()
         try:

@@ -7,7 +7,6 @@ checked and converted in C.
 """
 from cpython.float cimport PyFloat_AS_DOUBLE
 from cpython.list cimport PyList_GET_SIZE
-from libc.stdint cimport int64_t
 
 import numpy as np
 

@@ -225,8 +225,7 @@ def _run(step: Step, q, k, ef):
         if not t.index.has_scan_codes:
             t.index.build_scan_codes()
         ids, scores = t.index.search(q, k=k, ef=max(ef, k), allowed=step.mask, mode="scan")
-        keep = ids[0] >= 0
-        return ids[0][keep], scores[0][keep]
+        return _unpadded(ids[0], scores[0])
     # pq
     rows, _approx = t.pq.adc_scan(q, t.codes, _pq_candidates(t, k, ef), step.mask)
     rows = np.asarray(rows, dtype=np.int64)
@@ -242,10 +241,9 @@ def _hot_codes_scan(q, sl, k, ef):
     of the memory traffic), the best max(8k, ef) rescored exactly, ties to the lower row as in the
     float scan (the same code as a segment's scan on codes, include/vibrato/hnsw.h vb_sq8_topk)."""
     ch, lo, hi = sl.chunk, sl.lo, sl.hi
-    rows, scores = _hnsw.codes_topk(q, ch.codes[lo:hi], ch.scale[lo:hi], ch.vectors[lo:hi], k,
-                                    max(SCAN_CODES_RERANK_PER_K * k, ef))
-    found = k if k and rows[-1] >= 0 else int(np.count_nonzero(rows >= 0))
-    return ch.ids[rows[:found] + lo], scores[:found]
+    rows, scores = _unpadded(*_hnsw.codes_topk(q, ch.codes[lo:hi], ch.scale[lo:hi], ch.vectors[lo:hi], k,
+                                               max(SCAN_CODES_RERANK_PER_K * k, ef)))
+    return ch.ids[rows + lo], scores
 
 
 def _graph(step: Step, Q, k, ef, threads):
@@ -262,11 +260,17 @@ def _graph(step: Step, Q, k, ef, threads):
     rows_of = t.chunk.ids if isinstance(t, HotSlice) else None  # hot: chunk rows -> ids
     out = []
     for row_ids, row_scores in zip(ids, scores):
-        if row_ids.shape[0] and row_ids[-1] < 0:  # padded (-1 at the tail): fewer than k found
-            found = int(np.count_nonzero(row_ids >= 0))
-            row_ids, row_scores = row_ids[:found], row_scores[:found]
+        row_ids, row_scores = _unpadded(row_ids, row_scores)
         out.append((row_ids if rows_of is None else rows_of[row_ids], row_scores))
     return out
+
+
+def _unpadded(rows, scores):
+    """One native result row without its padding (-1 / -inf at the tail when fewer than k were found)."""
+    if rows.shape[0] and rows[-1] < 0:
+        found = int(np.count_nonzero(rows >= 0))
+        return rows[:found], scores[:found]
+    return rows, scores
 
 
 def search_many(view, Q, k: int, ef: int, search_tier: str, threads: int = 1) -> list:
