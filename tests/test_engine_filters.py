@@ -82,6 +82,30 @@ def test_filters_match_model(seed, capacity, batches):
                 (np.flatnonzero(want) >= lo) & (np.flatnonzero(want) < hi)])
             padded = np.concatenate([np.zeros(2, bool), want, np.zeros(3, bool)])
             np.testing.assert_array_equal(allowed.mask_in(lo, hi), padded[lo + 2:hi + 2])
+            for _ in range(2):  # computed, then remembered
+                assert allowed.count_in(lo, hi) == int(padded[lo + 2:hi + 2].sum())
+            assert index.evaluate(flt) is allowed  # remembered until the index changes
+
+
+def test_evaluations_are_remembered_only_while_the_index_is_unchanged():
+    """A repeated filter reuses its evaluation; every kind of change (rows appended, a segment's
+    columns, a delete, a replay's range kill) makes the next evaluation see it."""
+    index = FilterIndex(capacity=64)
+    index.add_rows(np.arange(10, dtype=np.int64), np.full(10, 120.0, np.float32), [["a"]] * 10)
+    flt = (["a"], None, None, None)
+    first = index.evaluate(flt)
+    assert index.evaluate(flt) is first and first.count == 10
+    index.add_rows(np.arange(10, 12, dtype=np.int64), np.full(2, 120.0, np.float32), [["a"], ["b"]])
+    after_append = index.evaluate(flt)
+    assert after_append is not first and after_append.count == 11
+    index.add_columns(12, np.ones(3, bool), np.full(3, 90.0, np.float32), ["a"],
+                      np.array([0, 1, 2, 3], np.int64), np.array([0, 0, 0], np.int64))
+    assert index.evaluate(flt).count == 14
+    index.kill_ids(np.array([0, 1], np.int64))
+    assert index.evaluate(flt).count == 12
+    index.kill_range(12, 14)
+    assert index.evaluate(flt).to_mask().tolist() == [False] * 2 + [True] * 9 + [False] * 4
+    assert index.evaluate((["a"], None, None, 100.0)).count == 0  # another key, evaluated afresh
 
 
 def test_frequent_tag_becomes_a_bitmap_and_rare_tag_stays_a_posting_list():

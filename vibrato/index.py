@@ -193,7 +193,7 @@ class HnswIndex:
     # ------------------------------------------------------------------ search
 
     def search(self, Q, k: int = 10, ef: int = 64, allowed=None, threads: int = 1, *, mode: str = "auto",
-               codes=None, luts=None, rerank: int = 0):
+               codes=None, luts=None, rerank: int = 0, allowed_count: int | None = None):
         """Top-k ids by inner product for Q (nq, dim) or one query (dim,).
 
         Returns (ids int64 (nq, k), scores float32 (nq, k)), best first; padded with id -1 and
@@ -210,6 +210,10 @@ class HnswIndex:
         codes (n, m) uint8 and luts (nq, m, 256) float32 (ProductQuantizer.adc_tables(Q)): walk the
         graph on the codes instead of the vectors, then rescore the best max(ef, rerank) rows
         exactly (scores stay exact; only which rows are considered depends on the codes).
+
+        allowed_count: the number of True entries in allowed when the caller already knows it (the
+        planner keeps it with a filter's evaluation), saving a pass over the mask. It steers the
+        choice between walk and scan; it is never used to index memory.
         """
         Q = _float_rows("Q", Q, self.dim, allow_1d=True)
         k = _int_arg("k", k, 1, _hnsw.MAX_EF)
@@ -220,7 +224,8 @@ class HnswIndex:
         mask, count = None, 0
         if allowed is not None:
             mask = self._mask("allowed", allowed)
-            count = int(np.count_nonzero(mask))
+            count = int(np.count_nonzero(mask)) if allowed_count is None else _int_arg(
+                "allowed_count", allowed_count, 0, mask.shape[0])
         if (luts is None) != (codes is None):
             raise ValueError("codes and luts go together: pass both (a walk on codes) or neither")
         if luts is not None:

@@ -24,11 +24,15 @@
 #define VB_PREFETCH(p) __builtin_prefetch((const void *)(p), 0, 3)
 #define VB_LIKELY(x) __builtin_expect(!!(x), 1)
 #define VB_UNLIKELY(x) __builtin_expect(!!(x), 0)
+/* For short kernels called once per row from a loop of the same ISA: the call would cost more than
+ * the row (GCC declines to inline them on its own at -O3). */
+#define VB_ALWAYS_INLINE inline __attribute__((always_inline))
 #else
 #define VB_TARGET(isa)
 #define VB_PREFETCH(p) ((void)0)
 #define VB_LIKELY(x) (x)
 #define VB_UNLIKELY(x) (x)
+#define VB_ALWAYS_INLINE inline
 #endif
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -47,7 +51,7 @@ typedef enum {
     VB_SIMD_SCALAR = 0,
     VB_SIMD_NEON = 1,
     VB_SIMD_AVX2 = 2,       /* AVX2 + FMA */
-    VB_SIMD_AVX512 = 3,     /* AVX-512F */
+    VB_SIMD_AVX512 = 3,     /* AVX-512F and BW */
     VB_SIMD_AVX512VBMI = 4, /* AVX-512F + BW + VBMI (byte permutes: the PQ lookup kernel) */
 } vb_simd_level_t;
 

@@ -25,10 +25,10 @@ static inline vb_simd_level_t vb_cpu_max_level(void) {
     uint64_t xcr0 = vb_xgetbv0();
     int ymm_saved = (xcr0 & 0x6) == 0x6;           /* SSE + AVX state */
     int zmm_saved = (xcr0 & 0xE6) == 0xE6;         /* + opmask, ZMM_Hi256, Hi16_ZMM */
-    if (zmm_saved && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx2") &&
-        __builtin_cpu_supports("fma"))
-        return __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vbmi") ? VB_SIMD_AVX512VBMI
-                                                                                          : VB_SIMD_AVX512;
+    /* BW too: the int8 kernels widen bytes to 16 bits (every AVX-512 CPU but Xeon Phi has it) */
+    if (zmm_saved && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+        return __builtin_cpu_supports("avx512vbmi") ? VB_SIMD_AVX512VBMI : VB_SIMD_AVX512;
     if (ymm_saved && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
         return VB_SIMD_AVX2;
     return VB_SIMD_SCALAR;

@@ -27,13 +27,15 @@ typedef void (*vb_ids_fn)(float *restrict out, const float *restrict x, const fl
                           const int64_t *restrict ids, size_t n);
 typedef void (*vb_ids32_fn)(float *restrict out, const float *restrict x, const float *restrict y, size_t d,
                             const uint32_t *restrict ids, size_t n);
-/* out[j] = scale[ids[j]] * (x . codes row ids[j]): the approximate inner products of the int8 scan
- * codes (vb_sq8_encode); ids must already be checked to lie in [0, rows(codes)) */
-typedef void (*vb_sq8_ids32_fn)(float *restrict out, const float *restrict x, const int8_t *restrict codes,
-                                const float *restrict scale, size_t d, const uint32_t *restrict ids, size_t n);
-/* out[j] = scale[j] * (x . codes row j) for j < ny */
-typedef void (*vb_sq8_ny_fn)(float *restrict out, const float *restrict x, const int8_t *restrict codes,
-                             const float *restrict scale, size_t d, size_t ny);
+/* out[j] = qscale * scale[ids[j]] * (q . codes row ids[j]): the approximate inner products of the
+ * int8 scan codes (vb_sq8_encode) with a query prepared by vb_sq8_query (q int16, qscale); ids must
+ * already be checked to lie in [0, rows(codes)) */
+typedef void (*vb_sq8_ids32_fn)(float *restrict out, const int16_t *restrict q, float qscale,
+                                const int8_t *restrict codes, const float *restrict scale, size_t d,
+                                const uint32_t *restrict ids, size_t n);
+/* out[j] = qscale * scale[j] * (q . codes row j) for j < ny */
+typedef void (*vb_sq8_ny_fn)(float *restrict out, const int16_t *restrict q, float qscale,
+                             const int8_t *restrict codes, const float *restrict scale, size_t d, size_t ny);
 
 typedef struct vb_distance_ops {
     int level; /* vb_simd_level_t actually used by this table */
@@ -82,21 +84,22 @@ static inline void vb_prefetch_row(const float *row, size_t d) {
     }
 
 #define VB_DEFINE_SQ8_IDS(name, pair, attr)                                                                   \
-    attr static void name(float *restrict out, const float *restrict x, const int8_t *restrict codes,          \
-                          const float *restrict scale, size_t d, const uint32_t *restrict ids, size_t n) {     \
+    attr static void name(float *restrict out, const int16_t *restrict q, float qscale,                      \
+                          const int8_t *restrict codes, const float *restrict scale, size_t d,               \
+                          const uint32_t *restrict ids, size_t n) {                                          \
         for (size_t j = 0; j < n; j++) {                                                                      \
             if (j + VB_SQ8_PREFETCH_AHEAD < n) {                                                              \
                 const int8_t *row = codes + (size_t)ids[j + VB_SQ8_PREFETCH_AHEAD] * d;                      \
                 for (size_t b = 0; b < d && b < 256; b += 64) VB_PREFETCH(row + b);                          \
             }                                                                                                 \
-            out[j] = scale[ids[j]] * pair(x, codes + (size_t)ids[j] * d, d);                                  \
+            out[j] = qscale * scale[ids[j]] * (float)pair(q, codes + (size_t)ids[j] * d, d);                 \
         }                                                                                                     \
     }
 
 #define VB_DEFINE_SQ8_NY(name, pair, attr)                                                                    \
-    attr static void name(float *restrict out, const float *restrict x, const int8_t *restrict codes,          \
-                          const float *restrict scale, size_t d, size_t ny) {                                 \
-        for (size_t j = 0; j < ny; j++) out[j] = scale[j] * pair(x, codes + j * d, d);                        \
+    attr static void name(float *restrict out, const int16_t *restrict q, float qscale,                      \
+                          const int8_t *restrict codes, const float *restrict scale, size_t d, size_t ny) {  \
+        for (size_t j = 0; j < ny; j++) out[j] = qscale * scale[j] * (float)pair(q, codes + j * d, d);        \
     }
 
 /* The derived kernels of one ISA (from its pair kernels vb_dot_f32_<isa>, vb_l2sq_f32_<isa>) and its
@@ -118,7 +121,7 @@ static inline void vb_prefetch_row(const float *row, size_t d) {
 VB_DEFINE_OPS(scalar, VB_SIMD_SCALAR, )
 #if VB_X86_64
 VB_DEFINE_OPS(avx2, VB_SIMD_AVX2, VB_TARGET("avx2,fma"))
-VB_DEFINE_OPS(avx512, VB_SIMD_AVX512, VB_TARGET("avx512f"))
+VB_DEFINE_OPS(avx512, VB_SIMD_AVX512, VB_TARGET("avx512f,avx512bw"))
 #endif
 #if VB_AARCH64
 VB_DEFINE_OPS(neon, VB_SIMD_NEON, )
@@ -239,4 +242,32 @@ static inline void vb_sq8_encode(const float *restrict x, size_t n, size_t d, in
         }
         scale[r] = amax / 127.f;
     }
+}
+
+/*
+ * The query side of the int8 kernels: q16[i] = round(q[i] / qscale) with |q16| <= qmax, so q ~
+ * qscale * q16 to 1 part in 2 * qmax (negligible next to the codes' own rounding) and the kernels sum
+ * exact int16 * int8 products in int32. qmax keeps d * 127 * qmax below 2^31, so no sum can overflow
+ * whatever the codes. Returns qscale (0 for a zero or non-finite query: every score is then 0).
+ */
+static inline float vb_sq8_query(const float *restrict q, size_t d, int16_t *restrict q16) {
+    float amax = 0.f;
+    int finite = 1;
+    for (size_t i = 0; i < d; i++) {
+        float a = fabsf(q[i]);
+        finite &= a <= FLT_MAX;
+        amax = a > amax ? a : amax;
+    }
+    size_t bound = d ? (size_t)INT32_MAX / (127u * d) : 32767u;
+    float qmax = (float)(bound < 32767u ? bound : 32767u);
+    if (!finite || !(amax > 0.f) || qmax < 1.f) {
+        memset(q16, 0, d * sizeof(int16_t));
+        return 0.f;
+    }
+    float inv = qmax / amax;
+    for (size_t i = 0; i < d; i++) {
+        float v = nearbyintf(q[i] * inv);
+        q16[i] = (int16_t)(v > qmax ? qmax : v < -qmax ? -qmax : v);
+    }
+    return amax / qmax;
 }

@@ -84,6 +84,7 @@ typedef struct vb_hnsw_ctx {
     uint32_t *ids; /* (buf_cap,) row buffer: copied link lists, scan blocks */
     float *dist;   /* (buf_cap,) distance buffer for scan blocks */
     size_t buf_cap;
+    int16_t q16[VB_HNSW_MAX_DIM]; /* the query for the int8 kernels (vb_sq8_query) */
 } vb_hnsw_ctx_t;
 
 static void *vb_hnsw_ctx_create(void) {
@@ -760,9 +761,11 @@ typedef struct {
     size_t m;
     size_t rerank;
     /* Or the int8 codes of vb_hnsw_sq8_build (lut NULL, codes = sq8->codes, m = d): the walk's
-     * distances are scale[r] * (q . codes_r), scored by sq8_ids. */
+     * distances are q16scale * scale[r] * (q16 . codes_r), scored by sq8_ids (vb_sq8_query). */
     const struct vb_hnsw_sq8 *sq8;
     vb_sq8_ids32_fn sq8_ids;
+    const int16_t *q16;
+    float q16scale;
 } vb_hnsw_adc_t;
 
 static inline float vb_hnsw_adc_dot(const vb_hnsw_adc_t *a, uint32_t r) {
@@ -807,7 +810,7 @@ static inline float vb_hnsw_dist(const vb_hnsw_t *h, vb_pair_fn dot, const vb_hn
     if (!adc) return -dot(q, vb_hnsw_vec(h, r), h->d);
     if (adc->sq8) {
         float s;
-        adc->sq8_ids(&s, q, adc->sq8->codes, adc->sq8->scale, h->d, &r, 1);
+        adc->sq8_ids(&s, adc->q16, adc->q16scale, adc->sq8->codes, adc->sq8->scale, h->d, &r, 1);
         return -s;
     }
     return -vb_hnsw_adc_dot(adc, r);
@@ -906,7 +909,7 @@ static inline int vb_hnsw_search_layer0(const vb_hnsw_t *h, vb_hnsw_ctx_t *c, co
         }
         const float *batch = NULL; /* int8 codes: the neighbours scored in one kernel call */
         if (adc && adc->sq8) {
-            adc->sq8_ids(c->dist, q, adc->sq8->codes, adc->sq8->scale, d, fresh, m);
+            adc->sq8_ids(c->dist, adc->q16, adc->q16scale, adc->sq8->codes, adc->sq8->scale, d, fresh, m);
             batch = c->dist;
         } else if (adc) { /* codes: m bytes a row, all prefetched at once */
             for (size_t j = 0; j < m; j++) vb_hnsw_prefetch_codes(adc, fresh[j]);
@@ -972,34 +975,35 @@ static inline void vb_hnsw_offer(vb_pair_t *top, size_t *ntop, size_t k, const u
     }
 }
 
+/* One bit per byte of p[0..8): bit i set when p[i] != 0 (any value, not only 1). The nonzero test
+ * leaves the high bit of each byte; the multiply gathers those eight bits into the top byte (the
+ * partial products land on distinct bits, so nothing carries). */
+static inline uint64_t vb_mask_bits8(const uint8_t *p) {
+    const uint64_t lo7 = 0x7F7F7F7F7F7F7F7Full, hi = 0x8080808080808080ull;
+    uint64_t w;
+    memcpy(&w, p, 8);
+    uint64_t nz = ((((w & lo7) + lo7) | w) & hi) >> 7;
+    return (nz * 0x0102040810204080ull) >> 56;
+}
+
 /*
  * Rows r in [b, e) with mask[r] != 0, ascending, into out (at most cap of them; returns how many).
- * Eight mask bytes at a time (empty runs 32 at a time): disallowed rows cost a load and a test per word, and each
- * allowed row a count-trailing-zeros, with no branch per byte (a 10% filter over 100k rows spent
- * ~100 us in a byte loop's mispredicted branches).
+ * 64 mask bytes become one 64-bit word (vb_mask_bits8), then each allowed row costs a
+ * count-trailing-zeros: no branch per byte (a 10% filter over 100k rows spent ~100 us in a byte
+ * loop's mispredicted branches) and no stack round trip per word.
  */
 static inline size_t vb_mask_collect(const uint8_t *restrict mask, size_t b, size_t e, uint32_t *restrict out,
                                      size_t cap) {
-    const uint64_t lo7 = 0x7F7F7F7F7F7F7F7Full, hi = 0x8080808080808080ull;
     size_t m = 0, r = b;
-    while (r + 8 <= e && m < cap) {
-        uint64_t w;
-        if (r + 32 <= e) { /* a sparse filter: skip empty runs 32 bytes at a time */
-            uint64_t z[4];
-            memcpy(z, mask + r, 32);
-            if (!(z[0] | z[1] | z[2] | z[3])) {
-                r += 32;
-                continue;
-            }
-        }
-        memcpy(&w, mask + r, 8);
-        /* the high bit of each nonzero byte (any value, not only 1) */
-        uint64_t bits = (((w & lo7) + lo7) | w) & hi;
+    while (r + 64 <= e && m < cap) {
+        uint64_t bits = 0;
+        for (int i = 0; i < 8; i++) bits |= vb_mask_bits8(mask + r + 8 * i) << (8 * i);
         while (bits && m < cap) {
-            out[m++] = (uint32_t)(r + ((size_t)__builtin_ctzll(bits) >> 3));
+            out[m++] = (uint32_t)(r + (size_t)__builtin_ctzll(bits));
             bits &= bits - 1;
         }
-        r += 8;
+        if (bits) return m; /* full: the caller resumes after out[m - 1] */
+        r += 64;
     }
     for (; r < e && m < cap; r++)
         if (mask[r]) out[m++] = (uint32_t)r;
@@ -1059,10 +1063,11 @@ static inline size_t vb_hnsw_scan_sq8(const vb_hnsw_t *h, vb_hnsw_ctx_t *c, cons
                                       const vb_hnsw_sq8_t *sq, const float *restrict q, size_t depth,
                                       const uint8_t *mask, const uint32_t *list, size_t list_len) {
     size_t ntop = 0, n = h->n, d = h->d;
+    float qs = vb_sq8_query(q, d, c->q16);
     if (list) {
         for (size_t b = 0; b < list_len; b += VB_HNSW_SCAN_BLOCK) {
             size_t m = list_len - b < VB_HNSW_SCAN_BLOCK ? list_len - b : VB_HNSW_SCAN_BLOCK;
-            ops->dot_sq8_ids32(c->dist, q, sq->codes, sq->scale, d, list + b, m);
+            ops->dot_sq8_ids32(c->dist, c->q16, qs, sq->codes, sq->scale, d, list + b, m);
             vb_hnsw_offer(c->top, &ntop, depth, list + b, c->dist, m);
         }
         return ntop;
@@ -1073,7 +1078,7 @@ static inline size_t vb_hnsw_scan_sq8(const vb_hnsw_t *h, vb_hnsw_ctx_t *c, cons
         size_t m = vb_mask_collect(mask, r, n, c->ids, VB_HNSW_SCAN_BLOCK);
         if (!m) break;
         r = m == VB_HNSW_SCAN_BLOCK ? (size_t)c->ids[m - 1] + 1 : n;
-        ops->dot_sq8_ids32(c->dist, q, sq->codes, sq->scale, d, c->ids, m);
+        ops->dot_sq8_ids32(c->dist, c->q16, qs, sq->codes, sq->scale, d, c->ids, m);
         vb_hnsw_offer(c->top, &ntop, depth, c->ids, c->dist, m);
     }
     return ntop;
@@ -1154,16 +1159,19 @@ static inline int vb_sq8_topk(const vb_distance_ops_t *ops, const float *restric
     vb_pair_t *top = (vb_pair_t *)malloc((depth + k + 2) * sizeof(vb_pair_t));
     float *dist = (float *)malloc(VB_HNSW_SCAN_BLOCK * sizeof(float));
     uint32_t *ids = (uint32_t *)malloc(VB_HNSW_SCAN_BLOCK * sizeof(uint32_t));
-    if (!top || !dist || !ids) {
+    int16_t *q16 = (int16_t *)malloc((d ? d : 1) * sizeof(int16_t));
+    if (!top || !dist || !ids || !q16) {
         free(top);
         free(dist);
         free(ids);
+        free(q16);
         return VB_ENOMEM;
     }
+    float qs = vb_sq8_query(q, d, q16);
     size_t ntop = 0;
     for (size_t b = 0; b < n; b += VB_HNSW_SCAN_BLOCK) {
         size_t m = n - b < VB_HNSW_SCAN_BLOCK ? n - b : VB_HNSW_SCAN_BLOCK;
-        ops->dot_sq8_ny(dist, q, codes + b * d, scale + b, d, m);
+        ops->dot_sq8_ny(dist, q16, qs, codes + b * d, scale + b, d, m);
         for (size_t i = 0; i < m; i++) ids[i] = (uint32_t)(b + i);
         vb_hnsw_offer(top, &ntop, depth, ids, dist, m);
     }
@@ -1171,6 +1179,7 @@ static inline int vb_sq8_topk(const vb_distance_ops_t *ops, const float *restric
     free(top);
     free(dist);
     free(ids);
+    free(q16);
     return VB_OK;
 }
 
@@ -1216,7 +1225,8 @@ static inline int vb_hnsw_search_one(vb_hnsw_t *h, vb_hnsw_ctx_t *c, const vb_di
          * (perf/README.md). The beam is rescored exactly, as an adc walk's is. */
         vb_hnsw_sq8_t *sq = atomic_load_explicit(&h->sq8, memory_order_acquire);
         if (sq && sq->n == n) {
-            walk = (vb_hnsw_adc_t){NULL, (const uint8_t *)sq->codes, h->d, 0, sq, ops->dot_sq8_ids32};
+            float qs = vb_sq8_query(q, h->d, c->q16);
+            walk = (vb_hnsw_adc_t){NULL, (const uint8_t *)sq->codes, h->d, 0, sq, ops->dot_sq8_ids32, c->q16, qs};
             adc = &walk;
         }
     }

@@ -5,7 +5,7 @@ ValueError naming the argument (never a silent copy, never a crash). Every kerne
 GIL. ``level`` selects an ISA explicitly (tests use it to run every path in one process); the
 default -1 means the process-wide level chosen by vibrato._native.cpu.
 """
-from libc.stdint cimport int8_t, int64_t, uint32_t
+from libc.stdint cimport int8_t, int16_t, int64_t, uint32_t
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 
 import numpy as np
@@ -184,7 +184,8 @@ def sq8_encode(X):
 
 def dot_sq8(q, codes, scale, ids=None, int level=-1):
     """scale[r] * (q . codes[r]) for every row r of codes, or for r in ids (int64 rows), as float32:
-    the approximate inner products an exact scan on the int8 codes ranks by."""
+    the approximate inner products an exact scan on the int8 codes ranks by (q rounded to int16 first,
+    vb_sq8_query: a relative error of at most 1 / 65534 of its largest component)."""
     _check_vec(q, "q")
     if not isinstance(codes, np.ndarray) or codes.dtype != np.int8 or codes.ndim != 2 or not codes.flags.c_contiguous:
         raise ValueError("codes must be a C-contiguous 2-D numpy int8 array")
@@ -205,13 +206,17 @@ def dot_sq8(q, codes, scale, ids=None, int level=-1):
     cdef const float[::1] sv = scale
     cdef const uint32_t[::1] rv
     cdef float[::1] outv = out
+    cdef int16_t[::1] q16 = np.empty(d, dtype=np.int16)
+    cdef float qs
     if ids is None:
         with nogil:
-            ops.dot_sq8_ny(&outv[0], &qv[0], &cv[0, 0], &sv[0], d, n)
+            qs = vb_sq8_query(&qv[0], d, &q16[0])
+            ops.dot_sq8_ny(&outv[0], &q16[0], qs, &cv[0, 0], &sv[0], d, n)
         return out
     rv = ids.astype(np.uint32)
     with nogil:
-        ops.dot_sq8_ids32(&outv[0], &qv[0], &cv[0, 0], &sv[0], d, &rv[0], n)
+        qs = vb_sq8_query(&qv[0], d, &q16[0])
+        ops.dot_sq8_ids32(&outv[0], &q16[0], qs, &cv[0, 0], &sv[0], d, &rv[0], n)
     return out
 
 

@@ -12,6 +12,9 @@ Layout:
         once the tag is on more than 1 in DENSE_FRACTION ids, a bitmap (1 bit per id, packed in
         uint8, little bit order): a tag on every row then costs 1/8 byte per id instead of 8
 Thread-safety: appends and reads take the index lock; masks handed out are private copies.
+
+Evaluations are remembered until the index next changes (any append, column load or kill): a
+service queried with the same few filters between writes evaluates each once, not per query.
 """
 import threading
 
@@ -21,6 +24,8 @@ import numpy as np
 PENDING_FLUSH = 4096
 DENSE_FRACTION = 32  # int64 postings (64 bits each) cost more than a bitmap above size/64; 2x hysteresis
 SPARSE_FRACTION = 64  # evaluate() hands out ids, not a mask, when at most 1 id in this many passes
+MEMO_ENTRIES = 32  # evaluations remembered while the index does not change ...
+MEMO_BYTES = 32 << 20  # ... holding at most this much mask and id memory
 _EMPTY = np.empty(0, dtype=np.int64)
 
 
@@ -42,6 +47,14 @@ class FilterIndex:
         self._dense: dict[str, np.ndarray] = {}    # dense tags: packed bitmaps over capacity
         self._pending: dict[str, list] = {}
         self._ordered: set = set()                 # sparse tags whose single posting part is sorted
+        self._memo: dict = {}                      # filter key -> Allowed, for the index as it is now
+        self._memo_bytes = 0
+
+    def _changed(self):
+        """Called under the lock by every change to what a filter can match."""
+        if self._memo:
+            self._memo.clear()
+            self._memo_bytes = 0
 
     # ------------------------------------------------------------ building
     def _grow(self, needed: int):
@@ -82,6 +95,7 @@ class FilterIndex:
         if len(ids) == 0:
             return
         with self._lock:
+            self._changed()
             top = int(ids[-1]) + 1
             self._grow(top)
             self.bpm[ids] = bpm
@@ -101,6 +115,7 @@ class FilterIndex:
         """Add a segment's columns (row i is id id_start + i; tags as CSR over tag_dict)."""
         n = live.shape[0]
         with self._lock:
+            self._changed()
             self._grow(id_start + n)
             self.live[id_start:id_start + n] = live
             self.bpm[id_start:id_start + n] = bpm
@@ -121,6 +136,7 @@ class FilterIndex:
         """Mark ids dead (a delete); ids past the indexed ones are ignored (rows added later are
         masked by state.SegmentSet)."""
         with self._lock:
+            self._changed()
             ids = ids[ids < self.size]
             if ids.shape[0]:
                 self.live[ids] = False
@@ -128,6 +144,7 @@ class FilterIndex:
     def kill_range(self, id_start: int, id_end: int):
         """Mark ids [id_start, id_end] dead (replay-to-lsn)."""
         with self._lock:
+            self._changed()
             lo, hi = max(0, id_start), min(self.size, id_end + 1)
             if lo < hi:
                 self.live[lo:hi] = False
@@ -194,45 +211,58 @@ class FilterIndex:
         """flt = (tags_any|None, tags_all|None, bpm_gte|None, bpm_lte|None) -> the ids it allows.
 
         A filter on a sparse tag is answered from posting lists in O(matches), without touching
-        the rest of the id space; anything else (bpm alone, bitmap tags only) scans the columns."""
+        the rest of the id space; anything else (bpm alone, bitmap tags only) scans the columns.
+        The result is remembered until the index changes (the module docstring)."""
         tags_any, tags_all, lo, hi = flt
+        key = (None if tags_any is None else tuple(tags_any), None if tags_all is None else tuple(tags_all), lo, hi)
         with self._lock:
-            n = self.size
-            if (tags_all is not None and not tags_all) or (tags_any is not None and not tags_any) or n == 0:
-                return Allowed(n, ids=_EMPTY)
-            for tag in (tags_all or ()):
-                self._postings(tag)
-            cand = self._candidates(tags_any, tags_all, n)
-            if cand is not None:
-                ids, source, from_any = cand
-                ids = ids[ids < n]
-                keep = self.live[ids]
-                for tag in tags_all or ():
-                    if tag != source or from_any:
-                        keep &= self._has(tag, ids)
-                if tags_any and not from_any:
-                    any_ = np.zeros(ids.shape[0], dtype=bool)
-                    for tag in tags_any:
-                        self._postings(tag)
-                        any_ |= self._has(tag, ids)
-                    keep &= any_
-                if lo is not None:
-                    keep &= self.bpm[ids] >= lo
-                if hi is not None:
-                    keep &= self.bpm[ids] <= hi
-                return Allowed(n, ids=ids[keep])
-            mask = self.live[:n].copy()
+            allowed = self._memo.get(key)
+            if allowed is None:
+                allowed = self._evaluate(tags_any, tags_all, lo, hi)
+                size = allowed.nbytes
+                if len(self._memo) < MEMO_ENTRIES and self._memo_bytes + size <= MEMO_BYTES:
+                    self._memo[key] = allowed
+                    self._memo_bytes += size
+            return allowed
+
+    def _evaluate(self, tags_any, tags_all, lo, hi) -> "Allowed":
+        """evaluate() without the memo; the caller holds the lock."""
+        n = self.size
+        if (tags_all is not None and not tags_all) or (tags_any is not None and not tags_any) or n == 0:
+            return Allowed(n, ids=_EMPTY)
+        for tag in (tags_all or ()):
+            self._postings(tag)
+        cand = self._candidates(tags_any, tags_all, n)
+        if cand is not None:
+            ids, source, from_any = cand
+            ids = ids[ids < n]
+            keep = self.live[ids]
             for tag in tags_all or ():
-                mask &= self._tag_mask(tag, n)
-            if tags_any is not None:
-                sub = self._tag_mask(tags_any[0], n)  # a fresh array: ORed into in place
-                for tag in tags_any[1:]:
-                    sub |= self._tag_mask(tag, n)
-                mask &= sub
+                if tag != source or from_any:
+                    keep &= self._has(tag, ids)
+            if tags_any and not from_any:
+                any_ = np.zeros(ids.shape[0], dtype=bool)
+                for tag in tags_any:
+                    self._postings(tag)
+                    any_ |= self._has(tag, ids)
+                keep &= any_
             if lo is not None:
-                mask &= self.bpm[:n] >= lo
+                keep &= self.bpm[ids] >= lo
             if hi is not None:
-                mask &= self.bpm[:n] <= hi
+                keep &= self.bpm[ids] <= hi
+            return Allowed(n, ids=ids[keep])
+        mask = self.live[:n].copy()
+        for tag in tags_all or ():
+            mask &= self._tag_mask(tag, n)
+        if tags_any is not None:
+            sub = self._tag_mask(tags_any[0], n)  # a fresh array: ORed into in place
+            for tag in tags_any[1:]:
+                sub |= self._tag_mask(tag, n)
+            mask &= sub
+        if lo is not None:
+            mask &= self.bpm[:n] >= lo
+        if hi is not None:
+            mask &= self.bpm[:n] <= hi
         allowed = Allowed(n, mask=mask)
         if allowed.count * SPARSE_FRACTION <= n:
             return Allowed(n, ids=np.flatnonzero(mask))
@@ -248,7 +278,7 @@ class Allowed:
     rows ingested later are not allowed). Sparse: `ids`, sorted unique int64; dense: `mask`, bool
     over [0, n). Immutable (the mask is read-only), so it is read without the index lock."""
 
-    __slots__ = ("n", "ids", "mask", "count")
+    __slots__ = ("n", "ids", "mask", "count", "_counts")
 
     def __init__(self, n: int, ids: np.ndarray | None = None, mask: np.ndarray | None = None):
         self.n = n
@@ -258,7 +288,29 @@ class Allowed:
             mask.flags.writeable = False
             self.count = int(np.count_nonzero(mask))
         else:
+            ids.flags.writeable = False
             self.count = int(ids.shape[0])
+        self._counts = {}  # (lo, hi) -> count_in: an evaluation is reused while the index is unchanged
+
+    @property
+    def nbytes(self) -> int:
+        return (self.mask if self.ids is None else self.ids).nbytes
+
+    def count_in(self, lo: int, hi: int) -> int:
+        """How many allowed ids lie in [lo, hi) (remembered per range)."""
+        c = self._counts.get((lo, hi))
+        if c is None:
+            if self.ids is not None:
+                a, b = np.searchsorted(self.ids, (lo, hi))
+                c = int(b - a)
+            elif lo <= 0 and hi >= self.n:
+                c = self.count
+            else:
+                a, b = max(lo, 0), min(hi, self.n)
+                c = int(np.count_nonzero(self.mask[a:b])) if a < b else 0
+            if len(self._counts) < 256:
+                self._counts[(lo, hi)] = c
+        return c
 
     @property
     def sparse(self) -> bool:

@@ -66,6 +66,7 @@ class Step(NamedTuple):
     target: object     # a HotSlice or a SegmentHandle
     rows: object       # exact: int64 rows of the target's arrays, or None for rows [lo, hi) of a hot slice
     mask: object       # graph/scan/pq: bool mask over the target's rows (None: every row allowed)
+    count: object = None  # graph/scan on a segment: how many rows the mask allows, when known
 
 
 def tier_filter(search_tier: str):
@@ -153,9 +154,11 @@ def _plan_segment(seg, allowed, k, ef) -> Step:
         a = rows.shape[0]
     else:
         mask = allowed.mask_in(lo, hi)
-        if not seg.all_live:
+        if seg.all_live:
+            a = allowed.count_in(lo, hi)  # remembered with the evaluation: repeated filters count once
+        else:
             mask = mask & seg.live
-        a = int(np.count_nonzero(mask))
+            a = int(np.count_nonzero(mask))
     if a == 0:
         return Step("skip", seg, None, None)
     if a == seg.n:
@@ -165,12 +168,12 @@ def _plan_segment(seg, allowed, k, ef) -> Step:
     else:
         scans = native_scans(a, seg.n, k, max(ef, k))
         if scans and a >= SCAN_CODES_MIN_ROWS and seg.ram_codes is None:
-            return Step("scan", seg, None, mask if mask is not None else _rows_mask(rows, seg.n))
+            return Step("scan", seg, None, mask if mask is not None else _rows_mask(rows, seg.n), a)
         exact = a * EXACT_MAX_FRACTION <= seg.n and scans
     if exact:
         return Step("exact", seg, rows if rows is not None else np.flatnonzero(mask), None)
     return Step("graph" if seg.index is not None else "pq", seg, None,
-                mask if mask is not None else _rows_mask(rows, seg.n))
+                mask if mask is not None else _rows_mask(rows, seg.n), a)
 
 
 def _rows_mask(rows, n) -> np.ndarray:
@@ -224,7 +227,8 @@ def _run(step: Step, q, k, ef):
     if step.kind == "scan":
         if not t.index.has_scan_codes:
             t.index.build_scan_codes()
-        ids, scores = t.index.search(q, k=k, ef=max(ef, k), allowed=step.mask, mode="scan")
+        ids, scores = t.index.search(q, k=k, ef=max(ef, k), allowed=step.mask, mode="scan",
+                                     allowed_count=step.count)
         return _unpadded(ids[0], scores[0])
     # pq
     rows, _approx = t.pq.adc_scan(q, t.codes, _pq_candidates(t, k, ef), step.mask)
@@ -254,9 +258,10 @@ def _graph(step: Step, Q, k, ef, threads):
         ids, scores = t.chunk.index.search(Q, k=k, ef=max(ef, k), allowed=step.mask, threads=threads)
     elif t.ram_codes is not None:  # an archive: walk on its codes, rescore the beam exactly
         ids, scores = t.index.search(Q, k=k, ef=max(ef, k), allowed=step.mask, threads=threads, codes=t.ram_codes,
-                                     luts=t.pq.adc_tables(Q), rerank=archive_beam(t, k, ef))
+                                     luts=t.pq.adc_tables(Q), rerank=archive_beam(t, k, ef), allowed_count=step.count)
     else:
-        ids, scores = t.index.search(Q, k=k, ef=max(ef, k), allowed=step.mask, threads=threads)
+        ids, scores = t.index.search(Q, k=k, ef=max(ef, k), allowed=step.mask, threads=threads,
+                                     allowed_count=step.count)
     rows_of = t.chunk.ids if isinstance(t, HotSlice) else None  # hot: chunk rows -> ids
     out = []
     for row_ids, row_scores in zip(ids, scores):

@@ -72,22 +72,29 @@ VB_TARGET("avx2,fma") static float vb_l2sq_f32_avx2(const float *restrict a, con
     return vb_hsum256(_mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)));
 }
 
-/* float32 query . int8 row: 8 codes widened to int32 then float per step, four accumulators. */
-VB_TARGET("avx2,fma") static float vb_dot_sq8_avx2(const float *restrict q, const int8_t *restrict c, size_t d) {
-    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
-    __m256 s2 = _mm256_setzero_ps(), s3 = _mm256_setzero_ps();
+/* int16 query . int8 row (vb_sq8_query): 16 codes widened to 16 bits per step, multiplied in pairs
+ * (vpmaddwd) into 8 int32 sums. */
+VB_TARGET("avx2,fma") static VB_ALWAYS_INLINE int32_t vb_dot_sq8_avx2(const int16_t *restrict q, const int8_t *restrict c, size_t d) {
+    __m256i s0 = _mm256_setzero_si256(), s1 = _mm256_setzero_si256();
     size_t i = 0;
-#define VB_SQ8_8(off) _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(c + i + (off)))))
+#define VB_SQ8_16(off)                                                                                        \
+    _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)(q + i + (off))),                                   \
+                      _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(c + i + (off)))))
     for (; i + 32 <= d; i += 32) {
-        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), VB_SQ8_8(0), s0);
-        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i + 8), VB_SQ8_8(8), s1);
-        s2 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i + 16), VB_SQ8_8(16), s2);
-        s3 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i + 24), VB_SQ8_8(24), s3);
+        s0 = _mm256_add_epi32(s0, VB_SQ8_16(0));
+        s1 = _mm256_add_epi32(s1, VB_SQ8_16(16));
     }
-    for (; i + 8 <= d; i += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), VB_SQ8_8(0), s0);
-#undef VB_SQ8_8
-    float s = vb_hsum256(_mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)));
-    for (; i < d; i++) s += q[i] * (float)c[i];
+    if (i + 16 <= d) {
+        s0 = _mm256_add_epi32(s0, VB_SQ8_16(0));
+        i += 16;
+    }
+#undef VB_SQ8_16
+    __m256i t = _mm256_add_epi32(s0, s1);
+    __m128i h = _mm_add_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1));
+    h = _mm_add_epi32(h, _mm_shuffle_epi32(h, _MM_SHUFFLE(1, 0, 3, 2)));
+    h = _mm_add_epi32(h, _mm_shuffle_epi32(h, _MM_SHUFFLE(2, 3, 0, 1)));
+    int32_t s = _mm_cvtsi128_si32(h);
+    for (; i < d; i++) s += (int32_t)q[i] * c[i];
     return s;
 }
 

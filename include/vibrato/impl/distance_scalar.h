@@ -39,17 +39,15 @@ static float vb_l2sq_f32_scalar(const float *restrict a, const float *restrict b
     return (s0 + s1) + (s2 + s3);
 }
 
-/* Inner product of a float32 query with one int8 row (the scalar-quantised scan codes, see
- * vb_sq8_encode); the caller multiplies by the row's scale. */
-static float vb_dot_sq8_scalar(const float *restrict q, const int8_t *restrict c, size_t d) {
-    float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+/* Inner product of an int16 query (vb_sq8_query) with one int8 row (the scalar-quantised scan codes,
+ * vb_sq8_encode), exact in int32; the caller scales it back to float. */
+static VB_ALWAYS_INLINE int32_t vb_dot_sq8_scalar(const int16_t *restrict q, const int8_t *restrict c, size_t d) {
+    int32_t s0 = 0, s1 = 0;
     size_t i = 0;
-    for (; i + 4 <= d; i += 4) {
-        s0 += q[i] * (float)c[i];
-        s1 += q[i + 1] * (float)c[i + 1];
-        s2 += q[i + 2] * (float)c[i + 2];
-        s3 += q[i + 3] * (float)c[i + 3];
+    for (; i + 2 <= d; i += 2) {
+        s0 += (int32_t)q[i] * c[i];
+        s1 += (int32_t)q[i + 1] * c[i + 1];
     }
-    for (; i < d; i++) s0 += q[i] * (float)c[i];
-    return (s0 + s1) + (s2 + s3);
+    if (i < d) s0 += (int32_t)q[i] * c[i];
+    return s0 + s1;
 }
