@@ -407,7 +407,8 @@ def test_masked_scans_return_the_top_k_of_exactly_the_allowed_rows(small, codes)
     """The scan gathers allowed rows 64 mask bytes at a time (vb_mask_collect): runs that cross a
     word or a 256-row batch, the last partial word, single rows at either end, dense and sparse
     masks all give the exact top k of exactly those rows, on the float vectors and on the codes."""
-    idx, x, q = small
+    shared, x, q = small
+    idx = HnswIndex.from_graph(x.copy(), shared.graph_bytes())  # codes built here stay here
     n = len(x)  # 3000: not a multiple of 64
     if codes:
         idx.build_scan_codes()
