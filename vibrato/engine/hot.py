@@ -188,12 +188,14 @@ class HotTier:
             ch.lsns[a:b] = lsns[i:i + take]
             ch.vectors[a:b] = vectors[i:i + take]
             ch.codes[a:b], ch.scale[a:b] = kernels.scan_codes(ch.vectors[a:b])
-            for j, m in enumerate(metas[i:i + take]):
-                ch.sources.append(m[0])
-                ch.start[a + j] = m[1]
-                ch.duration[a + j] = m[2]
-                ch.bpm[a + j] = m[3]
-                ch.tags.append(m[4])
+            part = metas[i:i + take]
+            # one numpy store per column, not one per row and column (the writer holds the lock here)
+            sources, start, duration, bpm, tags = zip(*part)
+            ch.sources.extend(sources)
+            ch.start[a:b] = np.array(start, dtype=np.uint32)  # out of range raises, as a row store did
+            ch.duration[a:b] = np.array(duration, dtype=np.uint32)
+            ch.bpm[a:b] = np.array(bpm, dtype=np.float32)
+            ch.tags.extend(tags)
             ch.n = b  # publish the rows only after they are fully written
             i += take
 
