@@ -1156,17 +1156,15 @@ static inline int vb_sq8_topk(const vb_distance_ops_t *ops, const float *restric
                               int64_t *rows, float *scores) {
     if (depth < k) depth = k;
     if (depth > n) depth = n;
-    vb_pair_t *top = (vb_pair_t *)malloc((depth + k + 2) * sizeof(vb_pair_t));
-    float *dist = (float *)malloc(VB_HNSW_SCAN_BLOCK * sizeof(float));
-    uint32_t *ids = (uint32_t *)malloc(VB_HNSW_SCAN_BLOCK * sizeof(uint32_t));
-    int16_t *q16 = (int16_t *)malloc((d ? d : 1) * sizeof(int16_t));
-    if (!top || !dist || !ids || !q16) {
-        free(top);
-        free(dist);
-        free(ids);
-        free(q16);
-        return VB_ENOMEM;
-    }
+    /* one block: the heaps (depth + 1 and k + 1 pairs), a batch's scores and rows, the int16 query */
+    size_t npairs = depth + k + 2;
+    void *block = malloc(npairs * sizeof(vb_pair_t) + VB_HNSW_SCAN_BLOCK * (sizeof(float) + sizeof(uint32_t)) +
+                         (d ? d : 1) * sizeof(int16_t));
+    if (!block) return VB_ENOMEM;
+    vb_pair_t *top = (vb_pair_t *)block;
+    float *dist = (float *)(top + npairs);
+    uint32_t *ids = (uint32_t *)(dist + VB_HNSW_SCAN_BLOCK);
+    int16_t *q16 = (int16_t *)(ids + VB_HNSW_SCAN_BLOCK);
     float qs = vb_sq8_query(q, d, q16);
     size_t ntop = 0;
     for (size_t b = 0; b < n; b += VB_HNSW_SCAN_BLOCK) {
@@ -1176,10 +1174,7 @@ static inline int vb_sq8_topk(const vb_distance_ops_t *ops, const float *restric
         vb_hnsw_offer(top, &ntop, depth, ids, dist, m);
     }
     vb_rescore_rows(ops, q, x, d, top, ntop, k, top + depth + 1, rows, scores);
-    free(top);
-    free(dist);
-    free(ids);
-    free(q16);
+    free(block);
     return VB_OK;
 }
 
