@@ -167,3 +167,22 @@ def test_sigterm_drains_every_process_and_the_worker_dies_with_the_writer(tmp_pa
     with open(f"/proc/{worker}/stat") if os.path.exists(f"/proc/{worker}") else open(os.devnull) as f:
         state = f.read().rsplit(")", 1)[-1].split()[:1]
     assert state in ([], ["Z"]), "the worker outlived the writer"
+
+
+def test_a_second_server_with_workers_cannot_share_the_port(served, tmp_path):
+    """Every process of a server with workers binds with SO_REUSEPORT, which would let another
+    such server of the same user join the port and take a share of its connections: the second one
+    must refuse to start instead, and the first keep serving alone."""
+    srv, _ = served
+    other = ServerProcess(tmp_path / "other", port=srv.port, extra=["--query-workers", "2"])
+    try:
+        assert other.wait_exit(60) == 1
+    finally:
+        if other.proc.poll() is None:  # it started after all: do not leave it serving the port
+            other.kill()
+    assert any(line.startswith("Error: cannot listen on") and "another server already listens" in line
+               for line in other.stderr_lines), other.output()
+    c = Client(srv.url, srv.bootstrap_token)
+    for _ in range(20):  # new connections, all answered by the first server's processes
+        assert Client(srv.url, srv.bootstrap_token).request("GET", "/v2/health/ready")[0] == 200
+    assert c.request("GET", "/v2/health/live")[0] == 200

@@ -21,6 +21,7 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -269,6 +270,27 @@ def bind_host(host: str) -> str:
     return host
 
 
+def refuse_taken_port(host: str, port: int) -> None:
+    """Raise OSError when anything already listens on host:port. With query workers every process
+    binds with SO_REUSEPORT, and Linux lets any other SO_REUSEPORT socket of the same user join the
+    port: a second server started there (another data dir, say) would silently take a share of the
+    connections. A bind without the option fails on a port any socket holds, so one is tried first."""
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise OSError(f"cannot listen on {host}:{port}: {exc}") from exc
+    for family, addr in dict.fromkeys((info[0], info[4]) for info in infos):
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            if family == socket.AF_INET6:
+                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)  # as asyncio binds it
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(addr)
+            except OSError as exc:
+                raise OSError(f"cannot listen on {host}:{port}: {exc.strerror or exc} "
+                              "(another server already listens there)") from exc
+
+
 def serve(config: Config) -> None:
     """Run serve-v2 until SIGTERM/SIGINT. Raises on startup failure (locked data dir, port in use)."""
     tune_allocator()
@@ -338,6 +360,8 @@ async def _serve(config: Config) -> None:
         raise
     try:
         host = bind_host(config.host)
+        if several:
+            refuse_taken_port(host, config.port)
         site = web.TCPSite(runner, host, config.port, reuse_address=True, reuse_port=several or None)
         try:
             await site.start()

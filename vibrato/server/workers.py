@@ -2,7 +2,8 @@
 
 One Python process tops out at about one core (the GIL), so with N > 1 the serve-v2 process (the
 writer) starts N - 1 query workers once recovery is done. Every process listens on the same port
-(SO_REUSEPORT: the kernel spreads connections over them):
+(SO_REUSEPORT: the kernel spreads connections over them; the writer refuses a port another server
+already holds, app.refuse_taken_port):
 
 * the writer owns the data dir exactly as with one process (lock, catalog writes, checkpoint,
   compaction, recovery) and publishes its committed lsn and segment-set changes in
