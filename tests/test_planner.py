@@ -243,6 +243,25 @@ def test_a_large_hot_slice_is_ranked_on_its_int8_codes_and_rescored_exactly(tmp_
         eng.close()
 
 
+def test_hot_codes_scan_with_a_k_whose_rescore_depth_exceeds_the_beam_limit(tmp_path):
+    """8 * k rescored rows would pass the native limit on a beam (MAX_EF) for a k allowed by a raised
+    --max-k: the depth is capped as the segment scan caps it, and the answer is still every row, exact."""
+    rng = np.random.default_rng(4)
+    X = unit(rng, 3000, 8)
+    eng = Engine.open(tmp_path / "d", dim=8, background=False, hot_exact_rows=4096, checkpoint_max_rows=10**6)
+    try:
+        eng.ingest_batch([{"vector": x} for x in X])
+        view = eng.view()
+        k = planner.MAX_EF // planner.SCAN_CODES_RERANK_PER_K + 1
+        ids, scores = planner.search(view, X[0], k, 64, None, "all")
+        exact = kernels.dot_many(X[0], X, threads=1)
+        want = planner.topk(exact, k)
+        np.testing.assert_array_equal(ids, want)
+        np.testing.assert_array_equal(scores, exact[want])
+    finally:
+        eng.close()
+
+
 @pytest.mark.parametrize("n", [500, 3000])
 def test_native_scans_never_claims_a_scan_the_native_search_would_not_make(n):
     rng = np.random.default_rng(n)

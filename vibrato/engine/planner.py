@@ -245,8 +245,8 @@ def _hot_codes_scan(q, sl, k, ef):
     of the memory traffic), the best max(8k, ef) rescored exactly, ties to the lower row as in the
     float scan (the same code as a segment's scan on codes, include/vibrato/hnsw.h vb_sq8_topk)."""
     ch, lo, hi = sl.chunk, sl.lo, sl.hi
-    rows, scores = _unpadded(*_hnsw.codes_topk(q, ch.codes[lo:hi], ch.scale[lo:hi], ch.vectors[lo:hi], k,
-                                               max(SCAN_CODES_RERANK_PER_K * k, ef)))
+    depth = min(max(SCAN_CODES_RERANK_PER_K * k, ef), MAX_EF)  # capped as the segment scan caps it
+    rows, scores = _unpadded(*_hnsw.codes_topk(q, ch.codes[lo:hi], ch.scale[lo:hi], ch.vectors[lo:hi], k, depth))
     return ch.ids[rows + lo], scores
 
 
