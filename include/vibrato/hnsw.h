@@ -1216,7 +1216,7 @@ static inline int vb_hnsw_search_one(vb_hnsw_t *h, vb_hnsw_ctx_t *c, const vb_di
     vb_hnsw_adc_t walk;
     if (!scan && !adc) {
         /* With int8 codes built (by a segment's first filtered scan), the walk reads them: a quarter
-         * of the memory per distance, ~9% faster at ef 64 on 100k x 128 with the same recall
+         * of the memory per distance, ~17% faster at ef 64 on 100k x 128 with the int16-query kernel
          * (perf/README.md). The beam is rescored exactly, as an adc walk's is. */
         vb_hnsw_sq8_t *sq = atomic_load_explicit(&h->sq8, memory_order_acquire);
         if (sq && sq->n == n) {
