@@ -256,3 +256,97 @@ def test_segments_being_compacted_stay_visible_through_a_reload(tmp_path):
                 assert [r["id"] for r in got] == [i]
             assert sorted(h.id for h in f.segment_set.handles) == sorted(h.id for h in w.segment_set.handles)
             w.catalog.write(lambda conn: seg_sql.set_states(conn, inputs, "active"))
+
+
+def test_visible_follows_lsn_unless_the_server_publishes_it(tmp_path):
+    s = SharedState.create(tmp_path, 5)
+    assert s.visible == 5
+    s.publish_lsn(7)
+    assert (s.lsn, s.visible) == (7, 7)
+    s.defer_visible = True  # the writer with query workers: its handlers publish it after them
+    s.publish_lsn(9)
+    assert (s.lsn, s.visible) == (9, 7)
+    s.publish_visible(9)
+    s.publish_visible(8)  # never backwards
+    assert s.visible == 9
+    s.close()
+
+
+def test_followers_state_slots_and_what_it_refuses(tmp_path):
+    from vibrato.datadir import UnsafePathError
+    from vibrato.engine.shared_state import PROGRESS_FILE, FollowerProgress
+    w = FollowerProgress.create(tmp_path, 3)
+    f = FollowerProgress.open(tmp_path)
+    assert f.slots == 3 and [w.read(i) for i in range(3)] == [(0, 0)] * 3
+    f.report(2, 1234, 77)
+    assert w.read(2) == (1234, 77) and w.read(1) == (0, 0)
+    with pytest.raises(IndexError):
+        f.report(3, 1, 1)
+    f.close()
+    w.close()
+    path = tmp_path / PROGRESS_FILE
+    path.write_bytes(b"VBSTATE1" + bytes(8 + 16 * 3))  # another file's magic
+    with pytest.raises(UnsafePathError):
+        FollowerProgress.open(tmp_path)
+    path.write_bytes(b"VBFOLLW1" + (9).to_bytes(8, "little") + bytes(16 * 3))  # slot count disagrees
+    with pytest.raises(UnsafePathError):
+        FollowerProgress.open(tmp_path)
+    path.write_bytes(b"VBFOLLW1" + bytes(3))  # truncated
+    with pytest.raises(ValueError):
+        FollowerProgress.open(tmp_path)
+    path.unlink()
+    (tmp_path / "elsewhere").write_bytes(b"VBFOLLW1" + (1).to_bytes(8, "little") + bytes(16))
+    path.symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(UnsafePathError):
+        FollowerProgress.open(tmp_path)
+
+
+def wait_for(cond, timeout=20.0):
+    import time
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+def test_the_follow_thread_keeps_a_follower_current_without_queries(tmp_path):
+    """follow(): the follower catches up and loads new segments with no query asking, and reports
+    each lsn it applied; a query then finds it current (no catch-up of its own)."""
+    X = unit_rows(600, 4)
+    with writer(tmp_path / "d") as w:
+        w.ingest_batch(items(X[:100], 0))
+        with Follower.open(tmp_path / "d", dim=DIM) as f:
+            reported = []
+            f.follow(reported.append)
+            for lo in range(100, 600, 100):
+                w.ingest_batch(items(X[lo:lo + 100], lo))
+                wait_for(lambda: reported and reported[-1] >= w.shared_state.lsn)
+                assert f._current(for_query=True)
+                assert top_ids(f, X[lo + 3])[0] == lo + 3
+            w.checkpoint()
+            while w.compact()["state"] != "idle":
+                pass
+            wait_for(lambda: sorted(h.id for h in f.segment_set.handles) == sorted(h.id for h in w.segment_set.handles))
+            assert f.segment_set.hot_count() == w.segment_set.hot_count()
+            assert reported == sorted(reported)
+            for q in X[::41]:
+                assert top_ids(f, q) == top_ids(w, q)
+        assert not f._follower.is_alive()  # close() stopped it
+
+
+def test_a_query_waits_for_no_segment_reload_once_it_has_every_visible_write(tmp_path, monkeypatch):
+    """With the follow thread running, a segment-set change (seq moved) does not make a query sync:
+    the rows it moved are already in the follower's hot tier. A write past what it applied does."""
+    X = unit_rows(300, 5)
+    with writer(tmp_path / "d") as w:
+        w.ingest_batch(items(X[:200], 0))
+        with Follower.open(tmp_path / "d", dim=DIM) as f:
+            f._follower = object()  # as if follow() ran, without a thread that would catch up first
+            syncs = []
+            real = Follower.sync
+            monkeypatch.setattr(Follower, "sync", lambda self: (syncs.append(1), real(self)))
+            w.checkpoint()  # seq moves; every row stays visible through the hot tier
+            assert top_ids(f, X[17])[0] == 17 and syncs == []
+            w.ingest_batch(items(X[200:210], 200))
+            assert top_ids(f, X[205])[0] == 205 and syncs == [1]
+            f._follower = None

@@ -186,3 +186,50 @@ def test_a_second_server_with_workers_cannot_share_the_port(served, tmp_path):
     for _ in range(20):  # new connections, all answered by the first server's processes
         assert Client(srv.url, srv.bootstrap_token).request("GET", "/v2/health/ready")[0] == 200
     assert c.request("GET", "/v2/health/live")[0] == 200
+
+
+def writer_client(srv, data) -> Client:
+    """A client whose connection is the writer's internal socket: it reaches the writer even while
+    the worker is stopped (a TCP connection might land on the stopped worker and hang)."""
+    from vibrato.server.workers import INTERNAL_SOCKET, _UnixHTTPConnection
+    c = Client(srv.url, srv.bootstrap_token, timeout=30)
+    c._local.conn = _UnixHTTPConnection(str(data / "tmp" / INTERNAL_SOCKET), 30)
+    return c
+
+
+def test_a_write_is_answered_once_the_worker_applied_it_but_a_stopped_worker_does_not_hold_writes(served):
+    """The writer holds an acknowledgement until the worker has applied the write (so the worker's
+    queries have nothing to catch up), but only for a bounded time: a worker that cannot keep up
+    (here SIGSTOPped) is passed over, and it still shows every acknowledged write once it runs."""
+    from vibrato.engine.shared_state import FollowerProgress, SharedState
+    srv, data = served
+    (worker,) = worker_pids(srv)
+    progress, state = FollowerProgress.open(data / "tmp"), SharedState.open(data / "tmp")
+    c = writer_client(srv, data)
+    X = unit_rows(60, 9)
+    ids = []
+    for x in X[:20]:
+        ids.append(c.ingest(x)[0])
+        assert progress.read(1) == (worker, state.lsn), "acknowledged before the worker applied it"
+    os.kill(worker, signal.SIGSTOP)
+    try:
+        for i, x in enumerate(X[20:]):
+            ids.append(c.ingest(x, metadata={"bpm": float(i)})[0])
+        gone = c.delete(ids=ids[:5])
+        assert gone["deleted"] == 5
+        assert progress.read(1)[1] < state.lsn  # answered without the stopped worker
+    finally:
+        os.kill(worker, signal.SIGCONT)
+    c.close()
+    misses = []
+    for i, x in enumerate(X):
+        reader = Client(srv.url, srv.bootstrap_token)  # fresh connections: the worker takes some
+        res = [r["id"] for r in reader.query(x, k=1, search_tier="all", include_metadata=False)["results"]]
+        reader.close()
+        ok = not set(res) & set(ids[:5]) if i < 5 else res == [ids[i]]  # the first 5 were deleted
+        if not ok:
+            misses.append((i, res))
+    assert not misses, misses
+    assert wait_worker(srv, data)["metrics"]["query_requests"] > 0, "the worker served no query"
+    progress.close()
+    state.close()

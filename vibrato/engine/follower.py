@@ -20,6 +20,12 @@ Before every search it calls `sync()`:
 The writer publishes `lsn` after a commit and before acknowledging it, and moves `seq` before the
 transaction that retires WAL rows into a segment, so a write acknowledged before `sync()` starts is
 visible after it (read-your-writes across processes, CONTRACT.md D5).
+
+A serving follower also runs `follow()`: a thread that syncs as soon as the writer publishes, and
+reports the lsn it applied in its slot of `tmp/followers.state`, where the writer waits for it before
+acknowledging a write. A query then usually finds the follower current, and `sync()` answers from
+three loads (the state file's inode, `seq`, `lsn`) without taking the lock; catching up inside a
+query is left for a follower that fell behind.
 """
 import logging
 import os
@@ -42,6 +48,8 @@ log = logging.getLogger("vibrato.engine")
 
 SYNC_WAIT_SECS = 5.0   # longest wait for the writer to finish publishing a segment-set change
 CATCH_UP_BATCH = 20_000
+FOLLOW_POLL_SECS = 0.0005  # the follow thread's look at the writer's state; the writer's ack waits on it
+FOLLOW_RETRY_SECS = 0.5    # after a failed sync in the follow thread
 
 
 class Follower(Searcher):
@@ -69,6 +77,7 @@ class Follower(Searcher):
         self._seq = -1                 # the writer's seq this follower's segment set matches
         self._applied = 0              # the highest lsn in its hot tier (or skipped as checkpointed)
         self._closed = False
+        self._follower = None          # the follow() thread
         self.sync()
 
     @classmethod
@@ -77,6 +86,8 @@ class Follower(Searcher):
 
     def close(self):
         self._closed = True
+        if self._follower is not None:
+            self._follower.join()
         self.catalog.close()
         self.shared.close()
 
@@ -89,12 +100,37 @@ class Follower(Searcher):
         return (not self._closed), ("follower closed" if self._closed else "following the writer")
 
     def view(self):
-        self.sync()
+        if not self._current(for_query=True):
+            self.sync()
         return self.segment_set.view()
 
     # ------------------------------------------------------------------ sync
+    def _current(self, for_query: bool = False) -> bool:
+        """True when nothing was published since the last sync: the same state file (a restarted
+        writer makes a new one), an even seq this follower matches, no lsn past what it applied.
+
+        For a query, with the follow thread running: only the same file and `visible` (the highest lsn a
+        write may have been acknowledged at) applied. A segment-set change (checkpoint, compaction)
+        moves rows that are already in this follower's hot tier or segments, so its current state holds
+        every acknowledged write; the follow thread loads the new segments without a query waiting."""
+        try:
+            ino = os.stat(os.path.join(self.config.tmp_dir, FILE_NAME)).st_ino
+        except FileNotFoundError:
+            ino = self._state_ino
+        try:
+            shared = self.shared
+            if ino != self._state_ino:
+                return False
+            if for_query and self._follower is not None:
+                return shared.visible <= self._applied
+            return shared.seq == self._seq and shared.lsn <= self._applied
+        except ValueError:  # the follow thread closed that mapping for a restarted writer's file
+            return False
+
     def sync(self):
         """Catch up with the writer (see the module docstring)."""
+        if self._current():
+            return
         with self._lock:
             self._follow_restarts()
             deadline = time.monotonic() + SYNC_WAIT_SECS
@@ -116,6 +152,28 @@ class Follower(Searcher):
                     raise NotReadyError(f"the writer did not finish publishing a segment change within "
                                         f"{SYNC_WAIT_SECS:g} s; retry")
                 time.sleep(0.0005)
+
+    def follow(self, report):
+        """Start the thread that keeps this follower current: it syncs whenever the writer publishes
+        and calls `report(applied_lsn)` after each sync that moved it (close() stops it)."""
+        if self._follower is not None:
+            raise RuntimeError("follow() already started")
+        self._follower = threading.Thread(target=self._follow, args=(report,), name="vibrato-follow", daemon=True)
+        self._follower.start()
+
+    def _follow(self, report):
+        reported = None
+        while not self._closed:
+            try:
+                if not self._current():
+                    self.sync()
+                if self._applied != reported:
+                    report(self._applied)
+                    reported = self._applied
+            except Exception as exc:  # noqa: BLE001 - queries still sync inline; retry
+                log.warning("follower catch-up failed (queries catch up themselves): %s", exc)
+                time.sleep(FOLLOW_RETRY_SECS)
+            time.sleep(FOLLOW_POLL_SECS)
 
     def _follow_restarts(self):
         """A restarted writer makes a new state file: map it and reload the segment set."""

@@ -8,6 +8,8 @@
     3  lsn        the highest committed WAL lsn, published after each commit and before its
                   acknowledgement, so a write acknowledged anywhere is behind a published lsn
     4  pid        the writer's pid
+    5  visible    the highest lsn a write may have been acknowledged at: with query workers the server
+                  publishes it after they applied the write (server/workers.py), else it follows lsn
 
 The writer (`SharedState.create`) is the only one that writes. A follower (vibrato.engine.follower)
 reads `seq`, catches up with `lsn`, and reads `seq` again; a change of the segment set that overlaps
@@ -27,7 +29,7 @@ FILE_NAME = "serving.state"
 MAGIC = b"VBSTATE1"
 SIZE = 64
 _WORD = struct.Struct("<q")
-_EPOCH, _SEQ, _LSN, _PID = 8, 16, 24, 32
+_EPOCH, _SEQ, _LSN, _PID, _VISIBLE = 8, 16, 24, 32, 40
 
 
 class SharedState:
@@ -36,6 +38,7 @@ class SharedState:
         self.writable = writable
         self._lock = threading.Lock()
         self._changes = 0  # writer: changes in progress (checkpoint and compaction may overlap)
+        self.defer_visible = False  # writer: the server publishes `visible` itself (after its workers)
 
     # ------------------------------------------------------------------ open
     @classmethod
@@ -49,7 +52,8 @@ class SharedState:
             pass
         fd = os.open(aside, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
         try:
-            os.write(fd, MAGIC + struct.pack("<qqqq", time.time_ns(), 0, int(lsn), os.getpid()) + bytes(SIZE - 40))
+            os.write(fd, MAGIC + struct.pack("<qqqqq", time.time_ns(), 0, int(lsn), os.getpid(), int(lsn))
+                     + bytes(SIZE - 48))
             os.replace(aside, path)
             mm = mmap.mmap(fd, SIZE)
         finally:
@@ -88,12 +92,22 @@ class SharedState:
     seq = property(lambda self: self._get(_SEQ))
     lsn = property(lambda self: self._get(_LSN))
     pid = property(lambda self: self._get(_PID))
+    visible = property(lambda self: self._get(_VISIBLE))
 
     # ------------------------------------------------------------------ writer side
     def publish_lsn(self, lsn: int):
         """After a commit, before its acknowledgement (the catalog writer thread, in commit order)."""
         if lsn > self._get(_LSN):
             self._set(_LSN, lsn)
+        if not self.defer_visible:
+            self.publish_visible(lsn)
+
+    def publish_visible(self, lsn: int):
+        """Before a write at `lsn` (or below) is acknowledged: a follower must have applied it before
+        it answers a query (engine/follower.py)."""
+        with self._lock:
+            if lsn > self._get(_VISIBLE):
+                self._set(_VISIBLE, lsn)
 
     def begin_change(self):
         """Before the transaction that changes the segment set: seq is odd until every change begun
@@ -109,3 +123,83 @@ class SharedState:
             self._changes -= 1
             if self._changes == 0:
                 self._set(_SEQ, self._get(_SEQ) + 1)
+
+
+# ---------------------------------------------------------------------------- the followers' answer
+PROGRESS_FILE = "followers.state"
+PROGRESS_MAGIC = b"VBFOLLW1"
+MAX_SLOTS = 256
+_SLOT = struct.Struct("<qq")  # pid (0: no follower), applied lsn
+_SLOTS_AT = 16                # after the magic and the slot count
+
+
+class FollowerProgress:
+    """How far each query worker has applied the writer's lsn: `<data-dir>/tmp/followers.state`
+    (0600), one (pid, applied lsn) slot per worker after a 16-byte header (magic, slot count).
+
+    The writer creates it before it starts its workers; worker i writes slot i after each catch-up
+    (engine/follower.py `follow`) and the writer reads it to hold an acknowledgement until the workers
+    have applied the write (server/workers.py), so that a query on a worker rarely has rows to catch up
+    itself. Only pacing: a worker that is behind still catches up inline before it searches."""
+
+    def __init__(self, mm: mmap.mmap, slots: int):
+        self._mm = mm
+        self.slots = slots
+
+    @classmethod
+    def create(cls, tmp_dir, slots: int) -> "FollowerProgress":
+        if not 0 < slots <= MAX_SLOTS:
+            raise ValueError(f"slots must be in [1, {MAX_SLOTS}], got {slots}")
+        path = os.path.join(os.fspath(tmp_dir), PROGRESS_FILE)
+        aside = path + ".new"
+        try:
+            os.unlink(aside)
+        except FileNotFoundError:
+            pass
+        size = _SLOTS_AT + slots * _SLOT.size
+        fd = os.open(aside, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
+        try:
+            os.write(fd, PROGRESS_MAGIC + struct.pack("<q", slots) + bytes(size - _SLOTS_AT))
+            os.replace(aside, path)
+            mm = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        return cls(mm, slots)
+
+    @classmethod
+    def open(cls, tmp_dir) -> "FollowerProgress":
+        """A worker: the writer's file, read-write (UnsafePathError / ValueError when it is not one)."""
+        path = os.path.join(os.fspath(tmp_dir), PROGRESS_FILE)
+        fd = open_regular(path, os.O_RDWR, what="followers state")
+        try:
+            size = os.fstat(fd).st_size
+            if size < _SLOTS_AT or (size - _SLOTS_AT) % _SLOT.size:
+                raise ValueError(f"followers state {path!r} has {size} bytes")
+            mm = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        slots = _WORD.unpack_from(mm, 8)[0]
+        if mm[:8] != PROGRESS_MAGIC or slots != (size - _SLOTS_AT) // _SLOT.size:
+            mm.close()
+            raise UnsafePathError(f"followers state {path!r} is not a Vibrato followers state file")
+        return cls(mm, slots)
+
+    def close(self):
+        self._mm.close()
+
+    def _check(self, slot: int):
+        if not 0 <= slot < self.slots:
+            raise IndexError(f"follower slot {slot} outside [0, {self.slots})")
+
+    def report(self, slot: int, pid: int, applied: int):
+        """Worker side: applied is written before pid, so a reader never pairs a new pid with an old lsn
+        of another process (each word is stored whole)."""
+        self._check(slot)
+        off = _SLOTS_AT + slot * _SLOT.size
+        _WORD.pack_into(self._mm, off + 8, int(applied))
+        _WORD.pack_into(self._mm, off, int(pid))
+
+    def read(self, slot: int) -> tuple[int, int]:
+        """(pid, applied lsn) of a slot; pid 0 when no worker has reported in it."""
+        self._check(slot)
+        return _SLOT.unpack_from(self._mm, _SLOTS_AT + slot * _SLOT.size)

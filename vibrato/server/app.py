@@ -405,6 +405,7 @@ async def _start_workers(app: web.Application, config: Config):
         return
     pool = workers.WorkerPool(config, config.query_workers)
     await pool.start()
+    engine.shared_state.defer_visible = True  # published by the write handlers once workers applied it
     app[K.WORKERS] = pool
 
 
@@ -431,6 +432,7 @@ def _open_follower(config: Config):
 async def _serve_worker(config: Config, index: int) -> None:
     stop = _stop_on_signals()
     engine = await asyncio.to_thread(_open_follower, config)
+    progress = workers.follow_writer(engine, config, index)
     app = create_app(config, engine=engine, worker=index)
     runner = make_runner(app, config.replace(max_connections=fd_budget(config.max_connections)))
     try:
@@ -446,3 +448,6 @@ async def _serve_worker(config: Config, index: int) -> None:
     finally:
         await runner.cleanup()  # flushes the audit queue to the writer
         engine.close()
+        if progress is not None:
+            progress.report(index, 0, 0)
+            progress.close()

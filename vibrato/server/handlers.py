@@ -34,6 +34,18 @@ async def _blocking(request: web.Request, fn, *args, **kwargs):
     return await loop.run_in_executor(request.app[K.EXECUTOR], contextvars.copy_context().run, call)
 
 
+async def _workers_applied(request: web.Request):
+    """With query workers, a write is answered once they have applied it (server/workers.py), so the
+    queries that follow it on a worker find nothing to catch up; then `visible` is published, which
+    those queries check (engine/shared_state.py)."""
+    pool = request.app[K.WORKERS]
+    if pool is not None:
+        shared = request.app[K.ENGINE].shared_state
+        lsn = shared.lsn  # at least this write's
+        await pool.caught_up(lsn)
+        shared.publish_visible(lsn)  # before the answer: a worker's next query must see it (D5)
+
+
 def _timed(fn, *args, **kwargs):
     t0 = time.perf_counter()
     result = fn(*args, **kwargs)
@@ -104,6 +116,7 @@ async def parse(request: web.Request, method_name: str):
 async def ingest(request: web.Request) -> web.Response:
     prep = await parse(request, "ingest")  # one checked row: the engine takes it as it is
     (vid, created), = await _blocking(request, request.app[K.ENGINE].ingest_batch, prep)
+    await _workers_applied(request)
     if created:
         request.app[K.METRICS].ingest_vectors += 1
     request[K.AUDIT_DETAILS] = {"id": int(vid), "created": bool(created)}
@@ -115,6 +128,7 @@ async def ingest_batch(request: web.Request) -> web.Response:
     engine = request.app[K.ENGINE]
     # An empty batch still answers 503 not_ready during recovery like the rest.
     results = await _blocking(request, engine.ingest_batch, prep) if prep.rows else _require_ready(engine)
+    await _workers_applied(request)
     out = [{"id": int(vid), "created": bool(created)} for vid, created in results]
     request.app[K.METRICS].ingest_vectors += sum(1 for r in out if r["created"])
     request[K.AUDIT_DETAILS] = {"count": len(prep.rows)}
@@ -214,6 +228,7 @@ async def _delete(request: web.Request, ids, flt) -> web.Response:
     # A catalog write (one transaction, fsynced): on the executor, like ingest.
     out = await _blocking(request, request.app[K.ENGINE].delete, ids, filter=flt)
     deleted, lsn = int(out["deleted"]), out["lsn"]
+    await _workers_applied(request)
     lsn = None if lsn is None else int(lsn)
     # Counts only: never the filter (its source_file names are what a takedown must erase).
     request[K.AUDIT_DETAILS] = {"deleted": deleted, "lsn": lsn, "by": "ids" if ids is not None else "filter"}

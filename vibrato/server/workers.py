@@ -14,6 +14,11 @@ already holds, app.refuse_taken_port):
   body streamed, to the writer over `tmp/internal.sock`, which answers it as if the client had
   connected to it (the client's address travels in `x-vibrato-forwarded-for`, trusted only on that
   socket). A forwarded request is logged, counted and audited by the writer alone;
+* a write is acknowledged once every live worker has applied it, or after ACK_WAIT_SECS (a worker that
+  misses it is not waited for again until it catches up): each worker's follow thread catches up as
+  soon as the writer publishes and reports its applied lsn in `tmp/followers.state`, so that queries
+  on a worker under an ingest load do not catch up themselves. Only pacing: a query on a worker that
+  is behind still catches up before it searches (read-your-writes does not depend on this);
 * a worker's audit events go to the writer in batches (`POST /internal/audit` on that socket);
 * `/v2/metrics` and `/v2/admin/stats` are answered by the writer with every worker's counters
   added: it reads each worker's state over `tmp/worker-<i>.sock` (`GET /internal/state`) when it
@@ -40,6 +45,7 @@ import orjson
 from aiohttp import web
 
 from vibrato.config import Config, Limits
+from vibrato.datadir import UnsafePathError
 
 log = logging.getLogger("vibrato.server")
 
@@ -48,6 +54,8 @@ WORKER_SOCKET = "worker-{}.sock"
 FORWARDED_FOR = "x-vibrato-forwarded-for"
 LOCAL_ROUTES = frozenset({"/v2/query", "/v2/identify", "/v2/health/live", "/v2/openapi.json"})
 RESTART_DELAY_SECS = 1.0
+ACK_WAIT_SECS = 0.25     # longest a write's acknowledgement waits for the workers to apply it
+ACK_POLL_SECS = 0.0005
 STATE_TIMEOUT_SECS = 2.0
 _CONFIG_ENV = "VIBRATO_WORKER_CONFIG"
 # request headers not passed on (hop-by-hop, or set by the forwarding client itself)
@@ -97,6 +105,8 @@ class WorkerPool:
         self.restarts = 0
         self._stopping = False
         self._task = None
+        self.progress = None   # FollowerProgress: slot i is worker i's applied lsn
+        self._lagging = set()  # workers that missed an ACK_WAIT_SECS: not waited for until caught up
 
     def socket_path(self, i: int) -> str:
         return os.path.join(self.config.tmp_dir, WORKER_SOCKET.format(i))
@@ -109,6 +119,8 @@ class WorkerPool:
         log.info("query worker started", extra={"fields": {"worker": i, "pid": self.procs[i].pid}})
 
     async def start(self):
+        from vibrato.engine.shared_state import FollowerProgress
+        self.progress = FollowerProgress.create(self.config.tmp_dir, self.count)
         for i in range(1, self.count):
             self._spawn(i)
         self._task = asyncio.create_task(self._supervise(), name="vibrato-worker-supervisor")
@@ -122,6 +134,7 @@ class WorkerPool:
                     log.error("query worker exited; starting it again",
                               extra={"fields": {"worker": i, "pid": proc.pid, "exit_code": code}})
                     self.restarts += 1
+                    self.progress.report(i, 0, 0)  # nothing to wait for until the new one reports
                     self._spawn(i)
 
     async def stop(self, timeout: float):
@@ -140,6 +153,31 @@ class WorkerPool:
                 log.warning("query worker did not drain in time; killing it", extra={"fields": {"pid": proc.pid}})
                 proc.kill()
                 await asyncio.to_thread(proc.wait)
+
+    async def caught_up(self, lsn: int):
+        """Hold a write's acknowledgement until every live worker has applied `lsn` (at most
+        ACK_WAIT_SECS; see the module docstring)."""
+        deadline = None
+        while True:
+            behind = []
+            for i in self.procs:
+                pid, applied = self.progress.read(i)
+                if pid and applied < lsn and self.procs[i].poll() is None:
+                    behind.append(i)
+                elif i in self._lagging:
+                    self._lagging.discard(i)
+            waiting = [i for i in behind if i not in self._lagging]
+            if not waiting:
+                return
+            now = time.monotonic()
+            if deadline is None:
+                deadline = now + ACK_WAIT_SECS
+            elif now > deadline:
+                log.warning("query workers %s did not apply lsn %d within %g s; acknowledging without them",
+                            waiting, lsn, ACK_WAIT_SECS)
+                self._lagging.update(waiting)
+                return
+            await asyncio.sleep(ACK_POLL_SECS)
 
     def states(self) -> list[dict]:
         """Every running worker's counters (blocking: render() runs on the executor)."""
@@ -191,6 +229,22 @@ async def forward(request: web.Request, session, request_id: str) -> web.Respons
         out = web.Response(status=resp.status, body=body,
                            headers={k: v for k, v in resp.headers.items() if k.lower() in _KEEP_RESPONSE})
     return out
+
+
+def follow_writer(follower, config: Config, index: int):
+    """Worker side: keep `follower` current in a thread and report each applied lsn in slot `index`
+    of the writer's followers state. None (and no thread) when the file cannot be opened: queries
+    then catch up themselves."""
+    from vibrato.engine.shared_state import FollowerProgress
+    try:
+        progress = FollowerProgress.open(config.tmp_dir)
+        progress.read(index)
+    except (OSError, ValueError, IndexError, UnsafePathError) as exc:
+        log.warning("query worker %d: no followers state (%s); queries catch up themselves", index, exc)
+        return None
+    pid = os.getpid()
+    follower.follow(lambda applied: progress.report(index, pid, applied))
+    return progress
 
 
 # ---------------------------------------------------------------------------- internal routes
