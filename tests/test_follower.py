@@ -350,3 +350,27 @@ def test_a_query_waits_for_no_segment_reload_once_it_has_every_visible_write(tmp
             w.ingest_batch(items(X[200:210], 200))
             assert top_ids(f, X[205])[0] == 205 and syncs == [1]
             f._follower = None
+
+
+def test_the_writer_wakes_the_follow_thread(tmp_path, monkeypatch):
+    """With a wake socket the follow thread sleeps until the writer publishes (its idle look here
+    set to a minute, so only the wake-up can make it catch up in time)."""
+    from vibrato.engine import follower as follower_mod
+    from vibrato.engine.shared_state import wake_socket
+    monkeypatch.setattr(follower_mod, "FOLLOW_IDLE_SECS", 60.0)
+    X = unit_rows(300, 6)
+    with writer(tmp_path / "d") as w:
+        w.ingest_batch(items(X[:100], 0))
+        with Follower.open(tmp_path / "d", dim=DIM) as f:
+            path = tmp_path / "d" / "tmp" / "f.wake"
+            w.shared_state.wake_followers([str(path)])
+            reported = []
+            wake = wake_socket(path)
+            f.follow(reported.append, wake)
+            for lo in (100, 200):
+                w.ingest_batch(items(X[lo:lo + 100], lo))
+                wait_for(lambda: reported and reported[-1] >= w.shared_state.lsn, timeout=20)
+            w.checkpoint()  # end_change wakes it too: it loads the new segment
+            wait_for(lambda: len(f.segment_set.handles) == 1, timeout=20)
+        assert not f._follower.is_alive()  # close() woke it to stop, well before its idle minute
+        wake.close()

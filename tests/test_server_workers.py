@@ -1,7 +1,8 @@
-"""serve-v2 --query-workers 2 (vibrato/server/workers.py), with real processes on 127.0.0.1: every
-connection may land on the writer or the worker; acknowledged writes are visible to the next query on
-any connection, counters and audit rows cover both processes, a worker killed with SIGKILL comes back,
-SIGTERM drains both, and the worker dies with the writer."""
+"""serve-v2 --query-workers 2 (vibrato/server/workers.py), with real processes on 127.0.0.1: two query
+workers serve the port (the writer leaves it to them once they listen) and pass writes to the writer;
+acknowledged writes are visible to the next query on any connection, counters and audit rows cover
+every process, a worker killed with SIGKILL comes back, SIGTERM drains them all, and the workers die
+with the writer."""
 import os
 import signal
 import time
@@ -36,10 +37,10 @@ def worker_pids(srv) -> list[int]:
     return out
 
 
-def wait_worker(srv, data, timeout=30):
-    """Until the worker answers on its state socket; returns its state."""
+def wait_worker(srv, data, timeout=30, index=1):
+    """Until worker `index` answers on its state socket; returns its state."""
     deadline = time.monotonic() + timeout
-    path = str(data / "tmp" / WORKER_SOCKET.format(1))
+    path = str(data / "tmp" / WORKER_SOCKET.format(index))
     while time.monotonic() < deadline:
         try:
             return _get_unix(path, "/internal/state")
@@ -48,11 +49,31 @@ def wait_worker(srv, data, timeout=30):
     raise TimeoutError(srv.output())
 
 
+def listeners(port) -> int:
+    """TCP sockets listening on 127.0.0.1:port (from /proc/net/tcp)."""
+    n = 0
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            local, _, state = line.split()[1:4]
+            if state == "0A" and int(local.split(":")[1], 16) == port:
+                n += 1
+    return n
+
+
+def wait_workers_own_the_port(srv, data, count=2, timeout=30):
+    for i in range(1, count + 1):
+        wait_worker(srv, data, index=i)
+    deadline = time.monotonic() + timeout
+    while listeners(srv.port) != count:
+        assert time.monotonic() < deadline, f"{listeners(srv.port)} listeners on the port\n{srv.output()}"
+        time.sleep(0.05)
+
+
 @pytest.fixture
 def served(tmp_path):
     data = tmp_path / "d"
     srv = ServerProcess(data, extra=["--query-workers", "2"]).wait_ready()
-    wait_worker(srv, data)
+    wait_workers_own_the_port(srv, data)
     yield srv, data
     if srv.proc.poll() is None:
         srv.terminate(timeout=60)
@@ -85,8 +106,8 @@ def test_read_your_writes_on_any_connection_and_every_process_counted(served):
             reader.close()
     assert not misses, misses[:5]
     queries = 1500 + 750
-    worker = wait_worker(srv, data)
-    assert worker["metrics"]["query_requests"] > 0, "the worker served no query"
+    served_by = [wait_worker(srv, data, index=i)["metrics"]["query_requests"] for i in (1, 2)]
+    assert min(served_by) > 0 and sum(served_by) == queries, served_by  # the writer left the port
     admin = Client(srv.url, token)
     stats = admin.stats()
     assert stats["query_total"] == queries and stats["total_vectors"] == 1500
@@ -122,7 +143,9 @@ def test_a_killed_worker_comes_back_and_no_acknowledged_write_is_lost(served):
     token = srv.bootstrap_token
     X = unit_rows(600, 3)
     acked = {}
-    (old,) = worker_pids(srv)
+    before = worker_pids(srv)
+    assert len(before) == 2
+    old = before[0]
     for i, x in enumerate(X):
         if i == 200:
             os.kill(old, signal.SIGKILL)
@@ -135,11 +158,11 @@ def test_a_killed_worker_comes_back_and_no_acknowledged_write_is_lost(served):
         finally:
             c.close()
     deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and (not worker_pids(srv) or worker_pids(srv) == [old]):
+    while time.monotonic() < deadline and (len(worker_pids(srv)) < 2 or old in worker_pids(srv)):
         time.sleep(0.1)
-    (new,) = worker_pids(srv)
-    assert new != old
-    wait_worker(srv, data)
+    after = worker_pids(srv)
+    assert len(after) == 2 and old not in after and before[1] in after
+    wait_workers_own_the_port(srv, data)
     assert any("query worker exited" in line for line in srv.stderr_lines)
     c = Client(srv.url, token)
     for i, vid in acked.items():
@@ -152,21 +175,23 @@ def test_a_killed_worker_comes_back_and_no_acknowledged_write_is_lost(served):
 def test_sigterm_drains_every_process_and_the_worker_dies_with_the_writer(tmp_path):
     data = tmp_path / "d"
     srv = ServerProcess(data, extra=["--query-workers", "2"]).wait_ready()
-    wait_worker(srv, data)
-    (worker,) = worker_pids(srv)
+    wait_workers_own_the_port(srv, data)
+    pids = worker_pids(srv)
     assert srv.terminate(timeout=60) == 0
     assert any('"shutdown complete"' in line for line in srv.stderr_lines)
-    assert not os.path.exists(f"/proc/{worker}")
+    assert not any(os.path.exists(f"/proc/{w}") for w in pids)
+    assert not list((data / "tmp").glob("worker-*.wake"))
     srv = ServerProcess(data, extra=["--query-workers", "2"], bootstrap=False).wait_ready()
-    wait_worker(srv, data)
-    (worker,) = worker_pids(srv)
-    srv.kill()  # SIGKILL: the worker follows (PR_SET_PDEATHSIG)
+    wait_workers_own_the_port(srv, data)
+    pids = worker_pids(srv)
+    srv.kill()  # SIGKILL: the workers follow (PR_SET_PDEATHSIG)
     deadline = time.monotonic() + 20
-    while os.path.exists(f"/proc/{worker}") and time.monotonic() < deadline:
-        time.sleep(0.05)
-    with open(f"/proc/{worker}/stat") if os.path.exists(f"/proc/{worker}") else open(os.devnull) as f:
-        state = f.read().rsplit(")", 1)[-1].split()[:1]
-    assert state in ([], ["Z"]), "the worker outlived the writer"
+    for worker in pids:
+        while os.path.exists(f"/proc/{worker}") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with open(f"/proc/{worker}/stat") if os.path.exists(f"/proc/{worker}") else open(os.devnull) as f:
+            state = f.read().rsplit(")", 1)[-1].split()[:1]
+        assert state in ([], ["Z"]), "a worker outlived the writer"
 
 
 def test_a_second_server_with_workers_cannot_share_the_port(served, tmp_path):
@@ -190,36 +215,40 @@ def test_a_second_server_with_workers_cannot_share_the_port(served, tmp_path):
 
 def writer_client(srv, data) -> Client:
     """A client whose connection is the writer's internal socket: it reaches the writer even while
-    the worker is stopped (a TCP connection might land on the stopped worker and hang)."""
+    the workers, which alone serve the port, are stopped."""
     from vibrato.server.workers import INTERNAL_SOCKET, _UnixHTTPConnection
     c = Client(srv.url, srv.bootstrap_token, timeout=30)
     c._local.conn = _UnixHTTPConnection(str(data / "tmp" / INTERNAL_SOCKET), 30)
     return c
 
 
-def test_a_write_is_answered_once_the_worker_applied_it_but_a_stopped_worker_does_not_hold_writes(served):
-    """The writer holds an acknowledgement until the worker has applied the write (so the worker's
-    queries have nothing to catch up), but only for a bounded time: a worker that cannot keep up
-    (here SIGSTOPped) is passed over, and it still shows every acknowledged write once it runs."""
+def test_a_write_is_answered_once_the_workers_applied_it_but_stopped_ones_do_not_hold_writes(served):
+    """The writer holds an acknowledgement until the workers have applied the write (so their queries
+    have nothing to catch up), but only for a bounded time: a worker that cannot keep up (here
+    SIGSTOPped) is passed over, and it still shows every acknowledged write once it runs."""
     from vibrato.engine.shared_state import FollowerProgress, SharedState
     srv, data = served
-    (worker,) = worker_pids(srv)
+    pids = worker_pids(srv)
     progress, state = FollowerProgress.open(data / "tmp"), SharedState.open(data / "tmp")
     c = writer_client(srv, data)
     X = unit_rows(60, 9)
     ids = []
     for x in X[:20]:
         ids.append(c.ingest(x)[0])
-        assert progress.read(1) == (worker, state.lsn), "acknowledged before the worker applied it"
-    os.kill(worker, signal.SIGSTOP)
+        slots = [progress.read(i) for i in (1, 2)]
+        assert sorted(pid for pid, _ in slots) == sorted(pids)
+        assert all(applied == state.lsn for _, applied in slots), "acknowledged before a worker applied it"
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
     try:
         for i, x in enumerate(X[20:]):
             ids.append(c.ingest(x, metadata={"bpm": float(i)})[0])
         gone = c.delete(ids=ids[:5])
         assert gone["deleted"] == 5
-        assert progress.read(1)[1] < state.lsn  # answered without the stopped worker
+        assert all(progress.read(i)[1] < state.lsn for i in (1, 2))  # answered without the stopped workers
     finally:
-        os.kill(worker, signal.SIGCONT)
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
     c.close()
     misses = []
     for i, x in enumerate(X):
@@ -230,6 +259,5 @@ def test_a_write_is_answered_once_the_worker_applied_it_but_a_stopped_worker_doe
         if not ok:
             misses.append((i, res))
     assert not misses, misses
-    assert wait_worker(srv, data)["metrics"]["query_requests"] > 0, "the worker served no query"
     progress.close()
     state.close()

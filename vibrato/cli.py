@@ -182,8 +182,9 @@ def cli():
              "from the connection, without aiohttp's per-request objects: same response, metrics, audit row and "
              "access line, less CPU. Anything else (errors included) takes the regular route either way.")
 @click.option("--query-workers", type=click.IntRange(1, 64), default=_DEFAULTS.query_workers, show_default=True,
-              help="Processes serving HTTP on the port: this one (the writer) plus N-1 query workers that answer "
-                   "query/identify themselves and pass every other request to the writer (docs/SERVER.md).")
+              help="Processes serving HTTP on the port: 1, this one; N > 1, N query workers that answer "
+                   "query/identify themselves and pass every other request to this one, the writer, which "
+                   "leaves the port to them once they listen (docs/SERVER.md).")
 @click.option("--audit-retention-days", type=click.IntRange(0), default=_DEFAULTS.audit_retention_days,
               show_default=True, help="Audit rows older than this are pruned (0 keeps them).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),

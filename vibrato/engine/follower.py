@@ -29,6 +29,7 @@ query is left for a follower that fell behind.
 """
 import logging
 import os
+import socket
 import threading
 import time
 
@@ -48,7 +49,7 @@ log = logging.getLogger("vibrato.engine")
 
 SYNC_WAIT_SECS = 5.0   # longest wait for the writer to finish publishing a segment-set change
 CATCH_UP_BATCH = 20_000
-FOLLOW_POLL_SECS = 0.0005  # the follow thread's look at the writer's state; the writer's ack waits on it
+FOLLOW_IDLE_SECS = 0.05    # the follow thread looks at the writer's state at least this often
 FOLLOW_RETRY_SECS = 0.5    # after a failed sync in the follow thread
 
 
@@ -78,6 +79,7 @@ class Follower(Searcher):
         self._applied = 0              # the highest lsn in its hot tier (or skipped as checkpointed)
         self._closed = False
         self._follower = None          # the follow() thread
+        self._wake = None              # and the socket it sleeps on
         self.sync()
 
     @classmethod
@@ -87,6 +89,7 @@ class Follower(Searcher):
     def close(self):
         self._closed = True
         if self._follower is not None:
+            _poke(self._wake)
             self._follower.join()
         self.catalog.close()
         self.shared.close()
@@ -153,15 +156,19 @@ class Follower(Searcher):
                                         f"{SYNC_WAIT_SECS:g} s; retry")
                 time.sleep(0.0005)
 
-    def follow(self, report):
+    def follow(self, report, wake=None):
         """Start the thread that keeps this follower current: it syncs whenever the writer publishes
-        and calls `report(applied_lsn)` after each sync that moved it (close() stops it)."""
+        and calls `report(applied_lsn)` after each sync that moved it (close() stops it). `wake`: a
+        socket the writer sends a datagram to after each publication (shared_state.wake_socket); the
+        thread sleeps on it (else it looks every FOLLOW_IDLE_SECS)."""
         if self._follower is not None:
             raise RuntimeError("follow() already started")
-        self._follower = threading.Thread(target=self._follow, args=(report,), name="vibrato-follow", daemon=True)
+        self._wake = wake
+        self._follower = threading.Thread(target=self._follow, args=(report, wake), name="vibrato-follow",
+                                          daemon=True)
         self._follower.start()
 
-    def _follow(self, report):
+    def _follow(self, report, wake):
         reported = None
         while not self._closed:
             try:
@@ -173,7 +180,7 @@ class Follower(Searcher):
             except Exception as exc:  # noqa: BLE001 - queries still sync inline; retry
                 log.warning("follower catch-up failed (queries catch up themselves): %s", exc)
                 time.sleep(FOLLOW_RETRY_SECS)
-            time.sleep(FOLLOW_POLL_SECS)
+            _wait(wake)
 
     def _follow_restarts(self):
         """A restarted writer makes a new state file: map it and reload the segment set."""
@@ -235,3 +242,31 @@ class Follower(Searcher):
         if ids.shape[0]:
             self.segment_set.delete(np.unique(ids))
         self._deletes_applied = top
+
+
+def _wait(wake):
+    """Until the writer's next wake-up datagram (and any queued behind it), or FOLLOW_IDLE_SECS."""
+    if wake is None:
+        time.sleep(FOLLOW_IDLE_SECS)
+        return
+    try:
+        wake.settimeout(FOLLOW_IDLE_SECS)
+        wake.recv(16)
+        wake.settimeout(0.0)  # then whatever queued behind it, without waiting
+        while True:
+            wake.recv(16)
+    except (BlockingIOError, TimeoutError, InterruptedError):
+        pass
+    except OSError:  # closed under us at shutdown
+        time.sleep(FOLLOW_IDLE_SECS)
+
+
+def _poke(wake):
+    """Wake the follow thread sleeping on `wake` (close() does, so it need not wait out its timeout)."""
+    if wake is None:
+        return
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.sendto(b"w", wake.getsockname())
+    except OSError:
+        pass

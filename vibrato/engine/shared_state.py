@@ -19,6 +19,7 @@ the catalog reads between the loads are system calls, which order them.
 """
 import mmap
 import os
+import socket
 import struct
 import threading
 import time
@@ -39,6 +40,8 @@ class SharedState:
         self._lock = threading.Lock()
         self._changes = 0  # writer: changes in progress (checkpoint and compaction may overlap)
         self.defer_visible = False  # writer: the server publishes `visible` itself (after its workers)
+        self._wake_paths = ()       # writer: the followers' wake sockets (wake_socket)
+        self._wake_sock = None
 
     # ------------------------------------------------------------------ open
     @classmethod
@@ -78,6 +81,23 @@ class SharedState:
 
     def close(self):
         self._mm.close()
+        if self._wake_sock is not None:
+            self._wake_sock.close()
+
+    # ------------------------------------------------------------------ wake-ups
+    def wake_followers(self, paths):
+        """Writer: after each publication, send a datagram to these sockets (wake_socket) so that
+        following processes need not poll."""
+        if self._wake_sock is None:
+            self._wake_sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
+        self._wake_paths = tuple(paths)
+
+    def _wake(self):
+        for path in self._wake_paths:
+            try:
+                self._wake_sock.sendto(b"w", path)
+            except OSError:  # not bound yet, gone, or its queue full (a wake-up is pending anyway)
+                pass
 
     # ------------------------------------------------------------------ words
     def _get(self, off: int) -> int:
@@ -101,6 +121,7 @@ class SharedState:
             self._set(_LSN, lsn)
         if not self.defer_visible:
             self.publish_visible(lsn)
+        self._wake()
 
     def publish_visible(self, lsn: int):
         """Before a write at `lsn` (or below) is acknowledged: a follower must have applied it before
@@ -123,6 +144,25 @@ class SharedState:
             self._changes -= 1
             if self._changes == 0:
                 self._set(_SEQ, self._get(_SEQ) + 1)
+        self._wake()
+
+
+def wake_socket(path) -> socket.socket:
+    """A follower's wake-up socket (a datagram socket bound at `path`, in the 0700 tmp dir; a stale one
+    from a previous process is replaced). Its datagrams carry nothing: each only says "look again"."""
+    path = os.fspath(path)
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.bind(path)
+        os.chmod(path, FILE_MODE)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 # ---------------------------------------------------------------------------- the followers' answer

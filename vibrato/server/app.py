@@ -371,7 +371,7 @@ async def _serve(config: Config) -> None:
         if several:
             internal = web.UnixSite(runner, os.path.join(config.tmp_dir, workers.INTERNAL_SOCKET))
             await internal.start()
-            starter = asyncio.create_task(_start_workers(app, config), name="vibrato-start-workers")
+            starter = asyncio.create_task(_start_workers(app, config, site), name="vibrato-start-workers")
         shown = f"[{host}]" if ":" in host else host
         log.info(f"Starting Vibrato v2 server on http://{shown}:{config.port}",
                  extra={"fields": {"data_dir": str(config.data_dir), "collection": config.collection,
@@ -382,7 +382,8 @@ async def _serve(config: Config) -> None:
         notifier.stopping()
         log.info("shutdown requested: no longer accepting connections, finishing in-flight requests",
                  extra={"fields": {"in_flight": app[K.INFLIGHT].count}})
-        await site.stop()
+        if site in runner.sites:  # with workers serving, the writer already left the port
+            await site.stop()
         if several:
             starter.cancel()
             if app[K.WORKERS] is not None:  # they drain first: their forwarded requests need the writer
@@ -395,8 +396,9 @@ async def _serve(config: Config) -> None:
     log.info("shutdown complete")
 
 
-async def _start_workers(app: web.Application, config: Config):
-    """Start the query workers once recovery has published the serving state."""
+async def _start_workers(app: web.Application, config: Config, site: web.TCPSite):
+    """Start the query workers once recovery has published the serving state; once they all listen,
+    the writer leaves the public port to them (server/workers.py)."""
     engine = app[K.ENGINE]
     while engine.readiness()[1] == "recovering":
         await asyncio.sleep(0.05)
@@ -404,9 +406,16 @@ async def _start_workers(app: web.Application, config: Config):
         log.error("recovery failed: no query workers are started")
         return
     pool = workers.WorkerPool(config, config.query_workers)
+    engine.shared_state.wake_followers(pool.wake_paths())
     await pool.start()
     engine.shared_state.defer_visible = True  # published by the write handlers once workers applied it
     app[K.WORKERS] = pool
+    if await pool.listening(workers.START_TIMEOUT_SECS):
+        await site.stop()
+        log.info("query workers serving the port; the writer takes their forwarded requests",
+                 extra={"fields": {"workers": config.query_workers}})
+    else:
+        log.error("query workers did not start listening in time; the writer keeps serving the port too")
 
 
 # ---------------------------------------------------------------------------- a query worker
@@ -432,7 +441,7 @@ def _open_follower(config: Config):
 async def _serve_worker(config: Config, index: int) -> None:
     stop = _stop_on_signals()
     engine = await asyncio.to_thread(_open_follower, config)
-    progress = workers.follow_writer(engine, config, index)
+    stop_following = workers.follow_writer(engine, config, index)
     app = create_app(config, engine=engine, worker=index)
     runner = make_runner(app, config.replace(max_connections=fd_budget(config.max_connections)))
     try:
@@ -448,6 +457,5 @@ async def _serve_worker(config: Config, index: int) -> None:
     finally:
         await runner.cleanup()  # flushes the audit queue to the writer
         engine.close()
-        if progress is not None:
-            progress.report(index, 0, 0)
-            progress.close()
+        if stop_following is not None:
+            stop_following()

@@ -1,9 +1,12 @@
 """Serving from several processes: the writer and its query workers (`--query-workers N`).
 
 One Python process tops out at about one core (the GIL), so with N > 1 the serve-v2 process (the
-writer) starts N - 1 query workers once recovery is done. Every process listens on the same port
-(SO_REUSEPORT: the kernel spreads connections over them; the writer refuses a port another server
-already holds, app.refuse_taken_port):
+writer) starts N query workers once recovery is done. They listen on the same port (SO_REUSEPORT:
+the kernel spreads connections over them; the writer refuses a port another server already holds,
+app.refuse_taken_port). The writer listens there too until they all do, then leaves the port to them
+(it answers during recovery, CONTRACT.md D21): a query that landed on the writer would wait behind its
+ingest parsing, catalog commits and graph builds, which under a sustained ingest made the slowest 1%
+of queries 4-7x slower than with the workers alone on the port (perf/README.md):
 
 * the writer owns the data dir exactly as with one process (lock, catalog writes, checkpoint,
   compaction, recovery) and publishes its committed lsn and segment-set changes in
@@ -51,9 +54,11 @@ log = logging.getLogger("vibrato.server")
 
 INTERNAL_SOCKET = "internal.sock"
 WORKER_SOCKET = "worker-{}.sock"
+WAKE_SOCKET = "worker-{}.wake"  # datagrams from the writer: "the serving state moved"
 FORWARDED_FOR = "x-vibrato-forwarded-for"
 LOCAL_ROUTES = frozenset({"/v2/query", "/v2/identify", "/v2/health/live", "/v2/openapi.json"})
 RESTART_DELAY_SECS = 1.0
+START_TIMEOUT_SECS = 60.0  # for every worker to listen before the writer leaves the port
 ACK_WAIT_SECS = 0.25     # longest a write's acknowledgement waits for the workers to apply it
 ACK_POLL_SECS = 0.0005
 STATE_TIMEOUT_SECS = 2.0
@@ -111,6 +116,9 @@ class WorkerPool:
     def socket_path(self, i: int) -> str:
         return os.path.join(self.config.tmp_dir, WORKER_SOCKET.format(i))
 
+    def wake_paths(self) -> list[str]:
+        return [os.path.join(self.config.tmp_dir, WAKE_SOCKET.format(i)) for i in range(1, self.count + 1)]
+
     def _spawn(self, i: int):
         env = dict(os.environ, **{_CONFIG_ENV: config_to_json(self.config)})
         self.procs[i] = subprocess.Popen([sys.executable, "-c", "from vibrato.server.workers import main; main()",
@@ -120,8 +128,8 @@ class WorkerPool:
 
     async def start(self):
         from vibrato.engine.shared_state import FollowerProgress
-        self.progress = FollowerProgress.create(self.config.tmp_dir, self.count)
-        for i in range(1, self.count):
+        self.progress = FollowerProgress.create(self.config.tmp_dir, self.count + 1)  # slot i: worker i
+        for i in range(1, self.count + 1):
             self._spawn(i)
         self._task = asyncio.create_task(self._supervise(), name="vibrato-worker-supervisor")
 
@@ -153,6 +161,21 @@ class WorkerPool:
                 log.warning("query worker did not drain in time; killing it", extra={"fields": {"pid": proc.pid}})
                 proc.kill()
                 await asyncio.to_thread(proc.wait)
+
+    async def listening(self, timeout: float) -> bool:
+        """True once every worker answers on its state socket (it starts that right after the port)."""
+        deadline = time.monotonic() + timeout
+        pending = set(self.procs)
+        while pending and time.monotonic() < deadline and not self._stopping:
+            for i in list(pending):
+                try:
+                    await asyncio.to_thread(_get_unix, self.socket_path(i), "/internal/state")
+                    pending.discard(i)
+                except (OSError, ValueError, http.client.HTTPException):
+                    pass
+            if pending:
+                await asyncio.sleep(0.05)
+        return not pending
 
     async def caught_up(self, lsn: int):
         """Hold a write's acknowledgement until every live worker has applied `lsn` (at most
@@ -232,19 +255,36 @@ async def forward(request: web.Request, session, request_id: str) -> web.Respons
 
 
 def follow_writer(follower, config: Config, index: int):
-    """Worker side: keep `follower` current in a thread and report each applied lsn in slot `index`
-    of the writer's followers state. None (and no thread) when the file cannot be opened: queries
-    then catch up themselves."""
-    from vibrato.engine.shared_state import FollowerProgress
+    """Worker side: keep `follower` current in a thread, woken by the writer's datagrams, and report
+    each applied lsn in slot `index` of the writer's followers state. Returns what to call after
+    follower.close(); None (and no thread) when the file cannot be opened: queries then catch up
+    themselves."""
+    from vibrato.engine.shared_state import FollowerProgress, wake_socket
     try:
         progress = FollowerProgress.open(config.tmp_dir)
         progress.read(index)
     except (OSError, ValueError, IndexError, UnsafePathError) as exc:
         log.warning("query worker %d: no followers state (%s); queries catch up themselves", index, exc)
         return None
+    try:
+        wake = wake_socket(os.path.join(config.tmp_dir, WAKE_SOCKET.format(index)))
+    except OSError as exc:
+        log.warning("query worker %d: no wake-up socket (%s); following by polling", index, exc)
+        wake = None
     pid = os.getpid()
-    follower.follow(lambda applied: progress.report(index, pid, applied))
-    return progress
+    follower.follow(lambda applied: progress.report(index, pid, applied), wake)
+
+    def stop_following():
+        """After follower.close() (which stops the thread): the slot says no worker, the socket goes."""
+        progress.report(index, 0, 0)
+        progress.close()
+        if wake is not None:
+            wake.close()
+            try:
+                os.unlink(os.path.join(config.tmp_dir, WAKE_SOCKET.format(index)))
+            except OSError:
+                pass
+    return stop_following
 
 
 # ---------------------------------------------------------------------------- internal routes
