@@ -121,7 +121,7 @@ def cli():
 @click.option_panel("Network", options=["--port", "--host", "--public-health-metrics", "--bootstrap-admin-key",
                                         "--shutdown-timeout-secs", "--server-threads", "--inline-search",
                                         "--fast-query-path",
-                                        "--query-workers",
+                                        "--query-workers", "--writer-nice",
                                         "--log-level",
                                         "--keepalive-timeout-secs", "--header-timeout-secs", "--body-timeout-secs",
                                         "--max-connections"])
@@ -185,6 +185,10 @@ def cli():
               help="Processes serving HTTP on the port: 1, this one; N > 1, N query workers that answer "
                    "query/identify themselves and pass every other request to this one, the writer, which "
                    "leaves the port to them once they listen (docs/SERVER.md).")
+@click.option("--writer-nice", type=click.IntRange(0, 19), default=_DEFAULTS.writer_nice, show_default=True,
+              help="With --query-workers > 1: the nice value the writer (ingest, checkpoint, compaction) takes "
+                   "once the workers serve the port, so that queries come first when the cores are busy; "
+                   "0 keeps it level with the workers (docs/SERVER.md).")
 @click.option("--audit-retention-days", type=click.IntRange(0), default=_DEFAULTS.audit_retention_days,
               show_default=True, help="Audit rows older than this are pruned (0 keeps them).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
@@ -230,7 +234,7 @@ def serve_v2(data_dir, collection, dim, port, host, checkpoint_interval_secs, co
              orphan_ttl_hours, audio_colocated, public_health_metrics, catalog_read_timeout_ms,
              sqlite_wal_autocheckpoint_pages, quarantine_max_files, quarantine_max_bytes, background_io_mb_per_sec,
              hot_index_shards, vector_madvise_mode, bootstrap_admin_key, shutdown_timeout_secs, server_threads,
-             inline_search, fast_query_path, query_workers, audit_retention_days, log_level, max_body_bytes, max_k, max_ef, max_batch, max_identify_frames,
+             inline_search, fast_query_path, query_workers, writer_nice, audit_retention_days, log_level, max_body_bytes, max_k, max_ef, max_batch, max_identify_frames,
              max_tags, max_tag_bytes, max_source_file_bytes, max_idempotency_key_bytes, max_delete_ids,
              max_delete_source_files, keepalive_timeout_secs, header_timeout_secs, body_timeout_secs,
              max_connections, hot_max_rows, ingest_backpressure_wait_secs):
@@ -244,7 +248,7 @@ def serve_v2(data_dir, collection, dim, port, host, checkpoint_interval_secs, co
             public_health_metrics=public_health_metrics, bootstrap_admin_key=bootstrap_admin_key,
             shutdown_timeout_secs=shutdown_timeout_secs, audit_retention_days=audit_retention_days,
             server_threads=server_threads, inline_search=inline_search, fast_query_path=fast_query_path,
-            query_workers=query_workers,
+            query_workers=query_workers, writer_nice=writer_nice,
             log_level=log_level.lower(),
             keepalive_timeout_secs=keepalive_timeout_secs, header_timeout_secs=header_timeout_secs,
             body_timeout_secs=body_timeout_secs, max_connections=max_connections,

@@ -41,6 +41,7 @@ class Config:
     inline_search: bool = True            # small queries (k <= 100, ef <= 256) run on the event loop
     fast_query_path: bool = True          # such queries skip aiohttp's request machinery (server/fastpath.py)
     query_workers: int = 1                # processes serving HTTP: 1 the writer; N > 1 query workers (server/workers.py)
+    writer_nice: int = 10                 # with query workers: the writer's nice value once they serve the port
     key_cache_ttl_secs: float = 1.0       # API-key cache entry lifetime; revocation applies within it (CONTRACT.md D17)
     keepalive_timeout_secs: float = 75.0  # an idle connection (no request in progress) is closed after this
     header_timeout_secs: float = 10.0     # time allowed to receive a request head, from its first byte
@@ -111,6 +112,8 @@ class Config:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if not 1 <= self.query_workers <= 64:
             raise ValueError(f"--query-workers must be between 1 and 64, got {self.query_workers}")
+        if not 0 <= self.writer_nice <= 19:
+            raise ValueError(f"--writer-nice must be between 0 and 19, got {self.writer_nice}")
         for name in ("keepalive_timeout_secs", "header_timeout_secs", "max_connections"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")

@@ -2,6 +2,8 @@
 
 * `lower_thread_priority()`: nice +15 and the idle I/O class for the calling thread (Linux); native
   worker threads it starts inherit the nice value.
+* `lower_process_priority(nice, keep)`: the same nice value for every thread of this process but
+  `keep` (serve-v2's writer once query workers serve the port, `--writer-nice`).
 * `IoThrottle`: a reservation token bucket in bytes/s for background segment I/O. Manual admin calls
   are not throttled (CONTRACT.md D37; v2.1's throttle slowed them too, R5).
 """
@@ -31,6 +33,24 @@ def lower_thread_priority():
             libc.syscall(_SYS_IOPRIO_SET, _IOPRIO_WHO_PROCESS, tid, _IOPRIO_CLASS_IDLE << 13)
         except OSError as exc:
             log.debug("ioprio_set failed: %s", exc)
+
+
+def lower_process_priority(nice: int, keep=()) -> int:
+    """Raise every thread's nice value to at least `nice` (never lower one: that needs privilege),
+    except the native thread ids in `keep`; threads started later inherit it from their creator.
+    Returns how many threads changed."""
+    changed = 0
+    for name in os.listdir("/proc/self/task"):
+        tid = int(name)
+        if tid in keep:
+            continue
+        try:
+            if os.getpriority(os.PRIO_PROCESS, tid) < nice:
+                os.setpriority(os.PRIO_PROCESS, tid, nice)
+                changed += 1
+        except OSError:  # the thread ended meanwhile
+            pass
+    return changed
 
 
 class IoThrottle:

@@ -33,6 +33,7 @@ from aiohttp import web
 from vibrato import apikeys
 from vibrato.config import Config
 from vibrato.engine.memory import tune_allocator
+from vibrato.engine.throttle import lower_process_priority
 from vibrato.server import handlers as h
 from vibrato.server import openapi
 from vibrato.server import state as K
@@ -412,8 +413,10 @@ async def _start_workers(app: web.Application, config: Config, site: web.TCPSite
     app[K.WORKERS] = pool
     if await pool.listening(workers.START_TIMEOUT_SECS):
         await site.stop()
+        if config.writer_nice:  # queries first when the cores are busy (docs/SERVER.md)
+            lower_process_priority(config.writer_nice, keep={pool.spawner_tid})
         log.info("query workers serving the port; the writer takes their forwarded requests",
-                 extra={"fields": {"workers": config.query_workers}})
+                 extra={"fields": {"workers": config.query_workers, "writer_nice": config.writer_nice}})
     else:
         log.error("query workers did not start listening in time; the writer keeps serving the port too")
 

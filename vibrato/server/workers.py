@@ -42,7 +42,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import orjson
 from aiohttp import web
@@ -111,6 +113,11 @@ class WorkerPool:
         self._stopping = False
         self._task = None
         self.progress = None   # FollowerProgress: slot i is worker i's applied lsn
+        # Workers are started from this thread, which keeps the writer's first nice value: a child
+        # inherits its creator thread's, and the writer may lower its own (--writer-nice) but could
+        # not give a restarted worker back the higher priority.
+        self._spawner = ThreadPoolExecutor(1, thread_name_prefix="vibrato-spawn")
+        self.spawner_tid = self._spawner.submit(threading.get_native_id).result()
         self._lagging = set()  # workers that missed an ACK_WAIT_SECS: not waited for until caught up
 
     def socket_path(self, i: int) -> str:
@@ -120,6 +127,9 @@ class WorkerPool:
         return [os.path.join(self.config.tmp_dir, WAKE_SOCKET.format(i)) for i in range(1, self.count + 1)]
 
     def _spawn(self, i: int):
+        self._spawner.submit(self._popen, i).result()
+
+    def _popen(self, i: int):
         env = dict(os.environ, **{_CONFIG_ENV: config_to_json(self.config)})
         self.procs[i] = subprocess.Popen([sys.executable, "-c", "from vibrato.server.workers import main; main()",
                                           str(i)], env=env,
@@ -161,6 +171,7 @@ class WorkerPool:
                 log.warning("query worker did not drain in time; killing it", extra={"fields": {"pid": proc.pid}})
                 proc.kill()
                 await asyncio.to_thread(proc.wait)
+        self._spawner.shutdown(wait=False)
 
     async def listening(self, timeout: float) -> bool:
         """True once every worker answers on its state socket (it starts that right after the port)."""
