@@ -1,4 +1,6 @@
-"""What the writer process tells the processes that follow it, through one small mmapped file.
+"""What the writer process and the processes that follow it tell each other: two small mmapped files
+(`serving.state`, written by the writer; `followers.state`, one slot per follower) and a wake-up
+datagram per publication.
 
 `<data-dir>/tmp/serving.state` (0600, 64 bytes, little-endian int64 words):
 
@@ -47,21 +49,9 @@ class SharedState:
     @classmethod
     def create(cls, tmp_dir, lsn: int) -> "SharedState":
         """The writer, at start-up: a fresh file (written aside, renamed into place) with seq 0."""
-        path = os.path.join(os.fspath(tmp_dir), FILE_NAME)
-        aside = path + ".new"
-        try:
-            os.unlink(aside)
-        except FileNotFoundError:
-            pass
-        fd = os.open(aside, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
-        try:
-            os.write(fd, MAGIC + struct.pack("<qqqqq", time.time_ns(), 0, int(lsn), os.getpid(), int(lsn))
-                     + bytes(SIZE - 48))
-            os.replace(aside, path)
-            mm = mmap.mmap(fd, SIZE)
-        finally:
-            os.close(fd)
-        return cls(mm, True)
+        content = MAGIC + struct.pack("<qqqqq", time.time_ns(), 0, int(lsn), os.getpid(), int(lsn))
+        return cls(_create_mapped(os.path.join(os.fspath(tmp_dir), FILE_NAME), content + bytes(SIZE - len(content))),
+                   True)
 
     @classmethod
     def open(cls, tmp_dir) -> "SharedState":
@@ -147,6 +137,23 @@ class SharedState:
         self._wake()
 
 
+def _create_mapped(path: str, content: bytes) -> mmap.mmap:
+    """A fresh file with `content` (0600; written aside and renamed into place, so a reader never sees
+    it half-written), mapped read-write."""
+    aside = path + ".new"
+    try:
+        os.unlink(aside)
+    except FileNotFoundError:
+        pass
+    fd = os.open(aside, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
+    try:
+        os.write(fd, content)
+        os.replace(aside, path)
+        return mmap.mmap(fd, len(content))
+    finally:
+        os.close(fd)
+
+
 def wake_socket(path) -> socket.socket:
     """A follower's wake-up socket (a datagram socket bound at `path`, in the 0700 tmp dir; a stale one
     from a previous process is replaced). Its datagrams carry nothing: each only says "look again"."""
@@ -190,21 +197,8 @@ class FollowerProgress:
     def create(cls, tmp_dir, slots: int) -> "FollowerProgress":
         if not 0 < slots <= MAX_SLOTS:
             raise ValueError(f"slots must be in [1, {MAX_SLOTS}], got {slots}")
-        path = os.path.join(os.fspath(tmp_dir), PROGRESS_FILE)
-        aside = path + ".new"
-        try:
-            os.unlink(aside)
-        except FileNotFoundError:
-            pass
-        size = _SLOTS_AT + slots * _SLOT.size
-        fd = os.open(aside, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
-        try:
-            os.write(fd, PROGRESS_MAGIC + struct.pack("<q", slots) + bytes(size - _SLOTS_AT))
-            os.replace(aside, path)
-            mm = mmap.mmap(fd, size)
-        finally:
-            os.close(fd)
-        return cls(mm, slots)
+        content = PROGRESS_MAGIC + struct.pack("<q", slots) + bytes(slots * _SLOT.size)
+        return cls(_create_mapped(os.path.join(os.fspath(tmp_dir), PROGRESS_FILE), content), slots)
 
     @classmethod
     def open(cls, tmp_dir) -> "FollowerProgress":
