@@ -44,11 +44,19 @@ TAG_SHARE = 10  # every 10th row carries the tag "p10": a 10%-selective filter
 
 # ---------------------------------------------------------------------------- /proc
 def _children(pid: int) -> list[int]:
+    """Children of every thread of pid (a child is listed under the thread that started it)."""
+    out = []
     try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            return [int(c) for c in f.read().split()]
+        tasks = os.listdir(f"/proc/{pid}/task")
     except OSError:
-        return []
+        return out
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                out.extend(int(c) for c in f.read().split())
+        except OSError:
+            pass
+    return out
 
 
 def tree_cpu_secs(pid: int) -> float:
