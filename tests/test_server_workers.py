@@ -138,6 +138,30 @@ def test_auth_is_checked_by_the_process_that_takes_the_connection(served):
         bad.close()
 
 
+def test_auth_failures_make_one_window_for_the_whole_server(served):
+    """A client's auth failures spread over both workers (fresh connections) still make one first row
+    and one summary per window: the writer aggregates what the workers pass on."""
+    import orjson
+    srv, data = served
+    bad = Client(srv.url, "vbk_1234567890abcdef0123456789abcdef." + "b" * 48)
+    n = 60
+    for i in range(n):
+        bad._local.conn = None  # a fresh connection each time: SO_REUSEPORT spreads them
+        status, _, _ = bad.request("POST", "/v2/query", {"vector": [0.0] * DIM}, headers={"x-request-id": f"w-{i}"})
+        assert status == 401
+    bad.close()
+    took = [wait_worker(srv, data, index=i)["metrics"]["auth_failures"] for i in (1, 2)]
+    assert min(took) > 0 and sum(took) == n, took
+    assert srv.terminate(timeout=60) == 0  # ends the window: the summary is written
+    with Catalog(data / "catalog.sqlite3") as cat:
+        rows = [r for r in cat.read(audit_sql.recent, 10_000) if r["request_id"].startswith("w-")]
+    firsts = [r for r in rows if not orjson.loads(r["details_json"]).get("aggregated")]
+    summaries = [r for r in rows if orjson.loads(r["details_json"]).get("aggregated")]
+    assert len(firsts) == 1 and len(summaries) == 1, rows
+    assert orjson.loads(summaries[0]["details_json"])["count"] == n - 1
+    assert summaries[0]["client_ip"] == "127.0.0.1" and summaries[0]["endpoint"] == "/v2/query"
+
+
 def test_a_killed_worker_comes_back_and_no_acknowledged_write_is_lost(served):
     srv, data = served
     token = srv.bootstrap_token
@@ -269,3 +293,29 @@ def test_a_write_is_answered_once_the_workers_applied_it_but_stopped_ones_do_not
     assert not misses, misses
     progress.close()
     state.close()
+
+
+def test_max_connections_is_the_servers_not_each_workers(tmp_path):
+    """--max-connections 8 with two workers: each takes 4, so the server never holds more than 8
+    client connections, however the kernel spreads them."""
+    from test_server_hardening import connect, read_response
+    data = tmp_path / "d"
+    srv = ServerProcess(data, extra=["--query-workers", "2", "--max-connections", "8",
+                                     "--keepalive-timeout-secs", "30"]).wait_ready()
+    try:
+        wait_workers_own_the_port(srv, data)
+        held, statuses = [], []
+        for _ in range(30):
+            s = connect(srv.port)
+            s.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+            try:
+                statuses.append(read_response(s)[0])
+            except (ConnectionError, OSError):
+                statuses.append(None)
+            held.append(s)  # kept open: an answered connection stays (keep-alive)
+        assert 1 <= statuses.count(200) <= 8, statuses
+        assert statuses.count(200) + statuses.count(503) >= 28, statuses
+        for s in held:
+            s.close()
+    finally:
+        srv.terminate(timeout=60)

@@ -221,7 +221,7 @@ class _Resources:
                 async with session.post("http://writer/internal/audit", data=body) as resp:
                     if resp.status != 204:
                         raise RuntimeError(f"the writer answered {resp.status}")
-            writer = AuditWriter(None, app[K.METRICS], sink=to_writer, retention_days=0)
+            writer = AuditWriter(None, app[K.METRICS], sink=to_writer, retention_days=0, aggregate_auth=False)
         app[K.AUDIT] = writer
         await writer.start()
         yield
@@ -425,8 +425,11 @@ async def _start_workers(app: web.Application, config: Config, site: web.TCPSite
 def serve_worker(config: Config, index: int) -> None:
     """Run query worker `index` until SIGTERM (server/workers.py)."""
     tune_allocator()
-    asyncio.run(_serve_worker(config.replace(bootstrap_admin_key=False, publish_state=False, query_workers=1),
-                              index))
+    # --max-connections is the server's: each of the N workers takes its share (the writer, off the
+    # port once they listen, keeps its own cap for its start-up and forwarded requests)
+    share = max(1, config.max_connections // config.query_workers)
+    asyncio.run(_serve_worker(config.replace(bootstrap_admin_key=False, publish_state=False, query_workers=1,
+                                             max_connections=share), index))
 
 
 def _open_follower(config: Config):

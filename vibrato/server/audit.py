@@ -16,7 +16,10 @@ is written as usual; later ones are only counted, and when the window ends one s
 written with `details = {"error", "aggregated": true, "count": <failures after the first>,
 "first_ts", "last_ts", "window_secs"}` (ts, request id and error of the last one, mean latency).
 At most `auth_max_keys` windows are tracked; failures of further keys are counted in one overflow
-summary (client `NULL`, endpoint `*`, `"overflow": true`) — memory stays bounded.
+summary (client `NULL`, endpoint `*`, `"overflow": true`) — memory stays bounded. With query workers
+(server/workers.py) the windows are the writer's: a worker passes its auth failures on marked as such
+(`aggregate_auth=False`) and the writer's `extend` aggregates them with its own, so a client's failures
+make one first row and one summary per window for the whole server, whichever process took them.
 """
 import asyncio
 import logging
@@ -28,6 +31,9 @@ import orjson
 from vibrato.catalog import audit as audit_sql
 
 log = logging.getLogger("vibrato.audit")
+
+
+_ROW = 9  # fields of a queued event: ts, request id, key id, endpoint, action, status, latency, client, details
 
 
 class _Window:
@@ -55,12 +61,15 @@ _OVERFLOW = ("*overflow*",)
 
 class AuditWriter:
     """`sink(rows)` (a coroutine) stores a batch: the catalog by default; a query worker's sends it to
-    the writer (server/workers.py), which `extend`s its own queue with it."""
+    the writer (server/workers.py), which `extend`s its own queue with it. aggregate_auth=False (a
+    worker): auth failures are queued as they come, each row with a trailing True, for the writer to
+    aggregate."""
 
     def __init__(self, catalog, metrics, *, sink=None, interval: float = 0.25, batch: int = 500, capacity: int = 4096,
                  retention_days: int = 30, prune_every_secs: float = 3600.0, auth_window_secs: float = 60.0,
-                 auth_max_keys: int = 1024):
+                 auth_max_keys: int = 1024, aggregate_auth: bool = True):
         self.catalog = catalog
+        self.aggregate_auth = aggregate_auth
         self.metrics = metrics
         self._sink = sink if sink is not None else self._to_catalog
         self.interval = interval
@@ -82,6 +91,10 @@ class AuditWriter:
                latency_ms: float, client_ip, details: dict, auth_failure: bool = False) -> None:
         """Queue one event (non-blocking; drops and counts when the queue is full). An auth failure
         within the window of an earlier one from the same client, endpoint and status is only counted."""
+        if auth_failure and not self.aggregate_auth:
+            self._append(ts, request_id, api_key_id, endpoint, action, status, latency_ms, client_ip, details,
+                         mark=True)
+            return
         if auth_failure and self._aggregated(ts, request_id, endpoint, action, status, latency_ms, client_ip,
                                              details):
             return
@@ -122,12 +135,14 @@ class AuditWriter:
                 self._append(window.last_ts, window.request_id, None, "*" if overflow else key[1], window.action,
                              window.status, window.latency_sum / window.count, None if overflow else key[0], details)
 
-    def _append(self, ts, request_id, api_key_id, endpoint, action, status, latency_ms, client_ip, details):
+    def _append(self, ts, request_id, api_key_id, endpoint, action, status, latency_ms, client_ip, details,
+                mark=False):
         if len(self._queue) >= self.capacity:
             self.metrics.audit_failures += 1
             return
-        self._queue.append((int(ts), request_id, api_key_id, endpoint, action, int(status), float(latency_ms),
-                            client_ip, orjson.dumps(details).decode()))
+        row = (int(ts), request_id, api_key_id, endpoint, action, int(status), float(latency_ms), client_ip,
+               orjson.dumps(details).decode())
+        self._queue.append(row + (True,) if mark else row)
         if len(self._queue) >= self.batch:
             self._wake.set()
 
@@ -168,8 +183,15 @@ class AuditWriter:
 
     def extend(self, events: list):
         """Queue events another process recorded (rows as `_append` makes them, without the flush
-        time); dropped and counted past the queue's capacity like local ones."""
+        time); dropped and counted past the queue's capacity like local ones. A row with a trailing
+        True is an auth failure, aggregated here like the writer's own."""
         for ev in events:
+            if len(ev) == _ROW + 1 and ev[_ROW] is True:
+                ts, request_id, _key, endpoint, action, status, latency_ms, client_ip, details = ev[:_ROW]
+                if self._aggregated(ts, request_id, endpoint, action, status, latency_ms, client_ip,
+                                    orjson.loads(details)):
+                    continue
+                ev = ev[:_ROW]
             if len(self._queue) >= self.capacity:
                 self.metrics.audit_failures += 1
                 continue
