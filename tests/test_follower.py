@@ -374,3 +374,96 @@ def test_the_writer_wakes_the_follow_thread(tmp_path, monkeypatch):
             wait_for(lambda: len(f.segment_set.handles) == 1, timeout=20)
         assert not f._follower.is_alive()  # close() woke it to stop, well before its idle minute
         wake.close()
+
+
+def test_a_query_never_sees_a_sync_halfway(tmp_path, monkeypatch):
+    """While one thread's sync has read new WAL rows but not yet the deletes before them, a query on
+    another thread must not take the follower for current (it would return a deleted row)."""
+    import threading
+    X = unit_rows(50, 7)
+    with writer(tmp_path / "d") as w:
+        w.ingest_batch(items(X[:20], 0))
+        with Follower.open(tmp_path / "d", dim=DIM) as f:
+            f._follower = object()  # as if follow() ran: the query's lock-free check applies
+            entered, release = threading.Event(), threading.Event()
+            real = Follower._catch_up_deletes
+
+            def held(self):
+                entered.set()
+                release.wait(20)
+                real(self)
+            monkeypatch.setattr(Follower, "_catch_up_deletes", held)
+            assert w.delete(ids=[5])["deleted"] == 1  # acknowledged
+            w.ingest_batch(items(X[20:21], 20))         # and a later write
+            t = threading.Thread(target=f.sync)         # the follow thread's sync, paused mid-way
+            t.start()
+            try:
+                assert entered.wait(20)
+                assert not f._current(for_query=True) and not f._current()
+                got = []
+                q = threading.Thread(target=lambda: got.append(top_ids(f, X[5])[:1]))
+                q.start()  # it must wait for that sync (the lock), then see the delete
+                release.set()
+                t.join()
+                q.join()
+                assert got and got[0] != [5]
+            finally:
+                release.set()
+                t.join()
+                f._follower = None
+
+
+def test_a_lagging_follower_does_not_answer_from_a_sync_a_checkpoint_overtook(tmp_path, monkeypatch):
+    """A follower behind the writer starts a sync; a checkpoint retires the rows it is about to read
+    from the WAL. Paused at its seq re-check (which will send it back to reload the segments), that
+    sync has moved its working lsn past the rows it lacks: a query must not take it for current."""
+    import threading
+    X = unit_rows(120, 8)
+    with writer(tmp_path / "d") as w:
+        w.ingest_batch(items(X[:50], 0))
+        with Follower.open(tmp_path / "d", dim=DIM) as f:
+            f._follower = object()
+            w.ingest_batch(items(X[50:100], 50))  # acknowledged while this follower lags
+            entered, release = threading.Event(), threading.Event()
+            real_shared, sync_thread = f.shared, []
+
+            class PauseAtRecheck:  # the sync thread's third read of seq is its re-check
+                reads = 0
+
+                def __getattr__(self, name):
+                    return getattr(real_shared, name)
+
+                @property
+                def seq(self):
+                    if threading.current_thread() in sync_thread:
+                        PauseAtRecheck.reads += 1
+                        if PauseAtRecheck.reads == 3:
+                            entered.set()
+                            release.wait(20)
+                    return real_shared.seq
+            real = Follower._catch_up
+
+            def overtaken(self):
+                monkeypatch.setattr(Follower, "_catch_up", real)
+                w.checkpoint()  # between its seq read and its WAL read
+                real(self)
+            monkeypatch.setattr(Follower, "_catch_up", overtaken)
+            f.shared = PauseAtRecheck()
+            t = threading.Thread(target=f.sync)
+            sync_thread.append(t)
+            t.start()
+            try:
+                assert entered.wait(20)
+                assert not f._current(for_query=True)
+                got = []
+                q = threading.Thread(target=lambda: got.append(top_ids(f, X[77])[:1]))
+                q.start()
+                release.set()
+                t.join()
+                q.join()
+                assert got == [[77]]
+            finally:
+                release.set()
+                t.join()
+                f.shared = real_shared
+                f._follower = None

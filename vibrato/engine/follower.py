@@ -4,7 +4,7 @@ queries from several processes; docs/ARCHITECTURE.md).
 The writer (an `Engine` opened with `publish_state=True`) owns the data dir: its lock, the catalog's
 writes, checkpoint, compaction. A `Follower` opens the same data dir without the lock: the catalog
 read-only, the active segments' files mapped, the WAL tail in its own hot tier and filter index.
-Before every search it calls `sync()`:
+`sync()` brings it up to date (a search calls it unless the follower is already current, below):
 
   1. read `seq` from the writer's serving state (engine/shared_state.py); while it is odd a change
      of the segment set is being published: wait for it (at most SYNC_WAIT_SECS);
@@ -22,10 +22,12 @@ transaction that retires WAL rows into a segment, so a write acknowledged before
 visible after it (read-your-writes across processes, CONTRACT.md D5).
 
 A serving follower also runs `follow()`: a thread that syncs as soon as the writer publishes, and
-reports the lsn it applied in its slot of `tmp/followers.state`, where the writer waits for it before
-acknowledging a write. A query then usually finds the follower current, and `sync()` answers from
-three loads (the state file's inode, `seq`, `lsn`) without taking the lock; catching up inside a
-query is left for a follower that fell behind.
+reports the lsn its last completed sync applied in its slot of `tmp/followers.state`, where the writer
+waits for it before acknowledging a write. A query then usually finds the follower current: the same
+state file and the writer's `visible` (the highest lsn it may have acknowledged) no later than the
+last completed sync, checked without the lock (`_current`); catching up inside a query is left for a
+follower that fell behind. Lock-free readers compare with `_synced`, never `_applied`: during a sync
+`_applied` runs ahead of the deletes and of a segment reload it has yet to do.
 """
 import logging
 import os
@@ -77,6 +79,7 @@ class Follower(Searcher):
         self._lock = threading.Lock()  # one sync at a time
         self._seq = -1                 # the writer's seq this follower's segment set matches
         self._applied = 0              # the highest lsn in its hot tier (or skipped as checkpointed)
+        self._synced = 0               # _applied as of the last sync that completed (lock-free readers)
         self._closed = False
         self._follower = None          # the follow() thread
         self._wake = None              # and the socket it sleeps on
@@ -109,13 +112,14 @@ class Follower(Searcher):
 
     # ------------------------------------------------------------------ sync
     def _current(self, for_query: bool = False) -> bool:
-        """True when nothing was published since the last sync: the same state file (a restarted
-        writer makes a new one), an even seq this follower matches, no lsn past what it applied.
+        """True when nothing was published since the last completed sync: the same state file (a
+        restarted writer makes a new one), an even seq this follower matches, no lsn past it.
 
         For a query, with the follow thread running: only the same file and `visible` (the highest lsn a
-        write may have been acknowledged at) applied. A segment-set change (checkpoint, compaction)
-        moves rows that are already in this follower's hot tier or segments, so its current state holds
-        every acknowledged write; the follow thread loads the new segments without a query waiting."""
+        write may have been acknowledged at) no later than the last completed sync. A segment-set change
+        (checkpoint, compaction) moves rows that are already in this follower's hot tier or segments, so
+        the state that sync left holds every acknowledged write; the follow thread loads the new
+        segments without a query waiting."""
         try:
             ino = os.stat(os.path.join(self.config.tmp_dir, FILE_NAME)).st_ino
         except FileNotFoundError:
@@ -125,8 +129,8 @@ class Follower(Searcher):
             if ino != self._state_ino:
                 return False
             if for_query and self._follower is not None:
-                return shared.visible <= self._applied
-            return shared.seq == self._seq and shared.lsn <= self._applied
+                return shared.visible <= self._synced
+            return shared.seq == self._seq and shared.lsn <= self._synced
         except ValueError:  # the follow thread closed that mapping for a restarted writer's file
             return False
 
@@ -150,6 +154,8 @@ class Follower(Searcher):
                         self._applied = max(self._applied, lsn)
                     if complete and self.shared.seq == seq:
                         self._seq = seq
+                        # only now: mid-sync, _applied runs ahead of the deletes and of a reload
+                        self._synced = self._applied
                         return
                 if time.monotonic() > deadline:
                     raise NotReadyError(f"the writer did not finish publishing a segment change within "
@@ -174,9 +180,10 @@ class Follower(Searcher):
             try:
                 if not self._current():
                     self.sync()
-                if self._applied != reported:
-                    report(self._applied)
-                    reported = self._applied
+                synced = self._synced
+                if synced != reported:
+                    report(synced)
+                    reported = synced
             except Exception as exc:  # noqa: BLE001 - queries still sync inline; retry
                 log.warning("follower catch-up failed (queries catch up themselves): %s", exc)
                 time.sleep(FOLLOW_RETRY_SECS)
@@ -265,8 +272,8 @@ def _poke(wake):
     """Wake the follow thread sleeping on `wake` (close() does, so it need not wait out its timeout)."""
     if wake is None:
         return
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+    try:  # non-blocking: with its queue full a wake-up is pending anyway
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK) as s:
             s.sendto(b"w", wake.getsockname())
     except OSError:
         pass

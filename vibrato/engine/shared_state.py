@@ -11,12 +11,14 @@ datagram per publication.
                   acknowledgement, so a write acknowledged anywhere is behind a published lsn
     4  pid        the writer's pid
     5  visible    the highest lsn a write may have been acknowledged at: with query workers the server
-                  publishes it after they applied the write (server/workers.py), else it follows lsn
+                  publishes it just before the answer, once they applied the write or it stopped
+                  waiting for them (server/workers.py); else it follows lsn
 
-The writer (`SharedState.create`) is the only one that writes. A follower (vibrato.engine.follower)
-reads `seq`, catches up with `lsn`, and reads `seq` again; a change of the segment set that overlaps
-its catch-up reads shows as a changed `seq`, so it retries (read-your-writes across processes,
-CONTRACT.md D5). Words are 8-byte aligned: a load or store of one is atomic on every supported CPU;
+The writer (`SharedState.create`) is the only one that writes. A follower's sync
+(vibrato.engine.follower) reads `seq`, catches up with `lsn`, and reads `seq` again; a change of the
+segment set that overlaps its catch-up reads shows as a changed `seq`, so it retries. A query on a
+follower whose follow thread runs skips the sync when its last completed one covers `visible`
+(read-your-writes across processes, CONTRACT.md D5). Words are 8-byte aligned: a load or store of one is atomic on every supported CPU;
 the catalog reads between the loads are system calls, which order them.
 """
 import mmap

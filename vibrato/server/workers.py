@@ -115,7 +115,8 @@ class WorkerPool:
         self.progress = None   # FollowerProgress: slot i is worker i's applied lsn
         # Workers are started from this thread, which keeps the writer's first nice value: a child
         # inherits its creator thread's, and the writer may lower its own (--writer-nice) but could
-        # not give a restarted worker back the higher priority.
+        # not give a restarted worker back the higher priority. It must live as long as the workers:
+        # PR_SET_PDEATHSIG fires when the thread that started a worker exits, not only the process.
         self._spawner = ThreadPoolExecutor(1, thread_name_prefix="vibrato-spawn")
         self.spawner_tid = self._spawner.submit(threading.get_native_id).result()
         self._lagging = set()  # workers that missed an ACK_WAIT_SECS: not waited for until caught up
@@ -277,8 +278,10 @@ def follow_writer(follower, config: Config, index: int):
     except (OSError, ValueError, IndexError, UnsafePathError) as exc:
         log.warning("query worker %d: no followers state (%s); queries catch up themselves", index, exc)
         return None
+    wake_path = os.path.join(config.tmp_dir, WAKE_SOCKET.format(index))
     try:
-        wake = wake_socket(os.path.join(config.tmp_dir, WAKE_SOCKET.format(index)))
+        wake = wake_socket(wake_path)
+        wake_ino = os.stat(wake_path).st_ino
     except OSError as exc:
         log.warning("query worker %d: no wake-up socket (%s); following by polling", index, exc)
         wake = None
@@ -291,8 +294,9 @@ def follow_writer(follower, config: Config, index: int):
         progress.close()
         if wake is not None:
             wake.close()
-            try:
-                os.unlink(os.path.join(config.tmp_dir, WAKE_SOCKET.format(index)))
+            try:  # unless a newer worker i (this one was still draining) has bound the path since
+                if os.stat(wake_path).st_ino == wake_ino:
+                    os.unlink(wake_path)
             except OSError:
                 pass
     return stop_following
