@@ -120,14 +120,10 @@ class Follower(Searcher):
         (checkpoint, compaction) moves rows that are already in this follower's hot tier or segments, so
         the state that sync left holds every acknowledged write; the follow thread loads the new
         segments without a query waiting."""
-        try:
-            ino = os.stat(os.path.join(self.config.tmp_dir, FILE_NAME)).st_ino
-        except FileNotFoundError:
-            ino = self._state_ino
+        if self._state_file_ino() not in (None, self._state_ino):
+            return False
         try:
             shared = self.shared
-            if ino != self._state_ino:
-                return False
             if for_query and self._follower is not None:
                 return shared.visible <= self._synced
             return shared.seq == self._seq and shared.lsn <= self._synced
@@ -178,8 +174,7 @@ class Follower(Searcher):
         reported = None
         while not self._closed:
             try:
-                if not self._current():
-                    self.sync()
+                self.sync()  # returns at once when nothing was published
                 synced = self._synced
                 if synced != reported:
                     report(synced)
@@ -191,18 +186,23 @@ class Follower(Searcher):
 
     def _follow_restarts(self):
         """A restarted writer makes a new state file: map it and reload the segment set."""
-        try:
-            ino = os.stat(os.path.join(self.config.tmp_dir, FILE_NAME)).st_ino
-        except FileNotFoundError:
-            return
-        if ino != self._state_ino:
+        ino = self._state_file_ino()
+        if ino is not None and ino != self._state_ino:
             self.shared.close()
             self.shared, self._state_ino = self._open_state()
             self._seq = -1
 
     def _open_state(self):
         state = SharedState.open(self.config.tmp_dir)
-        return state, os.stat(os.path.join(self.config.tmp_dir, FILE_NAME)).st_ino
+        return state, self._state_file_ino()
+
+    def _state_file_ino(self):
+        """The inode of the writer's state file now (None while there is none): a restarted writer
+        makes a new file."""
+        try:
+            return os.stat(os.path.join(self.config.tmp_dir, FILE_NAME)).st_ino
+        except FileNotFoundError:
+            return None
 
     def _reload_segments(self) -> bool:
         """The catalog's serving segments become the segment set. False when a file vanished on the
