@@ -2,7 +2,8 @@
 
     .venv/bin/python perf/bench_ingest_load.py [--n 100000] [--ingest 100000] [--runs 3] [--duration 8]
 
-Per run, on a fresh data dir (serve-v2, one process unless VIBRATO_BENCH_SERVER_ARGS says otherwise):
+Per run, on a fresh data dir (serve-v2 with its defaults: one query worker per core; extra flags from
+VIBRATO_BENCH_SERVER_ARGS, e.g. "--query-workers 1" for one process):
 load --n vectors and compact them (as perf/bench_wrk.py does), then
   * batch ingest: 4 connections posting batches of 1,000 vectors (JSON float arrays, or with
     --compact base64 float32 vectors as vibrato.client sends them; metadata with a tag) until --ingest vectors are acknowledged (durable: fsynced before the answer) -> vectors/s;

@@ -135,7 +135,7 @@ class Vibrato(H.Vibrato):
                "--dim", "128", "--host", "127.0.0.1", "--port", str(self.port), "--bootstrap-admin-key", "true",
                "--checkpoint-interval-secs", "3600", "--compaction-interval-secs", "3600",
                "--audio-colocated", "false", "--max-body-bytes", str(64 << 20),
-               *(["--query-workers", str(self.workers)] if self.workers > 1 else []),
+               "--query-workers", str(self.workers),
                *os.environ.get("VIBRATO_BENCH_SERVER_ARGS", "").split()]
         self.log = open(self.workdir / "vibrato.log", "w")
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True)

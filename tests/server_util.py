@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from vibrato.client import Client
+from vibrato.config import Config
 
 REPO = Path(__file__).resolve().parent.parent
 VIBRATO = [sys.executable, "-m", "vibrato.cli"]
@@ -20,6 +21,21 @@ def free_port(host="127.0.0.1") -> int:
     with socket.socket(family, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def query_workers(args) -> int:
+    """How many query workers serve-v2 started with `args` runs (1: the writer alone), as it resolves
+    --query-workers (the last one given; 0 or none: one per usable core)."""
+    args = [str(a) for a in args]
+    if not args or args[0] != "serve-v2":
+        return 1
+    value = 0
+    for i, a in enumerate(args):
+        if a == "--query-workers" and i + 1 < len(args):
+            value = int(args[i + 1])
+        elif a.startswith("--query-workers="):
+            value = int(a.split("=", 1)[1])
+    return Config(query_workers=value).effective_query_workers
 
 
 def run_cli(*args, cwd=None, env=None, timeout=120) -> subprocess.CompletedProcess:
@@ -51,6 +67,7 @@ class ServerProcess:
                 args += ["--bootstrap-admin-key", "true"]
             args += list(extra)
         self.args = args
+        self.workers = query_workers(args)
         self.proc = subprocess.Popen([*VIBRATO, *args], cwd=cwd, env=_env(env), stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True)
         self.stdout_lines, self.stderr_lines = [], []
@@ -80,7 +97,9 @@ class ServerProcess:
         return Client(self.url, token)
 
     def wait_ready(self, timeout=60.0) -> "ServerProcess":
-        """Wait until /v2/health/ready answers 200 (fails if the process exits first)."""
+        """Wait until /v2/health/ready answers 200 and, with query workers, until they serve the port
+        (the writer answers alone until then): a test then talks to the processes a client meets
+        once the server has started (fails if the process exits first)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -89,12 +108,21 @@ class ServerProcess:
                 # The bootstrap token (if any) is printed before the port binds; it also passes
                 # private health checks (--public-health-metrics false).
                 status, _, _ = Client(self.url, self.bootstrap_token, timeout=5).request("GET", "/v2/health/ready")
-                if status == 200:
+                if status == 200 and self.workers_serving():
                     return self
             except OSError:
                 pass
             time.sleep(0.05)
         raise TimeoutError(f"server not ready after {timeout}s: {self.output()}")
+
+    def workers_serving(self) -> bool:
+        """True with one process, or once the writer logged that its query workers serve the port."""
+        if self.workers <= 1:
+            return True
+        lines = list(self.stderr_lines)
+        if any("did not start listening" in line for line in lines):
+            raise RuntimeError(f"query workers did not start: {self.output()}")
+        return any("query workers serving the port" in line for line in lines)
 
     def wait_exit(self, timeout=60.0) -> int:
         rc = self.proc.wait(timeout=timeout)

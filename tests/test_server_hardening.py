@@ -316,7 +316,9 @@ def _fd_count(pid) -> int:
 
 
 def test_connections_beyond_the_cap_get_503_and_fds_stay_bounded(tmp_path):
-    with ServerProcess(tmp_path / "data", extra=["--max-connections", "8", "--keepalive-timeout-secs", "30"]) as srv:
+    # one process and its own cap (how query workers split it: tests/test_server_workers.py)
+    with ServerProcess(tmp_path / "data", extra=["--max-connections", "8", "--keepalive-timeout-secs", "30",
+                                                 "--query-workers", "1"]) as srv:
         srv.wait_ready()
         time.sleep(0.5)
         base_fds = _fd_count(srv.proc.pid)
@@ -355,7 +357,9 @@ def test_connections_beyond_the_cap_get_503_and_fds_stay_bounded(tmp_path):
 
 
 def test_accept_errors_at_the_fd_limit_are_rate_limited(tmp_path):
-    with ServerProcess(tmp_path / "data", extra=["--max-connections", "1000", "--keepalive-timeout-secs", "30"]) as srv:
+    # one process: the fd limit is set on the process that accepts (a query worker runs the same loop code)
+    with ServerProcess(tmp_path / "data", extra=["--max-connections", "1000", "--keepalive-timeout-secs", "30",
+                                                 "--query-workers", "1"]) as srv:
         srv.wait_ready()
         time.sleep(0.3)
         limit = _fd_count(srv.proc.pid) + 20

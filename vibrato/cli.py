@@ -181,10 +181,11 @@ def cli():
              "Answer a well-formed, authorized small query (one that --inline-search runs on the loop) straight "
              "from the connection, without aiohttp's per-request objects: same response, metrics, audit row and "
              "access line, less CPU. Anything else (errors included) takes the regular route either way.")
-@click.option("--query-workers", type=click.IntRange(1, 64), default=_DEFAULTS.query_workers, show_default=True,
+@click.option("--query-workers", type=click.IntRange(0, 64), default=_DEFAULTS.query_workers, show_default=True,
               help="Processes serving HTTP on the port: 1, this one; N > 1, N query workers that answer "
                    "query/identify themselves and pass every other request to this one, the writer, which "
-                   "leaves the port to them once they listen (docs/SERVER.md).")
+                   "leaves the port to them once they listen; 0, one worker per usable core (at most 8; "
+                   "a single core: 1) (docs/SERVER.md).")
 @click.option("--writer-nice", type=click.IntRange(0, 19), default=_DEFAULTS.writer_nice, show_default=True,
               help="With --query-workers > 1: the nice value the writer (ingest, checkpoint, compaction) takes "
                    "once the workers serve the port, so that queries come first when the cores are busy; "

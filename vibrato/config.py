@@ -4,10 +4,32 @@ Field names match the serve-v2 flags (with dashes as underscores); defaults are 
 Limits (CONTRACT.md D20) are documented here and answered with 400/413 by the server.
 """
 import dataclasses
+import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 MADVISE_MODES = ("normal", "random", "sequential", "willneed")
+# Each query worker holds its own copy of the un-checkpointed rows and every write waits for each to
+# apply it, so `--query-workers 0` stops at this many even on a larger machine (docs/SERVER.md).
+MAX_AUTO_QUERY_WORKERS = 8
+
+
+def usable_cores() -> int:
+    """Cores this process may run on: its CPU affinity, lowered by a cgroup v2 CPU quota (a container
+    started with --cpus) when one is set."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as f:
+            quota, period = f.read().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cores)
 
 
 @dataclass(frozen=True)
@@ -40,7 +62,8 @@ class Config:
     server_threads: int = 0               # executor threads for blocking work; 0 = min(32, 4 * cpus + 4)
     inline_search: bool = True            # small queries (k <= 100, ef <= 256) run on the event loop
     fast_query_path: bool = True          # such queries skip aiohttp's request machinery (server/fastpath.py)
-    query_workers: int = 1                # processes serving HTTP: 1 the writer; N > 1 query workers (server/workers.py)
+    query_workers: int = 0                # processes serving HTTP: 1 the writer; N > 1 query workers (server/workers.py);
+                                          # 0 = one per usable core, at most MAX_AUTO_QUERY_WORKERS
     writer_nice: int = 10                 # with query workers: the writer's nice value once they serve the port
     key_cache_ttl_secs: float = 1.0       # API-key cache entry lifetime; revocation applies within it (CONTRACT.md D17)
     keepalive_timeout_secs: float = 75.0  # an idle connection (no request in progress) is closed after this
@@ -86,6 +109,14 @@ class Config:
     limits: Limits = field(default_factory=Limits)
 
     @property
+    def effective_query_workers(self) -> int:
+        """--query-workers, or when 0 one per core this process may use (1 on a single core: the writer
+        serves alone), at most MAX_AUTO_QUERY_WORKERS."""
+        if self.query_workers:
+            return self.query_workers
+        return max(1, min(MAX_AUTO_QUERY_WORKERS, usable_cores()))
+
+    @property
     def effective_body_timeout_secs(self) -> float:
         """--body-timeout-secs, or when 0 the time to receive --max-body-bytes at 64 KiB/s (at least 30 s)."""
         if self.body_timeout_secs > 0:
@@ -110,8 +141,8 @@ class Config:
                      "hot_max_rows", "ingest_backpressure_wait_secs"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
-        if not 1 <= self.query_workers <= 64:
-            raise ValueError(f"--query-workers must be between 1 and 64, got {self.query_workers}")
+        if not 0 <= self.query_workers <= 64:
+            raise ValueError(f"--query-workers must be between 0 (one per core) and 64, got {self.query_workers}")
         if not 0 <= self.writer_nice <= 19:
             raise ValueError(f"--writer-nice must be between 0 and 19, got {self.writer_nice}")
         for name in ("keepalive_timeout_secs", "header_timeout_secs", "max_connections"):

@@ -345,6 +345,8 @@ async def _drain(app: web.Application, config: Config):
 
 async def _serve(config: Config) -> None:
     stop = _stop_on_signals()
+    # resolved once here: the workers' count, each one's share of --max-connections, the log line
+    config = config.replace(query_workers=config.effective_query_workers)
     several = config.query_workers > 1
     if several:
         config = config.replace(publish_state=True)
