@@ -6,8 +6,14 @@ after the first large free, so later large blocks come from the heap and fragmen
 thread may get its own arena (8 x cores). Measured in-process with 220k ingested 128-d vectors
 (checkpoints + compactions): RssAnon 156 MB with the defaults, 95-118 MB with the settings below.
 Both are no-ops where the C library is not glibc.
+
+The cyclic garbage collector is the other process-wide cost: a full collection walks every tracked
+object while holding the GIL, and a serving process holds ~50k of them from its imports alone. In a
+query worker under an ingest load full collections took 30-41 ms, every query in flight waiting
+(perf/README.md); `freeze_heap` moves what start-up built out of its reach.
 """
 import ctypes
+import gc
 import ctypes.util
 import logging
 
@@ -48,3 +54,12 @@ def release_free_memory() -> None:
     """Return free heap pages to the OS (housekeeping calls this after background work)."""
     if _LIBC is not None:
         _LIBC.malloc_trim(0)
+
+
+def freeze_heap() -> None:
+    """Once a server process serves (start-up and recovery done): collect, then exempt every object
+    alive now from later collections (gc.freeze). They are modules, classes and the loaded state,
+    kept for the process's life; reference counting still frees any of them that goes away. Later
+    full collections then walk only what was allocated since."""
+    gc.collect()
+    gc.freeze()

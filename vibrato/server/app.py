@@ -32,7 +32,7 @@ from aiohttp import web
 
 from vibrato import apikeys
 from vibrato.config import Config
-from vibrato.engine.memory import tune_allocator
+from vibrato.engine.memory import freeze_heap, tune_allocator
 from vibrato.engine.throttle import lower_process_priority
 from vibrato.server import handlers as h
 from vibrato.server import openapi
@@ -257,6 +257,7 @@ async def _watch_readiness(app: web.Application):
             ready, report = False, str(exc)
         if report != "recovering":
             log.info(report, extra={"fields": {"ready": ready}})
+            freeze_heap()  # start-up's objects leave the garbage collector's full passes
             return
         await asyncio.sleep(delay)
         delay = min(1.0, delay * 2)
