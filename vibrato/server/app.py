@@ -257,7 +257,6 @@ async def _watch_readiness(app: web.Application):
             ready, report = False, str(exc)
         if report != "recovering":
             log.info(report, extra={"fields": {"ready": ready}})
-            freeze_heap()  # start-up's objects leave the garbage collector's full passes
             return
         await asyncio.sleep(delay)
         delay = min(1.0, delay * 2)
@@ -376,6 +375,8 @@ async def _serve(config: Config) -> None:
             internal = web.UnixSite(runner, os.path.join(config.tmp_dir, workers.INTERNAL_SOCKET))
             await internal.start()
             starter = asyncio.create_task(_start_workers(app, config, site), name="vibrato-start-workers")
+        else:
+            starter = asyncio.create_task(_when_recovered(app[K.ENGINE]), name="vibrato-freeze-heap")
         shown = f"[{host}]" if ":" in host else host
         log.info(f"Starting Vibrato v2 server on http://{shown}:{config.port}",
                  extra={"fields": {"data_dir": str(config.data_dir), "collection": config.collection,
@@ -388,8 +389,8 @@ async def _serve(config: Config) -> None:
                  extra={"fields": {"in_flight": app[K.INFLIGHT].count}})
         if site in runner.sites:  # with workers serving, the writer already left the port
             await site.stop()
+        starter.cancel()
         if several:
-            starter.cancel()
             if app[K.WORKERS] is not None:  # they drain first: their forwarded requests need the writer
                 await app[K.WORKERS].stop(config.shutdown_timeout_secs + 5)
         for s in list(runner.sites):
@@ -400,12 +401,20 @@ async def _serve(config: Config) -> None:
     log.info("shutdown complete")
 
 
+async def _when_recovered(engine):
+    """Wait until recovery is over, then freeze the heap: what start-up and recovery built lives as
+    long as the process, and out of the garbage collector's full passes it no longer stalls queries
+    (engine/memory.py)."""
+    while engine.readiness()[1] == "recovering":
+        await asyncio.sleep(0.05)
+    freeze_heap()
+
+
 async def _start_workers(app: web.Application, config: Config, site: web.TCPSite):
     """Start the query workers once recovery has published the serving state; once they all listen,
     the writer leaves the public port to them (server/workers.py)."""
     engine = app[K.ENGINE]
-    while engine.readiness()[1] == "recovering":
-        await asyncio.sleep(0.05)
+    await _when_recovered(engine)
     if engine.shared_state is None:
         log.error("recovery failed: no query workers are started")
         return
@@ -460,6 +469,7 @@ async def _serve_worker(config: Config, index: int) -> None:
         state_site = web.UnixSite(runner, os.path.join(config.tmp_dir, workers.WORKER_SOCKET.format(index)))
         await state_site.start()
         log.info("query worker serving", extra={"fields": {"worker": index, "pid": os.getpid()}})
+        freeze_heap()  # the follower is loaded (engine/memory.py)
         await stop.wait()
         await site.stop()
         await _drain(app, config)
