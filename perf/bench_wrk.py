@@ -126,7 +126,7 @@ def run_wrk(wrk: str, url: str, script: str, threads: int, conns: int, secs: flo
 
 # ---------------------------------------------------------------------------- servers
 class Vibrato(H.Vibrato):
-    def __init__(self, workdir, workers: int = 1):
+    def __init__(self, workdir, workers: int | None = None):
         super().__init__(workdir)
         self.workers = workers
 
@@ -135,7 +135,7 @@ class Vibrato(H.Vibrato):
                "--dim", "128", "--host", "127.0.0.1", "--port", str(self.port), "--bootstrap-admin-key", "true",
                "--checkpoint-interval-secs", "3600", "--compaction-interval-secs", "3600",
                "--audio-colocated", "false", "--max-body-bytes", str(64 << 20),
-               "--query-workers", str(self.workers),
+               *(["--query-workers", str(self.workers)] if self.workers else []),  # None: the server's default
                *os.environ.get("VIBRATO_BENCH_SERVER_ARGS", "").split()]
         self.log = open(self.workdir / "vibrato.log", "w")
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True)

@@ -319,3 +319,23 @@ def test_max_connections_is_the_servers_not_each_workers(tmp_path):
             s.close()
     finally:
         srv.terminate(timeout=60)
+
+
+def test_a_data_dir_too_deep_for_a_unix_socket_path_still_gets_its_workers(tmp_path):
+    """tmp/worker-1.sock under this data dir is longer than AF_UNIX takes (107 bytes): the sockets are
+    bound and reached through a descriptor of tmp/ (datadir.unix_address), so the server starts with its
+    workers (it failed with "AF_UNIX path too long" before), forwards writes and serves queries."""
+    data = tmp_path / ("d" * 60) / ("e" * 60) / "data"
+    assert len(str(data / "tmp" / "worker-1.sock").encode()) > 107
+    srv = ServerProcess(data, extra=["--query-workers", "2"]).wait_ready()
+    try:
+        wait_workers_own_the_port(srv, data)
+        c = srv.client(srv.bootstrap_token)
+        X = unit_rows(20, 7)
+        for i, x in enumerate(X):  # forwarded to the writer, acknowledged once both workers applied it
+            vid, created = c.ingest(x, metadata={"source_file": f"{i}.wav"})
+            assert created and [r["id"] for r in c.query(x, k=1)["results"]] == [vid]
+        assert sorted(os.listdir(data / "tmp")) == ["followers.state", "internal.sock", "serving.state",
+                                                    "worker-1.sock", "worker-1.wake", "worker-2.sock", "worker-2.wake"]
+    finally:
+        srv.terminate(timeout=60)

@@ -11,6 +11,7 @@ with `resolve_rel`, never joined blindly. Files are opened with O_NOFOLLOW.
 import errno
 import os
 import stat
+import threading
 from pathlib import Path
 
 from vibrato.errors import VibratoError
@@ -19,6 +20,7 @@ LAYOUT = ("segments", "quarantine", "snapshots", "tmp", "logs")
 FILE_MODE = 0o600
 DIR_MODE = 0o700
 MAX_NAME_BYTES = 255
+UNIX_PATH_MAX = 107   # bytes of an AF_UNIX socket path the kernel takes (sun_path, NUL excluded)
 
 
 class UnsafePathError(VibratoError):
@@ -187,3 +189,28 @@ def open_private(path, flags: int, what: str) -> int:
         os.close(fd)
         raise
     return fd
+
+
+_dir_fds: dict = {}   # directory -> (fd, st_dev, st_ino): unix_address's descriptors, one per directory
+_dir_fds_lock = threading.Lock()
+
+
+def unix_address(path) -> str:
+    """The address to bind or reach the unix socket at `path` with: the path itself, or when it is longer
+    than the kernel takes (a data dir deep in the tree) the same file through this process's descriptor
+    of its directory, `/proc/self/fd/<n>/<name>`. The socket is still created in, and guarded by, that
+    directory (0700); the address is valid in this process only."""
+    path = os.fspath(path)
+    if len(os.fsencode(path)) <= UNIX_PATH_MAX:
+        return path
+    directory, name = os.path.split(path)
+    st = os.stat(directory, follow_symlinks=False)
+    with _dir_fds_lock:
+        held = _dir_fds.get(directory)
+        if held is None or held[1:] != (st.st_dev, st.st_ino):  # a directory made again since
+            fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            if held is not None:
+                os.close(held[0])
+            st = os.fstat(fd)
+            held = _dir_fds[directory] = (fd, st.st_dev, st.st_ino)
+    return f"/proc/self/fd/{held[0]}/{name}"

@@ -28,7 +28,7 @@ import struct
 import threading
 import time
 
-from vibrato.datadir import FILE_MODE, UnsafePathError, open_regular
+from vibrato.datadir import FILE_MODE, UnsafePathError, open_regular, unix_address
 
 FILE_NAME = "serving.state"
 MAGIC = b"VBSTATE1"
@@ -82,7 +82,7 @@ class SharedState:
         following processes need not poll."""
         if self._wake_sock is None:
             self._wake_sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
-        self._wake_paths = tuple(paths)
+        self._wake_paths = tuple(unix_address(p) for p in paths)
 
     def _wake(self):
         for path in self._wake_paths:
@@ -166,7 +166,7 @@ def wake_socket(path) -> socket.socket:
         pass
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
     try:
-        sock.bind(path)
+        sock.bind(unix_address(path))
         os.chmod(path, FILE_MODE)
     except BaseException:
         sock.close()

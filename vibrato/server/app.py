@@ -32,6 +32,7 @@ from aiohttp import web
 
 from vibrato import apikeys
 from vibrato.config import Config
+from vibrato.datadir import unix_address
 from vibrato.engine.memory import freeze_heap, tune_allocator
 from vibrato.engine.throttle import lower_process_priority
 from vibrato.server import handlers as h
@@ -203,7 +204,7 @@ class _Resources:
         """A query worker's connection pool to the writer's internal socket."""
         import aiohttp
         path = os.path.join(app[K.CONFIG].tmp_dir, workers.INTERNAL_SOCKET)
-        session = aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=path, limit=64),
+        session = aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=unix_address(path), limit=64),
                                         timeout=aiohttp.ClientTimeout(total=None, sock_connect=10))
         app[K.FORWARDER] = session
         yield
@@ -372,7 +373,7 @@ async def _serve(config: Config) -> None:
             raise OSError(f"cannot listen on {config.host}:{config.port}: {exc.strerror or exc}") from exc
         internal = None
         if several:
-            internal = web.UnixSite(runner, os.path.join(config.tmp_dir, workers.INTERNAL_SOCKET))
+            internal = web.UnixSite(runner, unix_address(os.path.join(config.tmp_dir, workers.INTERNAL_SOCKET)))
             await internal.start()
             starter = asyncio.create_task(_start_workers(app, config, site), name="vibrato-start-workers")
         else:
@@ -466,7 +467,7 @@ async def _serve_worker(config: Config, index: int) -> None:
         await runner.setup()
         site = web.TCPSite(runner, bind_host(config.host), config.port, reuse_address=True, reuse_port=True)
         await site.start()
-        state_site = web.UnixSite(runner, os.path.join(config.tmp_dir, workers.WORKER_SOCKET.format(index)))
+        state_site = web.UnixSite(runner, unix_address(os.path.join(config.tmp_dir, workers.WORKER_SOCKET.format(index))))
         await state_site.start()
         log.info("query worker serving", extra={"fields": {"worker": index, "pid": os.getpid()}})
         freeze_heap()  # the follower is loaded (engine/memory.py)

@@ -50,7 +50,7 @@ import orjson
 from aiohttp import web
 
 from vibrato.config import Config, Limits
-from vibrato.datadir import UnsafePathError
+from vibrato.datadir import UnsafePathError, unix_address
 
 log = logging.getLogger("vibrato.server")
 
@@ -235,7 +235,7 @@ class _UnixHTTPConnection(http.client.HTTPConnection):
     def connect(self):
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(self.timeout)
-        self.sock.connect(self._path)
+        self.sock.connect(unix_address(self._path))
 
 
 def _get_unix(path: str, target: str) -> dict:
