@@ -174,13 +174,34 @@ class GateServer:
         self._close_logs()
 
     # -------------------------------------------------------------- process sampling (Linux /proc)
+    def pids(self) -> list[int]:
+        """The server's processes: the writer and its query workers (its children), which the resource
+        figures below add up, since with workers (the default on two or more cores) they hold memory and
+        connections too."""
+        out = [self.pid]
+        for name in os.listdir("/proc"):
+            if name.isdigit():
+                try:
+                    with open(f"/proc/{name}/stat") as f:
+                        if int(f.read().rsplit(")", 1)[1].split()[1]) == self.pid:
+                            out.append(int(name))
+                except (OSError, ValueError, IndexError):
+                    continue
+        return out
+
     def _status_bytes(self, field: str) -> int:
-        """A kB field of /proc/<pid>/status, in bytes (0 when absent)."""
-        with open(f"/proc/{self.pid}/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-        return 0
+        """A kB field of /proc/<pid>/status, in bytes, summed over the server's processes (0 when absent)."""
+        total = 0
+        for pid in self.pids():
+            try:
+                with open(f"/proc/{pid}/status") as f:
+                    for line in f:
+                        if line.startswith(field + ":"):
+                            total += int(line.split()[1]) * 1024
+                            break
+            except OSError:  # a worker that exited between the listing and the read
+                continue
+        return total
 
     def rss_bytes(self) -> int:
         return self._status_bytes("VmRSS")
@@ -189,7 +210,13 @@ class GateServer:
         return self._status_bytes("RssAnon")
 
     def open_fds(self) -> int:
-        return len(os.listdir(f"/proc/{self.pid}/fd"))
+        total = 0
+        for pid in self.pids():
+            try:
+                total += len(os.listdir(f"/proc/{pid}/fd"))
+            except OSError:
+                continue
+        return total
 
 
 def unit_vectors(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:

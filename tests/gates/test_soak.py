@@ -13,7 +13,8 @@ of mixed load: 60 s as in v2.1's soak (whose first sample comes one 60 s interva
 or a third of a shorter run. Without that, a 90 s soak starting from an empty 60 MB process measures cache
 warm-up, not leaks.
 
-Every sample interval the harness records the server's RSS (VmRSS and RssAnon), open fds,
+Every sample interval the harness records the server's RSS (VmRSS and RssAnon) and open fds, summed
+over its processes (the writer and its query workers),
 `tmp/*.vdb.tmp` files, the catalog's SQLite -wal size, active segments (from /v2/admin/stats),
 achieved ops/s and query p50/p99. At the end (after the load stops and background jobs are idle) it
 asserts:
