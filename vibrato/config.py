@@ -16,20 +16,50 @@ MAX_AUTO_QUERY_WORKERS = 8
 
 
 def usable_cores() -> int:
-    """Cores this process may run on: its CPU affinity, lowered by a cgroup v2 CPU quota (a container
-    started with --cpus) when one is set."""
+    """Cores this process may run on: its CPU affinity, lowered by its cgroup's CPU quota when one is
+    set (a container's --cpus, systemd's CPUQuota=)."""
     try:
         cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         cores = os.cpu_count() or 1
-    try:
-        with open("/sys/fs/cgroup/cpu.max") as f:
-            quota, period = f.read().split()[:2]
-        if quota != "max":
-            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
-    except (OSError, ValueError):
-        pass
+    quota = cgroup_cpu_quota()
+    if quota is not None:
+        cores = min(cores, max(1, math.ceil(quota)))
     return max(1, cores)
+
+
+def cgroup_cpu_quota(proc_cgroup="/proc/self/cgroup", root="/sys/fs/cgroup") -> float | None:
+    """The CPU quota of this process's cgroup in cores (quota / period: cgroup v2 `cpu.max`, or v1
+    `cpu.cfs_quota_us` / `cpu.cfs_period_us`), or None when there is none or it cannot be read."""
+    try:
+        with open(proc_cgroup) as f:
+            lines = [line.rstrip("\n").split(":", 2) for line in f]
+    except OSError:
+        return None
+    for hier, controllers, rel in (parts for parts in lines if len(parts) == 3):
+        rel = rel.rstrip("/")
+        if hier == "0" and not controllers:  # v2: "0::/path"
+            candidates = [(f"{root}{rel}/cpu.max", None), (f"{root}/cpu.max", None)]
+        elif "cpu" in controllers.split(","):  # v1: "4:cpu,cpuacct:/path"
+            base = f"{root}/{controllers}"
+            candidates = [(f"{base}{rel}/cpu.cfs_quota_us", f"{base}{rel}/cpu.cfs_period_us"),
+                          (f"{base}/cpu.cfs_quota_us", f"{base}/cpu.cfs_period_us")]
+        else:
+            continue
+        for quota_path, period_path in candidates:
+            try:
+                with open(quota_path) as f:
+                    fields = f.read().split()
+                if period_path is not None:
+                    with open(period_path) as f:
+                        fields += f.read().split()
+                quota, period = fields[0], fields[1]
+                if quota in ("max", "-1"):
+                    return None
+                return int(quota) / int(period)
+            except (OSError, ValueError, IndexError, ZeroDivisionError):
+                continue
+    return None
 
 
 @dataclass(frozen=True)

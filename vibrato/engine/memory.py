@@ -13,8 +13,8 @@ query worker under an ingest load full collections took 30-41 ms, every query in
 (perf/README.md); `freeze_heap` moves what start-up built out of its reach.
 """
 import ctypes
-import gc
 import ctypes.util
+import gc
 import logging
 
 log = logging.getLogger("vibrato.engine")

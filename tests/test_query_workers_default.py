@@ -1,0 +1,60 @@
+"""`--query-workers 0` (the default): one query worker per usable core, at most MAX_AUTO_QUERY_WORKERS;
+usable means the CPU affinity, lowered by the cgroup's CPU quota (docs/SERVER.md)."""
+import os
+
+import pytest
+
+from vibrato import config as C
+from vibrato.config import Config, cgroup_cpu_quota
+
+
+def _write(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def test_cgroup_v2_quota_of_the_process_own_cgroup(tmp_path):
+    _write(tmp_path / "proc", "0::/system.slice/vibrato.service\n")
+    _write(tmp_path / "cg/system.slice/vibrato.service/cpu.max", "150000 100000\n")
+    _write(tmp_path / "cg/cpu.max", "max 100000\n")  # the root's: not this process's
+    assert cgroup_cpu_quota(tmp_path / "proc", tmp_path / "cg") == 1.5
+    _write(tmp_path / "cg/system.slice/vibrato.service/cpu.max", "max 100000\n")
+    assert cgroup_cpu_quota(tmp_path / "proc", tmp_path / "cg") is None
+
+
+def test_cgroup_v2_in_a_container_namespace_reads_the_root(tmp_path):
+    _write(tmp_path / "proc", "0::/\n")
+    _write(tmp_path / "cg/cpu.max", "100000 100000\n")
+    assert cgroup_cpu_quota(tmp_path / "proc", tmp_path / "cg") == 1.0
+
+
+def test_cgroup_v1_quota(tmp_path):
+    _write(tmp_path / "proc", "4:memory:/x\n3:cpu,cpuacct:/docker/abc\n0::/\n")
+    _write(tmp_path / "cg/cpu,cpuacct/docker/abc/cpu.cfs_quota_us", "250000\n")
+    _write(tmp_path / "cg/cpu,cpuacct/docker/abc/cpu.cfs_period_us", "100000\n")
+    assert cgroup_cpu_quota(tmp_path / "proc", tmp_path / "cg") == 2.5
+    _write(tmp_path / "cg/cpu,cpuacct/docker/abc/cpu.cfs_quota_us", "-1\n")
+    assert cgroup_cpu_quota(tmp_path / "proc", tmp_path / "cg") is None
+
+
+def test_unreadable_or_malformed_cgroup_files_mean_no_quota(tmp_path):
+    assert cgroup_cpu_quota(tmp_path / "missing", tmp_path / "cg") is None
+    _write(tmp_path / "proc", "0::/a\n")
+    _write(tmp_path / "cg/a/cpu.max", "lots\n")
+    assert cgroup_cpu_quota(tmp_path / "proc", tmp_path / "cg") is None
+
+
+@pytest.mark.parametrize("cores, quota, want", [(1, None, 1), (2, None, 2), (16, None, C.MAX_AUTO_QUERY_WORKERS),
+                                                (8, 1.5, 2), (8, 0.5, 1)])
+def test_the_default_is_one_worker_per_usable_core(monkeypatch, cores, quota, want):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
+    monkeypatch.setattr(C, "cgroup_cpu_quota", lambda: quota)
+    assert Config().effective_query_workers == want
+    assert Config(query_workers=3).effective_query_workers == 3  # an explicit count is taken as given
+
+
+def test_query_workers_out_of_range_is_refused():
+    with pytest.raises(ValueError, match="--query-workers"):
+        Config(query_workers=65)
+    with pytest.raises(ValueError, match="--query-workers"):
+        Config(query_workers=-1)
