@@ -7,8 +7,8 @@
 (shared/data/text tiled with noise, compact base64 encoding, retrying 429s after Retry-After) as fast as
 it can until --n are acknowledged. Sampled every 0.5 s from /v2/admin/stats: the hot tier
 (`hot_vectors`) and the segment count. Reported: acknowledged vectors/s, the hot tier's peak, the
-server's peak RSS (VmHWM of the serve-v2 process; each query worker's too, and the sampled peak of
-their sum) at the end of the load and after the queries and --settle
+server's peak RSS (VmHWM of the serve-v2 process; each query worker's too, and the sampled peaks of
+a worker's and of all processes' anonymous memory, the part not shared) at the end of the load and after the queries and --settle
 (sampled RssAnon / RssFile say how much of it is mapped segment pages the queries touched), query p50 / recall@10 (200 queries, k=10, ef=64, exact
 ground truth) right after the last batch and --settle s later, and the same once everything is
 checkpointed and compacted (the "fully compacted" reference). Results: perf/results/bench_load.json.
@@ -57,21 +57,15 @@ def worker_pids(pid: int) -> list[int]:
     return out
 
 
-def vm_rss_mib(pid: int) -> float:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
-
-
 def rss_parts_mib(pid: int) -> dict:
     """The server's resident memory now, split as /proc reports it: anonymous (heap, numpy arrays,
     graphs being built), file pages it has mapped (segments, the catalog) and shared memory."""
     out = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:  # a worker that exited
+        return out
+    for line in lines:
         key = line.split(":", 1)[0]
         if key in ("RssAnon", "RssFile", "RssShmem"):
             out[key] = int(line.split()[1]) / 1024
@@ -144,7 +138,9 @@ def main():
                 s = mon.stats()
                 samples.append((time.monotonic(), s["hot_vectors"], s["active_segments"]))
                 parts.append((time.monotonic(), rss_parts_mib(proc.pid)))
-                totals.append(sum(vm_rss_mib(p) for p in [proc.pid, *worker_pids(proc.pid)]))
+                workers = worker_pids(proc.pid)
+                anon = [rss_parts_mib(p).get("RssAnon", 0.0) for p in workers]
+                totals.append((parts[-1][1].get("RssAnon", 0.0) + sum(anon), max(anon, default=0.0)))
                 if sum(parts[-1][1].values()) >= max(sum(p[1].values()) for p in parts):
                     peak_maps[:] = rss_by_mapping_mib(proc.pid)
                 stop.wait(0.5)
@@ -178,8 +174,10 @@ def main():
         t.join()
         res["peak_rss_mib"] = round(peak_rss_mib(proc.pid), 1)  # load + the queries + --settle s
         # the query workers hold their own copy of the hot tier: their peaks, and the whole server's
+        # (anonymous memory: their own; file pages of the segments are the shared page cache)
         res["workers_peak_rss_mib"] = [round(peak_rss_mib(p), 1) for p in worker_pids(proc.pid)]
-        res["server_total_rss_sampled_peak_mib"] = round(max(totals, default=0.0), 1)
+        res["worker_rss_anon_sampled_peak_mib"] = round(max((w for _, w in totals), default=0.0), 1)
+        res["server_rss_anon_sampled_peak_mib"] = round(max((t for t, _ in totals), default=0.0), 1)
         top = max(parts, key=lambda p: sum(p[1].values()))
         res["rss_at_sampled_peak_mib"] = {"t": round(top[0] - t0, 1), **{k: round(v, 1) for k, v in top[1].items()}}
         res["rss_anon_peak_mib"] = round(max(p[1].get("RssAnon", 0) for p in parts), 1)
