@@ -187,8 +187,8 @@ def test_a_killed_worker_comes_back_and_no_acknowledged_write_is_lost(served):
     after = worker_pids(srv)
     assert len(after) == 2 and old not in after and before[1] in after
     wait_workers_own_the_port(srv, data)
-    # --writer-nice (default 10): the writer yields the cores to the workers, the restarted one too
-    assert os.getpriority(os.PRIO_PROCESS, srv.proc.pid) == 10
+    # --writer-nice (default 19): the writer yields the cores to the workers, the restarted one too
+    assert os.getpriority(os.PRIO_PROCESS, srv.proc.pid) == 19
     assert [os.getpriority(os.PRIO_PROCESS, w) for w in after] == [0, 0]
     assert any("query worker exited" in line for line in srv.stderr_lines)
     c = Client(srv.url, token)

@@ -188,8 +188,9 @@ def cli():
                    "a single core: 1) (docs/SERVER.md).")
 @click.option("--writer-nice", type=click.IntRange(0, 19), default=_DEFAULTS.writer_nice, show_default=True,
               help="With --query-workers > 1: the nice value the writer (ingest, checkpoint, compaction) takes "
-                   "once the workers serve the port, so that queries come first when the cores are busy; "
-                   "0 keeps it level with the workers (docs/SERVER.md).")
+                   "once the workers serve the port, so that queries come first when the cores are busy; a lower "
+                   "value keeps more ingest under a heavy query load, 0 keeps it level with the workers "
+                   "(docs/SERVER.md).")
 @click.option("--audit-retention-days", type=click.IntRange(0), default=_DEFAULTS.audit_retention_days,
               show_default=True, help="Audit rows older than this are pruned (0 keeps them).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),

@@ -94,7 +94,7 @@ class Config:
     fast_query_path: bool = True          # such queries skip aiohttp's request machinery (server/fastpath.py)
     query_workers: int = 0                # processes serving HTTP: 1 the writer; N > 1 query workers (server/workers.py);
                                           # 0 = one per usable core, at most MAX_AUTO_QUERY_WORKERS
-    writer_nice: int = 10                 # with query workers: the writer's nice value once they serve the port
+    writer_nice: int = 19                 # with query workers: the writer's nice value once they serve the port
     key_cache_ttl_secs: float = 1.0       # API-key cache entry lifetime; revocation applies within it (CONTRACT.md D17)
     keepalive_timeout_secs: float = 75.0  # an idle connection (no request in progress) is closed after this
     header_timeout_secs: float = 10.0     # time allowed to receive a request head, from its first byte
