@@ -8,7 +8,8 @@
 it can until --n are acknowledged. Sampled every 0.5 s from /v2/admin/stats: the hot tier
 (`hot_vectors`) and the segment count. Reported: acknowledged vectors/s, the hot tier's peak, the
 server's peak RSS (VmHWM of the serve-v2 process; each query worker's too, and the sampled peaks of
-a worker's and of all processes' anonymous memory, the part not shared) at the end of the load and after the queries and --settle
+a worker's and of all processes' anonymous memory, the part not shared) at the end of the load and
+after the queries and --settle
 (sampled RssAnon / RssFile say how much of it is mapped segment pages the queries touched), query p50 / recall@10 (200 queries, k=10, ef=64, exact
 ground truth) right after the last batch and --settle s later, and the same once everything is
 checkpointed and compacted (the "fully compacted" reference). Results: perf/results/bench_load.json.
@@ -32,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import exact_top10, text_vectors  # noqa: E402
 from bench_http import free_port  # noqa: E402
+from bench_wrk import child_pids  # noqa: E402  (the query workers: the server's children)
 from vibrato.client import Client  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "results"
@@ -42,19 +44,6 @@ def peak_rss_mib(pid: int) -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return float("nan")
-
-
-def worker_pids(pid: int) -> list[int]:
-    """The server's query workers (its children; none with --query-workers 1 or on one core)."""
-    out = []
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                if int(Path(f"/proc/{name}/stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                    out.append(int(name))
-            except (OSError, ValueError, IndexError):
-                continue
-    return out
 
 
 def rss_parts_mib(pid: int) -> dict:
@@ -138,7 +127,7 @@ def main():
                 s = mon.stats()
                 samples.append((time.monotonic(), s["hot_vectors"], s["active_segments"]))
                 parts.append((time.monotonic(), rss_parts_mib(proc.pid)))
-                workers = worker_pids(proc.pid)
+                workers = child_pids(proc.pid)
                 anon = [rss_parts_mib(p).get("RssAnon", 0.0) for p in workers]
                 totals.append((parts[-1][1].get("RssAnon", 0.0) + sum(anon), max(anon, default=0.0)))
                 if sum(parts[-1][1].values()) >= max(sum(p[1].values()) for p in parts):
@@ -175,7 +164,7 @@ def main():
         res["peak_rss_mib"] = round(peak_rss_mib(proc.pid), 1)  # load + the queries + --settle s
         # the query workers hold their own copy of the hot tier: their peaks, and the whole server's
         # (anonymous memory: their own; file pages of the segments are the shared page cache)
-        res["workers_peak_rss_mib"] = [round(peak_rss_mib(p), 1) for p in worker_pids(proc.pid)]
+        res["workers_peak_rss_mib"] = [round(peak_rss_mib(p), 1) for p in child_pids(proc.pid)]
         res["worker_rss_anon_sampled_peak_mib"] = round(max((w for _, w in totals), default=0.0), 1)
         res["server_rss_anon_sampled_peak_mib"] = round(max((t for t, _ in totals), default=0.0), 1)
         top = max(parts, key=lambda p: sum(p[1].values()))

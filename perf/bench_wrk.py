@@ -43,7 +43,7 @@ TAG_SHARE = 10  # every 10th row carries the tag "p10": a 10%-selective filter
 
 
 # ---------------------------------------------------------------------------- /proc
-def _children(pid: int) -> list[int]:
+def child_pids(pid: int) -> list[int]:
     """Children of every thread of pid (a child is listed under the thread that started it)."""
     out = []
     try:
@@ -70,7 +70,7 @@ def tree_cpu_secs(pid: int) -> float:
         except OSError:
             continue
         total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
-        todo.extend(_children(p))
+        todo.extend(child_pids(p))
     return total / CLK_TCK
 
 
