@@ -16,7 +16,8 @@ DIM = 8
 def test_hot_rows_leave_nothing_for_the_collector_to_walk(tmp_path):
     X = np.random.default_rng(0).standard_normal((3000, DIM)).astype(np.float32)
     X /= np.linalg.norm(X, axis=1, keepdims=True)
-    items = [{"vector": x, "metadata": {"source_file": f"s{i}.wav", "tags": ["t", f"g{i % 7}"]}} for i, x in enumerate(X)]
+    items = [{"vector": x, "metadata": {"source_file": f"s{i}.wav", "tags": ["t", f"g{i % 7}"]}}
+             for i, x in enumerate(X)]
     with Engine.open(tmp_path / "d", dim=DIM, background=False) as eng:
         eng.ingest_batch(items)
         gc.collect()  # a collection untracks tuples that hold only untracked objects (strings)

@@ -92,8 +92,9 @@ class Config:
     server_threads: int = 0               # executor threads for blocking work; 0 = min(32, 4 * cpus + 4)
     inline_search: bool = True            # small queries (k <= 100, ef <= 256) run on the event loop
     fast_query_path: bool = True          # such queries skip aiohttp's request machinery (server/fastpath.py)
-    query_workers: int = 0                # processes serving HTTP: 1 the writer; N > 1 query workers (server/workers.py);
-                                          # 0 = one per usable core, at most MAX_AUTO_QUERY_WORKERS
+    query_workers: int = 0                # processes serving HTTP: 1 the writer; N > 1 query workers
+                                          # (server/workers.py); 0 = one per usable core, at most
+                                          # MAX_AUTO_QUERY_WORKERS
     writer_nice: int = 19                 # with query workers: the writer's nice value once they serve the port
     key_cache_ttl_secs: float = 1.0       # API-key cache entry lifetime; revocation applies within it (CONTRACT.md D17)
     keepalive_timeout_secs: float = 75.0  # an idle connection (no request in progress) is closed after this

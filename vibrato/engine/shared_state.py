@@ -18,8 +18,9 @@ The writer (`SharedState.create`) is the only one that writes. A follower's sync
 (vibrato.engine.follower) reads `seq`, catches up with `lsn`, and reads `seq` again; a change of the
 segment set that overlaps its catch-up reads shows as a changed `seq`, so it retries. A query on a
 follower whose follow thread runs skips the sync when its last completed one covers `visible`
-(read-your-writes across processes, CONTRACT.md D5). Words are 8-byte aligned: a load or store of one is atomic on every supported CPU;
-the catalog reads between the loads are system calls, which order them.
+(read-your-writes across processes, CONTRACT.md D5). Words are 8-byte aligned: a load or store of one
+is atomic on every supported CPU; the catalog reads between the loads are system calls, which order
+them.
 """
 import mmap
 import os
