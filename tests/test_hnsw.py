@@ -809,3 +809,35 @@ def test_code_walk_rejects_mismatched_codes_and_tables(text, text_index, text_co
         text_index.search(queries[:2], k=10, ef=64, codes=codes, luts=luts[:2], rerank=10**6)
     with pytest.raises(ValueError, match="codes and luts go together"):
         text_index.search(queries[:2], k=10, ef=64, codes=codes, rerank=64)
+
+
+def test_scan_codes_made_elsewhere_are_attached_in_place_and_search_as_built_ones(small):
+    """attach_scan_codes (a segment's mapped codes): searches walk and scan on them exactly as on
+    codes the index built itself, without copying them; a mismatch or a second set is refused."""
+    _, x, q = small
+    x = np.ascontiguousarray(x[:2500])
+    built = HnswIndex(32, m=8, ef_construction=40, seed=3)
+    built.add(x, threads=1)
+    attached = HnswIndex.from_graph(x, built.graph_bytes())
+    built.build_scan_codes()
+    codes, scale = kernels.scan_codes(x)
+    codes.flags.writeable = scale.flags.writeable = False  # read in place, as from a mapping
+    for bad, match in (((codes[:-1], scale[:-1]), "do not match"), ((codes, scale.astype(np.float64)), "float32"),
+                       ((codes.astype(np.uint8), scale), "int8")):
+        with pytest.raises(ValueError, match=match):
+            attached.attach_scan_codes(*bad)
+    assert not attached.has_scan_codes
+    attached.attach_scan_codes(codes, scale)
+    assert attached.has_scan_codes
+    with pytest.raises(ValueError, match="already"):
+        attached.attach_scan_codes(codes, scale)
+    mask = np.zeros(len(x), bool)
+    mask[::7] = True
+    for kw in ({"mode": "graph"}, {"mode": "scan", "allowed": mask}, {"mode": "graph", "allowed": mask}):
+        want, got = built.search(q, k=10, ef=48, **kw), attached.search(q, k=10, ef=48, **kw)
+        np.testing.assert_array_equal(got[0], want[0])
+        np.testing.assert_array_equal(got[1], want[1])
+    stats = attached.stats()
+    assert stats["code_walks"] == 2 * len(q) and stats["scan_code_searches"] == len(q)
+    del codes, scale  # the index keeps them alive
+    np.testing.assert_array_equal(attached.search(q[:3], k=5, ef=32)[0], built.search(q[:3], k=5, ef=32)[0])

@@ -35,9 +35,9 @@ def make_data(n=50, dim=16, kind="raw", seed=0, graph=True, m=4, tags=None, sour
                        tags=tags, source_file=sources, **kw)
 
 
-def write(tmp_path, data, name="seg.vdb"):
+def write(tmp_path, data, name="seg.vdb", **kw):
     tmp = tmp_path / (name + ".tmp")
-    info = write_segment_tmp(tmp, data)
+    info = write_segment_tmp(tmp, data, **kw)
     final = tmp_path / name
     publish_segment(tmp, final)
     return final, info
@@ -398,8 +398,9 @@ def _fix_header_crc(blob: bytearray) -> bytes:
 
 def test_version_1_files_are_read_and_only_version_2_archives_have_a_graph(tmp_path):
     """0.3.0 wrote version 1: its raw segments and graph-less archives still open; an archive that
-    claims version 1 and carries a graph is refused (version 1 had no such thing)."""
-    raw, _ = write(tmp_path, make_data(n=6, kind="raw"), "raw.vdb")
+    claims version 1 and carries a graph, or a raw one with scan codes, is refused (version 1 had
+    no such thing)."""
+    raw, _ = write(tmp_path, make_data(n=6, kind="raw"), "raw.vdb", scan_codes=False)
     arc_v1, _ = write(tmp_path, make_data(n=6, kind="archive", graph=False), "arc1.vdb")
     arc_v2, _ = write(tmp_path, make_data(n=6, kind="archive"), "arc2.vdb")
     for path in (raw, arc_v1, arc_v2):
@@ -417,6 +418,12 @@ def test_version_1_files_are_read_and_only_version_2_archives_have_a_graph(tmp_p
     arc_v2.write_bytes(_fix_header_crc(blob))
     with pytest.raises(SegmentFormatError, match="version-1 archive segment must not set HAS_GRAPH"):
         SegmentReader.open(arc_v2)
+    coded, _ = write(tmp_path, make_data(n=6, kind="raw"), "coded.vdb")
+    blob = bytearray(coded.read_bytes())
+    blob[8:12] = struct.pack("<I", 1)
+    coded.write_bytes(_fix_header_crc(blob))
+    with pytest.raises(SegmentFormatError, match="version-1 segment must not set HAS_SCAN_CODES"):
+        SegmentReader.open(coded)
 
 
 def test_publish_renames_and_fsyncs(tmp_path, monkeypatch):
@@ -689,3 +696,27 @@ def test_quick_verify_skips_only_the_vector_section(tmp_path):
     with SegmentReader.open(path) as r:
         with pytest.raises(SegmentChecksumError, match="bpm"):
             r.verify(skip_vectors=True)
+
+
+def test_raw_segments_carry_the_scan_codes_of_their_vectors(tmp_path):
+    """A raw segment holds kernels.scan_codes of its vectors (HAS_SCAN_CODES), read zero-copy; an
+    archive (searched on its PQ codes) and a file written without them have none; both layouts
+    verify, and the codes cost d + 4 bytes a row."""
+    data = make_data(n=70, dim=24, kind="raw")
+    coded, info = write(tmp_path, data, "coded.vdb")
+    plain, plain_info = write(tmp_path, data, "plain.vdb", scan_codes=False)
+    arc, _ = write(tmp_path, make_data(n=30, dim=24, kind="archive"), "arc.vdb")
+    codes, scale = W.kernels.scan_codes(data.vectors)
+    with SegmentReader.open(coded) as r:
+        got_codes, got_scale = r.scan_codes
+        np.testing.assert_array_equal(got_codes, codes)
+        np.testing.assert_array_equal(got_scale, scale)
+        assert not got_codes.flags.writeable and r.verify() == info.size_bytes
+        assert {"scan_codes", "scan_scale"} <= set(r.sections)
+    assert struct.unpack_from("<I", coded.read_bytes(), 0x0C)[0] & F.FLAG_HAS_SCAN_CODES
+    for path in (plain, arc):
+        with SegmentReader.open(path) as r:
+            assert r.scan_codes is None and "scan_codes" not in r.sections and r.verify() == path.stat().st_size
+    lengths = {s.name: s.length for s in info.sections}
+    assert (lengths["scan_codes"], lengths["scan_scale"]) == (70 * 24, 70 * 4)
+    assert {s.name for s in info.sections} - {s.name for s in plain_info.sections} == {"scan_codes", "scan_scale"}

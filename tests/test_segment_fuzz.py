@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from vibrato._native import segio
+from vibrato._native import distance, segio
 from vibrato.segment import format as F
 from vibrato.segment import (MADVISE_MODES, SegmentChecksumError, SegmentData, SegmentFormatError, SegmentReader,
                              write_segment_tmp)
@@ -38,7 +38,7 @@ HEADER_FIELDS = {  # name: (offset, size)
 ENTRY_FIELDS = {"kind": (0, 4), "crc": (4, 4), "offset": (8, 8), "length": (16, 8), "reserved": (24, 8)}
 ELEM = {"vectors": 4, "live": 1, "start_time_ms": 4, "duration_ms": 4, "bpm": 4, "tag_dict_offsets": 4,
         "tag_dict_blob": 1, "tag_offsets": 4, "tag_ids": 4, "source_offsets": 8, "source_blob": 1, "graph": 1,
-        "pq_codebook": 1, "pq_codes": 1}
+        "pq_codebook": 1, "pq_codes": 1, "scan_scale": 4, "scan_codes": 1}
 
 
 def interesting(size_bytes, extra=()):
@@ -75,12 +75,14 @@ def bases(workdir):
     out = {}
     for name, (n, dim, kind, tags, graph) in {
         "raw": (12, 5, "raw", True, True),
+        "raw-nocodes": (10, 5, "raw", True, True),  # as written before the scan codes
         "archive": (9, 6, "archive", True, True),
         "archive-nograph": (7, 4, "archive", True, False),
         "tiny": (1, 1, "raw", False, False),
     }.items():
         p = os.path.join(workdir, f"base-{name}.vdb")
-        write_segment_tmp(p, _data(n, dim, kind, seed=len(name), tags=tags, graph=graph))
+        write_segment_tmp(p, _data(n, dim, kind, seed=len(name), tags=tags, graph=graph),
+                          scan_codes=name != "raw-nocodes")
         with open(p, "rb") as f:
             out[name] = f.read()
     return out
@@ -117,6 +119,10 @@ def touch(r):
         assert bad_utf8
     if r.graph is not None:
         bytes(r.graph)
+    if r.scan_codes is not None:  # any codes behind valid checksums are safe to score
+        codes, scale = r.scan_codes
+        assert codes.shape == (n, r.dim) and scale.shape == (n,) and np.isfinite(scale).all() and (scale >= 0).all()
+        assert not np.isnan(distance.dot_sq8(np.ones(r.dim, dtype=np.float32), codes, scale)).any()
     if r.pq_codebook is not None:
         bytes(r.pq_codebook)
         assert r.pq_codes.shape == (n, r.pq_m)
@@ -171,7 +177,8 @@ def table(blob):
     return out
 
 
-base_names = st.sampled_from(["raw", "archive", "archive-nograph", "tiny"])
+base_names = st.sampled_from(["raw", "raw-nocodes", "archive", "archive-nograph", "tiny"])
+V1_READABLE = ("raw-nocodes", "archive-nograph")  # what version 1 (0.3.0) could hold
 
 
 # --------------------------------------------------------------------------------------- truncation
@@ -209,8 +216,8 @@ def test_header_field_overwrites(bases, case_path, name, field, data):
     blob[off:off + size] = value.to_bytes(size, "little")
     fix_crcs(blob, sections=False)
     outcome = attempt(case_path, bytes(blob))
-    if field == "version" and value == 1 and name != "archive":
-        assert outcome == "ok"  # version 1 (0.3.0) is read; only its archives had no graph
+    if field == "version" and value == 1 and name in V1_READABLE:
+        assert outcome == "ok"  # version 1 (0.3.0) is read: no archive graph, no scan codes
     elif field in ("version", "count", "dim", "section_count", "file_size", "reserved") and bytes(blob) != bases[name]:
         assert outcome == "open"
 
@@ -257,6 +264,9 @@ def test_column_overwrites_reach_the_structural_checks(bases, case_path, name, d
     outcome = attempt(case_path, bytes(blob))
     if sec == "live" and any(b > 1 for b in blob[off:off + ln]):
         assert outcome == "open"
+    if sec == "scan_scale":
+        scale = np.frombuffer(bytes(blob[off:off + ln]), dtype="<f4")
+        assert (outcome == "open") == (not (np.isfinite(scale) & (scale >= 0)).all())
 
 
 def test_targeted_column_corruptions(bases, case_path):
@@ -269,6 +279,9 @@ def test_targeted_column_corruptions(bases, case_path):
         ("tag_dict_offsets", 4, struct.pack("<I", 10**6), "tag_dict_offsets"),
         ("source_offsets", 8, struct.pack("<Q", 2**64 - 1), "source_offsets"),
         ("tag_dict_blob", 0, b"\xff", "tag_dict_blob"),
+        ("scan_scale", 4, struct.pack("<f", float("nan")), "scan_scale: row 1"),
+        ("scan_scale", 0, struct.pack("<f", -1.0), "scan_scale: row 0"),
+        ("scan_scale", 8, struct.pack("<f", float("inf")), "scan_scale: row 2"),
     ]
     for sec, rel, raw, msg in cases:
         blob = bytearray(bases["raw"])

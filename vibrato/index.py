@@ -249,6 +249,20 @@ class HnswIndex:
         finally:
             self._end_search()
 
+    def attach_scan_codes(self, codes, scale) -> None:
+        """Use int8 scan codes of the rows made elsewhere (kernels.scan_codes; a segment file holds
+        them), read in place instead of built: codes (n, dim) int8, scale (n,) float32 finite and
+        >= 0, both C-contiguous and kept alive by the index. Searches then rank on them as after
+        build_scan_codes. ValueError on a wrong dtype or shape, or when the index has codes."""
+        for name, a, dtype, ndim in (("codes", codes, np.int8, 2), ("scale", scale, np.float32, 1)):
+            if not isinstance(a, np.ndarray) or a.dtype != dtype or a.ndim != ndim or not a.flags.c_contiguous:
+                raise ValueError(f"{name} must be a C-contiguous {np.dtype(dtype).name} array with {ndim} dimension(s)")
+        self._begin_search()
+        try:
+            self._g.attach_scan_codes(codes, scale)
+        finally:
+            self._end_search()
+
     @property
     def has_scan_codes(self) -> bool:
         return self._g.has_scan_codes

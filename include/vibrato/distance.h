@@ -247,7 +247,7 @@ static inline void vb_sq8_encode(const float *restrict x, size_t n, size_t d, in
 /*
  * The query side of the int8 kernels: q16[i] = round(q[i] / qscale) with |q16| <= qmax, so q ~
  * qscale * q16 to 1 part in 2 * qmax (negligible next to the codes' own rounding) and the kernels sum
- * exact int16 * int8 products in int32. qmax keeps d * 127 * qmax below 2^31, so no sum can overflow
+ * exact int16 * int8 products in int32. qmax keeps d * 128 * qmax below 2^31, so no sum can overflow
  * whatever the codes. Returns qscale (0 for a zero or non-finite query: every score is then 0).
  */
 static inline float vb_sq8_query(const float *restrict q, size_t d, int16_t *restrict q16) {
@@ -258,7 +258,8 @@ static inline float vb_sq8_query(const float *restrict q, size_t d, int16_t *res
         finite &= a <= FLT_MAX;
         amax = a > amax ? a : amax;
     }
-    size_t bound = d ? (size_t)INT32_MAX / (127u * d) : 32767u;
+    /* 128, not 127: a code read from a file may be -128 */
+    size_t bound = d ? (size_t)INT32_MAX / (128u * d) : 32767u;
     float qmax = (float)(bound < 32767u ? bound : 32767u);
     if (!finite || !(amax > 0.f) || qmax < 1.f) {
         memset(q16, 0, d * sizeof(int16_t));

@@ -210,10 +210,11 @@ typedef struct vb_hnsw {
     atomic_uint rescore_ns; /* moving average of the ns an exact rescore of a beam row takes (adc walks) */
 } vb_hnsw_t;
 
-/* Scalar-quantised copy of the vectors (vb_sq8_encode) in one anonymous mapping: scale then codes. */
+/* Scalar-quantised copy of the vectors (vb_sq8_encode): built into one anonymous mapping (scale
+ * then codes; bytes > 0), or borrowed from a caller, e.g. a segment's mapped file (bytes == 0). */
 typedef struct vb_hnsw_sq8 {
-    float *scale;  /* (n,) */
-    int8_t *codes; /* (n, d) */
+    const float *scale;  /* (n,) */
+    const int8_t *codes; /* (n, d) */
     size_t n, bytes;
 } vb_hnsw_sq8_t;
 
@@ -298,7 +299,7 @@ static inline int vb_hnsw_init(vb_hnsw_t *h, size_t d, size_t M, size_t efc, uin
 static inline void vb_hnsw_sq8_drop(vb_hnsw_t *h) {
     vb_hnsw_sq8_t *s = atomic_exchange_explicit(&h->sq8, NULL, memory_order_acq_rel);
     if (!s) return;
-    munmap(s->scale, s->bytes);
+    if (s->bytes) munmap((void *)s->scale, s->bytes);
     free(s);
 }
 
@@ -323,15 +324,37 @@ static inline int vb_hnsw_sq8_build(vb_hnsw_t *h) {
      * filter over 100k x 128 scanned at 16 ns per row, 11 ns with huge pages). A hint only. */
     madvise(p, bytes, MADV_HUGEPAGE);
 #endif
-    s->scale = (float *)p;
-    s->codes = (int8_t *)p + n * sizeof(float);
+    s->scale = (const float *)p;
+    s->codes = (const int8_t *)p + n * sizeof(float);
     s->n = n;
     s->bytes = bytes;
-    vb_sq8_encode(h->x, n, d, s->codes, s->scale);
+    vb_sq8_encode(h->x, n, d, (int8_t *)p + n * sizeof(float), (float *)p);
     vb_hnsw_sq8_t *none = NULL;
     if (!atomic_compare_exchange_strong_explicit(&h->sq8, &none, s, memory_order_acq_rel, memory_order_acquire)) {
         munmap(p, bytes);
         free(s);
+    }
+    return VB_OK;
+}
+
+/*
+ * Use the caller's scan codes of the current rows, codes (n, d) and scale (n,) as vb_sq8_encode
+ * writes them, read in place and never written or freed: the caller keeps them alive as long as
+ * the index (hnsw.pyx holds a reference). scale must be finite and >= 0 (segment.h checks a file's);
+ * any int8 code is in range for the kernels (vb_sq8_query). VB_EINVAL if codes exist already or n
+ * does not match. Same concurrency rules as vb_hnsw_sq8_build.
+ */
+static inline int vb_hnsw_sq8_attach(vb_hnsw_t *h, const int8_t *codes, const float *scale, size_t n) {
+    if (n != h->n || n == 0 || !codes || !scale) return VB_EINVAL;
+    vb_hnsw_sq8_t *s = (vb_hnsw_sq8_t *)calloc(1, sizeof(*s));
+    if (!s) return VB_ENOMEM;
+    s->scale = scale;
+    s->codes = codes;
+    s->n = n;
+    vb_hnsw_sq8_t *none = NULL;
+    if (!atomic_compare_exchange_strong_explicit(&h->sq8, &none, s, memory_order_acq_rel, memory_order_acquire)) {
+        free(s);
+        return VB_EINVAL;
     }
     return VB_OK;
 }

@@ -20,6 +20,7 @@
 #pragma once
 
 #include <errno.h>
+#include <float.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -50,7 +51,8 @@
 #define VB_SEG_FLAG_KIND_MASK 0x3u /* 0 = raw, 1 = archive */
 #define VB_SEG_FLAG_HAS_GRAPH 0x4u
 #define VB_SEG_FLAG_HAS_PQ 0x8u
-#define VB_SEG_FLAGS_KNOWN 0xFu
+#define VB_SEG_FLAG_HAS_SCAN_CODES 0x10u /* raw, version 2: int8 scan codes of the vectors */
+#define VB_SEG_FLAGS_KNOWN 0x1Fu
 
 #define VB_SEG_KIND_RAW 0u
 #define VB_SEG_KIND_ARCHIVE 1u
@@ -71,7 +73,9 @@ enum {
     VB_SEC_GRAPH = 12,           /* opaque HNSW graph bytes (HAS_GRAPH: raw, or archive from version 2) */
     VB_SEC_PQ_CODEBOOK = 13,     /* opaque ProductQuantizer.to_bytes() (archive) */
     VB_SEC_PQ_CODES = 14,        /* uint8[count][pq_m] (archive) */
-    VB_SEC_NKINDS = 14,
+    VB_SEC_SCAN_SCALE = 15,      /* float32[count], finite and >= 0 (HAS_SCAN_CODES) */
+    VB_SEC_SCAN_CODES = 16,      /* int8[count][dim]: row r ~ scan_scale[r] * codes (HAS_SCAN_CODES) */
+    VB_SEC_NKINDS = 16,
 };
 
 static inline const char *vb_seg_section_name(uint32_t kind) {
@@ -90,6 +94,8 @@ static inline const char *vb_seg_section_name(uint32_t kind) {
     case VB_SEC_GRAPH: return "graph";
     case VB_SEC_PQ_CODEBOOK: return "pq_codebook";
     case VB_SEC_PQ_CODES: return "pq_codes";
+    case VB_SEC_SCAN_SCALE: return "scan_scale";
+    case VB_SEC_SCAN_CODES: return "scan_codes";
     default: return "unknown";
     }
 }
@@ -127,6 +133,7 @@ static inline uint32_t vb_seg_required_mask(uint32_t flags) {
     for (uint32_t k = VB_SEC_VECTORS; k <= VB_SEC_SOURCE_BLOB; k++) m |= 1u << k;
     if (flags & VB_SEG_FLAG_HAS_GRAPH) m |= 1u << VB_SEC_GRAPH;
     if (flags & VB_SEG_FLAG_HAS_PQ) m |= (1u << VB_SEC_PQ_CODEBOOK) | (1u << VB_SEC_PQ_CODES);
+    if (flags & VB_SEG_FLAG_HAS_SCAN_CODES) m |= (1u << VB_SEC_SCAN_SCALE) | (1u << VB_SEC_SCAN_CODES);
     return m;
 }
 
@@ -216,10 +223,15 @@ static inline int vb_seg_parse_header(const uint8_t *buf, size_t buflen, uint64_
     out->seg_kind = out->flags & VB_SEG_FLAG_KIND_MASK;
     int has_graph = (out->flags & VB_SEG_FLAG_HAS_GRAPH) != 0;
     int has_pq = (out->flags & VB_SEG_FLAG_HAS_PQ) != 0;
+    int has_scan_codes = (out->flags & VB_SEG_FLAG_HAS_SCAN_CODES) != 0;
     if (out->seg_kind == VB_SEG_KIND_RAW) {
         if (has_pq) return vb_fail(err, errlen, VB_ECORRUPT, "a raw segment must not set HAS_PQ");
+        if (has_scan_codes && out->version < 2)
+            return vb_fail(err, errlen, VB_ECORRUPT, "a version-1 segment must not set HAS_SCAN_CODES");
     } else if (out->seg_kind == VB_SEG_KIND_ARCHIVE) {
         if (!has_pq) return vb_fail(err, errlen, VB_ECORRUPT, "an archive segment must set HAS_PQ");
+        if (has_scan_codes)
+            return vb_fail(err, errlen, VB_ECORRUPT, "an archive segment must not set HAS_SCAN_CODES");
         if (has_graph && out->version < 2)
             return vb_fail(err, errlen, VB_ECORRUPT, "a version-1 archive segment must not set HAS_GRAPH");
     } else {
@@ -311,6 +323,10 @@ static inline int vb_seg_parse_header(const uint8_t *buf, size_t buflen, uint64_
     VB_SEG_WANT(VB_SEC_TAG_OFFSETS, n1, 4);
     VB_SEG_WANT(VB_SEC_SOURCE_OFFSETS, n1, 8);
     if (has_pq) VB_SEG_WANT(VB_SEC_PQ_CODES, n, (uint64_t)out->pq_m);
+    if (has_scan_codes) {
+        VB_SEG_WANT(VB_SEC_SCAN_SCALE, n, 4);
+        VB_SEG_WANT(VB_SEC_SCAN_CODES, n, (uint64_t)out->dim);
+    }
 #undef VB_SEG_WANT
     uint64_t dol = out->sec[VB_SEC_TAG_DICT_OFFSETS].length;
     if (dol < 4 || dol % 4 != 0)
@@ -329,7 +345,7 @@ static inline int vb_seg_parse_header(const uint8_t *buf, size_t buflen, uint64_
         return vb_fail(err, errlen, VB_ECORRUPT, "section tag_dict_blob exceeds 4 GiB");
 
     /* No two sections overlap, and an empty section does not sit inside another one: sort the
-     * (at most 14) half-open ranges by (offset, length) and compare neighbours. */
+     * (at most 16) half-open ranges by (offset, length) and compare neighbours. */
     uint32_t order[VB_SEC_NKINDS];
     uint32_t m = vb_seg_sorted_sections(out, order);
     for (uint32_t i = 1; i < m; i++) {
@@ -352,6 +368,21 @@ static inline int vb_seg_check_live(const uint8_t *p, size_t n, size_t *bad) {
             *bad = i;
             return VB_ECORRUPT;
         }
+    return VB_OK;
+}
+
+/* Scan-code scales: finite and >= 0 (vb_sq8_encode writes amax / 127, or 0 for a zero row), so the
+ * int8 kernels never see a NaN or an infinity from a file. */
+static inline int vb_seg_check_scales(const uint8_t *p, size_t n, size_t *bad) {
+    for (size_t i = 0; i < n; i++) {
+        uint32_t bits = vb_load_le32(p + 4 * i);
+        float v;
+        memcpy(&v, &bits, 4);
+        if (!(v >= 0.f && v <= FLT_MAX)) { /* false for NaN, negatives and +inf */
+            *bad = i;
+            return VB_ECORRUPT;
+        }
+    }
     return VB_OK;
 }
 
@@ -491,8 +522,9 @@ static inline int vb_seg_check_utf8_csr32(const uint8_t *offs, size_t n, const u
 
 /*
  * Every column of a parsed segment, over the file's bytes (base, len: the mapped file or a buffer
- * holding all of it): live flags, the three CSR offset arrays against their blobs, tag ids against
- * the dictionary, dictionary order and UTF-8. Linear in count + nnz + ntags + len(dictionary); the
+ * holding all of it): live flags, scan-code scales (finite, >= 0), the three CSR offset arrays
+ * against their blobs, tag ids against the dictionary, dictionary order and UTF-8. Linear in
+ * count + nnz + ntags + len(dictionary); the
  * source blob's UTF-8 is left to vb_seg_verify_fd (it is the only column whose size is unbounded).
  */
 static inline int vb_seg_check_columns(const uint8_t *base, size_t len, const vb_seg_layout_t *L, char *err,
@@ -525,6 +557,8 @@ static inline int vb_seg_check_columns(const uint8_t *base, size_t len, const vb
     if (vb_seg_check_utf8_csr32(VB_SEC_PTR(VB_SEC_TAG_DICT_OFFSETS), (size_t)L->ntags,
                                 VB_SEC_PTR(VB_SEC_TAG_DICT_BLOB), &bad))
         return vb_fail(err, errlen, VB_ECORRUPT, "section tag_dict_blob: tag %zu is not valid UTF-8", bad);
+    if ((L->flags & VB_SEG_FLAG_HAS_SCAN_CODES) && vb_seg_check_scales(VB_SEC_PTR(VB_SEC_SCAN_SCALE), n, &bad))
+        return vb_fail(err, errlen, VB_ECORRUPT, "section scan_scale: row %zu is not a finite value >= 0", bad);
     if (vb_seg_check_dict_order(VB_SEC_PTR(VB_SEC_TAG_DICT_OFFSETS), (size_t)L->ntags,
                                 VB_SEC_PTR(VB_SEC_TAG_DICT_BLOB), &bad))
         return vb_fail(err, errlen, VB_ECORRUPT,

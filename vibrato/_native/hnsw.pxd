@@ -43,6 +43,7 @@ cdef extern from "vibrato/hnsw.h" nogil:
     void vb_hnsw_free(vb_hnsw_t *h)
     int vb_hnsw_sq8_build(vb_hnsw_t *h)
     bint vb_hnsw_has_sq8(const vb_hnsw_t *h)
+    int vb_hnsw_sq8_attach(vb_hnsw_t *h, const int8_t *codes, const float *scale, size_t n)
     int vb_hnsw_add(vb_hnsw_t *h, const float *x_new, size_t m, size_t nthreads, const vb_distance_ops_t *ops)
     int vb_hnsw_search(vb_hnsw_t *h, const vb_distance_ops_t *ops, const float *q, size_t nq, size_t k,
                        size_t ef, const uint8_t *mask, size_t allowed, int mode, size_t nthreads,

@@ -42,6 +42,7 @@ cdef class Graph:
     cdef bint ready
     cdef object vectors_ref   # the borrowed array, kept alive while the graph points into it
     cdef object graph_ref     # the graph bytes the links and levels are borrowed from (from_graph(borrow=True))
+    cdef object codes_ref     # (codes, scale) borrowed by attach_scan_codes, kept alive while in use
     cdef int searches         # searches in flight (changed only while holding the GIL)
     cdef bint adding
 
@@ -49,6 +50,7 @@ cdef class Graph:
         self.ready = False
         self.vectors_ref = None
         self.graph_ref = None
+        self.codes_ref = None
         self.searches = 0
         self.adding = False
 
@@ -141,6 +143,7 @@ cdef class Graph:
             self.vectors_ref = None
         if not self.h.graph_borrowed:
             self.graph_ref = None
+        self.codes_ref = None  # vb_hnsw_add dropped the codes
         if rc == VB_EINVAL:
             raise ValueError(f"adding {m} rows to {self.h.n} would exceed the limit of {VB_HNSW_MAX_N} rows")
         check_rc(rc, "HNSW add")
@@ -223,6 +226,20 @@ cdef class Graph:
         finally:
             self.searches -= 1
         check_rc(rc, "building the scan codes")
+
+    def attach_scan_codes(self, const int8_t[:, ::1] codes not None, const float[::1] scale not None):
+        """Use int8 scan codes made by distance.sq8_encode of these rows, in place (e.g. a segment's
+        mapped section; never copied or written): codes (n, d), scale (n,) finite and >= 0. Raises
+        ValueError on a shape mismatch or when the index has codes already."""
+        cdef size_t n = self.h.n
+        if <size_t>codes.shape[0] != n or <size_t>codes.shape[1] != self.h.d or <size_t>scale.shape[0] != n or n == 0:
+            raise ValueError(f"scan codes of shape ({codes.shape[0]}, {codes.shape[1]}) and scale ({scale.shape[0]},) "
+                             f"do not match the index's {n} rows of dimension {self.h.d}")
+        if self.adding:
+            raise RuntimeError("attach_scan_codes() cannot run while add() is in progress")
+        if vb_hnsw_sq8_attach(&self.h, &codes[0, 0], &scale[0], n) != VB_OK:
+            raise ValueError("the index has scan codes already")
+        self.codes_ref = (codes, scale)
 
     @property
     def has_scan_codes(self):

@@ -22,6 +22,7 @@ cdef extern from "vibrato/segment.h" nogil:
     unsigned int VB_SEG_FLAG_KIND_MASK
     unsigned int VB_SEG_FLAG_HAS_GRAPH
     unsigned int VB_SEG_FLAG_HAS_PQ
+    unsigned int VB_SEG_FLAG_HAS_SCAN_CODES
     unsigned int VB_SEC_NKINDS
     unsigned int VB_SEC_SOURCE_OFFSETS
     unsigned int VB_SEC_SOURCE_BLOB

@@ -49,6 +49,7 @@ MAX_ID = VB_SEG_MAX_ID
 FLAG_KIND_MASK = VB_SEG_FLAG_KIND_MASK
 FLAG_HAS_GRAPH = VB_SEG_FLAG_HAS_GRAPH
 FLAG_HAS_PQ = VB_SEG_FLAG_HAS_PQ
+FLAG_HAS_SCAN_CODES = VB_SEG_FLAG_HAS_SCAN_CODES
 NUM_SECTION_KINDS = VB_SEC_NKINDS
 PAGE_SIZE = _page
 
@@ -240,6 +241,10 @@ cdef class SegmentLayout:
     @property
     def has_pq(self):
         return bool(self.c.flags & VB_SEG_FLAG_HAS_PQ)
+
+    @property
+    def has_scan_codes(self):
+        return bool(self.c.flags & VB_SEG_FLAG_HAS_SCAN_CODES)
 
     @property
     def count(self):

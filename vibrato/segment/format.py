@@ -3,13 +3,17 @@
 A segment holds ``count`` rows with dense ids ``id_start .. id_start + count - 1`` (row i is id
 ``id_start + i``). Two kinds share one layout:
 
-* RAW: float32 vectors + metadata columns + (optionally, flag HAS_GRAPH) an opaque HNSW graph blob.
+* RAW: float32 vectors + metadata columns + (optionally, flag HAS_GRAPH) an opaque HNSW graph blob
+  + (version 2, flag HAS_SCAN_CODES) int8 scan codes of the vectors, which graph walks and filtered
+  scans rank on before they rescore exactly (shared page cache, not each process's memory).
 * ARCHIVE: float32 vectors (kept for exact scoring, CONTRACT.md D14) + metadata + an opaque PQ codebook
   blob + PQ codes ``uint8[count][pq_m]`` + (version 2, flag HAS_GRAPH) an HNSW graph blob built at
   compaction, so an archive query is a graph search like a raw segment's, not a scan of every code.
 
 Versions: 2 is written; 1 (0.3.0) is still read. The only difference is that a version-1 archive
 never has a graph (it is searched by a PQ scan + exact rerank until a compaction rewrites it).
+HAS_SCAN_CODES came later within version 2: a raw segment without it (version 1, or written before)
+is read as before, and a process builds the codes in its own memory on the first filtered scan.
 
 Every integer is little-endian. Every byte of the file is covered by a checksum: the header CRC
 covers the header and the section table (which holds each section's CRC32C), each section has its
@@ -22,7 +26,8 @@ File layout (as written; readers accept any order that satisfies the rules below
     64                     section table: section_count entries of 32 bytes, sorted by kind
     64-aligned ...         live, start_time_ms, duration_ms, bpm, tag_offsets, tag_ids,
                            tag_dict_offsets, tag_dict_blob, source_offsets, source_blob,
-                           [pq_codebook, pq_codes] (archive), [graph] (HAS_GRAPH),
+                           [pq_codebook, pq_codes] (archive), [scan_scale, scan_codes]
+                           (HAS_SCAN_CODES), [graph] (HAS_GRAPH),
                            each at a 64-byte aligned offset, zero padding in between
     4096-aligned .. EOF    vectors: float32[count][dim], row-major (last, page-aligned)
 
@@ -35,7 +40,8 @@ Fixed header (64 bytes)::
     off   size  field
     0x00  8     magic  b"\\x89VBSEG\\r\\n"
     0x08  u32   version = 2 (1 is read too)
-    0x0C  u32   flags: bits 0-1 kind (0 raw, 1 archive), bit 2 HAS_GRAPH, bit 3 HAS_PQ; others 0
+    0x0C  u32   flags: bits 0-1 kind (0 raw, 1 archive), bit 2 HAS_GRAPH, bit 3 HAS_PQ,
+                bit 4 HAS_SCAN_CODES (raw only, version 2); others 0
     0x10  u64   count            1 .. 2^31-1
     0x18  u64   id_start         id_start + count - 1 <= 2^63-1
     0x20  u32   dim              1 .. 4096
@@ -67,16 +73,22 @@ Sections (kind: name, content; "n" = count)::
     12 graph             opaque HNSW bytes (HnswIndex.graph_bytes()); HAS_GRAPH only (archive: version 2)
     13 pq_codebook       opaque ProductQuantizer.to_bytes(); 64-byte aligned; archive only
     14 pq_codes          uint8[n][pq_m]; archive only
+    15 scan_scale        float32[n], finite and >= 0; HAS_SCAN_CODES only
+    16 scan_codes        int8[n][dim]: vector r ~ scan_scale[r] * scan_codes[r] (distance.sq8_encode,
+                         |code| <= 127); HAS_SCAN_CODES only
 
 Rules a reader enforces before mapping anything (include/vibrato/segment.h): magic, version,
 header CRC, recorded == real file size, known flags and a consistent kind, the caps above, table
 entries with known kinds in ascending order, reserved fields zero, every offset aligned (4096 for
 vectors, 64 otherwise), after the header, inside the file (overflow-checked), no overlaps, exactly
 the sections the flags require, and every length consistent with count/dim/pq_m. Then, over the
-mapped bytes: live flags in {0, 1}, all three offset arrays monotonic and ending at their blob's
+mapped bytes: live flags in {0, 1}, scan scales finite and >= 0, all three offset arrays monotonic and ending at their blob's
 length, tag ids < ntags and ascending per row, the dictionary valid UTF-8, sorted and unique. The
 source strings' UTF-8 is checked by ``verify()`` and, lazily, when a row is decoded. The two opaque
 blobs are validated by their owners (``HnswIndex.from_graph``, ``ProductQuantizer.from_bytes``).
+Scan codes are not compared with the vectors: they only choose which rows a search rescores on the
+float vectors, so codes that disagree with them (a forged file with valid CRCs) cost recall, never
+a wrong score, and any int8 value is in range for the kernels.
 
 What this fixes from v2.1's .vdb v2 (CONTRACT.md D38; v2.1's format is CONTRACT.md R3): checksums
 on everything, overflow-checked sizes, every section aligned (the PQ codebook too), page-aligned
@@ -109,6 +121,7 @@ MAX_TAG_BYTES = 2**32 - 1  # the tag dictionary blob and nnz are addressed by ui
 FLAG_KIND_MASK = 0x3
 FLAG_HAS_GRAPH = 0x4
 FLAG_HAS_PQ = 0x8
+FLAG_HAS_SCAN_CODES = 0x10
 
 # struct layouts (little-endian, no implicit padding)
 HEADER_STRUCT = struct.Struct("<8sIIQQIIIIQI")  # everything before header_crc: 60 bytes
@@ -149,6 +162,8 @@ class Section(enum.IntEnum):
     GRAPH = 12
     PQ_CODEBOOK = 13
     PQ_CODES = 14
+    SCAN_SCALE = 15
+    SCAN_CODES = 16
 
     @property
     def label(self) -> str:
@@ -161,7 +176,7 @@ WRITE_ORDER = (
     Section.LIVE, Section.START_TIME_MS, Section.DURATION_MS, Section.BPM,
     Section.TAG_OFFSETS, Section.TAG_IDS, Section.TAG_DICT_OFFSETS, Section.TAG_DICT_BLOB,
     Section.SOURCE_OFFSETS, Section.SOURCE_BLOB,
-    Section.PQ_CODEBOOK, Section.PQ_CODES, Section.GRAPH,
+    Section.PQ_CODEBOOK, Section.PQ_CODES, Section.SCAN_SCALE, Section.SCAN_CODES, Section.GRAPH,
     Section.VECTORS,
 )
 
@@ -177,6 +192,8 @@ DTYPES = {
     Section.TAG_IDS: "<u4",
     Section.SOURCE_OFFSETS: "<u8",
     Section.PQ_CODES: "u1",
+    Section.SCAN_SCALE: "<f4",
+    Section.SCAN_CODES: "i1",
 }
 
 # madvise modes for the vector section; every other section gets WILLNEED at open.
@@ -192,12 +209,14 @@ def align_up(x: int, a: int) -> int:
     return (x + a - 1) // a * a
 
 
-def flags_for(kind: SegmentKind, has_graph: bool) -> int:
+def flags_for(kind: SegmentKind, has_graph: bool, has_scan_codes: bool = False) -> int:
     flags = kind.code
     if kind is SegmentKind.ARCHIVE:
         flags |= FLAG_HAS_PQ
     if has_graph:
         flags |= FLAG_HAS_GRAPH
+    if has_scan_codes:
+        flags |= FLAG_HAS_SCAN_CODES
     return flags
 
 
@@ -217,8 +236,10 @@ def plan_layout(lengths: dict[Section, int]) -> tuple[dict[Section, int], int]:
 
 def pack_header(*, kind: SegmentKind, has_graph: bool, count: int, id_start: int, dim: int, level: int,
                 pq_m: int, file_size: int, sections: dict[Section, tuple[int, int, int]]) -> bytes:
-    """The header + section table bytes; ``sections`` maps kind -> (offset, length, crc32c)."""
-    head = HEADER_STRUCT.pack(MAGIC, VERSION, flags_for(kind, has_graph), count, id_start, dim, level, pq_m,
+    """The header + section table bytes; ``sections`` maps kind -> (offset, length, crc32c)
+    (HAS_SCAN_CODES follows from the scan sections' presence)."""
+    flags = flags_for(kind, has_graph, Section.SCAN_CODES in sections)
+    head = HEADER_STRUCT.pack(MAGIC, VERSION, flags, count, id_start, dim, level, pq_m,
                               len(sections), file_size, 0)
     table = b"".join(ENTRY_STRUCT.pack(int(sec), crc, off, length, 0)
                      for sec, (off, length, crc) in sorted(sections.items()))

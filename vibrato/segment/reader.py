@@ -141,6 +141,11 @@ class SegmentReader:
         else:
             self._pq_codebook = None
             self._pq_codes = None
+        if layout.has_scan_codes:
+            self._scan_scale = self._view(_S.SCAN_SCALE, "<f4", n)  # finite, >= 0: checked in C
+            self._scan_codes = self._view(_S.SCAN_CODES, "i1", n * d).reshape(n, d)
+        else:
+            self._scan_scale = self._scan_codes = None
         self._closed = False
 
     def _view(self, sec: F.Section, dtype, count: int) -> np.ndarray:
@@ -198,6 +203,13 @@ class SegmentReader:
     @property
     def has_graph(self) -> bool:
         return self._layout.has_graph
+
+    @property
+    def scan_codes(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """The int8 scan codes of the vectors, (codes (count, dim) int8, scale (count,) float32),
+        read-only and zero-copy, or None for a segment written without them (format.py)."""
+        self._check_open()
+        return None if self._scan_codes is None else (self._scan_codes, self._scan_scale)
 
     @property
     def size_bytes(self) -> int:

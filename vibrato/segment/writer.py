@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from vibrato import kernels
 from vibrato._native import segio as _segio
 from vibrato.datadir import FILE_MODE, fsync_dir
 from vibrato.segment import format as F
@@ -58,8 +59,27 @@ class SegmentInfo:
     sections: tuple[SectionInfo, ...]
 
 
-def _section_buffers(data: SegmentData) -> dict[F.Section, memoryview]:
-    """Every section's bytes, built with numpy (no per-row Python work beyond the string encodes)."""
+def _scan_codes(vectors) -> tuple[np.ndarray, np.ndarray, int | None]:
+    """(codes int8 (n, d), scale float32 (n,), crc) of a raw segment's vectors (kernels.scan_codes).
+    Streamed vectors are encoded chunk by chunk (d + 4 bytes a row in memory, a quarter of the
+    vectors' size) in their checksum pass, so crc is their CRC32C; None for an array."""
+    if isinstance(vectors, np.ndarray):
+        return *kernels.scan_codes(vectors), None
+    n, dim = vectors.shape
+    codes, scale = np.empty((n, dim), dtype=np.int8), np.empty(n, dtype=np.float32)
+    row, crc = 0, 0
+    for chunk in _stream_chunks(vectors):
+        crc = _segio.crc32c(chunk, crc)
+        rows = chunk.nbytes // (4 * dim)
+        c, s = kernels.scan_codes(np.frombuffer(chunk, dtype=np.float32).reshape(rows, dim))
+        codes[row:row + rows], scale[row:row + rows] = c, s
+        row += rows
+    return codes, scale, crc
+
+
+def _section_buffers(data: SegmentData, scan_codes: bool) -> tuple[dict[F.Section, memoryview], dict[F.Section, int]]:
+    """Every section's bytes, built with numpy (no per-row Python work beyond the string encodes),
+    and the CRC32Cs already computed on the way (streamed vectors, when their codes were made)."""
     S = F.Section
     tags = data.tags
     dict_encoded = encode_utf8(tags.dictionary, "tags: tag {s!r}")
@@ -87,8 +107,13 @@ def _section_buffers(data: SegmentData) -> dict[F.Section, memoryview]:
         bufs[S.PQ_CODES] = data.pq_codes
     if data.graph is not None:
         bufs[S.GRAPH] = data.graph
+    crcs = {}
+    if scan_codes and data.kind is F.SegmentKind.RAW:
+        bufs[S.SCAN_CODES], bufs[S.SCAN_SCALE], crc = _scan_codes(data.vectors)
+        if crc is not None:
+            crcs[S.VECTORS] = crc
     return {k: b if isinstance(b, StreamedVectors) else memoryview(b).cast("B") if not isinstance(b, bytes)
-            else memoryview(b) for k, b in bufs.items()}
+            else memoryview(b) for k, b in bufs.items()}, crcs
 
 
 def _stream_chunks(stream: StreamedVectors):
@@ -146,8 +171,11 @@ def _write_all(fd: int, bufs: list) -> int:
     return total
 
 
-def write_segment_tmp(tmp_path, data: SegmentData) -> SegmentInfo:
+def write_segment_tmp(tmp_path, data: SegmentData, *, scan_codes: bool = True) -> SegmentInfo:
     """Write ``data`` as a complete segment file at ``tmp_path`` and fsync it (durable on return).
+
+    A raw segment gets the int8 scan codes of its vectors (format.py, HAS_SCAN_CODES) unless
+    ``scan_codes`` is False, which writes the layout of earlier versions (tests of reading them).
 
     ``tmp_path`` is created or truncated. On any failure the partial file is removed and the error
     re-raised (ValueError for invalid data, OSError for I/O). The file is not visible under its final
@@ -158,10 +186,10 @@ def write_segment_tmp(tmp_path, data: SegmentData) -> SegmentInfo:
         raise ValueError(f"data must be a SegmentData, got {type(data).__name__}")
     data.validate()
     path = os.fspath(tmp_path)
-    bufs = _section_buffers(data)
+    bufs, crcs = _section_buffers(data, scan_codes)
     lengths = {k: b.nbytes if isinstance(b, StreamedVectors) else len(b) for k, b in bufs.items()}
     offsets, file_size = F.plan_layout(lengths)
-    sections = {k: (offsets[k], lengths[k], _crc(b)) for k, b in bufs.items()}
+    sections = {k: (offsets[k], lengths[k], crcs[k] if k in crcs else _crc(b)) for k, b in bufs.items()}
     kind = data.kind
     has_graph = data.graph is not None
     header = F.pack_header(kind=kind, has_graph=has_graph, count=data.count, id_start=data.id_start, dim=data.dim,
