@@ -77,6 +77,29 @@ def test_one_failing_request_does_not_affect_its_group(cat):
     assert cat.read(wal.count, col["id"]) == 8
 
 
+def test_a_cancelled_write_is_skipped_and_the_writer_goes_on(cat):
+    """A caller that cancels its future while it waits (asyncio.wrap_future does when the awaiting task is
+    cancelled, as the audit pruner's is at shutdown) gets its request skipped; the writer thread stays
+    up and later writes, in the same group or after, commit."""
+    col = cat.write(collections.ensure, "default", 4)
+    gate, entered = threading.Event(), threading.Event()
+
+    def hold(c):  # keeps the writer busy while the next requests queue up behind it
+        entered.set()
+        gate.wait(10)
+    blocker = cat.write_async(hold)
+    assert entered.wait(10)
+    cancelled = cat.write_async(wal.insert_batch, col["id"], [row(1)])
+    kept = cat.write_async(wal.insert_batch, col["id"], [row(2)])
+    assert cancelled.cancel()
+    gate.set()
+    blocker.result(10)
+    assert kept.result(10)[0][0] >= 0 and cancelled.cancelled()
+    assert cat.write(wal.insert_batch, col["id"], [row(3)])
+    assert cat.read(wal.count, col["id"]) == 2
+    assert cat._thread.is_alive()
+
+
 def test_keys_roundtrip(cat):
     cat.write(keys.create, "vbk_1", "n", "hash", "query")
     assert cat.read(keys.get, "vbk_1")["roles"] == "query"

@@ -142,6 +142,8 @@ class Catalog:
         self._drain_after_stop()
 
     def _run_checkpoint_request(self, conn, req):
+        if not req.future.set_running_or_notify_cancel():
+            return
         try:
             if req.fn.mode is None:  # vacuum: like a checkpoint, it cannot run inside a transaction
                 conn.execute("VACUUM")
@@ -152,6 +154,13 @@ class Catalog:
             req.future.set_exception(_storage_error(exc))
 
     def _run_group(self, conn, batch):
+        # A caller may cancel its future while it waits (asyncio.wrap_future does when the awaiting
+        # task is cancelled, e.g. at shutdown): such a request is not run, and once marked running
+        # no future can be cancelled under the set_result below, which would raise here and end
+        # this thread with every later write waiting forever.
+        batch = [req for req in batch if req.future.set_running_or_notify_cancel()]
+        if not batch:
+            return
         results = [None] * len(batch)
         errors = [None] * len(batch)
         try:
@@ -236,7 +245,7 @@ class Catalog:
                 req = self._queue.get_nowait()
             except queue.Empty:
                 break
-            if req is not _STOP:
+            if req is not _STOP and req.future.set_running_or_notify_cancel():
                 req.future.set_exception(StorageError("catalog is closed"))
 
     # ------------------------------------------------------------------ reads
