@@ -336,6 +336,52 @@ def test_a_data_dir_too_deep_for_a_unix_socket_path_still_gets_its_workers(tmp_p
             vid, created = c.ingest(x, metadata={"source_file": f"{i}.wav"})
             assert created and [r["id"] for r in c.query(x, k=1)["results"]] == [vid]
         assert sorted(os.listdir(data / "tmp")) == ["followers.state", "internal.sock", "serving.state",
-                                                    "worker-1.sock", "worker-1.wake", "worker-2.sock", "worker-2.wake"]
+                                                    "worker-1.sock", "worker-1.wake", "worker-2.sock", "worker-2.wake",
+                                                    "writer.wake"]
     finally:
         srv.terminate(timeout=60)
+
+
+def test_a_workers_progress_datagram_wakes_the_writes_waiting_for_it(tmp_path, monkeypatch):
+    """The writer's wait for its workers (WorkerPool.caught_up) is woken by the datagram a worker sends
+    after it reports an applied lsn (follow_writer's report), not by its fallback look: with that look
+    an hour away, a write waiting for a worker returns once the worker reports, and not before."""
+    import asyncio
+    import types
+    from vibrato.config import Config
+    from vibrato.engine.shared_state import FollowerProgress
+    from vibrato.server import workers
+
+    monkeypatch.setattr(workers, "ACK_POLL_SECS", 3600.0)
+    monkeypatch.setattr(workers, "ACK_WAIT_SECS", 3600.0)
+    config = Config(data_dir=tmp_path / "d", dim=DIM)
+    os.makedirs(config.tmp_dir, mode=0o700)
+
+    class Worker:  # the follower side: follow_writer with a stand-in for the Follower
+        def follow(self, report, wake):
+            self.report = report
+
+    async def main():
+        pool = workers.WorkerPool(config, 1)
+        pool.progress = FollowerProgress.create(config.tmp_dir, 2)
+        pool.procs = {1: types.SimpleNamespace(poll=lambda: None)}
+        pool.listen_progress()
+        worker = Worker()
+        stop = workers.follow_writer(worker, config, 1)
+        worker.report(3)  # applied lsn 3: the first report, before any write waits
+        await asyncio.wait_for(pool.caught_up(3), 5)
+        waiting = asyncio.ensure_future(pool.caught_up(7))
+        await asyncio.sleep(0.2)
+        assert not waiting.done()  # the worker has not applied lsn 7
+        worker.report(5)
+        await asyncio.sleep(0.2)
+        assert not waiting.done()
+        worker.report(7)
+        await asyncio.wait_for(waiting, 5)  # woken by the datagram: the fallback look is an hour away
+        assert not pool._waiters
+        stop()
+        pool.close_progress()
+        pool._spawner.shutdown(wait=False)
+        assert not os.path.exists(os.path.join(config.tmp_dir, workers.PROGRESS_SOCKET))
+
+    asyncio.run(main())

@@ -158,8 +158,9 @@ def _create_mapped(path: str, content: bytes) -> mmap.mmap:
 
 
 def wake_socket(path) -> socket.socket:
-    """A follower's wake-up socket (a datagram socket bound at `path`, in the 0700 tmp dir; a stale one
-    from a previous process is replaced). Its datagrams carry nothing: each only says "look again"."""
+    """A wake-up socket: a follower's (the writer published) or the writer's (a follower reported its
+    progress, server/workers.py). A datagram socket bound at `path`, in the 0700 tmp dir; a stale one
+    from a previous process is replaced. Its datagrams carry nothing: each only says "look again"."""
     path = os.fspath(path)
     try:
         os.unlink(path)

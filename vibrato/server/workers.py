@@ -19,9 +19,11 @@ of queries 4-7x slower than with the workers alone on the port (perf/README.md):
   socket). A forwarded request is logged, counted and audited by the writer alone;
 * a write is acknowledged once every live worker has applied it, or after ACK_WAIT_SECS (a worker that
   misses it is not waited for again until it catches up): each worker's follow thread catches up as
-  soon as the writer publishes and reports its applied lsn in `tmp/followers.state`, so that queries
-  on a worker under an ingest load do not catch up themselves. Only pacing: a query on a worker that
-  is behind still catches up before it searches (read-your-writes does not depend on this);
+  soon as the writer publishes, reports its applied lsn in `tmp/followers.state` and sends a datagram
+  to `tmp/writer.wake`, which wakes the writes waiting for it (they look again every ACK_POLL_SECS
+  should a datagram be lost), so that queries on a worker under an ingest load do not catch up
+  themselves. Only pacing: a query on a worker that is behind still catches up before it searches
+  (read-your-writes does not depend on this);
 * a worker's audit events go to the writer in batches (`POST /internal/audit` on that socket);
 * `/v2/metrics` and `/v2/admin/stats` are answered by the writer with every worker's counters
   added: it reads each worker's state over `tmp/worker-<i>.sock` (`GET /internal/state`) when it
@@ -57,12 +59,13 @@ log = logging.getLogger("vibrato.server")
 INTERNAL_SOCKET = "internal.sock"
 WORKER_SOCKET = "worker-{}.sock"
 WAKE_SOCKET = "worker-{}.wake"  # datagrams from the writer: "the serving state moved"
+PROGRESS_SOCKET = "writer.wake"  # datagrams from the workers: "my slot in followers.state moved"
 FORWARDED_FOR = "x-vibrato-forwarded-for"
 LOCAL_ROUTES = frozenset({"/v2/query", "/v2/identify", "/v2/health/live", "/v2/openapi.json"})
 RESTART_DELAY_SECS = 1.0
 START_TIMEOUT_SECS = 60.0  # for every worker to listen before the writer leaves the port
 ACK_WAIT_SECS = 0.25     # longest a write's acknowledgement waits for the workers to apply it
-ACK_POLL_SECS = 0.0005
+ACK_POLL_SECS = 0.01      # a waiting write looks again this often without a worker's datagram
 STATE_TIMEOUT_SECS = 2.0
 _CONFIG_ENV = "VIBRATO_WORKER_CONFIG"
 # request headers not passed on (hop-by-hop, or set by the forwarding client itself)
@@ -120,6 +123,8 @@ class WorkerPool:
         self._spawner = ThreadPoolExecutor(1, thread_name_prefix="vibrato-spawn")
         self.spawner_tid = self._spawner.submit(threading.get_native_id).result()
         self._lagging = set()  # workers that missed an ACK_WAIT_SECS: not waited for until caught up
+        self._progress_sock = None  # PROGRESS_SOCKET, read on the event loop
+        self._waiters = set()       # futures of the writes waiting for the workers' progress
 
     def socket_path(self, i: int) -> str:
         return os.path.join(self.config.tmp_dir, WORKER_SOCKET.format(i))
@@ -140,6 +145,7 @@ class WorkerPool:
     async def start(self):
         from vibrato.engine.shared_state import FollowerProgress
         self.progress = FollowerProgress.create(self.config.tmp_dir, self.count + 1)  # slot i: worker i
+        self.listen_progress()
         for i in range(1, self.count + 1):
             self._spawn(i)
         self._task = asyncio.create_task(self._supervise(), name="vibrato-worker-supervisor")
@@ -159,6 +165,7 @@ class WorkerPool:
     async def stop(self, timeout: float):
         """SIGTERM every worker and wait for them to drain (SIGKILL after `timeout`)."""
         self._stopping = True
+        self.close_progress()
         if self._task is not None:
             self._task.cancel()
         for proc in self.procs.values():
@@ -189,9 +196,54 @@ class WorkerPool:
                 await asyncio.sleep(0.05)
         return not pending
 
+    def listen_progress(self):
+        """Bind PROGRESS_SOCKET and read it on the running loop: each datagram wakes the waiting writes."""
+        from vibrato.engine.shared_state import wake_socket
+        try:
+            sock = wake_socket(os.path.join(self.config.tmp_dir, PROGRESS_SOCKET))
+        except OSError as exc:
+            log.warning("no progress socket for the query workers (%s): waiting writes poll", exc)
+            return
+        sock.setblocking(False)
+        self._progress_sock = sock
+        asyncio.get_running_loop().add_reader(sock.fileno(), self._on_progress)
+
+    def _on_progress(self):
+        try:
+            while self._progress_sock.recv(64):  # drain: one look covers every datagram queued
+                pass
+        except OSError:  # BlockingIOError: drained
+            pass
+        for fut in self._waiters:
+            if not fut.done():
+                fut.set_result(None)
+
+    async def _progressed(self, timeout: float):
+        """Until a worker's datagram arrives, or `timeout` s."""
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self._waiters.add(fut)
+        timer = loop.call_later(timeout, lambda: fut.done() or fut.set_result(None))
+        try:
+            await fut
+        finally:
+            timer.cancel()
+            self._waiters.discard(fut)
+
+    def close_progress(self):
+        if self._progress_sock is not None:
+            asyncio.get_running_loop().remove_reader(self._progress_sock.fileno())
+            self._progress_sock.close()
+            self._progress_sock = None
+            try:
+                os.unlink(os.path.join(self.config.tmp_dir, PROGRESS_SOCKET))
+            except OSError:
+                pass
+
     async def caught_up(self, lsn: int):
         """Hold a write's acknowledgement until every live worker has applied `lsn` (at most
-        ACK_WAIT_SECS; see the module docstring)."""
+        ACK_WAIT_SECS; see the module docstring). Checked, then slept on until a worker's datagram
+        (or ACK_POLL_SECS), with no await in between: a datagram can never fall between the two."""
         deadline = None
         while True:
             behind = []
@@ -212,7 +264,7 @@ class WorkerPool:
                             waiting, lsn, ACK_WAIT_SECS)
                 self._lagging.update(waiting)
                 return
-            await asyncio.sleep(ACK_POLL_SECS)
+            await self._progressed(min(ACK_POLL_SECS, deadline - now + 0.001))
 
     def states(self) -> list[dict]:
         """Every running worker's counters (blocking: render() runs on the executor)."""
@@ -286,12 +338,22 @@ def follow_writer(follower, config: Config, index: int):
         log.warning("query worker %d: no wake-up socket (%s); following by polling", index, exc)
         wake = None
     pid = os.getpid()
-    follower.follow(lambda applied: progress.report(index, pid, applied), wake)
+    writer_wake = unix_address(os.path.join(config.tmp_dir, PROGRESS_SOCKET))
+    tell = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+
+    def report(applied: int):
+        progress.report(index, pid, applied)
+        try:  # wake the writes waiting for this worker (they also look every ACK_POLL_SECS)
+            tell.sendto(b"p", writer_wake)
+        except OSError:  # not bound (yet), or its queue full: a wake-up is pending anyway
+            pass
+    follower.follow(report, wake)
 
     def stop_following():
         """After follower.close() (which stops the thread): the slot says no worker, the socket goes."""
         progress.report(index, 0, 0)
         progress.close()
+        tell.close()
         if wake is not None:
             wake.close()
             try:  # unless a newer worker i (this one was still draining) has bound the path since
