@@ -58,3 +58,22 @@ def test_query_workers_out_of_range_is_refused():
         Config(query_workers=65)
     with pytest.raises(ValueError, match="--query-workers"):
         Config(query_workers=-1)
+
+
+@pytest.mark.parametrize("workers,allowed,want", [
+    (2, {0, 1}, [0, 1]),            # one worker per allowed CPU: each on its own
+    (4, {3, 5, 8, 9}, [3, 5, 8, 9]),  # the affinity's CPUs, ascending, whatever their numbers
+    (2, {0, 1, 2, 3}, [None, None]),  # fewer workers than CPUs (a quota, or --query-workers 2): free
+    (3, {0, 1}, [None, None, None]),  # more workers than CPUs: free
+    (1, {0}, [None]),               # the writer serves alone: nothing to pin
+])
+def test_workers_are_pinned_only_when_there_is_one_per_allowed_cpu(workers, allowed, want):
+    assert [C.worker_cpu(i, workers, allowed) for i in range(1, workers + 1)] == want
+    assert C.worker_cpu(0, workers, allowed) is None and C.worker_cpu(workers + 1, workers, allowed) is None
+
+
+def test_pin_query_workers_takes_auto_or_off():
+    assert Config(data_dir="/tmp/x", dim=4).pin_query_workers == "auto"
+    assert Config(data_dir="/tmp/x", dim=4, pin_query_workers=" OFF ").pin_query_workers == "off"
+    with pytest.raises(ValueError, match="--pin-query-workers"):
+        Config(data_dir="/tmp/x", dim=4, pin_query_workers="always")

@@ -79,6 +79,27 @@ def served(tmp_path):
         srv.terminate(timeout=60)
 
 
+def test_workers_run_on_one_cpu_each_when_there_is_one_per_cpu(served):
+    """--pin-query-workers auto (the default): with as many workers as CPUs this server may use, worker
+    i runs on the i-th of them, every thread of it; otherwise (a machine with more cores) none is pinned.
+    The writer is never pinned."""
+    from vibrato.config import worker_cpu
+    srv, data = served
+    allowed = os.sched_getaffinity(0)
+
+    def cpus(pid):  # the CPU sets of the process's threads
+        return {frozenset(os.sched_getaffinity(int(tid))) for tid in os.listdir(f"/proc/{pid}/task")}
+    by_index = {}
+    for pid in worker_pids(srv):
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            by_index[int(f.read().split(b"\0")[-2])] = pid
+    assert sorted(by_index) == [1, 2]
+    for i, pid in by_index.items():
+        cpu = worker_cpu(i, 2, allowed)
+        assert cpus(pid) == {frozenset({cpu}) if cpu is not None else frozenset(allowed)}, (i, cpus(pid))
+    assert cpus(srv.proc.pid) == {frozenset(allowed)}
+
+
 def test_read_your_writes_on_any_connection_and_every_process_counted(served):
     srv, data = served
     token = srv.bootstrap_token

@@ -11,7 +11,7 @@ from pathlib import Path
 import rich_click as click
 
 from vibrato import __version__
-from vibrato.config import MADVISE_MODES, Config, Limits
+from vibrato.config import MADVISE_MODES, PIN_MODES, Config, Limits
 
 _DEFAULTS = Config()
 _LIMITS = Limits()
@@ -121,7 +121,7 @@ def cli():
 @click.option_panel("Network", options=["--port", "--host", "--public-health-metrics", "--bootstrap-admin-key",
                                         "--shutdown-timeout-secs", "--server-threads", "--inline-search",
                                         "--fast-query-path",
-                                        "--query-workers", "--writer-nice",
+                                        "--query-workers", "--writer-nice", "--pin-query-workers",
                                         "--log-level",
                                         "--keepalive-timeout-secs", "--header-timeout-secs", "--body-timeout-secs",
                                         "--max-connections"])
@@ -191,6 +191,11 @@ def cli():
                    "once the workers serve the port, so that queries come first when the cores are busy; a lower "
                    "value keeps more ingest under a heavy query load, 0 keeps it level with the workers "
                    "(docs/SERVER.md).")
+@click.option("--pin-query-workers", type=click.Choice(PIN_MODES, case_sensitive=False),
+              default=_DEFAULTS.pin_query_workers, show_default=True,
+              help="With --query-workers > 1: auto runs worker i on the i-th CPU this process may use when there "
+                   "is exactly one worker per such CPU (their caches stay warm; fewer workers, as under a CPU "
+                   "quota, are never pinned); off leaves them to the scheduler (docs/SERVER.md).")
 @click.option("--audit-retention-days", type=click.IntRange(0), default=_DEFAULTS.audit_retention_days,
               show_default=True, help="Audit rows older than this are pruned (0 keeps them).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
@@ -236,7 +241,7 @@ def serve_v2(data_dir, collection, dim, port, host, checkpoint_interval_secs, co
              orphan_ttl_hours, audio_colocated, public_health_metrics, catalog_read_timeout_ms,
              sqlite_wal_autocheckpoint_pages, quarantine_max_files, quarantine_max_bytes, background_io_mb_per_sec,
              hot_index_shards, vector_madvise_mode, bootstrap_admin_key, shutdown_timeout_secs, server_threads,
-             inline_search, fast_query_path, query_workers, writer_nice, audit_retention_days, log_level, max_body_bytes, max_k, max_ef, max_batch, max_identify_frames,
+             inline_search, fast_query_path, query_workers, writer_nice, pin_query_workers, audit_retention_days, log_level, max_body_bytes, max_k, max_ef, max_batch, max_identify_frames,
              max_tags, max_tag_bytes, max_source_file_bytes, max_idempotency_key_bytes, max_delete_ids,
              max_delete_source_files, keepalive_timeout_secs, header_timeout_secs, body_timeout_secs,
              max_connections, hot_max_rows, ingest_backpressure_wait_secs):
@@ -250,7 +255,7 @@ def serve_v2(data_dir, collection, dim, port, host, checkpoint_interval_secs, co
             public_health_metrics=public_health_metrics, bootstrap_admin_key=bootstrap_admin_key,
             shutdown_timeout_secs=shutdown_timeout_secs, audit_retention_days=audit_retention_days,
             server_threads=server_threads, inline_search=inline_search, fast_query_path=fast_query_path,
-            query_workers=query_workers, writer_nice=writer_nice,
+            query_workers=query_workers, writer_nice=writer_nice, pin_query_workers=pin_query_workers,
             log_level=log_level.lower(),
             keepalive_timeout_secs=keepalive_timeout_secs, header_timeout_secs=header_timeout_secs,
             body_timeout_secs=body_timeout_secs, max_connections=max_connections,

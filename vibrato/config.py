@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 MADVISE_MODES = ("normal", "random", "sequential", "willneed")
+PIN_MODES = ("auto", "off")
 # Each query worker holds its own copy of the un-checkpointed rows and every write waits for each to
 # apply it, so `--query-workers 0` stops at this many even on a larger machine (docs/SERVER.md).
 MAX_AUTO_QUERY_WORKERS = 8
@@ -26,6 +27,18 @@ def usable_cores() -> int:
     if quota is not None:
         cores = min(cores, max(1, math.ceil(quota)))
     return max(1, cores)
+
+
+def worker_cpu(index: int, workers: int, allowed) -> int | None:
+    """The CPU query worker `index` (1-based) of `workers` is pinned to under --pin-query-workers auto:
+    the index-th of the CPUs this process may run on (`allowed`, its affinity) when there is exactly one
+    worker per such CPU, else None (fewer workers, as under a CPU quota or an explicit lower count,
+    leave the scheduler free to move them). A worker that stays on one core keeps its caches there:
+    moved between cores with wrk's threads, it spent ~5% more CPU per query (perf/README.md)."""
+    cpus = sorted(allowed)
+    if workers < 2 or len(cpus) != workers or not 1 <= index <= workers:
+        return None
+    return cpus[index - 1]
 
 
 def cgroup_cpu_quota(proc_cgroup="/proc/self/cgroup", root="/sys/fs/cgroup") -> float | None:
@@ -96,6 +109,7 @@ class Config:
                                           # (server/workers.py); 0 = one per usable core, at most
                                           # MAX_AUTO_QUERY_WORKERS
     writer_nice: int = 19                 # with query workers: the writer's nice value once they serve the port
+    pin_query_workers: str = "auto"       # auto: worker i runs on the i-th allowed CPU when there is one per CPU
     key_cache_ttl_secs: float = 1.0       # API-key cache entry lifetime; revocation applies within it (CONTRACT.md D17)
     keepalive_timeout_secs: float = 75.0  # an idle connection (no request in progress) is closed after this
     header_timeout_secs: float = 10.0     # time allowed to receive a request head, from its first byte
@@ -176,6 +190,10 @@ class Config:
             raise ValueError(f"--query-workers must be between 0 (one per core) and 64, got {self.query_workers}")
         if not 0 <= self.writer_nice <= 19:
             raise ValueError(f"--writer-nice must be between 0 and 19, got {self.writer_nice}")
+        pin = str(self.pin_query_workers).strip().lower()
+        if pin not in PIN_MODES:
+            raise ValueError(f"--pin-query-workers must be one of {', '.join(PIN_MODES)}, got {self.pin_query_workers!r}")
+        object.__setattr__(self, "pin_query_workers", pin)
         for name in ("keepalive_timeout_secs", "header_timeout_secs", "max_connections"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")

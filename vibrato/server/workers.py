@@ -407,14 +407,34 @@ def _die_with_parent():
         sys.exit(0)
 
 
+def _pin(config: Config, index: int) -> int | None:
+    """--pin-query-workers auto: run on one CPU (config.worker_cpu), every thread of the process; the
+    threads started later inherit it. The CPU, or None when not pinned."""
+    from vibrato.config import worker_cpu
+    if config.pin_query_workers != "auto":
+        return None
+    try:
+        cpu = worker_cpu(index, config.query_workers, os.sched_getaffinity(0))
+        if cpu is not None:
+            for tid in os.listdir("/proc/self/task"):
+                os.sched_setaffinity(int(tid), {cpu})
+    except OSError as exc:  # a sandbox may refuse it: the scheduler places the worker then
+        log.warning("query worker %d could not be pinned to a CPU: %s", index, exc)
+        return None
+    return cpu
+
+
 def main():
     """Entry point of a query worker process (started by WorkerPool, never by hand)."""
     _die_with_parent()
     index = int(sys.argv[1])
     config = config_from_json(os.environ.pop(_CONFIG_ENV))
+    cpu = _pin(config, index)  # first: before logs.configure starts a thread
     from vibrato.server import logs
     from vibrato.server.app import serve_worker
     logs.configure(config.log_level)
+    if cpu is not None:
+        log.info("query worker pinned to a CPU", extra={"fields": {"worker": index, "cpu": cpu}})
     try:
         serve_worker(config, index)
     except Exception as exc:  # noqa: BLE001
