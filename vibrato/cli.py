@@ -121,7 +121,7 @@ def cli():
 @click.option_panel("Network", options=["--port", "--host", "--public-health-metrics", "--bootstrap-admin-key",
                                         "--shutdown-timeout-secs", "--server-threads", "--inline-search",
                                         "--fast-query-path",
-                                        "--query-workers", "--writer-nice", "--pin-query-workers",
+                                        "--query-workers", "--writer-nice", "--pin-query-workers", "--idle-spin-us",
                                         "--log-level",
                                         "--keepalive-timeout-secs", "--header-timeout-secs", "--body-timeout-secs",
                                         "--max-connections"])
@@ -196,6 +196,10 @@ def cli():
               help="With --query-workers > 1: auto runs worker i on the i-th CPU this process may use when there "
                    "is exactly one worker per such CPU (their caches stay warm; fewer workers, as under a CPU "
                    "quota, are never pinned); off leaves them to the scheduler (docs/SERVER.md).")
+@click.option("--idle-spin-us", type=click.IntRange(0, 10_000), default=_DEFAULTS.idle_spin_us, show_default=True,
+              help="After a wait that found requests, the serving event loop (each query worker's, or the one "
+                   "process's) polls this many microseconds before it sleeps: a halted virtual CPU is slow to "
+                   "wake for the next request. Idle servers do not poll; 0 never polls (docs/SERVER.md).")
 @click.option("--audit-retention-days", type=click.IntRange(0), default=_DEFAULTS.audit_retention_days,
               show_default=True, help="Audit rows older than this are pruned (0 keeps them).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
@@ -241,7 +245,8 @@ def serve_v2(data_dir, collection, dim, port, host, checkpoint_interval_secs, co
              orphan_ttl_hours, audio_colocated, public_health_metrics, catalog_read_timeout_ms,
              sqlite_wal_autocheckpoint_pages, quarantine_max_files, quarantine_max_bytes, background_io_mb_per_sec,
              hot_index_shards, vector_madvise_mode, bootstrap_admin_key, shutdown_timeout_secs, server_threads,
-             inline_search, fast_query_path, query_workers, writer_nice, pin_query_workers, audit_retention_days, log_level, max_body_bytes, max_k, max_ef, max_batch, max_identify_frames,
+             inline_search, fast_query_path, query_workers, writer_nice, pin_query_workers, idle_spin_us,
+             audit_retention_days, log_level, max_body_bytes, max_k, max_ef, max_batch, max_identify_frames,
              max_tags, max_tag_bytes, max_source_file_bytes, max_idempotency_key_bytes, max_delete_ids,
              max_delete_source_files, keepalive_timeout_secs, header_timeout_secs, body_timeout_secs,
              max_connections, hot_max_rows, ingest_backpressure_wait_secs):
@@ -256,6 +261,7 @@ def serve_v2(data_dir, collection, dim, port, host, checkpoint_interval_secs, co
             shutdown_timeout_secs=shutdown_timeout_secs, audit_retention_days=audit_retention_days,
             server_threads=server_threads, inline_search=inline_search, fast_query_path=fast_query_path,
             query_workers=query_workers, writer_nice=writer_nice, pin_query_workers=pin_query_workers,
+            idle_spin_us=idle_spin_us,
             log_level=log_level.lower(),
             keepalive_timeout_secs=keepalive_timeout_secs, header_timeout_secs=header_timeout_secs,
             body_timeout_secs=body_timeout_secs, max_connections=max_connections,

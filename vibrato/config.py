@@ -110,6 +110,7 @@ class Config:
                                           # MAX_AUTO_QUERY_WORKERS
     writer_nice: int = 19                 # with query workers: the writer's nice value once they serve the port
     pin_query_workers: str = "auto"       # auto: worker i runs on the i-th allowed CPU when there is one per CPU
+    idle_spin_us: int = 100               # a serving loop polls this long before it sleeps (server/protocol.py)
     key_cache_ttl_secs: float = 1.0       # API-key cache entry lifetime; revocation applies within it (CONTRACT.md D17)
     keepalive_timeout_secs: float = 75.0  # an idle connection (no request in progress) is closed after this
     header_timeout_secs: float = 10.0     # time allowed to receive a request head, from its first byte
@@ -190,6 +191,8 @@ class Config:
             raise ValueError(f"--query-workers must be between 0 (one per core) and 64, got {self.query_workers}")
         if not 0 <= self.writer_nice <= 19:
             raise ValueError(f"--writer-nice must be between 0 and 19, got {self.writer_nice}")
+        if not 0 <= self.idle_spin_us <= 10_000:
+            raise ValueError(f"--idle-spin-us must be between 0 and 10000, got {self.idle_spin_us}")
         pin = str(self.pin_query_workers).strip().lower()
         if pin not in PIN_MODES:
             raise ValueError(f"--pin-query-workers must be one of {', '.join(PIN_MODES)}, got {self.pin_query_workers!r}")

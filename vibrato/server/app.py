@@ -43,7 +43,7 @@ from vibrato.server.metrics import ServerMetrics
 from vibrato.server import workers
 from vibrato.server.middlewares import (access_middleware, auth_middleware, deferred_expect_handler, error_middleware,
                                         forward_middleware, request_id_middleware)
-from vibrato.server.protocol import loop_exception_handler, make_runner
+from vibrato.server.protocol import loop_exception_handler, make_runner, run
 from vibrato.server.schemas import Validator
 from vibrato.server.state import Policy
 
@@ -296,7 +296,8 @@ def refuse_taken_port(host: str, port: int) -> None:
 def serve(config: Config) -> None:
     """Run serve-v2 until SIGTERM/SIGINT. Raises on startup failure (locked data dir, port in use)."""
     tune_allocator()
-    asyncio.run(_serve(config))
+    # with query workers the writer is off the query path (it takes forwarded writes): no polling
+    run(_serve(config), config.idle_spin_us if config.effective_query_workers == 1 else 0)
 
 
 FD_RESERVE = 256  # descriptors kept for the engine (catalog, segments, WAL), logs and refused sockets
@@ -441,8 +442,8 @@ def serve_worker(config: Config, index: int) -> None:
     # --max-connections is the server's: each of the N workers takes its share (the writer, off the
     # port once they listen, keeps its own cap for its start-up and forwarded requests)
     share = max(1, config.max_connections // config.query_workers)
-    asyncio.run(_serve_worker(config.replace(bootstrap_admin_key=False, publish_state=False, query_workers=1,
-                                             max_connections=share), index))
+    run(_serve_worker(config.replace(bootstrap_admin_key=False, publish_state=False, query_workers=1,
+                                     max_connections=share), index), config.idle_spin_us)
 
 
 def _open_follower(config: Config):
