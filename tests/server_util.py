@@ -24,18 +24,18 @@ def free_port(host="127.0.0.1") -> int:
 
 
 def query_workers(args) -> int:
-    """How many query workers serve-v2 started with `args` runs (1: the writer alone), as it resolves
+    """How many query workers serve-v2 started with `args` runs (0: the writer alone), as it resolves
     --query-workers (the last one given; 0 or none: one per usable core)."""
     args = [str(a) for a in args]
     if not args or args[0] != "serve-v2":
-        return 1
+        return 0
     value = 0
     for i, a in enumerate(args):
         if a == "--query-workers" and i + 1 < len(args):
             value = int(args[i + 1])
         elif a.startswith("--query-workers="):
             value = int(a.split("=", 1)[1])
-    return Config(query_workers=value).effective_query_workers
+    return Config(query_workers=value).worker_processes
 
 
 def run_cli(*args, cwd=None, env=None, timeout=120) -> subprocess.CompletedProcess:
@@ -117,7 +117,7 @@ class ServerProcess:
 
     def workers_serving(self) -> bool:
         """True with one process, or once the writer logged that its query workers serve the port."""
-        if self.workers <= 1:
+        if not self.workers:
             return True
         lines = list(self.stderr_lines)
         if any("did not start listening" in line for line in lines):

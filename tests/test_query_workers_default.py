@@ -47,10 +47,13 @@ def test_unreadable_or_malformed_cgroup_files_mean_no_quota(tmp_path):
 @pytest.mark.parametrize("cores, quota, want", [(1, None, 1), (2, None, 2), (16, None, C.MAX_AUTO_QUERY_WORKERS),
                                                 (8, 1.5, 2), (8, 0.5, 1)])
 def test_the_default_is_one_worker_per_usable_core(monkeypatch, cores, quota, want):
+    """One per usable core, a single core included (one worker beside the writer); an explicit count is
+    taken as given, and --query-workers 1 starts none (the writer serves alone)."""
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
     monkeypatch.setattr(C, "cgroup_cpu_quota", lambda: quota)
-    assert Config().effective_query_workers == want
-    assert Config(query_workers=3).effective_query_workers == 3  # an explicit count is taken as given
+    assert Config().worker_processes == want
+    assert Config(query_workers=3).worker_processes == 3
+    assert Config(query_workers=1).worker_processes == 0
 
 
 def test_query_workers_out_of_range_is_refused():

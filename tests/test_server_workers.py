@@ -406,3 +406,37 @@ def test_a_workers_progress_datagram_wakes_the_writes_waiting_for_it(tmp_path, m
         assert not os.path.exists(os.path.join(config.tmp_dir, workers.PROGRESS_SOCKET))
 
     asyncio.run(main())
+
+
+def test_on_a_single_core_the_default_is_one_worker_beside_the_writer(tmp_path):
+    """--query-workers 0 (the default) on one usable core starts one query worker, which alone serves the
+    port while the writer takes its forwarded writes at nice 19 (a single process would lose its queries
+    to the ingest's GIL holds); --query-workers 1 still means the writer alone."""
+    allowed = os.sched_getaffinity(0)
+    cpu = min(allowed)
+    os.sched_setaffinity(0, {cpu})  # the server inherits it: one usable core
+    try:
+        data = tmp_path / "d"
+        srv = ServerProcess(data).wait_ready()
+    finally:
+        os.sched_setaffinity(0, allowed)
+    try:
+        assert srv.workers == 1
+        wait_workers_own_the_port(srv, data, count=1)
+        pids = worker_pids(srv)
+        assert len(pids) == 1
+        assert os.getpriority(os.PRIO_PROCESS, srv.proc.pid) == 19 and os.getpriority(os.PRIO_PROCESS, pids[0]) == 0
+        c = srv.client(srv.bootstrap_token)
+        X = unit_rows(30, 11)
+        for i, x in enumerate(X):  # written through the worker (forwarded), read back through it
+            vid, created = c.ingest(x, metadata={"source_file": f"{i}.wav"})
+            assert created and [r["id"] for r in c.query(x, k=1, include_metadata=False)["results"]] == [vid]
+        c.close()
+        assert wait_worker(srv, data)["engine"]["query_total"] == 30  # every query answered by the worker
+    finally:
+        srv.terminate(timeout=60)
+    solo = ServerProcess(tmp_path / "solo", extra=["--query-workers", "1"]).wait_ready()
+    try:
+        assert solo.workers == 0 and worker_pids(solo) == [] and listeners(solo.port) == 1
+    finally:
+        solo.terminate(timeout=60)

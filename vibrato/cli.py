@@ -185,7 +185,7 @@ def cli():
               help="Processes serving HTTP on the port: 1, this one; N > 1, N query workers that answer "
                    "query/identify themselves and pass every other request to this one, the writer, which "
                    "leaves the port to them once they listen; 0, one worker per usable core (at most 8; "
-                   "a single core: 1) (docs/SERVER.md).")
+                   "a single core: one worker beside the writer) (docs/SERVER.md).")
 @click.option("--writer-nice", type=click.IntRange(0, 19), default=_DEFAULTS.writer_nice, show_default=True,
               help="With --query-workers > 1: the nice value the writer (ingest, checkpoint, compaction) takes "
                    "once the workers serve the port, so that queries come first when the cores are busy; a lower "

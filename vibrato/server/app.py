@@ -297,7 +297,7 @@ def serve(config: Config) -> None:
     """Run serve-v2 until SIGTERM/SIGINT. Raises on startup failure (locked data dir, port in use)."""
     tune_allocator()
     # with query workers the writer is off the query path (it takes forwarded writes): no polling
-    run(_serve(config), config.idle_spin_us if config.effective_query_workers == 1 else 0)
+    run(_serve(config), 0 if config.worker_processes else config.idle_spin_us)
 
 
 FD_RESERVE = 256  # descriptors kept for the engine (catalog, segments, WAL), logs and refused sockets
@@ -348,8 +348,9 @@ async def _drain(app: web.Application, config: Config):
 async def _serve(config: Config) -> None:
     stop = _stop_on_signals()
     # resolved once here: the workers' count, each one's share of --max-connections, the log line
-    config = config.replace(query_workers=config.effective_query_workers)
-    several = config.query_workers > 1
+    workers_count = config.worker_processes
+    several = workers_count > 0
+    config = config.replace(query_workers=max(1, workers_count))  # with `several`: how many workers
     if several:
         config = config.replace(publish_state=True)
     app = create_app(config)
