@@ -183,7 +183,7 @@ def test_plan_choices_follow_the_allowed_count(tiered):
 
 def test_a_wide_filter_scans_raw_segments_on_their_int8_codes(tiered, monkeypatch):
     """Where the native search would scan many allowed rows of a raw segment, the plan says `scan`:
-    the segment's int8 codes (from its file) rank them, and the result is the exact top-k of its
+    the segment's int8 codes are built on first use, and the result is the exact top-k of its
     allowed rows, with their float scores."""
     eng, X, _, _ = tiered
     from vibrato.engine.validation import check_filter
@@ -208,24 +208,6 @@ def test_a_wide_filter_scans_raw_segments_on_their_int8_codes(tiered, monkeypatc
             np.testing.assert_array_equal(scores, exact[take])
         assert seg.index.has_scan_codes
         assert seg.index.stats()["scan_code_searches"] == before + 8
-
-
-def test_raw_segments_are_walked_on_the_scan_codes_of_their_files(tiered):
-    """Every raw segment the engine loads reads its scan codes in place from its file (no copy in
-    the process's memory, none built): plain graph steps walk on them and rescore exactly."""
-    eng, X, _, _ = tiered
-    view = eng.view()
-    raw = [s for s in view.segments if s.kind == "raw"]
-    assert raw and all(s.index.has_scan_codes and s.reader.scan_codes is not None for s in raw)
-    before = {s.id: s.index.stats()["code_walks"] for s in raw}
-    rng = np.random.default_rng(9)
-    for qi in rng.choice(X.shape[0], 5, replace=False).tolist():
-        for step in planner.plan(view, None, 10, 64, "all"):
-            if step.kind == "graph" and step.target in raw:
-                ids, scores = planner._run(step, X[qi], 10, 64)
-                seg = step.target
-                np.testing.assert_array_equal(scores, kernels.dot_many(X[qi], seg.vectors, ids - seg.id_start, threads=1))
-    assert all(s.index.stats()["code_walks"] == before[s.id] + 5 for s in raw)
 
 
 def test_a_large_hot_slice_is_ranked_on_its_int8_codes_and_rescored_exactly(tmp_path, monkeypatch):
