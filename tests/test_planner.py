@@ -183,11 +183,15 @@ def test_plan_choices_follow_the_allowed_count(tiered):
 
 def test_a_wide_filter_scans_raw_segments_on_their_int8_codes(tiered, monkeypatch):
     """Where the native search would scan many allowed rows of a raw segment, the plan says `scan`:
-    the segment's int8 codes are built on first use, and the result is the exact top-k of its
-    allowed rows, with their float scores."""
+    the segment's int8 codes are read from its file on first use (none is built in memory), and the
+    result is the exact top-k of its allowed rows, with their float scores."""
     eng, X, _, _ = tiered
     from vibrato.engine.validation import check_filter
     monkeypatch.setattr(planner, "SCAN_CODES_MIN_ROWS", 200)  # the fixture's segments are small
+
+    def no_build(self):
+        raise AssertionError("a segment whose file holds scan codes must not build them")
+    monkeypatch.setattr(HnswIndex, "build_scan_codes", no_build)
     view = eng.view()
     allowed = eng.segment_set.filters.evaluate(check_filter({"tags_all": ["p50"]}, eng.config.limits))
     mask = allowed.to_mask()

@@ -225,8 +225,7 @@ def _run(step: Step, q, k, ef):
     if step.kind == "graph":
         return _graph(step, q.reshape(1, -1), k, ef, 1)[0]
     if step.kind == "scan":
-        if not t.index.has_scan_codes:
-            t.index.build_scan_codes()
+        t.ensure_scan_codes()
         ids, scores = t.index.search(q, k=k, ef=max(ef, k), allowed=step.mask, mode="scan",
                                      allowed_count=step.count)
         return _unpadded(ids[0], scores[0])
