@@ -13,7 +13,8 @@ A segment holds ``count`` rows with dense ids ``id_start .. id_start + count - 1
 Versions: 2 is written; 1 (0.3.0) is still read. The only difference is that a version-1 archive
 never has a graph (it is searched by a PQ scan + exact rerank until a compaction rewrites it).
 HAS_SCAN_CODES came later within version 2: a raw segment without it (version 1, or written before)
-is read as before, and a process builds the codes in its own memory on the first filtered scan.
+is read as before, and a process builds the codes in its own memory on the first filtered scan
+(a file's own codes are read in place then: engine/tiers.py, ensure_scan_codes).
 
 Every integer is little-endian. Every byte of the file is covered by a checksum: the header CRC
 covers the header and the section table (which holds each section's CRC32C), each section has its
