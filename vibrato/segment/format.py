@@ -32,11 +32,9 @@ File layout (as written; readers accept any order that satisfies the rules below
                            each at a 64-byte aligned offset, zero padding in between
     4096-aligned .. EOF    vectors: float32[count][dim], row-major (last, page-aligned)
 
-Everything the engine reads at startup (metadata, graph, PQ codes) sits in one contiguous run of
-pages before the vectors, so ``MADV_WILLNEED`` prefetches it, and the vector pages get their own
+Everything the engine reads at startup (metadata, graph, codes) sits in one contiguous run of pages
+before the vectors, so one ``MADV_WILLNEED`` prefetches it, and the vector pages get their own
 advice (``normal``/``random``/``sequential``/``willneed``) without sharing a page with anything else.
-The scan codes, which graph walks read row by row like the vectors, get the vectors' advice
-(``ROW_ACCESS_SECTIONS``), not WILLNEED.
 
 Fixed header (64 bytes)::
 
@@ -199,9 +197,7 @@ DTYPES = {
     Section.SCAN_CODES: "i1",
 }
 
-# madvise modes for the sections a graph walk reads row by row (the vectors and their scan codes);
-# every other section gets WILLNEED at open.
-ROW_ACCESS_SECTIONS = (Section.VECTORS.label, Section.SCAN_CODES.label)
+# madvise modes for the vector section; every other section gets WILLNEED at open.
 MADVISE_MODES = {
     "normal": _mmap.MADV_NORMAL,
     "random": _mmap.MADV_RANDOM,

@@ -466,8 +466,7 @@ class SegmentReader:
         return nbytes
 
     def madvise(self, mode: str) -> None:
-        """Apply ``mode`` ("normal", "random", "sequential", "willneed") to the vector pages and to
-        the scan codes (the vectors' other form, read row by row by the same graph walks).
+        """Apply ``mode`` ("normal", "random", "sequential", "willneed") to the vector pages.
 
         The vector section starts on a 4096-byte boundary; the range is rounded out to the system
         page size. Raises OSError if the kernel refuses (never a silent no-op). May be called again
@@ -476,15 +475,12 @@ class SegmentReader:
         self._check_open()
         if mode not in F.MADVISE_MODES:
             raise ValueError(f"madvise mode must be one of {sorted(F.MADVISE_MODES)}, got {mode!r}")
-        for label in F.ROW_ACCESS_SECTIONS:
-            off, length, _ = self._sections.get(label, (0, 0, 0))
-            if not length:
-                continue
-            try:
-                self._mapping.madvise(off, length, F.MADVISE_MODES[mode])
-            except OSError as e:
-                raise OSError(e.errno, f"{self._path}: madvise({mode}) on the {label} section failed: "
-                                       f"{e.strerror}") from None
+        off, length, _ = self._sections[_S.VECTORS.label]
+        try:
+            self._mapping.madvise(off, length, F.MADVISE_MODES[mode])
+        except OSError as e:
+            raise OSError(e.errno, f"{self._path}: madvise({mode}) on the vector section failed: "
+                                   f"{e.strerror}") from None
         self._advice = mode
 
     @property
@@ -493,9 +489,9 @@ class SegmentReader:
         return self._advice
 
     def _advise_front(self) -> None:
-        """MADV_WILLNEED on every section that `madvise` leaves alone (rounded out to pages)."""
+        """MADV_WILLNEED on every non-vector section (rounded out to pages)."""
         ranges = sorted((off, off + ln) for name, (off, ln, _) in self._sections.items()
-                        if name not in F.ROW_ACCESS_SECTIONS and ln)
+                        if name != _S.VECTORS.label and ln)
         merged = []
         for a, b in ranges:
             if merged and a <= F.align_up(merged[-1][1], _segio.PAGE_SIZE):
