@@ -28,7 +28,7 @@ if DEBUG:
     compile_args = ["-O1", "-g", "-std=gnu11", "-Wno-unused-function", "-pthread"]
 link_args = ["-pthread"]
 
-MODULES = ["cpu", "distance", "pq", "hnsw", "segio", "rows"]
+MODULES = ["cpu", "distance", "pq", "hnsw", "segio", "rows", "httpq"]
 # VIBRATO_BUILD_ONLY=hnsw,pq rebuilds just those modules in place (developer convenience).
 ONLY = [m for m in os.environ.get("VIBRATO_BUILD_ONLY", "").split(",") if m]
 

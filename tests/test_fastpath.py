@@ -41,15 +41,21 @@ def env(tmp_path_factory):
 
 @pytest.fixture
 def answered(monkeypatch):
-    """Counts the requests the fast path answered (not just looked at)."""
-    count = {"n": 0}
-    original = fastpath.FastQuery.answer
+    """Counts the requests the fast path answered (not just looked at): "n" in all, "read" from the
+    connection's bytes (FastQuery.answer_read), "parsed" from aiohttp's message (FastQuery.answer)."""
+    count = {"n": 0, "read": 0, "parsed": 0}
 
-    def spy(self, message, body, client, conn):
-        out = original(self, message, body, client, conn)
-        count["n"] += out is not None
-        return out
-    monkeypatch.setattr(fastpath.FastQuery, "answer", spy)
+    def spy(name, front):
+        original = getattr(fastpath.FastQuery, name)
+
+        def wrapper(self, *args):
+            out = original(self, *args)
+            count["n"] += out is not None
+            count[front] += out is not None
+            return out
+        monkeypatch.setattr(fastpath.FastQuery, name, wrapper)
+    spy("answer_read", "read")
+    spy("answer", "parsed")
     return count
 
 
@@ -141,7 +147,7 @@ def test_answers_the_common_query_like_the_regular_route(env, answered):
         seen[app[K.CONFIG].fast_query_path] = out
 
     serve(env, body, fast_query_path=True)
-    assert answered["n"] == 2  # the warm-up loaded the key on the regular route
+    assert answered["n"] == answered["read"] == 2  # the warm-up loaded the key on the regular route
     serve(env, body, fast_query_path=False)
     assert answered["n"] == 2  # off: never consulted
     for (fs, fh, fb, fl), (rs, rh, rb, rl) in zip(seen[True], seen[False]):
@@ -308,6 +314,59 @@ def test_pipelined_and_split_requests_keep_their_order(env, answered):
         writer.close()
     serve(env, body)
     assert answered["n"] == 1
+
+
+def test_a_filtered_query_is_answered_from_the_parsed_message(env, answered):
+    """The bytes reader takes only the plainest query; one with a filter (or the compact vector form)
+    is answered by the second step, from aiohttp's parsed message, with the same result as the
+    regular route."""
+    token = env["tokens"]["query"]
+    seen = {}
+
+    async def body(port, app):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        await queries_ok(reader, writer, token, 1)  # loads the key: the regular route
+        v = np.random.default_rng(5).standard_normal(DIM).astype(np.float32)
+        out = []
+        for doc in ({"vector": v.tolist(), "k": 4, "filter": {"bpm_gte": 0.0}},
+                    {"vector": fastpath_pack(v), "k": 4}, {"vector": v.tolist(), "k": 4}):
+            writer.write(request(body=orjson.dumps(doc), token=token))
+            status, _, text, _ = await read_response(reader)
+            assert status == 200, text
+            out.append(_without_time(text))
+        writer.close()
+        seen[app[K.CONFIG].fast_query_path] = out
+
+    serve(env, body, fast_query_path=True)
+    assert (answered["parsed"], answered["read"]) == (2, 1)
+    serve(env, body, fast_query_path=False)
+    assert seen[True] == seen[False]
+
+
+def fastpath_pack(v) -> str:
+    """The compact vector form: base64 of little-endian float32 (CONTRACT.md)."""
+    import base64
+    return base64.b64encode(np.asarray(v, "<f4").tobytes()).decode()
+
+
+def test_a_read_that_continues_a_partial_head_is_not_taken_for_a_new_request(env, answered):
+    """Once a read ends inside a request head, later reads of the connection go to aiohttp's parser:
+    a complete query arriving after a partial head is the rest of that head, not a request of its own
+    (here: one request whose first x-request-id is "outer")."""
+    token = env["tokens"]["query"]
+
+    async def body(port, app):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        await queries_ok(reader, writer, token, 2)  # the key cached; the second is read from the bytes
+        writer.write(b"POST /v2/query HTTP/1.1\r\nx-request-id: outer\r\nX-Junk: ")
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.write(request(body=query_body(), token=token, extra=["x-request-id: inner"]))
+        status, headers, text, _ = await read_response(reader)
+        assert status == 200 and headers["x-request-id"] == "outer", text
+        writer.close()
+    serve(env, body)
+    assert answered["read"] == 1
 
 
 def test_read_your_writes_on_one_connection(env, answered):

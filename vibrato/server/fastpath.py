@@ -1,11 +1,20 @@
-"""The fast query path: `POST /v2/query` answered from the connection's parsed message.
+"""The fast query path: `POST /v2/query` answered before aiohttp's per-request machinery.
 
 Most of a small query's cost over HTTP was aiohttp's per-request machinery, not the search: a task,
 a Request and a Response object, the router, four middleware frames and the header multidicts
 (perf/README.md, serving path). `HardenedRequestHandler` (server/protocol.py) therefore offers each
-complete request that arrives on an idle TCP connection to `FastQuery.answer` before aiohttp sees
-it. `answer` serves it only when the request is the common, well-formed case and everything it
-needs is at hand without waiting:
+complete request that arrives on an idle TCP connection to this module before aiohttp sees it, in
+two steps:
+
+1. `answer_read`: the request straight from the connection's bytes, read in C
+   (vibrato/_native/httpq.pyx): head, body and vector, without aiohttp's parser, orjson or the
+   schema walk. It takes the plainest form only: exactly one request in the read, a JSON body
+   whose fields are vector (numbers), k, ef, include_metadata, search_tier and a null filter.
+2. `answer`: otherwise, the message aiohttp's parser made (a filter, the compact vector form, ...),
+   parsed and validated as the regular route does.
+
+Either serves the request only when it is the common, well-formed case and everything it needs is
+at hand without waiting:
 
 * `POST /v2/query`, HTTP/1.1 keep-alive, a complete `Content-Length` body of JSON no larger than
   the inline limits, no `Expect`, no compression, no transfer coding;
@@ -21,11 +30,14 @@ access line: `middlewares.record_request`) as the regular route's. docs/SERVER.m
 import hmac
 import time
 
+import numpy as np
 import orjson
 from aiohttp.helpers import rfc822_formatted_time
 from aiohttp.http import SERVER_SOFTWARE
 
 from vibrato import apikeys
+from vibrato._native.httpq import RequestReader
+from vibrato.index import FiniteArray
 from vibrato.server import handlers
 from vibrato.server import state as K
 from vibrato.server.logs import REQUEST_ID
@@ -59,6 +71,9 @@ class FastQuery:
         self.inflight = app[K.INFLIGHT]
         self.policy = app[K.POLICIES][PATH]
         self.max_body = min(config.limits.max_body_bytes, handlers.LARGE_BODY)
+        self.dim = config.dim
+        # the connections' reads are framed and read by this one reader (one event loop thread)
+        self.reader = RequestReader(config.dim, config.limits.max_k, config.limits.max_ef)
 
     @staticmethod
     def wants(message) -> bool:
@@ -89,6 +104,29 @@ class FastQuery:
         conn.auth_memo = (header, key_id, record)
         return key_id
 
+    def answer_read(self, reader, buf, client: str, conn) -> bytes | None:
+        """The whole HTTP response for the request in buf whose head `reader` read last and found a
+        candidate (buf holds exactly that request), or None: let the next step answer."""
+        started = (time.time(), time.perf_counter())
+        if self.inflight.draining or reader.body_length > self.max_body:
+            return None
+        try:
+            key_id = self._authorize(reader.authorization, conn)
+        except apikeys.AuthError:
+            return None
+        if key_id is None:
+            return None
+        vector = np.empty(self.dim, np.float32)
+        if not reader.query_body(buf, vector):
+            return None
+        vector = vector.view(FiniteArray)  # finite: the reader takes no other component
+        vector.flags.writeable = False
+        req = {"vector": vector, "k": reader.k, "ef": reader.ef, "include_metadata": reader.include_metadata,
+               "filter": None, "search_tier": reader.search_tier}
+        if not handlers.runs_inline(self.config, req):
+            return None
+        return self._respond(req, key_id, reader.request_id, client, started)
+
     def answer(self, message, body: bytes, client: str, conn) -> bytes | None:
         """The whole HTTP response for a candidate message, or None: let the regular route answer.
         conn: the connection's protocol (server/protocol.py), which keeps `auth_memo` for _authorize."""
@@ -114,7 +152,11 @@ class FastQuery:
             return None
         if not handlers.runs_inline(self.config, req):
             return None
-        rid = headers.get("x-request-id")
+        return self._respond(req, key_id, headers.get("x-request-id"), client, started)
+
+    def _respond(self, req, key_id: str, rid: str | None, client: str, started) -> bytes | None:
+        """Search a validated request and return its response, with the regular route's bookkeeping;
+        None (nothing recorded) when the engine raises: the regular route answers (and logs) it."""
         if not valid_request_id(rid):
             rid = new_request_id()
         token = REQUEST_ID.set(rid)

@@ -81,7 +81,7 @@ class HardenedRequestHandler(RequestHandler, asyncio.BufferedProtocol):
     """
 
     __slots__ = ("_header_timeout", "_body_timeout", "_head_timer", "_body_timer", "_body_payload", "_fast",
-                 "auth_memo")
+                 "auth_memo", "_peer", "_raw_pending")
 
     def __init__(self, manager, *, header_timeout: float, body_timeout: float, fast=None, **kwargs):
         super().__init__(manager, **kwargs)
@@ -92,6 +92,15 @@ class HardenedRequestHandler(RequestHandler, asyncio.BufferedProtocol):
         self._head_timer = None
         self._body_timer = None
         self._body_payload = None
+        self._peer = None  # the client's address (TCP only: the internal unix socket carries forwarded requests)
+        # Where the next read starts, by the requests' own framing (_answer_read): 0 at a request's
+        # start, > 0 that many body bytes of a request aiohttp reads still to come, -1 unknown.
+        self._raw_pending = 0
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        peer = transport.get_extra_info("peername")
+        self._peer = peer[0] if isinstance(peer, tuple) else None
 
     # ------------------------------------------------------------------ receiving
     def get_buffer(self, sizehint: int) -> memoryview:
@@ -100,7 +109,35 @@ class HardenedRequestHandler(RequestHandler, asyncio.BufferedProtocol):
     def buffer_updated(self, nbytes: int) -> None:
         # The loop calls get_buffer, recv_into and this back to back on its one thread, so the
         # shared buffer holds exactly this connection's bytes here.
-        self.data_received(self._manager.recv_buffer[:nbytes].tobytes())
+        buf = self._manager.recv_buffer
+        if self._fast is not None and self._raw_pending >= 0 and self._answer_read(buf, nbytes):
+            return
+        self.data_received(buf[:nbytes].tobytes())
+
+    def _answer_read(self, buf, nbytes: int) -> bool:
+        """Answer this read from its bytes when it is exactly one common query on an idle connection
+        (FastQuery.answer_read); True if answered. Otherwise keep track of where the requests aiohttp
+        is given end: only a read that starts a request is offered, and once the framing is unknown
+        (a partial head, pipelining, a transfer coding, ...) no read of the connection is."""
+        pending = self._raw_pending
+        if pending > 0:  # the rest of a body aiohttp is reading
+            self._raw_pending = pending - nbytes if nbytes <= pending else -1
+            return False
+        reader = self._fast.reader
+        total = reader.head(buf, nbytes)
+        if total == nbytes and reader.candidate and self._idle() and self._peer is not None:
+            response = self._fast.answer_read(reader, buf, self._peer, self)
+            if response is not None:
+                self._write_fast(response)
+                return True
+        self._raw_pending = -1 if total < nbytes else total - nbytes
+        return False
+
+    def _idle(self) -> bool:
+        """aiohttp's side waits for a new request: no request in progress, none queued."""
+        waiter = self._waiter
+        return not (self._force_close or self._close or self._payload_parser is not None or self._upgraded
+                    or waiter is None or waiter.done() or self._messages)
 
     # ------------------------------------------------------------------ timers
     def data_received(self, data: bytes) -> None:
@@ -148,16 +185,18 @@ class HardenedRequestHandler(RequestHandler, asyncio.BufferedProtocol):
         fast = self._fast
         if not isinstance(message, RawRequestMessage) or not fast.wants(message) or not payload.is_eof():
             return
-        client = self.transport.get_extra_info("peername") if self.transport is not None else None
-        if not isinstance(client, tuple):
-            return  # TCP only: the internal unix socket carries forwarded requests
+        if self._peer is None or self.transport is None:
+            return
         # The body is complete and not read by anyone yet: peek at it, so a request the fast path
         # declines reaches the regular route intact.
-        response = fast.answer(message, b"".join(getattr(payload, "_buffer", ())), client[0], self)
+        response = fast.answer(message, b"".join(getattr(payload, "_buffer", ())), self._peer, self)
         if response is None:
             return
         self._messages.popleft()
         self._parser.message_consumed()
+        self._write_fast(response)
+
+    def _write_fast(self, response: bytes) -> None:
         self._manager.requests_count += 1
         self.transport.write(response)
         if self._keepalive_timeout > 0:  # the idle timer restarts, as after aiohttp's own responses

@@ -1,0 +1,297 @@
+"""The native request reader (vibrato/_native/httpq.pyx, include/vibrato/httpq.h).
+
+What must hold, since the server answers what it accepts without the regular route's checks:
+* a query body it accepts gives exactly what the regular route's parser and validator give: the same
+  float32 vector bit for bit (numbers in every JSON spelling), k, ef, include_metadata, search_tier;
+* a body or head it does not understand is refused (never a guess), bytes of any kind never crash it;
+* a head it accepts is framed as aiohttp frames it: one message, the same Content-Length.
+"""
+import asyncio
+import json
+
+import numpy as np
+import orjson
+import pytest
+from aiohttp.http_parser import HttpRequestParser
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from vibrato._native.httpq import RequestReader
+from vibrato.config import Config
+from vibrato.server.handlers import parse_and_validate
+from vibrato.server.schemas import Validator
+
+DIM = 6
+MAX_K, MAX_EF = 1000, 4096
+
+
+def head(body: bytes, *fields: str, line: str = "POST /v2/query HTTP/1.1") -> bytes:
+    fields = ("Host: x",) + (fields or ("Authorization: Bearer k.s", "Content-Type: application/json"))
+    return (line + "\r\n" + "".join(f + "\r\n" for f in fields)
+            + f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+
+
+def read(raw: bytes, dim: int = DIM):
+    """(framed length, candidate, vector or None, fields) of one read."""
+    r = RequestReader(dim, MAX_K, MAX_EF)
+    buf = bytearray(raw)
+    total = r.head(buf, len(buf))
+    vec = np.empty(dim, np.float32)
+    ok = total == len(buf) and r.candidate and r.query_body(buf, vec)
+    return total, r.candidate if total >= 0 else False, (vec if ok else None), (
+        (r.k, r.ef, r.include_metadata, r.search_tier) if ok else None)
+
+
+def regular(body: bytes, dim: int = DIM):
+    """The regular route's reading of a body: (vector, (k, ef, include_metadata, search_tier)), or None."""
+    validator = Validator(Config(data_dir="/nonexistent", dim=dim))
+    try:
+        req = parse_and_validate(body, validator.query)
+    except Exception:  # noqa: BLE001 - any refusal
+        return None
+    return np.asarray(req["vector"]), (req["k"], req["ef"], req["include_metadata"], req["search_tier"]), req["filter"]
+
+
+def same_as_regular(body: bytes, dim: int = DIM) -> bool:
+    """True when the reader accepted the body; asserts the regular route reads it the same way."""
+    _, _, vec, fields = read(head(body), dim)
+    if vec is None:
+        return False
+    want = regular(body, dim)
+    assert want is not None, body
+    np.testing.assert_array_equal(vec.view(np.uint32), want[0].view(np.uint32))
+    assert fields == want[1] and want[2] is None
+    return True
+
+
+# ------------------------------------------------------------------------------------------ bodies
+def test_reads_the_common_query():
+    v = np.array([0.1, -2.5e-3, 3, 1e-30, -0.0, 7.5], np.float32)
+    body = orjson.dumps({"vector": v, "k": 5, "ef": 64, "include_metadata": False, "search_tier": "all",
+                         "filter": None}, option=orjson.OPT_SERIALIZE_NUMPY)
+    total, candidate, vec, fields = read(head(body))
+    assert total == len(head(body)) and candidate
+    np.testing.assert_array_equal(vec.view(np.uint32), v.view(np.uint32))
+    assert fields == (5, 64, False, "all")
+    assert same_as_regular(body)
+
+
+def test_defaults_are_the_regular_routes():
+    body = b'{"vector": [1, 2, 3, 4, 5, 6]}'
+    assert read(head(body))[3] == (10, 50, True, "active")
+    assert same_as_regular(body)
+
+
+floats32 = st.floats(width=32, allow_nan=False, allow_infinity=False)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(floats32, min_size=DIM, max_size=DIM), st.sampled_from(["f32", "f64", "json", "exp", "int"]))
+def test_every_spelling_of_a_number_converts_as_the_regular_route(values, spelling):
+    v = np.array(values, np.float32)
+    if spelling == "f32":  # shortest float32 repr (orjson's numpy output, vibrato.client's)
+        text = orjson.dumps(v, option=orjson.OPT_SERIALIZE_NUMPY).decode()
+    elif spelling == "f64":  # the float32 values as doubles, 17 digits
+        text = orjson.dumps(v.astype(np.float64).tolist()).decode()
+    elif spelling == "json":  # Python's own repr of doubles near them
+        text = json.dumps([float(x) * 1.0000001 for x in v])
+    elif spelling == "exp":
+        text = "[" + ",".join(f"{float(x):.12E}" for x in v) + "]"
+    else:
+        text = "[" + ",".join(str(int(x)) if abs(x) < 2 ** 60 else "1" for x in v) + "]"
+    body = ('{"vector": %s, "k": 3}' % text).encode()
+    if not same_as_regular(body):
+        # refused: integers beyond 2^53 are left to the regular route, and what it refuses itself
+        # (a double past float32's range)
+        assert (spelling == "int" and any(2 ** 53 < abs(int(x)) < 2 ** 60 for x in v)) or regular(body) is None, body
+
+
+@pytest.mark.parametrize("number", ["0", "-0", "-0.0", "0.0e5", "1E+2", "1e-400", "123456789012345678901234",
+                                    "0.1000000000000000055511151231257827", "3.4028235e38", "-1.17549435e-38",
+                                    "1.4e-45", "9007199254740993", "9007199254740992", "4.9406564584124654e-324",
+                                    "2.2250738585072011e-308", "0.000000000000000000000000000001"])
+def test_edge_numbers_convert_as_the_regular_route_or_are_refused(number):
+    body = ('{"vector": [%s, 0, 0, 0, 0, 0]}' % number).encode()
+    if not same_as_regular(body):
+        # refused: only integers beyond 2^53 and values beyond float32's range may be
+        assert number in ("9007199254740993", "123456789012345678901234") or regular(body) is None
+
+
+REFUSED_BODIES = [
+    b'{"vector": [1, 2, 3, 4, 5]}',                    # wrong dim: the regular route names it
+    b'{"vector": [1, 2, 3, 4, 5, 6, 7]}',
+    b'{"vector": [1, 2, 3, 4, 5, 6], "k": 3, "k": 4}',  # a repeated field
+    b'{"vector": [1, 2, 3, 4, 5, 1e39]}',               # beyond float32
+    b'{"vector": [1, 2, 3, 4, 5, 6], "k": -1}',
+    b'{"vector": [1, 2, 3, 4, 5, 6], "k": 1001}',       # past max_k
+    b'{"vector": [1, 2, 3, 4, 5, 6], "ef": 4097}',
+    b'{"vector": [1, 2, 3, 4, 5, 6], "k": 3.0}',
+    b'{"vector": [1, 2, 3, 4, 5, 6], "k": "3"}',
+    b'{"vector": [1, 2, 3, 4, 5, 6], "k": 03}',
+    b'{"vector": [1, 2, 3, 4, 5, 6], "filter": {}}',   # any filter: the parsed step
+    b'{"vector": "AAAA"}',                              # the compact form: the parsed step
+    b'{"vector": [1, 2, 3, 4, 5, true]}',
+    b'{"vector": [1, 2, 3, 4, 5, 6], "search_tier": "ALL"}',
+    b'{"vector": [1, 2, 3, 4, 5, 6], "include_metadata": 1}',
+    b'{"vector": [1, 2, 3, 4, 5, 6], "extra": 1}',
+    b'{"vector": [1, 2, 3, 4, 5, 6], "k\\u0000": 1}',
+    b'{"vector": [1, 2, 3, 4, 5, .6]}',
+    b'{"vector": [1, 2, 3, 4, 5, 6.]}',
+    b'{"vector": [1, 2, 3, 4, 5, 6],}',
+    b'{"vector": [1, 2, 3, 4, 5, 6]} x',
+    b'{"vector": [1, 2, 3, 4, 5, 6]',
+    b'{"vector": [1, 2, 3, 4, 5, 6,]}',
+    b'{"vector": [NaN, 2, 3, 4, 5, 6]}',
+    b'{}',
+    b'[]',
+    b'',
+]
+
+
+@pytest.mark.parametrize("body", REFUSED_BODIES)
+def test_refuses_anything_but_the_plain_query(body):
+    assert read(head(body))[2] is None
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.data())
+def test_a_mutated_body_is_refused_or_read_as_the_regular_route_reads_it(data):
+    v = np.array(data.draw(st.lists(floats32, min_size=DIM, max_size=DIM)), np.float32)
+    body = bytearray(orjson.dumps({"vector": v, "k": 7, "ef": 20, "include_metadata": False},
+                                  option=orjson.OPT_SERIALIZE_NUMPY))
+    for _ in range(data.draw(st.integers(1, 3))):
+        at = data.draw(st.integers(0, len(body)))
+        op = data.draw(st.sampled_from(["insert", "delete", "replace"]))
+        byte = data.draw(st.sampled_from(list(b' ,.:[]{}"-+eE019tnx\\\x00\xff')))
+        if op == "insert":
+            body[at:at] = bytes([byte])
+        elif at < len(body):
+            body[at:at + 1] = b"" if op == "delete" else bytes([byte])
+    same_as_regular(bytes(body))
+
+
+# ------------------------------------------------------------------------------------------ heads
+class _Protocol:
+    _reading_paused = False
+
+    def pause_reading(self, **_):
+        pass
+
+    def resume_reading(self, **_):
+        pass
+
+
+def aiohttp_frames(raw: bytes):
+    """(messages, content lengths) aiohttp's own parser makes of raw, or None if it refuses it."""
+    async def run():
+        parser = HttpRequestParser(_Protocol(), asyncio.get_running_loop(), 2 ** 16, max_line_size=8190,
+                                   max_field_size=8190)
+        try:
+            msgs = parser.feed_data(raw)[0]
+        except Exception:  # noqa: BLE001 - aiohttp answers 400
+            return None
+        return [m.headers.get("Content-Length") for m, _ in msgs]
+    return asyncio.run(run())
+
+
+REFUSED_HEADS = [
+    b"POST /v2/query HTTP/1.1\r\nHost: x\r\n",                           # incomplete
+    b"POST /v2/query HTTP/1.1\r\nContent-Length: 0\r\n\r\n",              # no Host: aiohttp answers 400
+    b"POST /v2/query HTTP/1.0\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
+    b"POST /v2/query HTTP/1.1\r\nHost: x\r\n folded\r\nContent-Length: 0\r\n\r\n",
+    b"POST /v2/query HTTP/1.1\r\nHost: \xc3\xa9\r\nContent-Length: 0\r\n\r\n",
+    b"POST /v2/query HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\n{}",
+    b"POST /v2/query HTTP/1.1\r\nHost: a\r\nHost: b\r\nContent-Length: 0\r\n\r\n",
+    b"POST /v2/query HTTP/1.1\r\nHost: x\r\nContent-Length: +2\r\n\r\n{}",
+    b"POST /v2/query HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    b"POST /v2/query HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nContent-Length: 0\r\n\r\n",
+    b"POST /v2/query HTTP/1.1\nHost: x\nContent-Length: 0\n\n",
+    b"POST  /v2/query HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
+    b"POST /v2/query HTTP/1.1\r\nHost: x\r\nBad Name: x\r\nContent-Length: 0\r\n\r\n",
+    b"POST /v2/query HTTP/1.1\r\nHost: x\r\nX: " + b"a" * 9000 + b"\r\n\r\n",
+]
+
+
+@pytest.mark.parametrize("raw", REFUSED_HEADS)
+def test_refuses_heads_it_cannot_frame_for_sure(raw):
+    assert read(raw)[0] == -1
+
+
+@pytest.mark.parametrize("fields,candidate", [
+    (("Authorization: Bearer k.s", "Content-Type: application/json"), True),
+    (("authorization: Bearer k.s", "content-type: Application/JSON; charset=utf-8", "Connection: keep-alive"), True),
+    (("Authorization: Bearer k.s", "Content-Type: application/vnd.x+json"), True),
+    (("Authorization: Bearer k.s", "Content-Type: text/plain"), False),
+    (("Authorization: Bearer k.s",), False),
+    (("Content-Type: application/json",), False),
+    (("Authorization: Bearer a.b", "Authorization: Bearer k.s", "Content-Type: application/json"), False),
+    (("Authorization: Bearer k.s", "Content-Type: application/json", "Connection: close"), False),
+    (("Authorization: Bearer k.s", "Content-Type: application/json", "Expect: 100-continue"), False),
+    (("Authorization: Bearer k.s", "Content-Type: application/json", "Content-Encoding: gzip"), False),
+    (("Authorization: Bearer k.s", "Content-Type: application/json", "x-request-id: a", "x-request-id: b"), False),
+])
+def test_a_candidate_is_only_the_plain_query(fields, candidate):
+    body = b'{"vector": [1, 2, 3, 4, 5, 6]}'
+    raw = head(body, *fields)
+    total, got, _, _ = read(raw)
+    assert got == candidate
+    if total >= 0:
+        assert total == len(raw)
+
+
+def test_fields_are_read_trimmed():
+    raw = head(b"{}", "Authorization:   Bearer k.s \t", "X-Request-Id: abc ", "Content-Type: application/json")
+    r = RequestReader(DIM, MAX_K, MAX_EF)
+    assert r.head(bytearray(raw), len(raw)) == len(raw)
+    assert (r.authorization, r.request_id) == ("Bearer k.s", "abc")
+
+
+def test_other_requests_are_framed_for_the_connection():
+    get = b"GET /v2/health HTTP/1.1\r\nHost: x\r\n\r\n"
+    post = b"POST /v2/vectors HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n"
+    r = RequestReader(DIM, MAX_K, MAX_EF)
+    assert r.head(bytearray(get), len(get)) == len(get) and not r.candidate
+    assert r.head(bytearray(post), len(post)) == len(post) + 10 and not r.candidate
+    assert r.head(bytearray(get + post), len(get)) == len(get)  # only n bytes are looked at
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.data())
+def test_a_head_it_frames_is_one_message_to_aiohttp_with_the_same_length(data):
+    fields = data.draw(st.lists(st.sampled_from([
+        "Host: x", "Content-Type: application/json", "Authorization: Bearer k.s", "Content-Length: 3",
+        "Content-Length: 0", "Transfer-Encoding: chunked", "X-A: b", "x-a:\tb ", "Connection: close",
+        "Expect: 100-continue", "X-Request-Id: r", "User-Agent: u", "Bad\x7f: x", "X: \x01", "Upgrade: h2c",
+    ]), max_size=6))
+    method = data.draw(st.sampled_from(["POST /v2/query", "GET /v2/health", "PUT /x?y=1", "P@ST /"]))
+    raw = (method + " HTTP/1.1\r\n" + "".join(f + "\r\n" for f in fields) + "\r\n").encode()
+    raw += data.draw(st.binary(max_size=8))
+    r = RequestReader(DIM, MAX_K, MAX_EF)
+    total = r.head(bytearray(raw), len(raw))
+    if total < 0 or total > len(raw):
+        return
+    frames = aiohttp_frames(raw[:total])
+    assert frames is not None and len(frames) == 1, raw
+    assert int(frames[0] or 0) == total - raw.index(b"\r\n\r\n") - 4
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300))
+def test_any_bytes_are_refused_or_framed_never_a_crash(raw):
+    r = RequestReader(DIM, MAX_K, MAX_EF)
+    buf = bytearray(raw)
+    total = r.head(buf, len(buf))
+    assert total == -1 or total >= 4
+    r.query_body(buf, np.empty(DIM, np.float32))
+
+
+def test_checks_its_arguments():
+    r = RequestReader(DIM, MAX_K, MAX_EF)
+    with pytest.raises(ValueError):
+        r.head(bytearray(b"abc"), 4)
+    raw = bytearray(head(b'{"vector": [1, 2, 3, 4, 5, 6]}'))
+    assert r.head(raw, len(raw)) == len(raw)
+    with pytest.raises(ValueError):
+        r.query_body(raw, np.empty(DIM + 1, np.float32))
+    with pytest.raises(ValueError):
+        RequestReader(0, 1, 1)

@@ -1,0 +1,130 @@
+"""The common `POST /v2/query` read from a connection's bytes in C (include/vibrato/httpq.h).
+
+`RequestReader.head` frames what an idle connection received (where the request ends, by its
+Content-Length) and says whether it is the common query; `RequestReader.query_body` reads that query's
+JSON body into a float32 vector and the search parameters. Both take only a strict subset of what
+aiohttp and the regular route take and return a refusal for the rest, which then takes the regular
+route unchanged (server/protocol.py, server/fastpath.py).
+"""
+from cpython.unicode cimport PyUnicode_DecodeASCII
+from libc.stdint cimport int64_t
+
+cdef extern from "vibrato/httpq.h" nogil:
+    ctypedef struct vb_httpq_t:
+        size_t head_len
+        int64_t content_length
+        int is_query
+        int plain
+        int json
+        int auth_count
+        size_t auth_off, auth_len
+        int rid_count
+        size_t rid_off, rid_len
+        int64_t k, ef
+        int include_metadata
+        int tier
+    int vb_httpq_init()
+    int vb_httpq_head(const unsigned char *buf, size_t n, vb_httpq_t *r)
+    int vb_httpq_query_body(const unsigned char *body, size_t n, size_t dim, int64_t max_k, int64_t max_ef,
+                            float *vec, vb_httpq_t *r)
+    int VB_HTTPQ_MAX_HEAD
+
+if vb_httpq_init() != 0:
+    raise MemoryError("newlocale(C) failed")
+
+MAX_HEAD = VB_HTTPQ_MAX_HEAD
+TIERS = ("active", "archive", "all")
+
+
+cdef class RequestReader:
+    """Reads requests for one collection (dim) under the k and ef limits; one per event loop, as it
+    keeps the last request read. Not thread-safe."""
+    cdef vb_httpq_t r
+    cdef readonly Py_ssize_t dim
+    cdef int64_t max_k, max_ef
+    cdef object _buf  # the buffer of the last head read
+
+    def __init__(self, Py_ssize_t dim, int64_t max_k, int64_t max_ef):
+        if dim <= 0 or max_k < 0 or max_ef < 0:
+            raise ValueError("dim must be positive and the limits non-negative")
+        self.dim = dim
+        self.max_k = max_k
+        self.max_ef = max_ef
+
+    def head(self, const unsigned char[::1] buf, Py_ssize_t n):
+        """Frame buf[:n], the start of a request: its whole length (head and Content-Length body), or -1
+        when this reader does not take the head (incomplete, or anything but plain HTTP/1.1 with a
+        Content-Length or no body, no Transfer-Encoding, no Upgrade: the caller then cannot tell where
+        the request ends)."""
+        if n < 0 or n > buf.shape[0]:
+            raise ValueError("n is outside the buffer")
+        self._buf = None
+        if n == 0 or not vb_httpq_head(&buf[0], <size_t>n, &self.r):
+            return -1
+        self._buf = buf
+        if self.r.content_length < 0:
+            return <Py_ssize_t>self.r.head_len
+        return <Py_ssize_t>self.r.head_len + <Py_ssize_t>self.r.content_length
+
+    @property
+    def candidate(self) -> bool:
+        """The last head read is a common query's: `POST /v2/query HTTP/1.1`, JSON, one Authorization,
+        at most one x-request-id, a Content-Length, no Expect, Content-Encoding or Connection: close."""
+        r = &self.r
+        return bool(self._buf is not None and r.is_query and r.plain and r.json and r.auth_count == 1
+                    and r.rid_count <= 1 and r.content_length >= 0)
+
+    @property
+    def body_length(self) -> int:
+        return self.r.content_length
+
+    def query_body(self, const unsigned char[::1] buf, float[::1] vector) -> bool:
+        """Read the body of the candidate whose head was read last from the same buf (which holds the
+        whole request) into vector (dim float32) and k, ef, include_metadata, search_tier. False: not
+        the common query (the regular route parses it)."""
+        if not self.candidate or buf.shape[0] < 1:
+            return False
+        if vector.shape[0] != self.dim:
+            raise ValueError("vector must hold dim components")
+        cdef size_t start = self.r.head_len, length = <size_t>self.r.content_length
+        if start + length > <size_t>buf.shape[0]:
+            return False
+        cdef int ok
+        with nogil:
+            ok = vb_httpq_query_body(&buf[0] + start, length, <size_t>self.dim, self.max_k, self.max_ef,
+                                     &vector[0], &self.r)
+        return bool(ok)
+
+    @property
+    def authorization(self) -> str:
+        """The Authorization field's value (visible ASCII)."""
+        return self._field(self.r.auth_off, self.r.auth_len) if self.r.auth_count else None
+
+    @property
+    def request_id(self):
+        """The x-request-id field's value, or None."""
+        return self._field(self.r.rid_off, self.r.rid_len) if self.r.rid_count else None
+
+    cdef _field(self, size_t off, size_t length):
+        # the head was read from this buffer in this call sequence (the caller's receive buffer is
+        # reused only by the next read); its fields are visible ASCII
+        cdef const unsigned char[::1] b = self._buf
+        if length == 0:
+            return ""
+        return PyUnicode_DecodeASCII(<const char *>&b[off], <Py_ssize_t>length, NULL)
+
+    @property
+    def k(self) -> int:
+        return self.r.k
+
+    @property
+    def ef(self) -> int:
+        return self.r.ef
+
+    @property
+    def include_metadata(self) -> bool:
+        return bool(self.r.include_metadata)
+
+    @property
+    def search_tier(self) -> str:
+        return TIERS[self.r.tier]
