@@ -5,8 +5,9 @@
 Builds an engine in a temp dir (tests/server_util.embedded_engine: real catalog and segment files),
 ingests --n rows of perf/bench_http.py's set, checkpoints and compacts them into one raw segment, then
 times one warm query (the same request repeated --reps times, median of 5 passes) through each layer:
-the native graph walk alone, `Engine.query`, and every step of `FastQuery.answer` (server/fastpath.py)
-on a message parsed by aiohttp's own parser, inside a started app. What the steps cost beyond the
+the native graph walk alone, `Engine.query`, every step of `FastQuery.answer` (server/fastpath.py)
+on a message parsed by aiohttp's own parser, inside a started app, and `FastQuery.answer_read` on the
+request's bytes (the native reader, vibrato/_native/httpq.pyx). What the steps cost beyond the
 native call is the Python layer's share of a query (perf/README.md, "where a query's CPU goes"); under
 wrk every figure is larger (cold caches), but the split is the same.
 """
@@ -77,6 +78,9 @@ async def steps(config, engine, token, q, reps):
         message = parser.feed_data(raw)[0][0][0]
         fq, conn = fastpath.FastQuery(app), _Conn()
         assert fq.answer(message, body, "127.0.0.1", conn) is not None, "the fast path declined the request"
+        rawbuf, scratch = bytearray(raw), np.empty(q.shape[0], np.float32)
+        assert fq.reader.head(rawbuf, len(rawbuf)) == len(rawbuf) and fq.reader.candidate
+        assert fq.answer_read(fq.reader, rawbuf, "127.0.0.1", conn) is not None, "the bytes reader declined it"
         req = handlers.parse_and_validate(body, fq.validate)
         results, secs = handlers.search(engine, req)
         payload = orjson.dumps(handlers.query_payload(results, secs))
@@ -106,6 +110,11 @@ async def steps(config, engine, token, q, reps):
                 (fastpath._HEAD, str(len(payload)).encode(), b"\r\nDate: ", rfc822_formatted_time().encode(),
                  fastpath._SERVER, b"req_1\r\n\r\n", payload)),
             "FastQuery.answer, whole": lambda: fq.answer(message, body, "127.0.0.1", conn),
+            "native reader: frame the head": lambda: fq.reader.head(rawbuf, len(rawbuf)),
+            "native reader: frame, read the body": lambda: (fq.reader.head(rawbuf, len(rawbuf)),
+                                                            fq.reader.query_body(rawbuf, scratch)),
+            "FastQuery.answer_read, whole (framed first)": lambda: (
+                fq.reader.head(rawbuf, len(rawbuf)), fq.answer_read(fq.reader, rawbuf, "127.0.0.1", conn)),
         }
         for name, fn in rows.items():
             print(f"| {name} | {timed(fn, reps):.2f} µs |", flush=True)

@@ -340,3 +340,43 @@ def test_allowed_sparse_and_dense_agree():
     assert dense.count == sparse.count == 4
     with pytest.raises(ValueError):
         dense.mask_in(0, 100)[0] = True  # a view of the shared mask is read-only
+
+
+def test_a_query_on_one_whole_segment_takes_the_walk_alone_with_the_merged_order(tmp_path, monkeypatch):
+    """A compacted collection (one segment, nothing hot) is searched by the segment's walk alone
+    (HnswIndex.search_one, no per-step work): the same ids and scores as the general path, ties
+    to the lower id, for engine-checked queries; other inputs take search() and agree too."""
+    rng = np.random.default_rng(33)
+    X = unit(rng, 1500, 16)
+    X[700:712] = X[5]  # exact ties: the lower id first, as merge_topk orders them
+    eng = Engine.open(tmp_path / "d", dim=16, background=False)
+    try:
+        eng.ingest_batch([{"vector": v} for v in X])
+        eng.checkpoint()
+        while eng.compact()["state"] != "idle":
+            pass
+        view = eng.view()
+        steps = planner.plan(view, None, 10, 32, "all")
+        assert len(steps) == 1 and planner._whole_segment_walk(steps[0]) and view.hot.count == 0
+        from vibrato.engine.validation import check_vector
+        calls = []
+        real = HnswIndex.search
+        monkeypatch.setattr(HnswIndex, "search", lambda self, *a, **kw: calls.append(1) or real(self, *a, **kw))
+        for qi in [5, 700, 3] + rng.choice(1500, 10, replace=False).tolist():
+            for k, ef in ((10, 32), (1, 1), (20, 8)):
+                q = check_vector(X[qi], 16)
+                ids, scores = planner.search(view, q, k, ef, None, "all")
+                assert not calls  # the walk alone
+                want = planner.merge_topk(*map(list, zip(planner._run(steps[0], q, k, ef))), k)
+                np.testing.assert_array_equal(ids, want[0])
+                np.testing.assert_array_equal(scores, want[1])
+                calls.clear()
+                raw_ids, raw_scores = planner.search(view, X[qi], k, ef, None, "all")  # not engine-checked
+                assert calls
+                np.testing.assert_array_equal(raw_ids, ids)
+                np.testing.assert_array_equal(raw_scores, scores)
+                calls.clear()
+        q = check_vector(X[5], 16)
+        assert planner.search(view, q, 10, 32, None, "all")[0][:12].tolist() == [5] + list(range(700, 709))
+    finally:
+        eng.close()

@@ -196,13 +196,25 @@ def archive_beam(seg, k, ef) -> int:
 # ------------------------------------------------------------------------------------------ execute
 def search(view, q, k: int, ef: int, allowed, search_tier: str):
     """Top-k (ids int64, scores float32) over the view, best first (ties by id)."""
+    steps = plan(view, allowed, k, ef, search_tier)
+    if len(steps) == 1 and _whole_segment_walk(steps[0]):
+        # One segment holds every row searched (a compacted collection, nothing in the hot tier):
+        # its walk returns distinct ids best first, ties to the lower id, which is already the
+        # merged order. The common query's path, without the general one's per-step work.
+        return _unpadded(*steps[0].target.index.search_one(q, k, max(ef, k)))
     ids, scores = [], []
-    for step in plan(view, allowed, k, ef, search_tier):
+    for step in steps:
         if step.kind != "skip":
             i, s = _run(step, q, k, ef)
             ids.append(i)
             scores.append(s)
     return merge_topk(ids, scores, k)
+
+
+def _whole_segment_walk(step: Step) -> bool:
+    """A graph step on every row of a segment walked on its vectors (no mask, not an archive's codes)."""
+    return (step.kind == "graph" and step.mask is None and not isinstance(step.target, HotSlice)
+            and step.target.ram_codes is None)
 
 
 def _run(step: Step, q, k, ef):
