@@ -295,3 +295,16 @@ def test_checks_its_arguments():
         r.query_body(raw, np.empty(DIM + 1, np.float32))
     with pytest.raises(ValueError):
         RequestReader(0, 1, 1)
+
+
+def test_query_vector_is_a_new_read_only_array_of_the_callers_type():
+    class Marked(np.ndarray):
+        pass
+    r = RequestReader(DIM, MAX_K, MAX_EF)
+    raw = bytearray(head(b'{"vector": [1, 2, 3, 4, 5, 6.5]}'))
+    assert r.head(raw, len(raw)) == len(raw)
+    a, b = r.query_vector(raw, Marked), r.query_vector(raw, Marked)
+    assert type(a) is Marked and a is not b and not a.flags.writeable and a.dtype == np.float32
+    np.testing.assert_array_equal(a, [1, 2, 3, 4, 5, 6.5])
+    bad = bytearray(head(b'{"vector": [1, 2]}'))
+    assert r.head(bad, len(bad)) == len(bad) and r.query_vector(bad, Marked) is None

@@ -6,8 +6,13 @@ JSON body into a float32 vector and the search parameters. Both take only a stri
 aiohttp and the regular route take and return a refusal for the rest, which then takes the regular
 route unchanged (server/protocol.py, server/fastpath.py).
 """
+cimport numpy as cnp
 from cpython.unicode cimport PyUnicode_DecodeASCII
 from libc.stdint cimport int64_t
+
+import numpy as np
+
+cnp.import_array()
 
 cdef extern from "vibrato/httpq.h" nogil:
     ctypedef struct vb_httpq_t:
@@ -94,6 +99,16 @@ cdef class RequestReader:
             ok = vb_httpq_query_body(&buf[0] + start, length, <size_t>self.dim, self.max_k, self.max_ef,
                                      &vector[0], &self.r)
         return bool(ok)
+
+    def query_vector(self, const unsigned char[::1] buf, type cls):
+        """query_body into a new read-only array of type cls (an ndarray subclass: the caller's marker
+        for checked vectors), or None when the body is not the common query."""
+        out = np.empty(self.dim, dtype=np.float32)
+        if not self.query_body(buf, out):
+            return None
+        out = out.view(cls)
+        cnp.PyArray_CLEARFLAGS(<cnp.ndarray>out, cnp.NPY_ARRAY_WRITEABLE)
+        return out
 
     @property
     def authorization(self) -> str:

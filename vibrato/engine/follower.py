@@ -60,6 +60,7 @@ class Follower(Searcher):
         self.config = config
         self.dim = config.dim
         self.counters = Counters()
+        self._state_path = os.path.join(config.tmp_dir, FILE_NAME)  # stat'ed by every query (_current)
         self.catalog = Catalog(config.catalog_path, read_timeout_ms=config.catalog_read_timeout_ms, readonly=True)
         try:
             self.collection = self.catalog.read(collections.get, config.collection)
@@ -200,7 +201,7 @@ class Follower(Searcher):
         """The inode of the writer's state file now (None while there is none): a restarted writer
         makes a new file."""
         try:
-            return os.stat(os.path.join(self.config.tmp_dir, FILE_NAME)).st_ino
+            return os.stat(self._state_path).st_ino
         except FileNotFoundError:
             return None
 

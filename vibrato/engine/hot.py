@@ -11,6 +11,7 @@ scans the growing chunk and graph-less chunks exactly and decides per slice betw
 and an exact scan ("exact scan below a size threshold, HNSW above"). Identify and metadata look rows
 up by id, so results are exact and independent of this organisation (CONTRACT.md D1).
 """
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -86,7 +87,10 @@ class HotView:
         self.slices = slices
         self.dim = dim
         self.count = sum(s.hi - s.lo for s in slices)
-        self._firsts = np.array([s.first_id for s in slices], dtype=np.int64)
+
+    @functools.cached_property
+    def _firsts(self) -> np.ndarray:  # only id lookups need it, not a query's search
+        return np.array([s.first_id for s in self.slices], dtype=np.int64)
 
     @property
     def first_id(self):

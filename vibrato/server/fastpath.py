@@ -30,7 +30,6 @@ access line: `middlewares.record_request`) as the regular route's. docs/SERVER.m
 import hmac
 import time
 
-import numpy as np
 import orjson
 from aiohttp.helpers import rfc822_formatted_time
 from aiohttp.http import SERVER_SOFTWARE
@@ -71,7 +70,6 @@ class FastQuery:
         self.inflight = app[K.INFLIGHT]
         self.policy = app[K.POLICIES][PATH]
         self.max_body = min(config.limits.max_body_bytes, handlers.LARGE_BODY)
-        self.dim = config.dim
         # the connections' reads are framed and read by this one reader (one event loop thread)
         self.reader = RequestReader(config.dim, config.limits.max_k, config.limits.max_ef)
 
@@ -116,11 +114,9 @@ class FastQuery:
             return None
         if key_id is None:
             return None
-        vector = np.empty(self.dim, np.float32)
-        if not reader.query_body(buf, vector):
+        vector = reader.query_vector(buf, FiniteArray)  # finite: the reader takes no other component
+        if vector is None:
             return None
-        vector = vector.view(FiniteArray)  # finite: the reader takes no other component
-        vector.flags.writeable = False
         req = {"vector": vector, "k": reader.k, "ef": reader.ef, "include_metadata": reader.include_metadata,
                "filter": None, "search_tier": reader.search_tier}
         if not handlers.runs_inline(self.config, req):
