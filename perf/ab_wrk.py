@@ -1,6 +1,7 @@
 """A/B two checkouts' HTTP query path under wrk, both servers up at once (report, don't assert).
 
     .venv/bin/python perf/ab_wrk.py OLD_CHECKOUT NEW_CHECKOUT [--workers 1] [--rounds 6] [--secs 5]
+    .venv/bin/python perf/ab_wrk.py . . --old-args "--idle-spin-us 0"     # a flag's A/B on one checkout
 
 Each checkout needs its native modules built (`make install`, or `setup.py build_ext --inplace` in
 a git worktree); this machine's .venv runs both, each with PYTHONPATH set to its checkout. Both
@@ -37,6 +38,9 @@ def main():
     ap.add_argument("--secs", type=float, default=5.0, help="seconds per wrk run")
     ap.add_argument("--n", type=int, default=100_000)
     ap.add_argument("--conns", type=int, default=16)
+    ap.add_argument("--old-args", default="", help="extra serve-v2 flags of the old server (a config A/B: "
+                                                     "give the same checkout twice)")
+    ap.add_argument("--new-args", default="", help="extra serve-v2 flags of the new server")
     args = ap.parse_args()
     wrk = W.ensure_wrk()
     x, queries = H.load_vectors(args.n)
@@ -47,6 +51,7 @@ def main():
         for name, tree in (("old", args.old), ("new", args.new)):
             tmp = Path(tempfile.mkdtemp(prefix=f"ab_wrk_{name}_"))
             os.environ["PYTHONPATH"] = os.path.abspath(tree)  # the server process runs this checkout
+            os.environ["VIBRATO_BENCH_SERVER_ARGS"] = args.old_args if name == "old" else args.new_args
             server = W.Vibrato(tmp, args.workers)
             servers[name] = (server, tmp)
             server.start()

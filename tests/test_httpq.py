@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vibrato._native.httpq import RequestReader
-from vibrato.config import Config
+from vibrato.config import Config, Limits
 from vibrato.server.handlers import parse_and_validate
 from vibrato.server.schemas import Validator
 
@@ -308,3 +308,82 @@ def test_query_vector_is_a_new_read_only_array_of_the_callers_type():
     np.testing.assert_array_equal(a, [1, 2, 3, 4, 5, 6.5])
     bad = bytearray(head(b'{"vector": [1, 2]}'))
     assert r.head(bad, len(bad)) == len(bad) and r.query_vector(bad, Marked) is None
+
+
+# ------------------------------------------------------------------------------------------ identify
+def identify_pair(body: bytes, dim: int = DIM, max_frames: int = 50):
+    """(the C reading, the regular route's reading) of an identify body, each None when refused."""
+    validator = Validator(Config(data_dir="/nonexistent", dim=dim, limits=Limits(max_identify_frames=max_frames)))
+    fast = validator.identify_bytes(body)
+    try:
+        slow = parse_and_validate(body, validator.identify)
+    except Exception:  # noqa: BLE001 - any refusal
+        slow = None
+    return fast, slow
+
+
+def same_identify(body: bytes, **kw) -> bool:
+    """True when the C reader accepted the body; asserts the regular route reads it the same way."""
+    fast, slow = identify_pair(body, **kw)
+    if fast is None:
+        return False
+    assert slow is not None, body
+    assert type(fast["vectors"]) is type(slow["vectors"]) and not fast["vectors"].flags.writeable
+    np.testing.assert_array_equal(fast["vectors"].view(np.uint32), np.asarray(slow["vectors"]).view(np.uint32))
+    assert {k: v for k, v in fast.items() if k != "vectors"} == {k: v for k, v in slow.items() if k != "vectors"}
+    return True
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 12), st.data(), st.sampled_from(["f32", "f64"]))
+def test_an_identify_body_is_read_as_the_regular_route_reads_it(n, data, spelling):
+    frames = np.array(data.draw(st.lists(st.lists(floats32, min_size=DIM, max_size=DIM), min_size=n, max_size=n)),
+                      np.float32)
+    extra = data.draw(st.fixed_dictionaries({}, optional={
+        "k": st.integers(1, 50), "ef": st.integers(0, 300), "include_metadata": st.booleans(),
+        "search_tier": st.sampled_from(["active", "archive", "all"])}))
+    rows = frames if spelling == "f32" else frames.astype(np.float64).tolist()
+    body = orjson.dumps({"vectors": rows, **extra}, option=orjson.OPT_SERIALIZE_NUMPY)
+    assert same_identify(body)
+
+
+IDENTIFY_REFUSED = [
+    b'{"vectors": [[1, 2, 3, 4, 5, 6]], "k": 0}',        # k = 0 answers before the dimension check
+    b'{"vectors": []}',
+    b'{"vectors": [[1, 2, 3, 4, 5]]}',
+    b'{"vectors": [[1, 2, 3, 4, 5, 6], [1, 2]]}',
+    b'{"vectors": "AAAA"}',                               # the compact form: the regular route
+    b'{"vectors": [[1, 2, 3, 4, 5, 6]], "filter": null}',
+    b'{"vectors": [[1, 2, 3, 4, 5, 6]], "k": 3, "k": 3}',
+    b'{"vectors": [[1, 2, 3, 4, 5, 6]], "k": 1001}',
+    b'{"vectors": [[1, 2, 3, 4, 5, 1e39]]}',
+    b'{"vectors": [[1, 2, 3, 4, 5, 6],]}',
+    b'{"vector": [1, 2, 3, 4, 5, 6]}',
+    b'{"k": 3}',
+]
+
+
+@pytest.mark.parametrize("body", IDENTIFY_REFUSED)
+def test_other_identify_bodies_are_left_to_the_regular_route(body):
+    assert identify_pair(body)[0] is None
+
+
+def test_more_frames_than_the_limit_are_left_to_the_regular_route():
+    body = orjson.dumps({"vectors": [[1.0] * DIM] * 4})
+    assert same_identify(body, max_frames=4)
+    fast, slow = identify_pair(body, max_frames=3)
+    assert fast is None and slow is None  # the regular route answers the limit's 400
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_a_mutated_identify_body_is_refused_or_read_as_the_regular_route_reads_it(data):
+    body = bytearray(orjson.dumps({"vectors": [[0.5, -1.25, 3, 4e-3, 5, 6]] * 2, "k": 4, "search_tier": "all"}))
+    for _ in range(data.draw(st.integers(1, 3))):
+        at = data.draw(st.integers(0, len(body)))
+        byte = data.draw(st.sampled_from(list(b' ,.:[]{}"-eE019tnx\\\x00\xff')))
+        if data.draw(st.booleans()):
+            body[at:at] = bytes([byte])
+        elif at < len(body):
+            del body[at]
+    same_identify(bytes(body))

@@ -311,6 +311,28 @@ static inline int vb_jsonq_number(vb_jsonq_t *j, double *out) {
     return 1;
 }
 
+/* An array of exactly dim numbers, each finite as float32, into vec[0, dim). */
+static inline int vb_jsonq_vector(vb_jsonq_t *j, size_t dim, float *vec) {
+    if (j->p >= j->end || *j->p != '[') return 0;
+    j->p++;
+    for (size_t i = 0;; i++) {
+        vb_jsonq_ws(j);
+        double d;
+        if (i >= dim || !vb_jsonq_number(j, &d)) return 0;
+        float f = (float)d;
+        if (!isfinite(f)) return 0;
+        vec[i] = f;
+        vb_jsonq_ws(j);
+        if (j->p >= j->end) return 0;
+        if (*j->p == ']') {
+            j->p++;
+            return i + 1 == dim;
+        }
+        if (*j->p != ',') return 0;
+        j->p++;
+    }
+}
+
 /* A JSON integer in 0 .. max for k and ef; 0 for anything else (the regular route answers it). */
 static inline int vb_jsonq_count(vb_jsonq_t *j, int64_t max, int64_t *out) {
     const unsigned char *p = j->p;
@@ -325,6 +347,44 @@ static inline int vb_jsonq_count(vb_jsonq_t *j, int64_t max, int64_t *out) {
     if (p < j->end && (*p == '.' || *p == 'e' || *p == 'E')) return 0;
     j->p = p;
     *out = v;
+    return 1;
+}
+
+#define VB_JSONQ_BAD 0x80000000u
+
+/* The search fields queries and identify share: k, ef, include_metadata, search_tier. Returns the
+ * field's bit (2, 4, 8, 16) with its value in *r, 0 for another key, VB_JSONQ_BAD for a value the
+ * regular route answers (a wrong type, a negative or too large count, an unknown tier). */
+static inline unsigned vb_jsonq_search_field(vb_jsonq_t *j, const unsigned char *key, size_t kl, int64_t max_k,
+                                             int64_t max_ef, vb_httpq_t *r) {
+    if (kl == 1 && key[0] == 'k') return vb_jsonq_count(j, max_k, &r->k) ? 2 : VB_JSONQ_BAD;
+    if (kl == 2 && memcmp(key, "ef", 2) == 0) return vb_jsonq_count(j, max_ef, &r->ef) ? 4 : VB_JSONQ_BAD;
+    if (kl == 16 && memcmp(key, "include_metadata", 16) == 0) {
+        if (vb_jsonq_lit(j, "true")) r->include_metadata = 1;
+        else if (vb_jsonq_lit(j, "false")) r->include_metadata = 0;
+        else return VB_JSONQ_BAD;
+        return 8;
+    }
+    if (kl == 11 && memcmp(key, "search_tier", 11) == 0) {
+        const unsigned char *s;
+        size_t sl;
+        if (!vb_jsonq_str(j, &s, &sl)) return VB_JSONQ_BAD;
+        if (sl == 6 && memcmp(s, "active", 6) == 0) r->tier = VB_HTTPQ_TIER_ACTIVE;
+        else if (sl == 7 && memcmp(s, "archive", 7) == 0) r->tier = VB_HTTPQ_TIER_ARCHIVE;
+        else if (sl == 3 && memcmp(s, "all", 3) == 0) r->tier = VB_HTTPQ_TIER_ALL;
+        else return VB_JSONQ_BAD;
+        return 16;
+    }
+    return 0;
+}
+
+/* After a member's value: 1 and *done at the closing brace, 1 at a comma, 0 otherwise. */
+static inline int vb_jsonq_next_member(vb_jsonq_t *j, int *done) {
+    vb_jsonq_ws(j);
+    if (j->p >= j->end) return 0;
+    *done = *j->p == '}';
+    if (*j->p != '}' && *j->p != ',') return 0;
+    j->p++;
     return 1;
 }
 
@@ -357,45 +417,9 @@ static inline int vb_httpq_query_body(const unsigned char *body, size_t n, size_
         unsigned bit;
         if (kl == 6 && memcmp(key, "vector", 6) == 0) {
             bit = 1;
-            if (j.p >= j.end || *j.p != '[') return 0;
-            j.p++;
-            for (size_t i = 0;; i++) {
-                vb_jsonq_ws(&j);
-                double d;
-                if (i >= dim || !vb_jsonq_number(&j, &d)) return 0;
-                float f = (float)d;
-                if (!isfinite(f)) return 0;
-                vec[i] = f;
-                vb_jsonq_ws(&j);
-                if (j.p >= j.end) return 0;
-                if (*j.p == ']') {
-                    if (i + 1 != dim) return 0;
-                    j.p++;
-                    break;
-                }
-                if (*j.p != ',') return 0;
-                j.p++;
-            }
-        } else if (kl == 1 && key[0] == 'k') {
-            bit = 2;
-            if (!vb_jsonq_count(&j, max_k, &r->k)) return 0;
-        } else if (kl == 2 && memcmp(key, "ef", 2) == 0) {
-            bit = 4;
-            if (!vb_jsonq_count(&j, max_ef, &r->ef)) return 0;
-        } else if (kl == 16 && memcmp(key, "include_metadata", 16) == 0) {
-            bit = 8;
-            if (vb_jsonq_lit(&j, "true")) r->include_metadata = 1;
-            else if (vb_jsonq_lit(&j, "false")) r->include_metadata = 0;
-            else return 0;
-        } else if (kl == 11 && memcmp(key, "search_tier", 11) == 0) {
-            bit = 16;
-            const unsigned char *s;
-            size_t sl;
-            if (!vb_jsonq_str(&j, &s, &sl)) return 0;
-            if (sl == 6 && memcmp(s, "active", 6) == 0) r->tier = VB_HTTPQ_TIER_ACTIVE;
-            else if (sl == 7 && memcmp(s, "archive", 7) == 0) r->tier = VB_HTTPQ_TIER_ARCHIVE;
-            else if (sl == 3 && memcmp(s, "all", 3) == 0) r->tier = VB_HTTPQ_TIER_ALL;
-            else return 0;
+            if (!vb_jsonq_vector(&j, dim, vec)) return 0;
+        } else if ((bit = vb_jsonq_search_field(&j, key, kl, max_k, max_ef, r)) != 0) {
+            if (bit == VB_JSONQ_BAD) return 0;
         } else if (kl == 6 && memcmp(key, "filter", 6) == 0) {
             bit = 32;
             if (!vb_jsonq_lit(&j, "null")) return 0;
@@ -404,15 +428,69 @@ static inline int vb_httpq_query_body(const unsigned char *body, size_t n, size_
         }
         if (seen & bit) return 0; /* a repeated field: orjson keeps the last, the regular route decides */
         seen |= bit;
-        vb_jsonq_ws(&j);
-        if (j.p >= j.end) return 0;
-        if (*j.p == '}') {
-            j.p++;
-            break;
-        }
-        if (*j.p != ',') return 0;
-        j.p++;
+        int done;
+        if (!vb_jsonq_next_member(&j, &done)) return 0;
+        if (done) break;
     }
     vb_jsonq_ws(&j);
     return j.p == j.end && (seen & 1);
+}
+
+/*
+ * The identify body [body, body+n) in its plainest form: an object with "vectors" (an array of
+ * 1 .. max_frames arrays of exactly dim JSON numbers) and optionally k (1 .. max_k: k = 0 answers
+ * before any dimension check, the regular route does that), ef, include_metadata, search_tier,
+ * each once. 1: frames written to out (room for max_frames * dim floats), their count in *frames;
+ * 0 for anything else (the compact form included), which the regular route reads.
+ */
+static inline int vb_httpq_identify_body(const unsigned char *body, size_t n, size_t dim, size_t max_frames,
+                                         int64_t max_k, int64_t max_ef, float *out, size_t *frames, vb_httpq_t *r) {
+    vb_jsonq_t j = {body, body + n};
+    r->k = 5;
+    r->ef = 100;
+    r->include_metadata = 1;
+    r->tier = VB_HTTPQ_TIER_ALL;
+    *frames = 0;
+    unsigned seen = 0;
+    vb_jsonq_ws(&j);
+    if (j.p >= j.end || *j.p != '{') return 0;
+    j.p++;
+    for (;;) {
+        const unsigned char *key;
+        size_t kl;
+        vb_jsonq_ws(&j);
+        if (!vb_jsonq_str(&j, &key, &kl)) return 0;
+        vb_jsonq_ws(&j);
+        if (j.p >= j.end || *j.p != ':') return 0;
+        j.p++;
+        vb_jsonq_ws(&j);
+        unsigned bit;
+        if (kl == 7 && memcmp(key, "vectors", 7) == 0) {
+            bit = 1;
+            if (j.p >= j.end || *j.p != '[') return 0;
+            j.p++;
+            for (size_t f = 0;; f++) {
+                vb_jsonq_ws(&j);
+                if (f >= max_frames || !vb_jsonq_vector(&j, dim, out + f * dim)) return 0;
+                vb_jsonq_ws(&j);
+                if (j.p >= j.end) return 0;
+                if (*j.p == ']') {
+                    j.p++;
+                    *frames = f + 1;
+                    break;
+                }
+                if (*j.p != ',') return 0;
+                j.p++;
+            }
+        } else if ((bit = vb_jsonq_search_field(&j, key, kl, max_k, max_ef, r)) == 0 || bit == VB_JSONQ_BAD) {
+            return 0;
+        }
+        if (seen & bit) return 0;
+        seen |= bit;
+        int done;
+        if (!vb_jsonq_next_member(&j, &done)) return 0;
+        if (done) break;
+    }
+    vb_jsonq_ws(&j);
+    return j.p == j.end && (seen & 1) && r->k >= 1;
 }

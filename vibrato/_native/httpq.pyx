@@ -32,6 +32,8 @@ cdef extern from "vibrato/httpq.h" nogil:
     int vb_httpq_head(const unsigned char *buf, size_t n, vb_httpq_t *r)
     int vb_httpq_query_body(const unsigned char *body, size_t n, size_t dim, int64_t max_k, int64_t max_ef,
                             float *vec, vb_httpq_t *r)
+    int vb_httpq_identify_body(const unsigned char *body, size_t n, size_t dim, size_t max_frames, int64_t max_k,
+                               int64_t max_ef, float *out, size_t *frames, vb_httpq_t *r)
     int VB_HTTPQ_MAX_HEAD
 
 if vb_httpq_init() != 0:
@@ -109,6 +111,29 @@ cdef class RequestReader:
         out = out.view(cls)
         cnp.PyArray_CLEARFLAGS(<cnp.ndarray>out, cnp.NPY_ARRAY_WRITEABLE)
         return out
+
+    def identify_body(self, const unsigned char[::1] body, Py_ssize_t max_frames, type cls):
+        """An identify body in its plainest form (include/vibrato/httpq.h, vb_httpq_identify_body):
+        (frames, k, ef, include_metadata, search_tier), frames a read-only (n, dim) float32 array of
+        type cls; None for any other body (the regular route reads it). Independent of the head."""
+        cdef Py_ssize_t n = body.shape[0]
+        if n == 0 or max_frames < 1:
+            return None
+        # a frame takes at least 2 * dim + 1 bytes ("[" digits and commas "]"): room for every frame
+        cdef size_t cap = <size_t>min(max_frames, n // (2 * self.dim + 1) + 1)
+        out = np.empty((cap, self.dim), dtype=np.float32)
+        cdef float[:, ::1] o = out
+        cdef size_t frames = 0
+        cdef vb_httpq_t r
+        cdef int ok
+        with nogil:
+            ok = vb_httpq_identify_body(&body[0], <size_t>n, <size_t>self.dim, cap, self.max_k, self.max_ef,
+                                        &o[0, 0], &frames, &r)
+        if not ok:
+            return None
+        out = out[:frames].view(cls)
+        cnp.PyArray_CLEARFLAGS(<cnp.ndarray>out, cnp.NPY_ARRAY_WRITEABLE)
+        return out, r.k, r.ef, bool(r.include_metadata), TIERS[r.tier]
 
     @property
     def authorization(self) -> str:

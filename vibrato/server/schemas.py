@@ -25,11 +25,13 @@ import binascii
 
 import numpy as np
 
+from vibrato._native.httpq import RequestReader
 from vibrato.config import Config
 from vibrato.engine import validation as rules
 from vibrato.engine.validation import (DEFAULT_META, SEARCH_TIERS, U16_MAX, U32_MAX, U64_MAX, check_count, check_f32,
                                        check_limit, check_text, key_value, make_filter, make_meta, prepare_checked)
 from vibrato.errors import BadRequestError
+from vibrato.index import FiniteArray
 from vibrato.server.errors import ValidationError
 
 
@@ -479,6 +481,7 @@ class Validator:
     def __init__(self, config: Config):
         self.dim = config.dim
         self.limits = config.limits
+        self._reader = RequestReader(config.dim, config.limits.max_k, config.limits.max_ef)
 
     def ingest(self, doc, maybe_bools=True) -> rules.PreparedBatch:
         """One row, for Engine.ingest_batch."""
@@ -510,6 +513,16 @@ class Validator:
         if frames is not None:
             req["vectors"] = frames
         return req
+
+    def identify_bytes(self, body: bytes) -> dict | None:
+        """identify(orjson.loads(body)) for a body in its plainest form (JSON arrays of numbers, no
+        k = 0), read in C without building a Python float per component (vibrato/_native/httpq.pyx);
+        None for any other body: parse it."""
+        got = self._reader.identify_body(body, self.limits.max_identify_frames, FiniteArray)
+        if got is None:
+            return None
+        frames, k, ef, include_metadata, search_tier = got
+        return {"vectors": frames, "k": k, "ef": ef, "include_metadata": include_metadata, "search_tier": search_tier}
 
     def delete(self, doc, maybe_bools=True) -> dict:
         """Engine.delete's arguments: {"ids": list or None, "filter": dict or None}, the filter with only
