@@ -19,6 +19,7 @@
  */
 #pragma once
 
+#include <float.h>
 #include <locale.h>
 #include <stdlib.h>
 
@@ -210,6 +211,12 @@ static inline int vb_jsonq_str(vb_jsonq_t *j, const unsigned char **s, size_t *n
     return 1;
 }
 
+#if defined(__x86_64__) && LDBL_MANT_DIG == 64
+static const long double VB_JSONQ_P10L[28] = {
+    1e0L,  1e1L,  1e2L,  1e3L,  1e4L,  1e5L,  1e6L,  1e7L,  1e8L,  1e9L,  1e10L, 1e11L, 1e12L, 1e13L,
+    1e14L, 1e15L, 1e16L, 1e17L, 1e18L, 1e19L, 1e20L, 1e21L, 1e22L, 1e23L, 1e24L, 1e25L, 1e26L, 1e27L};
+#endif
+
 static const double VB_JSONQ_P10[23] = {1e0,  1e1,  1e2,  1e3,  1e4,  1e5,  1e6,  1e7,  1e8,  1e9,  1e10, 1e11,
                                         1e12, 1e13, 1e14, 1e15, 1e16, 1e17, 1e18, 1e19, 1e20, 1e21, 1e22};
 
@@ -220,6 +227,21 @@ static locale_t vb_jsonq_c = (locale_t)0;
 static inline int vb_httpq_init(void) {
     if (vb_jsonq_c == (locale_t)0) vb_jsonq_c = newlocale(LC_NUMERIC_MASK, "C", (locale_t)0);
     return vb_jsonq_c != (locale_t)0 ? VB_OK : VB_ENOMEM;
+}
+
+/* Whether the 8 bytes of v (read little-endian) are all ASCII digits, and their value (the SWAR
+ * forms of fast_float, Lemire 2021). */
+static inline int vb_jsonq_8digits(uint64_t v) {
+    return (((v & 0xF0F0F0F0F0F0F0F0ull) | (((v + 0x0606060606060606ull) & 0xF0F0F0F0F0F0F0F0ull) >> 4)) ==
+            0x3333333333333333ull);
+}
+
+static inline uint32_t vb_jsonq_parse8(uint64_t v) {
+    const uint64_t mask = 0x000000FF000000FFull, mul1 = 0x000F424000000064ull, mul2 = 0x0000271000000001ull;
+    v -= 0x3030303030303030ull;
+    v = (v * 10) + (v >> 8);
+    v = (((v & mask) * mul1) + (((v >> 16) & mask) * mul2)) >> 32;
+    return (uint32_t)v;
 }
 
 /*
@@ -257,10 +279,23 @@ static inline int vb_jsonq_number(vb_jsonq_t *j, double *out) {
         is_int = 0;
         p++;
         if (p >= end || *p < '0' || *p > '9') return 0;
+        if (w == 0) {
+            while (p < end && *p == '0') { /* leading zeros of a fraction are not significant */
+                e10--;
+                p++;
+            }
+        }
+        while (digits + 8 <= 19 && end - p >= 8) { /* eight digits at a time (a double's repr has 17) */
+            uint64_t v;
+            memcpy(&v, p, 8);
+            if (!vb_jsonq_8digits(v)) break;
+            w = w * 100000000u + vb_jsonq_parse8(v);
+            digits += 8;
+            e10 -= 8;
+            p += 8;
+        }
         while (p < end && *p >= '0' && *p <= '9') {
-            if (w == 0 && *p == '0') {
-                e10--; /* leading zeros of a fraction are not significant */
-            } else if (digits < 19) {
+            if (digits < 19) {
                 w = w * 10 + (uint64_t)(*p - '0');
                 digits++;
                 e10--;
@@ -300,6 +335,24 @@ static inline int vb_jsonq_number(vb_jsonq_t *j, double *out) {
         *out = neg ? -d : d;
         return 1;
     }
+#if defined(__x86_64__) && LDBL_MANT_DIG == 64
+    if (!dropped && e10 >= -27 && e10 <= 27) {
+        /* Up to 19 digits (17 from a double's repr): w < 2^64 and 10^|e10| (5^27 < 2^64) are exact
+         * in x87 extended precision, so the quotient or product is rounded once, to 64 bits, and
+         * rounding that to a double gives the correctly rounded double unless it sits exactly
+         * halfway between two doubles (its 11 low bits 0x400), where the first rounding may have
+         * made the tie: those few go to strtod. */
+        long double x = (long double)w;
+        x = e10 < 0 ? x / VB_JSONQ_P10L[-e10] : x * VB_JSONQ_P10L[e10];
+        uint64_t m; /* the x87 format's 64-bit significand: its first 8 bytes (little-endian) */
+        memcpy(&m, &x, sizeof m);
+        if ((m & 0x7ff) != 0x400) {
+            double d = (double)x;
+            *out = neg ? -d : d;
+            return 1;
+        }
+    }
+#endif
     /* the rest correctly rounded by the C library, on a bounded copy */
     size_t len = (size_t)(p - a);
     char tmp[128];
