@@ -23,6 +23,20 @@ def free_port(host="127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def child_pids(pid: int) -> list[int]:
+    """The processes whose parent is pid (a server's query workers), from /proc."""
+    out = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        out.append(int(name))
+            except (OSError, ValueError, IndexError):
+                continue
+    return out
+
+
 def query_workers(args) -> int:
     """How many query workers serve-v2 started with `args` runs (0: the writer alone), as it resolves
     --query-workers (the last one given; 0 or none: one per usable core)."""

@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from server_util import ServerProcess
+from server_util import ServerProcess, child_pids
 from vibrato.catalog import Catalog, audit as audit_sql
 from vibrato.client import Client, VibratoHTTPError
 from vibrato.server.workers import WORKER_SOCKET, _get_unix
@@ -24,17 +24,7 @@ def unit_rows(n, seed):
 
 
 def worker_pids(srv) -> list[int]:
-    out = []
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                with open(f"/proc/{pid}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except OSError:
-                continue
-            if ppid == srv.proc.pid:
-                out.append(int(pid))
-    return out
+    return child_pids(srv.proc.pid)
 
 
 def wait_worker(srv, data, timeout=30, index=1):

@@ -431,6 +431,25 @@ static inline unsigned vb_jsonq_search_field(vb_jsonq_t *j, const unsigned char 
     return 0;
 }
 
+/* The opening brace of the body's object. */
+static inline int vb_jsonq_open(vb_jsonq_t *j) {
+    vb_jsonq_ws(j);
+    if (j->p >= j->end || *j->p != '{') return 0;
+    j->p++;
+    return 1;
+}
+
+/* A member's key and its colon, up to its value. */
+static inline int vb_jsonq_key(vb_jsonq_t *j, const unsigned char **key, size_t *kl) {
+    vb_jsonq_ws(j);
+    if (!vb_jsonq_str(j, key, kl)) return 0;
+    vb_jsonq_ws(j);
+    if (j->p >= j->end || *j->p != ':') return 0;
+    j->p++;
+    vb_jsonq_ws(j);
+    return 1;
+}
+
 /* After a member's value: 1 and *done at the closing brace, 1 at a comma, 0 otherwise. */
 static inline int vb_jsonq_next_member(vb_jsonq_t *j, int *done) {
     vb_jsonq_ws(j);
@@ -453,20 +472,13 @@ static inline int vb_httpq_query_body(const unsigned char *body, size_t n, size_
     r->include_metadata = 1;
     r->tier = VB_HTTPQ_TIER_ACTIVE;
     unsigned seen = 0;
-    vb_jsonq_ws(&j);
-    if (j.p >= j.end || *j.p != '{') return 0;
-    j.p++;
+    if (!vb_jsonq_open(&j)) return 0;
     vb_jsonq_ws(&j);
     if (j.p < j.end && *j.p == '}') return 0; /* no vector */
     for (;;) {
         const unsigned char *key;
         size_t kl;
-        vb_jsonq_ws(&j);
-        if (!vb_jsonq_str(&j, &key, &kl)) return 0;
-        vb_jsonq_ws(&j);
-        if (j.p >= j.end || *j.p != ':') return 0;
-        j.p++;
-        vb_jsonq_ws(&j);
+        if (!vb_jsonq_key(&j, &key, &kl)) return 0;
         unsigned bit;
         if (kl == 6 && memcmp(key, "vector", 6) == 0) {
             bit = 1;
@@ -505,18 +517,11 @@ static inline int vb_httpq_identify_body(const unsigned char *body, size_t n, si
     r->tier = VB_HTTPQ_TIER_ALL;
     *frames = 0;
     unsigned seen = 0;
-    vb_jsonq_ws(&j);
-    if (j.p >= j.end || *j.p != '{') return 0;
-    j.p++;
+    if (!vb_jsonq_open(&j)) return 0;
     for (;;) {
         const unsigned char *key;
         size_t kl;
-        vb_jsonq_ws(&j);
-        if (!vb_jsonq_str(&j, &key, &kl)) return 0;
-        vb_jsonq_ws(&j);
-        if (j.p >= j.end || *j.p != ':') return 0;
-        j.p++;
-        vb_jsonq_ws(&j);
+        if (!vb_jsonq_key(&j, &key, &kl)) return 0;
         unsigned bit;
         if (kl == 7 && memcmp(key, "vectors", 7) == 0) {
             bit = 1;

@@ -20,6 +20,8 @@ import numpy as np
 from vibrato.client import Client
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "tests"))  # the tests' server helpers, also for the perf scripts importing this
+from server_util import child_pids  # noqa: E402
 
 
 def vibrato_cmd() -> list[str]:
@@ -178,16 +180,7 @@ class GateServer:
         """The server's processes: the writer and its query workers (its children), which the resource
         figures below add up, since with workers (the default on two or more cores) they hold memory and
         connections too."""
-        out = [self.pid]
-        for name in os.listdir("/proc"):
-            if name.isdigit():
-                try:
-                    with open(f"/proc/{name}/stat") as f:
-                        if int(f.read().rsplit(")", 1)[1].split()[1]) == self.pid:
-                            out.append(int(name))
-                except (OSError, ValueError, IndexError):
-                    continue
-        return out
+        return [self.pid, *child_pids(self.pid)]
 
     def _status_bytes(self, field: str) -> int:
         """A kB field of /proc/<pid>/status, in bytes, summed over the server's processes (0 when absent)."""
