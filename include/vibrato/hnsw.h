@@ -989,12 +989,25 @@ static inline void vb_hnsw_emit(vb_pair_t *top, size_t n, size_t k, int64_t *row
     }
 }
 
-/* Offer a block of scored rows to a top-k max-heap. */
+/* Offer a block of scored rows to a top-k max-heap. Once it is full, a row worse than its worst is
+ * dropped on one compare against a register (most rows of a scan), not the tie-aware heap compare. */
 static inline void vb_hnsw_offer(vb_pair_t *top, size_t *ntop, size_t k, const uint32_t *ids,
                                  const float *dots, size_t m) {
-    for (size_t i = 0; i < m; i++) {
+    size_t i = 0;
+    for (; i < m && *ntop < k; i++) {
         vb_pair_t p = {-dots[i], ids[i]};
         vb_topk_offer(top, ntop, k, p);
+    }
+    if (i == m || k == 0) return;
+    float worst = top[0].d;
+    for (; i < m; i++) {
+        float d = -dots[i];
+        if (d > worst) continue;
+        vb_pair_t p = {d, ids[i]};
+        if (vb_pair_lt(p, top[0])) {
+            vb_maxheap_replace_top(top, *ntop, p);
+            worst = top[0].d;
+        }
     }
 }
 
