@@ -32,14 +32,14 @@ def head(body: bytes, *fields: str, line: str = "POST /v2/query HTTP/1.1") -> by
 
 
 def read(raw: bytes, dim: int = DIM):
-    """(framed length, candidate, vector or None, fields) of one read."""
+    """(framed length, candidate, vector or None, fields) of one read; fields end with the filter
+    object's bytes (None: no filter)."""
     r = RequestReader(dim, MAX_K, MAX_EF)
     buf = bytearray(raw)
     total = r.head(buf, len(buf))
-    vec = np.empty(dim, np.float32)
-    ok = total == len(buf) and r.candidate and r.query_body(buf, vec)
-    return total, r.candidate if total >= 0 else False, (vec if ok else None), (
-        (r.k, r.ef, r.include_metadata, r.search_tier) if ok else None)
+    vec = r.query_vector(buf, np.ndarray) if total == len(buf) and r.candidate else None
+    return total, r.candidate if total >= 0 else False, vec, (
+        (r.k, r.ef, r.include_metadata, r.search_tier, r.filter_json) if vec is not None else None)
 
 
 def regular(body: bytes, dim: int = DIM):
@@ -53,14 +53,22 @@ def regular(body: bytes, dim: int = DIM):
 
 
 def same_as_regular(body: bytes, dim: int = DIM) -> bool:
-    """True when the reader accepted the body; asserts the regular route reads it the same way."""
+    """True when the reader accepted the body and the filter's bytes validate as the fast path checks
+    them; asserts the regular route reads the body the same way."""
     _, _, vec, fields = read(head(body), dim)
     if vec is None:
         return False
+    flt = None
+    if fields[4] is not None:
+        try:
+            flt = Validator(Config(data_dir="/nonexistent", dim=dim)).query_filter(fields[4])
+        except Exception:  # noqa: BLE001 - the fast path declines it too
+            assert regular(body, dim) is None, body
+            return False
     want = regular(body, dim)
     assert want is not None, body
     np.testing.assert_array_equal(vec.view(np.uint32), want[0].view(np.uint32))
-    assert fields == want[1] and want[2] is None
+    assert fields[:4] == want[1] and flt == want[2]
     return True
 
 
@@ -72,13 +80,13 @@ def test_reads_the_common_query():
     total, candidate, vec, fields = read(head(body))
     assert total == len(head(body)) and candidate
     np.testing.assert_array_equal(vec.view(np.uint32), v.view(np.uint32))
-    assert fields == (5, 64, False, "all")
+    assert fields == (5, 64, False, "all", None)
     assert same_as_regular(body)
 
 
 def test_defaults_are_the_regular_routes():
     body = b'{"vector": [1, 2, 3, 4, 5, 6]}'
-    assert read(head(body))[3] == (10, 50, True, "active")
+    assert read(head(body))[3] == (10, 50, True, "active", None)
     assert same_as_regular(body)
 
 
@@ -128,7 +136,9 @@ REFUSED_BODIES = [
     b'{"vector": [1, 2, 3, 4, 5, 6], "k": 3.0}',
     b'{"vector": [1, 2, 3, 4, 5, 6], "k": "3"}',
     b'{"vector": [1, 2, 3, 4, 5, 6], "k": 03}',
-    b'{"vector": [1, 2, 3, 4, 5, 6], "filter": {}}',   # any filter: the parsed step
+    b'{"vector": [1, 2, 3, 4, 5, 6], "filter": []}',   # a filter that is not an object
+    b'{"vector": [1, 2, 3, 4, 5, 6], "filter": {"tags_any": ["a"}}',
+    b'{"vector": [1, 2, 3, 4, 5, 6], "filter": {"tags_any": ["a\\"]}',
     b'{"vector": "AAAA"}',                              # the compact form: the parsed step
     b'{"vector": [1, 2, 3, 4, 5, true]}',
     b'{"vector": [1, 2, 3, 4, 5, 6], "search_tier": "ALL"}',
@@ -153,12 +163,31 @@ def test_refuses_anything_but_the_plain_query(body):
     assert read(head(body))[2] is None
 
 
+@pytest.mark.parametrize("flt", [
+    {}, {"tags_any": ["p10"]}, {"tags_all": ["A", " b ", "a"], "bpm_gte": 90, "bpm_lte": 120.5},
+    {"tags_any": ["say \"}]{\\", "\u00e9t\u00e9"]}, {"bpm_gte": None}, {"tags_any": []},
+])
+def test_a_filter_object_is_handed_over_and_reads_as_the_regular_routes(flt):
+    body = orjson.dumps({"vector": [1, 2, 3, 4, 5, 6], "k": 4, "filter": flt})
+    assert same_as_regular(body)
+    assert orjson.loads(read(head(body))[3][4]) == flt  # exactly the filter's bytes
+
+
+@pytest.mark.parametrize("flt", [b'{"bpm_gte": 120, "bpm_lte": 90}', b'{"tags_any": "x"}', b'{"nope": 1}',
+                                 b'{"bpm_gte": 1e39}', b'{"tags_any": [1]}', b'{"a": [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]}'])
+def test_a_filter_the_validator_refuses_is_declined(flt):
+    body = b'{"vector": [1, 2, 3, 4, 5, 6], "filter": ' + flt + b'}'
+    assert not same_as_regular(body) and regular(body) is None
+
+
 @settings(max_examples=500, deadline=None)
 @given(st.data())
 def test_a_mutated_body_is_refused_or_read_as_the_regular_route_reads_it(data):
     v = np.array(data.draw(st.lists(floats32, min_size=DIM, max_size=DIM)), np.float32)
-    body = bytearray(orjson.dumps({"vector": v, "k": 7, "ef": 20, "include_metadata": False},
-                                  option=orjson.OPT_SERIALIZE_NUMPY))
+    doc = {"vector": v, "k": 7, "ef": 20, "include_metadata": False}
+    if data.draw(st.booleans()):
+        doc["filter"] = {"tags_any": ["a", "b\\c"], "bpm_lte": 100}
+    body = bytearray(orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY))
     for _ in range(data.draw(st.integers(1, 3))):
         at = data.draw(st.integers(0, len(body)))
         op = data.draw(st.sampled_from(["insert", "delete", "replace"]))
@@ -283,6 +312,7 @@ def test_any_bytes_are_refused_or_framed_never_a_crash(raw):
     total = r.head(buf, len(buf))
     assert total == -1 or total >= 4
     r.query_body(buf, np.empty(DIM, np.float32))
+    r.query_vector(buf, np.ndarray)
 
 
 def test_checks_its_arguments():

@@ -11,8 +11,8 @@
  * (a partial head, obs-fold, chunked bodies, 8-bit bytes, ...) returns 0 and the bytes go to aiohttp.
  *
  * vb_httpq_query_body reads the body of the common query and nothing else: an object with the
- * fields vector (exactly dim JSON numbers), k, ef, include_metadata, search_tier, filter (null),
- * each at most once, no string escapes, no value the regular route would answer with an error.
+ * fields vector (exactly dim JSON numbers), k, ef, include_metadata, search_tier, filter (null, or
+ * an object whose bytes it hands over for a full JSON parser and the schema), each at most once, no string escapes, no value the regular route would answer with an error.
  * It returns 0 for anything else, and the regular route then parses, validates and answers
  * (docs/SERVER.md, "Fast query path"). Components convert as the regular route converts them: a
  * JSON number to the nearest double, that double to float32 (an integer through int64).
@@ -50,6 +50,7 @@ typedef struct {
     int64_t k, ef;
     int include_metadata;
     int tier;
+    size_t filter_off, filter_len; /* a filter object's bytes in the body (filter_len 0: none or null) */
 } vb_httpq_t;
 
 static inline int vb_httpq_lower(int c) { return (c >= 'A' && c <= 'Z') ? c + 32 : c; }
@@ -431,6 +432,59 @@ static inline unsigned vb_jsonq_search_field(vb_jsonq_t *j, const unsigned char 
     return 0;
 }
 
+#define VB_JSONQ_MAX_DEPTH 32
+
+/*
+ * Step over one JSON value (a query's filter object): strings with their escapes, nested objects
+ * and arrays up to VB_JSONQ_MAX_DEPTH, numbers and literals by their characters. It only finds
+ * where the value ends; the caller has the value itself checked by a full JSON parser.
+ */
+static inline int vb_jsonq_skip(vb_jsonq_t *j, int depth) {
+    vb_jsonq_ws(j);
+    if (j->p >= j->end) return 0;
+    unsigned char c = *j->p;
+    if (c == '"') {
+        for (j->p++; j->p < j->end && *j->p != '"'; j->p++)
+            if (*j->p == '\\' && ++j->p >= j->end) return 0;
+        if (j->p >= j->end) return 0;
+        j->p++;
+        return 1;
+    }
+    if (c == '{' || c == '[') {
+        unsigned char close = c == '{' ? '}' : ']';
+        if (depth >= VB_JSONQ_MAX_DEPTH) return 0;
+        j->p++;
+        vb_jsonq_ws(j);
+        if (j->p < j->end && *j->p == close) {
+            j->p++;
+            return 1;
+        }
+        for (;;) {
+            if (c == '{') {
+                vb_jsonq_ws(j);
+                if (j->p >= j->end || *j->p != '"' || !vb_jsonq_skip(j, depth + 1)) return 0;
+                vb_jsonq_ws(j);
+                if (j->p >= j->end || *j->p != ':') return 0;
+                j->p++;
+            }
+            if (!vb_jsonq_skip(j, depth + 1)) return 0;
+            vb_jsonq_ws(j);
+            if (j->p >= j->end) return 0;
+            if (*j->p == close) {
+                j->p++;
+                return 1;
+            }
+            if (*j->p != ',') return 0;
+            j->p++;
+        }
+    }
+    const unsigned char *a = j->p;
+    while (j->p < j->end && ((*j->p >= '0' && *j->p <= '9') || (*j->p >= 'a' && *j->p <= 'z') ||
+                             (*j->p >= 'A' && *j->p <= 'Z') || *j->p == '-' || *j->p == '+' || *j->p == '.'))
+        j->p++;
+    return j->p > a;
+}
+
 /* The opening brace of the body's object. */
 static inline int vb_jsonq_open(vb_jsonq_t *j) {
     vb_jsonq_ws(j);
@@ -467,6 +521,7 @@ static inline int vb_jsonq_next_member(vb_jsonq_t *j, int *done) {
 static inline int vb_httpq_query_body(const unsigned char *body, size_t n, size_t dim, int64_t max_k, int64_t max_ef,
                                       float *vec, vb_httpq_t *r) {
     vb_jsonq_t j = {body, body + n};
+    r->filter_off = r->filter_len = 0;
     r->k = 10;
     r->ef = 50;
     r->include_metadata = 1;
@@ -487,7 +542,12 @@ static inline int vb_httpq_query_body(const unsigned char *body, size_t n, size_
             if (bit == VB_JSONQ_BAD) return 0;
         } else if (kl == 6 && memcmp(key, "filter", 6) == 0) {
             bit = 32;
-            if (!vb_jsonq_lit(&j, "null")) return 0;
+            if (!vb_jsonq_lit(&j, "null")) {
+                const unsigned char *a = j.p;
+                if (j.p >= j.end || *j.p != '{' || !vb_jsonq_skip(&j, 0)) return 0;
+                r->filter_off = (size_t)(a - body);
+                r->filter_len = (size_t)(j.p - a);
+            }
         } else {
             return 0;
         }

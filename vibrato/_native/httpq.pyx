@@ -28,6 +28,7 @@ cdef extern from "vibrato/httpq.h" nogil:
         int64_t k, ef
         int include_metadata
         int tier
+        size_t filter_off, filter_len
     int vb_httpq_init()
     int vb_httpq_head(const unsigned char *buf, size_t n, vb_httpq_t *r)
     int vb_httpq_query_body(const unsigned char *body, size_t n, size_t dim, int64_t max_k, int64_t max_ef,
@@ -50,6 +51,7 @@ cdef class RequestReader:
     cdef readonly Py_ssize_t dim
     cdef int64_t max_k, max_ef
     cdef object _buf  # the buffer of the last head read
+    cdef object _filter  # the last query_vector's filter object, as its JSON bytes
 
     def __init__(self, Py_ssize_t dim, int64_t max_k, int64_t max_ef):
         if dim <= 0 or max_k < 0 or max_ef < 0:
@@ -104,10 +106,15 @@ cdef class RequestReader:
 
     def query_vector(self, const unsigned char[::1] buf, type cls):
         """query_body into a new read-only array of type cls (an ndarray subclass: the caller's marker
-        for checked vectors), or None when the body is not the common query."""
+        for checked vectors), or None when the body is not the common query. A filter object's
+        bytes are then in `filter_json`."""
         out = np.empty(self.dim, dtype=np.float32)
+        self._filter = None
         if not self.query_body(buf, out):
             return None
+        if self.r.filter_len:
+            start = self.r.head_len + self.r.filter_off
+            self._filter = bytes(buf[start:start + self.r.filter_len])
         out = out.view(cls)
         cnp.PyArray_CLEARFLAGS(<cnp.ndarray>out, cnp.NPY_ARRAY_WRITEABLE)
         return out
@@ -134,6 +141,12 @@ cdef class RequestReader:
         out = out[:frames].view(cls)
         cnp.PyArray_CLEARFLAGS(<cnp.ndarray>out, cnp.NPY_ARRAY_WRITEABLE)
         return out, r.k, r.ef, bool(r.include_metadata), TIERS[r.tier]
+
+    @property
+    def filter_json(self):
+        """The filter object of the last body query_vector read, as its bytes (not checked: parse
+        and validate them), or None for no filter or a null one."""
+        return self._filter
 
     @property
     def authorization(self) -> str:

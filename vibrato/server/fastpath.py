@@ -9,9 +9,10 @@ two steps:
 1. `answer_read`: the request straight from the connection's bytes, read in C
    (vibrato/_native/httpq.pyx): head, body and vector, without aiohttp's parser, orjson or the
    schema walk. It takes the plainest form only: exactly one request in the read, a JSON body
-   whose fields are vector (numbers), k, ef, include_metadata, search_tier and a null filter.
-2. `answer`: otherwise, the message aiohttp's parser made (a filter, the compact vector form, ...),
-   parsed and validated as the regular route does.
+   whose fields are vector (numbers), k, ef, include_metadata, search_tier and filter (a filter
+   object's few bytes are handed to orjson and the validator's own filter check).
+2. `answer`: otherwise, the message aiohttp's parser made (the compact vector form, ...), parsed
+   and validated as the regular route does.
 
 Either serves the request only when it is the common, well-formed case and everything it needs is
 at hand without waiting:
@@ -66,6 +67,7 @@ class FastQuery:
         self.engine = app[K.ENGINE]
         self.keystore = app[K.KEYSTORE]
         self.validate = app[K.VALIDATOR].query
+        self.query_filter = app[K.VALIDATOR].query_filter
         self.metrics = app[K.METRICS]
         self.inflight = app[K.INFLIGHT]
         self.policy = app[K.POLICIES][PATH]
@@ -117,8 +119,14 @@ class FastQuery:
         vector = reader.query_vector(buf, FiniteArray)  # finite: the reader takes no other component
         if vector is None:
             return None
+        flt = reader.filter_json
+        if flt is not None:
+            try:
+                flt = self.query_filter(flt)
+            except Exception:  # noqa: BLE001 - the regular route answers the error
+                return None
         req = {"vector": vector, "k": reader.k, "ef": reader.ef, "include_metadata": reader.include_metadata,
-               "filter": None, "search_tier": reader.search_tier}
+               "filter": flt, "search_tier": reader.search_tier}
         if not handlers.runs_inline(self.config, req):
             return None
         return self._respond(req, key_id, reader.request_id, client, started)

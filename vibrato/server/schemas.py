@@ -23,6 +23,8 @@ fails (perf/RESULTS_http.md has the numbers against per-float Python handling).
 import base64
 import binascii
 
+import orjson
+
 import numpy as np
 
 from vibrato._native.httpq import RequestReader
@@ -513,6 +515,12 @@ class Validator:
         if frames is not None:
             req["vectors"] = frames
         return req
+
+    def query_filter(self, raw: bytes):
+        """A query's `filter` value given as its JSON bytes (the bytes reader's, server/fastpath.py), as
+        query() makes it: a QueryFilter or None; raises as query() would."""
+        f = FILTER.check(orjson.loads(raw), "filter", self)
+        return None if f is None else make_filter(f["tags_any"], f["tags_all"], f["bpm_gte"], f["bpm_lte"])
 
     def identify_bytes(self, body: bytes) -> dict | None:
         """identify(orjson.loads(body)) for a body in its plainest form (JSON arrays of numbers, no
