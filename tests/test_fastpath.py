@@ -449,3 +449,75 @@ def test_draining_server_declines(env, answered):
         assert status == 200 and headers.get("connection", "").lower() == "close"
     serve(env, body)
     assert answered["n"] == 1
+
+
+def _script(seed: int, token: str) -> tuple[list[bytes], list[bytes], str, list[str]]:
+    """A random mix of requests for one connection (with their x-request-ids, so answers can be matched
+    in order) and the cut points of the byte stream into writes: queries plain, filtered, compact and
+    malformed, health checks, an ingest-only key's refusal, and requests cut anywhere, several per
+    write, or one per write."""
+    rng = np.random.default_rng(seed)
+    reqs, kinds = [], []
+    for i in range(int(rng.integers(8, 20))):
+        kind = rng.choice(["plain", "filter", "compact", "bad", "health", "nokey", "plain", "plain"])
+        kinds.append(str(kind))
+        rid = [f"x-request-id: s{seed}-{i}"]
+        if kind == "plain":
+            reqs.append(request(body=query_body(i, ef=int(rng.integers(1, 80))), token=token, extra=rid))
+        elif kind == "filter":
+            reqs.append(request(body=query_body(i, filter={"bpm_gte": float(rng.integers(0, 9))}), token=token, extra=rid))
+        elif kind == "compact":
+            v = np.random.default_rng(i).standard_normal(DIM).astype(np.float32)
+            reqs.append(request(body=orjson.dumps({"vector": fastpath_pack(v), "k": 2}), token=token, extra=rid))
+        elif kind == "bad":
+            reqs.append(request(body=b'{"vector": [1, 2], "k": 3}', token=token, extra=rid))
+        elif kind == "health":
+            reqs.append(request("/v2/health/live", method="GET", content_type=None, extra=rid).replace(
+                b"Content-Length: 0\r\n", b""))
+        else:
+            reqs.append(request(body=query_body(i), extra=rid))
+    stream = b"".join(reqs)
+    mode = rng.choice(["whole", "random", "bytes"])
+    if mode == "whole":  # one request per write
+        return reqs, reqs, mode, kinds
+    cuts = sorted(set(rng.integers(1, len(stream), int(rng.integers(1, 12))).tolist()))
+    if mode == "bytes":  # a few single bytes at a head's start, then the rest
+        cuts = sorted(set(cuts + [1, 2, 3]))
+    return reqs, [stream[a:b] for a, b in zip([0] + cuts, cuts + [len(stream)])], mode, kinds
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_any_mix_and_split_of_requests_gets_the_regular_routes_answers_in_order(env, answered, seed):
+    """The same bytes, written in the same pieces on one connection, get the same answers in the same
+    order with the fast path on as with it off (statuses, request ids, bodies apart from timing)."""
+    token = env["tokens"]["query"]
+    seen = {}
+    modes = []
+
+    async def body(port, app):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        await queries_ok(reader, writer, token, 1)  # the key cached: later queries may be fast
+        reqs, writes, mode, kinds = _script(seed, token)
+        modes.append((mode, kinds))
+        for piece in writes:
+            writer.write(piece)
+            await writer.drain()
+            await asyncio.sleep(0.002)
+        out = []
+        for _ in reqs:
+            status, headers, text, _ = await read_response(reader)
+            doc = orjson.loads(text) if text else None
+            if isinstance(doc, dict) and "data" in doc and isinstance(doc["data"], dict):
+                doc["data"].pop("query_time_ms", None)
+            out.append((status, headers.get("x-request-id"), doc))
+        writer.close()
+        seen[app[K.CONFIG].fast_query_path] = out
+
+    serve(env, body, fast_query_path=True)
+    fast = dict(answered)
+    serve(env, body, fast_query_path=False)
+    assert seen[True] == seen[False]
+    mode, kinds = modes[0]
+    if mode == "whole":  # one request per write: its plain and filtered queries were read from the bytes
+        assert fast["read"] == sum(1 for kind, (s, _, _) in zip(kinds, seen[True]) if kind in ("plain", "filter")
+                                   and s == 200) > 0
