@@ -303,6 +303,8 @@ def test_targeted_column_corruptions(bases, case_path):
         row = int(np.searchsorted(r.source_offsets, 0, side="right")) - 1
         with pytest.raises(SegmentFormatError, match="not valid UTF-8"):
             r.metadata(row)
+        with pytest.raises(SegmentFormatError, match=f"row {row} is not valid UTF-8"):
+            r.metadata_rows([row])  # the native batch decode hands the row to the named error
         with pytest.raises(SegmentFormatError, match="source_blob"):
             r.verify()
     # a dictionary out of order (swap two entries' bytes would change lengths; duplicate one instead)
@@ -441,3 +443,26 @@ def test_pristine_bases_read_back(bases, case_path):
 
 def test_checksum_error_is_a_format_error():
     assert issubclass(SegmentChecksumError, SegmentFormatError) and issubclass(SegmentFormatError, ValueError)
+
+
+def test_native_metadata_rows_checks_every_index():
+    """segio.metadata_rows reads columns the open checked; it still refuses any index outside them."""
+    from vibrato._native import segio
+    u4, u8 = (lambda *v: np.array(v, dtype=np.uint32)), (lambda *v: np.array(v, dtype=np.uint64))
+    cols = dict(start=u4(1, 2), duration=u4(3, 4), bpm=np.array([1.5, 2.5], np.float32),
+                source_offsets=u8(0, 1, 3), source_blob=np.frombuffer(b"abc", np.uint8),
+                tag_offsets=u4(0, 1, 2), tag_ids=u4(0, 1), dictionary=("x", "y"))
+
+    def call(rows, **bad):
+        args = {**cols, **bad}
+        return segio.metadata_rows(np.array(rows, np.int64), args["start"], args["duration"], args["bpm"],
+                                   args["source_offsets"], args["source_blob"], args["tag_offsets"],
+                                   args["tag_ids"], args["dictionary"])
+    assert call([1, 0]) == [{"source_file": "bc", "start_time_ms": 2, "duration_ms": 4, "bpm": 2.5, "tags": ["y"]},
+                            {"source_file": "a", "start_time_ms": 1, "duration_ms": 3, "bpm": 1.5, "tags": ["x"]}]
+    for rows, bad in (([2], {}), ([-1], {}), ([1], {"source_offsets": u8(0, 1, 9)}), ([1], {"source_offsets": u8(0, 2, 1)}),
+                      ([1], {"tag_offsets": u4(0, 1, 5)}), ([1], {"dictionary": ("x",)})):
+        with pytest.raises(IndexError):
+            call(rows, **bad)
+    with pytest.raises(ValueError):
+        call([0], duration=u4(3))

@@ -401,7 +401,12 @@ class SegmentReader:
         rows = np.asarray(rows)
         if rows.ndim != 1 or (rows.size and rows.dtype.kind not in "ui"):
             raise IndexError(f"rows must be a 1-D array of integers, got {rows.dtype} {rows.shape}")
-        rows = rows.astype(np.int64, copy=False)
+        rows = np.ascontiguousarray(rows, dtype=np.int64)
+        try:
+            return _segio.metadata_rows(rows, self._start, self._duration, self._bpm, self._source_offsets,
+                                        self._source_blob, self._tag_offsets, self._tag_ids, self._tag_dictionary)
+        except UnicodeDecodeError:
+            pass  # the loop below names the row
         if rows.size and (rows.min() < 0 or rows.max() >= self._layout.count):
             raise IndexError(f"rows must lie in [0, {self._layout.count}), got [{rows.min()}, {rows.max()}]")
         starts = self._start[rows].tolist()
