@@ -380,3 +380,51 @@ def test_a_query_on_one_whole_segment_takes_the_walk_alone_with_the_merged_order
         assert planner.search(view, q, 10, 32, None, "all")[0][:12].tolist() == [5] + list(range(700, 709))
     finally:
         eng.close()
+
+
+def test_a_selective_scan_reads_the_rows_its_evaluation_keeps(tiered, monkeypatch):
+    """A scan step of an untouched segment under a selective filter carries the allowed rows as uint32,
+    listed once per evaluation (Allowed.rows_in), and the native scan reading them returns what the
+    scan collecting them from the mask returns: the exact top-k of the allowed rows."""
+    eng, X, _, _ = tiered
+    from vibrato.engine.validation import check_filter
+    monkeypatch.setattr(planner, "SCAN_CODES_MIN_ROWS", 100)  # the fixture's segments are small
+    view = eng.view()
+    allowed = eng.segment_set.filters.evaluate(check_filter({"tags_any": ["p10"]}, eng.config.limits))
+    scans = [s for s in planner.plan(view, allowed, 10, 64, "all") if s.kind == "scan"]
+    listed = [s for s in scans if s.rows is not None]
+    assert listed and all(s.target.all_live for s in listed)
+    again = {id(s.target): s for s in planner.plan(view, allowed, 10, 64, "all") if s.kind == "scan"}
+    for step in listed:
+        seg = step.target
+        np.testing.assert_array_equal(step.rows, np.flatnonzero(step.mask))
+        assert step.rows.dtype == np.uint32 and step.rows.shape == (step.count,)
+        assert again[id(seg)].rows is step.rows  # listed once per evaluation
+        for qi in (3, 77, 4001):
+            got = planner._run(step, X[qi], 10, 64)
+            from_mask = planner._run(step._replace(rows=None), X[qi], 10, 64)
+            np.testing.assert_array_equal(got[0], from_mask[0])
+            np.testing.assert_array_equal(got[1], from_mask[1])
+            exact = kernels.dot_many(X[qi], seg.vectors, step.rows.astype(np.int64), threads=1)
+            np.testing.assert_array_equal(got[0], step.rows[planner.topk(exact, 10)].astype(np.int64) + seg.id_start)
+
+
+def test_allowed_rows_are_checked_against_the_mask_and_the_index():
+    rng = np.random.default_rng(4)
+    X = unit(rng, 600, 8)
+    idx = HnswIndex(8, m=8, ef_construction=32, seed=1)
+    idx.add(X, threads=1)
+    mask = np.zeros(600, bool)
+    mask[::7] = True
+    rows = np.flatnonzero(mask).astype(np.uint32)
+    a = idx.search(X[3], k=5, ef=16, allowed=mask, mode="scan", allowed_rows=rows)
+    b = idx.search(X[3], k=5, ef=16, allowed=mask, mode="scan")
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+    bad = rows.copy()
+    bad[-1] = 600  # past the last row: refused in C before any read
+    for kwargs in ({"allowed_rows": rows.astype(np.int64)}, {"allowed_rows": rows[:-1]}, {"allowed_rows": bad}):
+        with pytest.raises(ValueError):
+            idx.search(X[3], k=5, ef=16, allowed=mask, mode="scan", **kwargs)
+    with pytest.raises(ValueError):
+        idx.search(X[3], k=5, ef=16, mode="scan", allowed_rows=rows)

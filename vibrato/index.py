@@ -193,7 +193,7 @@ class HnswIndex:
     # ------------------------------------------------------------------ search
 
     def search(self, Q, k: int = 10, ef: int = 64, allowed=None, threads: int = 1, *, mode: str = "auto",
-               codes=None, luts=None, rerank: int = 0, allowed_count: int | None = None):
+               codes=None, luts=None, rerank: int = 0, allowed_count: int | None = None, allowed_rows=None):
         """Top-k ids by inner product for Q (nq, dim) or one query (dim,).
 
         Returns (ids int64 (nq, k), scores float32 (nq, k)), best first; padded with id -1 and
@@ -214,6 +214,9 @@ class HnswIndex:
         allowed_count: the number of True entries in allowed when the caller already knows it (the
         planner keeps it with a filter's evaluation), saving a pass over the mask. It steers the
         choice between walk and scan; it is never used to index memory.
+
+        allowed_rows: the rows allowed says, uint32 ascending, when the caller keeps them (a filter's
+        evaluation does): an exact scan then reads them instead of collecting them from the mask.
         """
         Q = _float_rows("Q", Q, self.dim, allow_1d=True)
         k = _int_arg("k", k, 1, _hnsw.MAX_EF)
@@ -226,6 +229,9 @@ class HnswIndex:
             mask = self._mask("allowed", allowed)
             count = int(np.count_nonzero(mask)) if allowed_count is None else _int_arg(
                 "allowed_count", allowed_count, 0, mask.shape[0])
+        if allowed_rows is not None and (mask is None or not isinstance(allowed_rows, np.ndarray)
+                                         or allowed_rows.dtype != np.uint32 or allowed_rows.shape != (count,)):
+            raise ValueError(f"allowed_rows must be the mask's {count} rows as uint32")
         if (luts is None) != (codes is None):
             raise ValueError("codes and luts go together: pass both (a walk on codes) or neither")
         if luts is not None:
@@ -234,7 +240,8 @@ class HnswIndex:
             rerank = _int_arg("rerank", rerank, 0, _hnsw.MAX_EF)
         self._begin_search()
         try:
-            return self._g.search(Q, k, ef, mask, count, _MODES[mode], threads, self._base, luts, codes, rerank)
+            return self._g.search(Q, k, ef, mask, count, _MODES[mode], threads, self._base, luts, codes, rerank,
+                                  allowed_rows)
         finally:
             self._end_search()
 

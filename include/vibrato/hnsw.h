@@ -1343,13 +1343,21 @@ static int vb_hnsw_search_task(void *p, size_t tid, size_t b, size_t e) {
 static inline int vb_hnsw_search(vb_hnsw_t *h, const vb_distance_ops_t *ops, const float *restrict q, size_t nq,
                                  size_t k, size_t ef, const uint8_t *mask, size_t allowed, int mode,
                                  size_t nthreads, const float *luts, const uint8_t *codes, size_t pq_m,
-                                 size_t rerank, int64_t *rows, float *scores) {
+                                 size_t rerank, const uint32_t *given, int64_t *rows, float *scores) {
     if (k > VB_HNSW_MAX_EF || ef < 1 || ef > VB_HNSW_MAX_EF) return VB_EINVAL;
     if (luts && (!codes || pq_m < 1 || rerank > VB_HNSW_MAX_EF)) return VB_EINVAL;
     if (mask && allowed > h->n) return VB_EINVAL;
+    /* given: the mask's `allowed` rows, ascending, listed by the caller (a filter evaluation keeps
+     * them); only their bounds are checked here, which is what memory safety needs. */
+    if (given) {
+        if (!mask) return VB_EINVAL;
+        uint32_t top = 0;
+        for (size_t i = 0; i < allowed; i++) top = given[i] > top ? given[i] : top;
+        if (allowed && top >= h->n) return VB_EINVAL;
+    }
     /* A sparse filter shared by several queries: list its rows once, so exact scans skip the mask. */
     uint32_t *list = NULL;
-    if (mask && nq > 1 && allowed && allowed * VB_HNSW_DENSE_DIV < h->n) {
+    if (!given && mask && nq > 1 && allowed && allowed * VB_HNSW_DENSE_DIV < h->n) {
         list = (uint32_t *)malloc(allowed * sizeof(uint32_t));
         if (!list) return VB_ENOMEM;
         if (vb_mask_collect(mask, 0, h->n, list, allowed) != allowed) { /* fewer rows set than `allowed` says */
@@ -1358,7 +1366,7 @@ static inline int vb_hnsw_search(vb_hnsw_t *h, const vb_distance_ops_t *ops, con
         }
     }
     vb_hnsw_adc_t adc = {NULL, codes, pq_m, rerank};
-    vb_hnsw_search_task_t t = {h, ops, q, luts, adc, k, ef, allowed, mask, list, mode, rows, scores};
+    vb_hnsw_search_task_t t = {h, ops, q, luts, adc, k, ef, allowed, mask, given ? given : list, mode, rows, scores};
     int rc = vb_parallel_for(nq, nthreads, 4, vb_hnsw_search_task, &t);
     free(list);
     return rc;

@@ -48,7 +48,7 @@ cdef extern from "vibrato/hnsw.h" nogil:
     int vb_hnsw_search(vb_hnsw_t *h, const vb_distance_ops_t *ops, const float *q, size_t nq, size_t k,
                        size_t ef, const uint8_t *mask, size_t allowed, int mode, size_t nthreads,
                        const float *luts, const uint8_t *codes, size_t pq_m, size_t rerank,
-                       int64_t *rows, float *scores)
+                       const uint32_t *given, int64_t *rows, float *scores)
     int vb_sq8_topk(const vb_distance_ops_t *ops, const float *q, const int8_t *codes, const float *scale,
                     const float *x, size_t n, size_t d, size_t k, size_t depth, int64_t *rows, float *scores)
     size_t vb_hnsw_graph_size(const vb_hnsw_t *h)

@@ -155,10 +155,13 @@ cdef class Graph:
         return 0
 
     def search(self, const float[:, ::1] q not None, size_t k, size_t ef, mask=None, size_t allowed=0,
-               int mode=0, size_t threads=1, int64_t base=0, luts=None, codes=None, size_t rerank=0):
+               int mode=0, size_t threads=1, int64_t base=0, luts=None, codes=None, size_t rerank=0,
+               allowed_rows=None):
         """Top-k per query: (ids int64 (nq, k), scores float32 (nq, k)), -1/-inf padded.
 
         mask: None or uint8 (n,) with `allowed` nonzero entries (rows that may be returned).
+        allowed_rows: None or those `allowed` rows, uint32 ascending (an exact scan reads them
+        instead of the mask).
         luts (nq, m * 256) float32 and codes (n, m) uint8: traverse on the codes, rescore a beam of
         max(ef, rerank) rows exactly. ids are base + row.
         """
@@ -197,12 +200,20 @@ cdef class Graph:
                 raise ValueError(f"mask has {mv.shape[0]} entries, the index has {self.h.n} rows")
             if self.h.n:
                 mp = &mv[0]
+        cdef const uint32_t[::1] gv
+        cdef const uint32_t *gp = NULL
+        if allowed_rows is not None:
+            gv = allowed_rows
+            if mp == NULL or <size_t>gv.shape[0] != allowed:
+                raise ValueError(f"allowed_rows has {gv.shape[0]} rows, the mask allows {allowed}")
+            if allowed:
+                gp = &gv[0]
         cdef int rc
         self._enter()
         try:
             with nogil:
                 rc = vb_hnsw_search(&self.h, _ops, &q[0, 0], nq, k, ef, mp, allowed, mode, threads, lp, cp,
-                                    pq_m, rerank, &rv[0, 0], &sv[0, 0])
+                                    pq_m, rerank, gp, &rv[0, 0], &sv[0, 0])
         finally:
             self.searches -= 1
         check_rc(rc, "HNSW search")

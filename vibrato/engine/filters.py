@@ -278,7 +278,7 @@ class Allowed:
     rows ingested later are not allowed). Sparse: `ids`, sorted unique int64; dense: `mask`, bool
     over [0, n). Immutable (the mask is read-only), so it is read without the index lock."""
 
-    __slots__ = ("n", "ids", "mask", "count", "_counts")
+    __slots__ = ("n", "ids", "mask", "count", "_counts", "_rows")
 
     def __init__(self, n: int, ids: np.ndarray | None = None, mask: np.ndarray | None = None):
         self.n = n
@@ -291,6 +291,7 @@ class Allowed:
             ids.flags.writeable = False
             self.count = int(ids.shape[0])
         self._counts = {}  # (lo, hi) -> count_in: an evaluation is reused while the index is unchanged
+        self._rows = {}  # (lo, hi) -> rows_in
 
     @property
     def nbytes(self) -> int:
@@ -311,6 +312,17 @@ class Allowed:
             if len(self._counts) < 256:
                 self._counts[(lo, hi)] = c
         return c
+
+    def rows_in(self, lo: int, hi: int) -> np.ndarray:
+        """The allowed ids in [lo, hi) as uint32 offsets from lo, ascending (a segment's rows for its
+        exact scan; remembered per range, like count_in)."""
+        r = self._rows.get((lo, hi))
+        if r is None:
+            r = (self.ids_in(lo, hi) - lo).astype(np.uint32)
+            r.flags.writeable = False
+            if len(self._rows) < 64:
+                self._rows[(lo, hi)] = r
+        return r
 
     @property
     def sparse(self) -> bool:

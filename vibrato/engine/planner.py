@@ -49,6 +49,7 @@ HOT_GRAPH_MIN_FACTOR = 4   # a hot chunk's graph is used only above this many al
 TOPK_SORT_MAX = 256        # top-k of at most this many scores: one stable sort beats partition + tie fix
 EXACT_MAX_FRACTION = 16    # raw segment: exact from a row list only when <= 1 row in this many is allowed
 SCAN_CODES_MIN_ROWS = 2048  # a scan of at least this many rows ranks on int8 codes (~2.5x cheaper)
+SCAN_ROWS_LIST_MAX = 4      # a scan step lists its rows (4 bytes each) when at most 1 in this many is allowed
 SCAN_CODES_RERANK_PER_K = _hnsw.SQ8_RERANK_PER_K  # ... and rescores max(this * k, ef) rows exactly, as the native one
 ARCHIVE_BEAM_FACTOR = 3    # an archive's walk on codes keeps this many times ef rows to rescore exactly
 MAX_EF = _hnsw.MAX_EF
@@ -64,7 +65,8 @@ _EMPTY_SCORES = np.empty(0, np.float32)
 class Step(NamedTuple):
     kind: str          # "skip" | "exact" | "graph" | "scan" | "pq"
     target: object     # a HotSlice or a SegmentHandle
-    rows: object       # exact: int64 rows of the target's arrays, or None for rows [lo, hi) of a hot slice
+    rows: object       # exact: int64 rows of the target's arrays, or None for rows [lo, hi) of a hot slice;
+                       # scan: the mask's rows as uint32 when the filter's evaluation keeps them, or None
     mask: object       # graph/scan/pq: bool mask over the target's rows (None: every row allowed)
     count: object = None  # graph/scan on a segment: how many rows the mask allows, when known
 
@@ -168,7 +170,10 @@ def _plan_segment(seg, allowed, k, ef) -> Step:
     else:
         scans = native_scans(a, seg.n, k, max(ef, k))
         if scans and a >= SCAN_CODES_MIN_ROWS and seg.ram_codes is None:
-            return Step("scan", seg, None, mask if mask is not None else _rows_mask(rows, seg.n), a)
+            # the scan reads the allowed rows from a list the evaluation keeps (an untouched segment)
+            # instead of collecting them from the mask each query
+            listed = allowed.rows_in(lo, hi) if seg.all_live and a * SCAN_ROWS_LIST_MAX <= seg.n else None
+            return Step("scan", seg, listed, mask if mask is not None else _rows_mask(rows, seg.n), a)
         exact = a * EXACT_MAX_FRACTION <= seg.n and scans
     if exact:
         return Step("exact", seg, rows if rows is not None else np.flatnonzero(mask), None)
@@ -239,7 +244,7 @@ def _run(step: Step, q, k, ef):
     if step.kind == "scan":
         t.ensure_scan_codes()
         ids, scores = t.index.search(q, k=k, ef=max(ef, k), allowed=step.mask, mode="scan",
-                                     allowed_count=step.count)
+                                     allowed_count=step.count, allowed_rows=step.rows)
         return _unpadded(ids[0], scores[0])
     # pq
     rows, _approx = t.pq.adc_scan(q, t.codes, _pq_candidates(t, k, ef), step.mask)
