@@ -351,7 +351,7 @@ def test_a_query_on_one_whole_segment_takes_the_walk_alone_with_the_merged_order
     X[700:712] = X[5]  # exact ties: the lower id first, as merge_topk orders them
     eng = Engine.open(tmp_path / "d", dim=16, background=False)
     try:
-        eng.ingest_batch([{"vector": v} for v in X])
+        eng.ingest_batch([{"vector": v, "metadata": {"tags": ["t"] if i % 5 == 0 else []}} for i, v in enumerate(X)])
         eng.checkpoint()
         while eng.compact()["state"] != "idle":
             pass
@@ -378,6 +378,18 @@ def test_a_query_on_one_whole_segment_takes_the_walk_alone_with_the_merged_order
                 calls.clear()
         q = check_vector(X[5], 16)
         assert planner.search(view, q, 10, 32, None, "all")[0][:12].tolist() == [5] + list(range(700, 709))
+        # a filtered scan of that one segment: its native order is the merged order too
+        from vibrato.engine.validation import check_filter
+        monkeypatch.setattr(planner, "SCAN_CODES_MIN_ROWS", 50)
+        allowed = eng.segment_set.filters.evaluate(check_filter({"tags_any": ["t"]}, eng.config.limits))
+        scan, = planner.plan(view, allowed, 10, 32, "all")
+        assert scan.kind == "scan"
+        for qi in [5, 700, 3, 1499]:
+            ids, scores = planner.search(view, X[qi], 10, 32, allowed, "all")
+            want = planner.merge_topk(*map(list, zip(planner._run(scan, X[qi], 10, 32))), 10)
+            np.testing.assert_array_equal(ids, want[0])
+            np.testing.assert_array_equal(scores, want[1])
+        assert planner.search(view, X[5], 4, 32, allowed, "all")[0].tolist() == [5, 700, 705, 710]
     finally:
         eng.close()
 

@@ -315,7 +315,8 @@ class Allowed:
 
     def rows_in(self, lo: int, hi: int) -> np.ndarray:
         """The allowed ids in [lo, hi) as uint32 offsets from lo, ascending (a segment's rows for its
-        exact scan; remembered per range, like count_in)."""
+        exact scan; remembered per range, like count_in). The planner asks only where at most 1 row
+        in 4 is allowed, so what this keeps stays within the evaluation's own size again."""
         r = self._rows.get((lo, hi))
         if r is None:
             r = (self.ids_in(lo, hi) - lo).astype(np.uint32)

@@ -202,11 +202,14 @@ def archive_beam(seg, k, ef) -> int:
 def search(view, q, k: int, ef: int, allowed, search_tier: str):
     """Top-k (ids int64, scores float32) over the view, best first (ties by id)."""
     steps = plan(view, allowed, k, ef, search_tier)
-    if len(steps) == 1 and _whole_segment_walk(steps[0]):
-        # One segment holds every row searched (a compacted collection, nothing in the hot tier):
-        # its walk returns distinct ids best first, ties to the lower id, which is already the
+    if len(steps) == 1:
+        # One segment holds every row searched (a compacted collection, nothing in the hot tier): its
+        # walk or scan returns distinct ids best first, ties to the lower id, which is already the
         # merged order. The common query's path, without the general one's per-step work.
-        return _unpadded(*steps[0].target.index.search_one(q, k, max(ef, k)))
+        if _whole_segment_walk(steps[0]):
+            return _unpadded(*steps[0].target.index.search_one(q, k, max(ef, k)))
+        if steps[0].kind == "scan":
+            return _run(steps[0], q, k, ef)
     ids, scores = [], []
     for step in steps:
         if step.kind != "skip":
