@@ -7,7 +7,6 @@ import pytest
 from vibrato import kernels
 from vibrato.engine import Engine, planner
 from vibrato.engine.filters import Allowed
-from vibrato.engine.tiers import METADATA_BATCH_MIN
 from vibrato.index import HnswIndex
 
 
@@ -312,10 +311,10 @@ def test_f32_floats_are_the_shortest_float32_reprs():
 def test_query_metadata_comes_in_one_batch_per_segment(tiered, monkeypatch):
     eng, X, tags, bpm = tiered
     view = eng.view()
-    small = np.array([0, 5, 4500, 10 ** 6], dtype=np.int64)  # below METADATA_BATCH_MIN per segment
+    small = np.array([0, 5, 4500, 10 ** 6], dtype=np.int64)  # one row of a segment or none
     expect_small = view.metadata_many(small)
-    # at least METADATA_BATCH_MIN rows of each segment: one batched decode per segment, no per-row call
-    ids = np.concatenate([np.arange(s.id_start, s.id_start + METADATA_BATCH_MIN + 3) for s in view.segments]
+    # several rows of each segment: one batched decode per segment, no per-row call
+    ids = np.concatenate([np.arange(s.id_start, s.id_start + 7) for s in view.segments]
                          + [np.array([8599, 10 ** 6, 3, 0, 5, 4500])]).astype(np.int64)
     for seg in view.segments:
         monkeypatch.setattr(seg.reader, "metadata", lambda row: pytest.fail("metadata fetched one row at a time"))

@@ -445,12 +445,21 @@ cdef object _K_SOURCE = "source_file", _K_START = "start_time_ms", _K_DURATION =
 cdef object _K_TAGS = "tags"
 
 
+class SourceNotUtf8(ValueError):
+    """metadata_rows: the source_file bytes of `row` are not UTF-8 (`reason` says why)."""
+
+    def __init__(self, row, reason):
+        super().__init__(row, reason)
+        self.row = row
+        self.reason = reason
+
+
 def metadata_rows(const int64_t[::1] rows, const uint32_t[::1] start, const uint32_t[::1] duration,
                   const float[::1] bpm, const uint64_t[::1] source_offsets, const uint8_t[::1] source_blob,
                   const uint32_t[::1] tag_offsets, const uint32_t[::1] tag_ids, tuple dictionary):
     """The metadata dicts of a segment's rows from its columns (SegmentReader.metadata_rows): one C
     loop instead of a numpy gather per column. Every index is checked against its column (IndexError);
-    a source_file that is not UTF-8 raises UnicodeDecodeError (the caller names the row)."""
+    a source_file that is not UTF-8 raises SourceNotUtf8 with its row."""
     cdef Py_ssize_t n = start.shape[0], i, t
     cdef int64_t r
     cdef uint64_t a, b
@@ -475,7 +484,10 @@ def metadata_rows(const int64_t[::1] rows, const uint32_t[::1] start, const uint
             if tag >= ntags:
                 raise IndexError(f"row {r}: tag id {tag} outside the dictionary")
             tags.append(dictionary[tag])
-        source = PyUnicode_DecodeUTF8(<const char *>&source_blob[a], <Py_ssize_t>(b - a), "strict") if b > a else ""
+        try:
+            source = PyUnicode_DecodeUTF8(<const char *>&source_blob[a], <Py_ssize_t>(b - a), "strict") if b > a else ""
+        except UnicodeDecodeError as e:
+            raise SourceNotUtf8(r, e.reason) from None
         out.append({_K_SOURCE: source, _K_START: start[r], _K_DURATION: duration[r], _K_BPM: <double>bpm[r],
                     _K_TAGS: tags})
     return out

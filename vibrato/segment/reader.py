@@ -366,8 +366,11 @@ class SegmentReader:
         try:
             return str(self._source_blob[a:b], "utf-8")
         except UnicodeDecodeError as e:
-            raise SegmentFormatError(f"{self._path}: section source_blob: row {row} is not valid UTF-8 ({e.reason})",
-                                     self._path, "source_blob") from None
+            raise self._not_utf8(row, e.reason) from None
+
+    def _not_utf8(self, row: int, reason: str) -> SegmentFormatError:
+        return SegmentFormatError(f"{self._path}: section source_blob: row {row} is not valid UTF-8 ({reason})",
+                                  self._path, "source_blob")
 
     def row_tags(self, row: int) -> list[str]:
         """Tags of one row (sorted, unique)."""
@@ -386,48 +389,21 @@ class SegmentReader:
     def metadata(self, row: int) -> dict:
         """{"source_file", "start_time_ms", "duration_ms", "bpm", "tags"} of one row, decoded now."""
         self._check_open()
-        r = self._row(row)
-        return {
-            "source_file": self._decode_source(int(self._source_offsets[r]), int(self._source_offsets[r + 1]), r),
-            "start_time_ms": int(self._start[r]),
-            "duration_ms": int(self._duration[r]),
-            "bpm": float(self._bpm[r]),
-            "tags": self.row_tags(r),
-        }
+        return self.metadata_rows(np.array([self._row(row)], dtype=np.int64))[0]
 
     def metadata_rows(self, rows) -> list[dict]:
-        """metadata() for many rows at once (columns gathered with numpy); IndexError on a bad row."""
+        """metadata() for many rows at once, read from the columns in one native loop
+        (segio.metadata_rows); IndexError on a bad row."""
         self._check_open()
         rows = np.asarray(rows)
         if rows.ndim != 1 or (rows.size and rows.dtype.kind not in "ui"):
             raise IndexError(f"rows must be a 1-D array of integers, got {rows.dtype} {rows.shape}")
-        rows = np.ascontiguousarray(rows, dtype=np.int64)
         try:
-            return _segio.metadata_rows(rows, self._start, self._duration, self._bpm, self._source_offsets,
-                                        self._source_blob, self._tag_offsets, self._tag_ids, self._tag_dictionary)
-        except UnicodeDecodeError:
-            pass  # the loop below names the row
-        if rows.size and (rows.min() < 0 or rows.max() >= self._layout.count):
-            raise IndexError(f"rows must lie in [0, {self._layout.count}), got [{rows.min()}, {rows.max()}]")
-        starts = self._start[rows].tolist()
-        durs = self._duration[rows].tolist()
-        bpms = self._bpm[rows].astype(np.float64).tolist()
-        s0 = self._source_offsets[rows].tolist()
-        s1 = self._source_offsets[rows + 1].tolist()
-        t0 = self._tag_offsets[rows].tolist()
-        t1 = self._tag_offsets[rows + 1].tolist()
-        d = self._tag_dictionary
-        ids = self._tag_ids
-        out = []
-        for i, r in enumerate(rows.tolist()):
-            out.append({
-                "source_file": self._decode_source(s0[i], s1[i], r),
-                "start_time_ms": starts[i],
-                "duration_ms": durs[i],
-                "bpm": bpms[i],
-                "tags": [d[t] for t in ids[t0[i]:t1[i]].tolist()],
-            })
-        return out
+            return _segio.metadata_rows(np.ascontiguousarray(rows, dtype=np.int64), self._start, self._duration,
+                                        self._bpm, self._source_offsets, self._source_blob, self._tag_offsets,
+                                        self._tag_ids, self._tag_dictionary)
+        except _segio.SourceNotUtf8 as e:
+            raise self._not_utf8(e.row, e.reason) from None
 
     def tag_id(self, tag: str) -> int | None:
         """The dictionary index of ``tag`` or None if no row has it."""
