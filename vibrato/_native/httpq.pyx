@@ -44,6 +44,13 @@ MAX_HEAD = VB_HTTPQ_MAX_HEAD
 TIERS = ("active", "archive", "all")
 
 
+cdef object _marked(out, type cls):
+    """out as a read-only array of type cls (the caller's marker for vectors this reader checked)."""
+    out = out.view(cls)
+    cnp.PyArray_CLEARFLAGS(<cnp.ndarray>out, cnp.NPY_ARRAY_WRITEABLE)
+    return out
+
+
 cdef class RequestReader:
     """Reads requests for one collection (dim) under the k and ef limits; one per event loop, as it
     keeps the last request read. Not thread-safe."""
@@ -115,9 +122,7 @@ cdef class RequestReader:
         if self.r.filter_len:
             start = self.r.head_len + self.r.filter_off
             self._filter = bytes(buf[start:start + self.r.filter_len])
-        out = out.view(cls)
-        cnp.PyArray_CLEARFLAGS(<cnp.ndarray>out, cnp.NPY_ARRAY_WRITEABLE)
-        return out
+        return _marked(out, cls)
 
     def identify_body(self, const unsigned char[::1] body, Py_ssize_t max_frames, type cls):
         """An identify body in its plainest form (include/vibrato/httpq.h, vb_httpq_identify_body):
@@ -138,9 +143,7 @@ cdef class RequestReader:
                                         &o[0, 0], &frames, &r)
         if not ok:
             return None
-        out = out[:frames].view(cls)
-        cnp.PyArray_CLEARFLAGS(<cnp.ndarray>out, cnp.NPY_ARRAY_WRITEABLE)
-        return out, r.k, r.ef, bool(r.include_metadata), TIERS[r.tier]
+        return _marked(out[:frames], cls), r.k, r.ef, bool(r.include_metadata), TIERS[r.tier]
 
     @property
     def filter_json(self):

@@ -468,6 +468,11 @@ def _first_bad_row(rows, dim, kind):
             check_f32(x, f"{rules.element_path(kind, i)}[{j}]")
 
 
+def _query_filter(f):
+    """The QueryFilter (or None) of a checked FILTER value."""
+    return None if f is None else make_filter(f["tags_any"], f["tags_all"], f["bpm_gte"], f["bpm_lte"])
+
+
 def _meta(m) -> tuple:
     if m is None:
         return DEFAULT_META
@@ -501,9 +506,7 @@ class Validator:
         """Engine.query's keyword arguments: vector a FiniteArray, filter a QueryFilter or None."""
         req = QUERY.check(doc, "", self)
         req["vector"] = decode_vectors([req["vector"]], self.dim, rules.VECTOR, maybe_bools)[0]
-        f = req["filter"]
-        if f is not None:
-            req["filter"] = make_filter(f["tags_any"], f["tags_all"], f["bpm_gte"], f["bpm_lte"])
+        req["filter"] = _query_filter(req["filter"])
         return req
 
     def identify(self, doc, maybe_bools=True) -> dict:
@@ -519,8 +522,7 @@ class Validator:
     def query_filter(self, raw: bytes):
         """A query's `filter` value given as its JSON bytes (the bytes reader's, server/fastpath.py), as
         query() makes it: a QueryFilter or None; raises as query() would."""
-        f = FILTER.check(orjson.loads(raw), "filter", self)
-        return None if f is None else make_filter(f["tags_any"], f["tags_all"], f["bpm_gte"], f["bpm_lte"])
+        return _query_filter(FILTER.check(orjson.loads(raw), "filter", self))
 
     def identify_bytes(self, body: bytes) -> dict | None:
         """identify(orjson.loads(body)) for a body in its plainest form (JSON arrays of numbers, no
