@@ -102,10 +102,12 @@ async def steps(config, engine, token, q, reps):
             "fast path: request id": lambda: REQUEST_ID.reset(REQUEST_ID.set(new_request_id())),
             "fast path: engine call (handlers.search)": lambda: handlers.search(engine, req),
             "fast path: response JSON": lambda: orjson.dumps(handlers.query_payload(results, secs)),
+            "fast path: engine call, plain (Engine.query_top)": lambda: engine.query_top(vec, 10, 64, "all"),
+            "fast path: response JSON, plain (httpq.query_answer)": lambda: fq._search_top(vec, 10, 64, "all"),
             "fast path: metrics + access line + audit row": lambda: (
                 fq.metrics.observe_search("query", secs),
                 record_request(app, "POST", fastpath.PATH, fq.policy, 200, started, "req_1", "k", "127.0.0.1",
-                               handlers.query_audit_details(req))),
+                               handlers.query_audit_details(10, 64))),
             "fast path: response bytes": lambda: b"".join(
                 (fastpath._HEAD, str(len(payload)).encode(), b"\r\nDate: ", rfc822_formatted_time().encode(),
                  fastpath._SERVER, b"req_1\r\n\r\n", payload)),

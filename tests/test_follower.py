@@ -143,6 +143,54 @@ def test_a_restarted_writer_is_followed(tmp_path):
         w.close()
 
 
+def test_a_query_on_a_following_worker_sees_a_restarted_writers_writes(tmp_path, monkeypatch):
+    """With its follow thread running, a query trusts the mapped file's `visible` without a sync. A
+    new writer marks its predecessor's file retired before it replaces it, so the next query syncs
+    onto the new file, here with the follow thread held asleep: only the query's check can notice."""
+    import threading
+
+    from vibrato.engine import follower as follower_mod
+    go = threading.Event()
+    monkeypatch.setattr(follower_mod, "_wait", lambda wake: go.wait())
+    X = unit_rows(100, 4)
+    w = writer(tmp_path / "d")
+    w.ingest_batch(items(X[:50], 0))
+    f = Follower.open(tmp_path / "d", dim=DIM)
+    try:
+        reported = []
+        f.follow(reported.append)
+        wait_for(lambda: reported)
+        assert f._current(for_query=True)
+        old = f.shared
+        w.close()
+        w = writer(tmp_path / "d")  # recovery; a new state file
+        assert old.retired == 1 and w.shared_state.retired == 0
+        w.ingest_batch(items(X[50:], 50))
+        assert not f._current(for_query=True)
+        assert top_ids(f, X[77])[0] == 77 and top_ids(f, X[3])[0] == 3
+        assert f.shared is not old and not f.shared.retired
+    finally:
+        go.set()
+        f.close()
+        w.close()
+
+
+def test_a_new_writer_marks_only_a_real_predecessor_file_retired(tmp_path):
+    old = SharedState.create(tmp_path, 5)
+    new = SharedState.create(tmp_path, 6)
+    assert (old.retired, new.retired, new.lsn) == (1, 0, 6)
+    old.close()
+    new.close()
+    # a symlink in its place (never opened by a follower) is replaced, its target left alone
+    target = tmp_path / "elsewhere"
+    target.write_bytes(b"VBSTATE1" + bytes(56))
+    os.unlink(tmp_path / FILE_NAME)
+    os.symlink(target, tmp_path / FILE_NAME)
+    SharedState.create(tmp_path, 7).close()
+    assert target.read_bytes() == b"VBSTATE1" + bytes(56)
+    assert not (tmp_path / FILE_NAME).is_symlink()
+
+
 def test_the_follower_never_writes(tmp_path):
     with writer(tmp_path / "d") as w, Follower.open(tmp_path / "d", dim=DIM) as f:
         w.ingest(unit_rows(1, 5)[0])

@@ -260,6 +260,30 @@ def test_k_larger_than_n_pads():
     assert (ids[0, 5:] == -1).all() and np.isneginf(scores[0, 5:]).all()
 
 
+def test_search_one_is_search_without_the_padding():
+    """HnswIndex.search_one (the serving path's walk, Graph.search_one on a FiniteArray) returns
+    search()'s row with its -1 / -inf tail cut, ids offset by id_base; any other query converts."""
+    from vibrato.engine.validation import check_vector
+    rng = np.random.default_rng(3)
+    x = unit_rows(rng, 300, 8)
+    small_idx = HnswIndex(8)
+    small_idx.add(x[:5])
+    big = HnswIndex(8)
+    big.add(x)
+    g = HnswIndex.from_graph(x, big.graph_bytes(), id_base=1000)
+    for index, k, ef in ((small_idx, 10, 10), (big, 10, 64), (g, 7, 30), (g, 1, 1)):
+        for q in x[::37]:
+            ids, scores = index.search(q, k=k, ef=ef)
+            found = int((ids[0] >= 0).sum())
+            one = index.search_one(check_vector(q, 8), k, ef)
+            assert one[0].tolist() == ids[0, :found].tolist() and one[1].tolist() == scores[0, :found].tolist()
+            plain = index.search_one(q.astype(np.float64), k, ef)  # not a FiniteArray: search()'s path
+            assert plain[0].tolist() == one[0].tolist()
+    assert len(small_idx.search_one(check_vector(x[0], 8), 10, 10)[0]) == 5
+    with pytest.raises(ValueError, match="dimension"):
+        big._g.search_one(np.ones(4, np.float32), 3, 10)
+
+
 def test_empty_index():
     idx = HnswIndex(4)
     assert len(idx) == 0

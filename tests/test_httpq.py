@@ -417,3 +417,44 @@ def test_a_mutated_identify_body_is_refused_or_read_as_the_regular_route_reads_i
         elif at < len(body):
             del body[at]
     same_identify(bytes(body))
+
+
+# ---------------------------------------------------------------------------- the answer
+def _shaped_answer(ids, scores, took):
+    from vibrato.engine.planner import shape_results
+    return orjson.dumps({"data": {"results": shape_results(ids, scores), "query_time_ms": took}})
+
+
+def _answer(ids, scores, took):
+    from vibrato._native.httpq import query_answer
+    return query_answer(ids, orjson.dumps(scores, option=orjson.OPT_SERIALIZE_NUMPY), orjson.dumps(took))
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.tuples(st.integers(-2 ** 63, 2 ** 63 - 1), st.floats(width=32)), max_size=12),
+       st.floats(0, 1e6))
+def test_the_native_answer_is_the_shaped_one_or_none(rows, took):
+    """query_answer writes exactly what orjson writes for the shaped results (any float32 score,
+    NaN and infinities included), or declines: never other bytes."""
+    ids = np.array([r[0] for r in rows], dtype=np.int64)
+    scores = np.array([r[1] for r in rows], dtype=np.float32)
+    got = _answer(ids, scores, took)
+    assert got is None or got == _shaped_answer(ids, scores, took)
+
+
+def test_the_native_answer_takes_the_scores_of_a_query_and_declines_what_it_cannot_write():
+    rng = np.random.default_rng(5)
+    for _ in range(2000):  # scores of unit vectors: taken, and the same bytes
+        k = int(rng.integers(0, 11))
+        ids = rng.integers(0, 2 ** 40, k).astype(np.int64)
+        scores = np.sort(rng.uniform(-1, 1, k).astype(np.float32))[::-1].copy()
+        scores[np.abs(scores) < 1e-3] = 0.5
+        assert _answer(ids, scores, 0.25) == _shaped_answer(ids, scores, 0.25)
+    ids = np.arange(3, dtype=np.int64)
+    for odd in (1e-5, -3e-7, 2.5e13, float("inf"), float("nan")):  # written differently: declined
+        assert _answer(ids, np.array([0.5, odd, 0.25], np.float32), 1.0) is None
+    from vibrato._native.httpq import query_answer
+    assert query_answer(ids, b"[0.5,0.25]", b"1.0") is None  # fewer scores than ids
+    assert query_answer(ids[:1], b"[0.5,0.25]", b"1.0") is None  # more
+    assert query_answer(ids[:0], b"[]", b"0.5") == b'{"data":{"results":[],"query_time_ms":0.5}}'
+    assert query_answer(ids[:0], b"", b"0.5") is None

@@ -246,20 +246,20 @@ class HnswIndex:
             self._end_search()
 
     def search_one(self, q, k: int, ef: int):
-        """search(q, k, ef) of one query q (dim,) without a filter: (ids int64 (k,), scores float32
-        (k,)), best first, ties to the lower id, padded with -1 / -inf. For the serving path: a
+        """search(q, k, ef) of one query q (dim,) without a filter, without the padding: (ids int64
+        (found,), scores float32 (found,)), best first, ties to the lower id. For the serving path: a
         FiniteArray q (the engine's validation made it) and 1 <= k <= ef <= MAX_EF skip search()'s
         argument conversion, ~20% of a warm walk; anything else goes through search()."""
         if (type(q) is not FiniteArray or q.shape != (self.dim,) or not q.flags.c_contiguous
                 or type(k) is not int or type(ef) is not int or not 1 <= k <= ef <= _hnsw.MAX_EF):
             ids, scores = self.search(q, k=k, ef=ef)
-            return ids[0], scores[0]
+            found = int(np.count_nonzero(ids[0] >= 0))
+            return ids[0, :found], scores[0, :found]
         self._begin_search()
         try:
-            ids, scores = self._g.search(q.reshape(1, -1), k, ef, None, 0, 0, 1, self._base, None, None, 0)
+            return self._g.search_one(q, k, ef, self._base)
         finally:
             self._end_search()
-        return ids[0], scores[0]
 
     def build_scan_codes(self) -> None:
         """Keep an int8 copy of the vectors (d + 4 bytes per row, in RAM) for filtered exact scans and

@@ -225,6 +225,35 @@ cdef class Graph:
                     rp[i] += base
         return rows, scores
 
+    def search_one(self, const float[::1] q not None, size_t k, size_t ef, int64_t base=0):
+        """search() of one query q (d,) without a mask or codes, as 1-d arrays without the padding:
+        (ids int64 (found,), scores float32 (found,)), best first. The serving path's walk: one
+        argument check and no reshaping or slicing left to the caller."""
+        if <size_t>q.shape[0] != self.h.d:
+            raise ValueError(f"the query has dimension {q.shape[0]}, the index has {self.h.d}")
+        rows = np.empty(k, dtype=np.int64)
+        scores = np.empty(k, dtype=np.float32)
+        if k == 0:
+            return rows, scores
+        cdef int64_t[::1] rv = rows
+        cdef float[::1] sv = scores
+        cdef int rc
+        self._enter()
+        try:
+            with nogil:
+                rc = vb_hnsw_search(&self.h, _ops, &q[0], 1, k, ef, NULL, 0, 0, 1, NULL, NULL, 0, 0, NULL,
+                                    &rv[0], &sv[0])
+        finally:
+            self.searches -= 1
+        check_rc(rc, "HNSW search")
+        cdef size_t i, found = 0
+        while found < k and rv[found] >= 0:
+            rv[found] += base
+            found += 1
+        if found < k:
+            return rows[:found], scores[:found]
+        return rows, scores
+
     def build_scan_codes(self):
         """Build the int8 scan codes of the rows (include/vibrato/hnsw.h, vb_hnsw_sq8_build): d + 4
         bytes per row in RAM; filtered exact scans and graph walks then rank on them and rescore

@@ -7,8 +7,10 @@ aiohttp and the regular route take and return a refusal for the rest, which then
 route unchanged (server/protocol.py, server/fastpath.py).
 """
 cimport numpy as cnp
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from cpython.unicode cimport PyUnicode_DecodeASCII
-from libc.stdint cimport int64_t
+from libc.stdint cimport int64_t, uint64_t
+from libc.string cimport memcpy
 
 import numpy as np
 
@@ -184,3 +186,91 @@ cdef class RequestReader:
     @property
     def search_tier(self) -> str:
         return TIERS[self.r.tier]
+
+
+# ---------------------------------------------------------------------------- the answer
+cdef bint _same_as_f64(const unsigned char *t, size_t n) noexcept nogil:
+    """A score token orjson wrote for a float32 that its float64 writer writes the same for the float
+    the token parses to: no exponent and, unless zero, at least 1e-4 in magnitude (the two writers
+    differ only in where they switch to exponents; tests/test_httpq.py checks millions of values)."""
+    cdef size_t i = 0, j
+    if n and t[0] == c'-':
+        i = 1
+    if i >= n:
+        return False
+    if t[i] == c'0':
+        if i + 1 >= n or t[i + 1] != c'.':
+            return False
+        if i + 5 < n and t[i + 2] == c'0' and t[i + 3] == c'0' and t[i + 4] == c'0' and t[i + 5] == c'0':
+            return False
+    elif t[i] < c'1' or t[i] > c'9':
+        return False
+    for j in range(i, n):
+        if t[j] != c'.' and (t[j] < c'0' or t[j] > c'9'):
+            return False
+    return True
+
+
+cdef size_t _put(char *p, const char *s, size_t n) noexcept nogil:
+    memcpy(p, s, n)
+    return n
+
+
+cdef size_t _put_int(char *p, int64_t v) noexcept nogil:
+    cdef char tmp[24]
+    cdef size_t n = 0, i, j
+    cdef uint64_t u = <uint64_t>v
+    if v < 0:
+        u = <uint64_t>0 - u
+    while True:
+        tmp[n] = <char>(c'0' + u % 10)
+        n += 1
+        u //= 10
+        if u == 0:
+            break
+    i = 0
+    if v < 0:
+        p[0] = c'-'
+        i = 1
+    for j in range(n):
+        p[i + j] = tmp[n - 1 - j]
+    return i + n
+
+
+def query_answer(const int64_t[::1] ids, const unsigned char[::1] scores, const unsigned char[::1] took):
+    """A query's JSON answer `{"data":{"results":[{"id":..,"score":..},...],"query_time_ms":..}}` from
+    its ids, `scores` (orjson's JSON array of the float32 scores, OPT_SERIALIZE_NUMPY) and `took`
+    (orjson's query_time_ms): byte for byte what orjson writes for the shaped results
+    (engine/planner.py, shape_results: each score the float of its shortest float32 digits). None
+    when a score would be written differently there (an exponent, below 1e-4, null) or the counts
+    differ: the caller shapes those results the general way."""
+    cdef size_t n = ids.shape[0], ns = scores.shape[0], nt = took.shape[0]
+    if ns < 2 or scores[0] != c'[' or scores[ns - 1] != c']' or nt == 0:
+        return None
+    out = PyBytes_FromStringAndSize(NULL, <Py_ssize_t>(48 + n * 40 + ns + nt))
+    cdef char *o = PyBytes_AS_STRING(out)
+    cdef const unsigned char *s = &scores[0]
+    cdef size_t at = 0, pos = 1, end, i
+    at += _put(o + at, b'{"data":{"results":[', 20)
+    for i in range(n):
+        end = pos
+        while end < ns - 1 and s[end] != c',':
+            end += 1
+        if end == pos or not _same_as_f64(s + pos, end - pos):
+            return None
+        if i:
+            o[at] = c','
+            at += 1
+        at += _put(o + at, b'{"id":', 6)
+        at += _put_int(o + at, ids[i])
+        at += _put(o + at, b',"score":', 9)
+        at += _put(o + at, <const char *>(s + pos), end - pos)
+        o[at] = c'}'
+        at += 1
+        pos = end + 1
+    if pos != ns and not (n == 0 and ns == 2):
+        return None  # more scores than ids
+    at += _put(o + at, b'],"query_time_ms":', 18)
+    at += _put(o + at, <const char *>&took[0], nt)
+    at += _put(o + at, b'}}', 2)
+    return out[:at]

@@ -64,6 +64,16 @@ class Searcher:
         self.counters.add(Counter.QUERY)
         return out
 
+    def query_top(self, q, k: int, ef: int, search_tier: str):
+        """query() of a checked vector without a filter or metadata, unshaped: (ids int64, scores
+        float32) best first (planner.shape_results gives query()'s list). For the server's fast path,
+        whose request reader checked what query() checks: q a FiniteArray of dim, 1 <= k <= max_k,
+        ef <= max_ef, a known search_tier."""
+        self._require_ready()
+        ids, scores = _planner.search(self.view(), check_vector(q, self.dim), k, ef, None, search_tier)
+        self.counters.add(Counter.QUERY)
+        return ids, scores
+
     def identify(self, vectors, k: int = 5, ef: int = 100, search_tier: str = "all",
                  include_metadata: bool = True) -> list[dict]:
         self._require_ready()

@@ -60,7 +60,7 @@ class Follower(Searcher):
         self.config = config
         self.dim = config.dim
         self.counters = Counters()
-        self._state_path = os.path.join(config.tmp_dir, FILE_NAME)  # stat'ed by every query (_current)
+        self._state_path = os.path.join(config.tmp_dir, FILE_NAME)
         self.catalog = Catalog(config.catalog_path, read_timeout_ms=config.catalog_read_timeout_ms, readonly=True)
         try:
             self.collection = self.catalog.read(collections.get, config.collection)
@@ -113,18 +113,18 @@ class Follower(Searcher):
 
     # ------------------------------------------------------------------ sync
     def _current(self, for_query: bool = False) -> bool:
-        """True when nothing was published since the last completed sync: the same state file (a
-        restarted writer makes a new one), an even seq this follower matches, no lsn past it.
+        """True when nothing was published since the last completed sync: a state file no new writer
+        retired (a restarted writer makes a new one), an even seq this follower matches, no lsn past it.
 
         For a query, with the follow thread running: only the same file and `visible` (the highest lsn a
         write may have been acknowledged at) no later than the last completed sync. A segment-set change
         (checkpoint, compaction) moves rows that are already in this follower's hot tier or segments, so
         the state that sync left holds every acknowledged write; the follow thread loads the new
         segments without a query waiting."""
-        if self._state_file_ino() not in (None, self._state_ino):
-            return False
         try:
             shared = self.shared
+            if shared.retired:  # a new writer replaced the file (engine/shared_state.py)
+                return False
             if for_query and self._follower is not None:
                 return shared.visible <= self._synced
             return shared.seq == self._seq and shared.lsn <= self._synced

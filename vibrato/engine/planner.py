@@ -207,7 +207,7 @@ def search(view, q, k: int, ef: int, allowed, search_tier: str):
         # walk or scan returns distinct ids best first, ties to the lower id, which is already the
         # merged order. The common query's path, without the general one's per-step work.
         if _whole_segment_walk(steps[0]):
-            return _unpadded(*steps[0].target.index.search_one(q, k, max(ef, k)))
+            return steps[0].target.index.search_one(q, k, max(ef, k))
         if steps[0].kind == "scan":
             return _run(steps[0], q, k, ef)
     ids, scores = [], []
@@ -374,7 +374,7 @@ def query(view, q, k: int, ef: int, allowed, search_tier: str, include_metadata:
     if ids.shape[0] == 0:
         return []
     if not include_metadata:
-        return [{"id": vid, "score": s} for vid, s in zip(ids.tolist(), f32_floats(scores))]
+        return shape_results(ids, scores)
     metas = view.metadata_many(ids)
     found = [m for m in metas if m is not None]
     floats = f32_floats(np.concatenate([scores, np.array([m["bpm"] for m in found], dtype=np.float32)]))
@@ -382,6 +382,11 @@ def query(view, q, k: int, ef: int, allowed, search_tier: str, include_metadata:
         m["bpm"] = bpm  # every lookup returns fresh dicts
     return [{"id": vid, "score": s} if m is None else {"id": vid, "score": s, "metadata": m}
             for vid, s, m in zip(ids.tolist(), floats, metas)]
+
+
+def shape_results(ids, scores) -> list:
+    """search()'s (ids, scores) as query() returns them without metadata: [{"id", "score"}]."""
+    return [{"id": vid, "score": s} for vid, s in zip(ids.tolist(), f32_floats(scores))]
 
 
 def shape_identify(results: list) -> list:

@@ -13,6 +13,9 @@ datagram per publication.
     5  visible    the highest lsn a write may have been acknowledged at: with query workers the server
                   publishes it just before the answer, once they applied the write or it stopped
                   waiting for them (server/workers.py); else it follows lsn
+    6  retired    0; a new writer sets it to 1 in its predecessor's file before it replaces that file,
+                  so a follower still mapping the old one (a query worker of a writer that died,
+                  draining) notices with a load instead of a stat per query (Follower._current)
 
 The writer (`SharedState.create`) is the only one that writes. A follower's sync
 (vibrato.engine.follower) reads `seq`, catches up with `lsn`, and reads `seq` again; a change of the
@@ -35,7 +38,7 @@ FILE_NAME = "serving.state"
 MAGIC = b"VBSTATE1"
 SIZE = 64
 _WORD = struct.Struct("<q")
-_EPOCH, _SEQ, _LSN, _PID, _VISIBLE = 8, 16, 24, 32, 40
+_EPOCH, _SEQ, _LSN, _PID, _VISIBLE, _RETIRED = 8, 16, 24, 32, 40, 48
 
 
 class SharedState:
@@ -51,10 +54,12 @@ class SharedState:
     # ------------------------------------------------------------------ open
     @classmethod
     def create(cls, tmp_dir, lsn: int) -> "SharedState":
-        """The writer, at start-up: a fresh file (written aside, renamed into place) with seq 0."""
-        content = MAGIC + struct.pack("<qqqqq", time.time_ns(), 0, int(lsn), os.getpid(), int(lsn))
-        return cls(_create_mapped(os.path.join(os.fspath(tmp_dir), FILE_NAME), content + bytes(SIZE - len(content))),
-                   True)
+        """The writer, at start-up: a fresh file (written aside, renamed into place) with seq 0, after
+        the previous writer's file, if any, is marked retired."""
+        path = os.path.join(os.fspath(tmp_dir), FILE_NAME)
+        _retire(path)
+        content = MAGIC + struct.pack("<qqqqqq", time.time_ns(), 0, int(lsn), os.getpid(), int(lsn), 0)
+        return cls(_create_mapped(path, content + bytes(SIZE - len(content))), True)
 
     @classmethod
     def open(cls, tmp_dir) -> "SharedState":
@@ -106,6 +111,7 @@ class SharedState:
     lsn = property(lambda self: self._get(_LSN))
     pid = property(lambda self: self._get(_PID))
     visible = property(lambda self: self._get(_VISIBLE))
+    retired = property(lambda self: self._get(_RETIRED))
 
     # ------------------------------------------------------------------ writer side
     def publish_lsn(self, lsn: int):
@@ -138,6 +144,20 @@ class SharedState:
             if self._changes == 0:
                 self._set(_SEQ, self._get(_SEQ) + 1)
         self._wake()
+
+
+def _retire(path: str):
+    """Set `retired` in the serving state file at path, if there is one that followers could have
+    mapped (a regular file with the magic: SharedState.open takes no other)."""
+    try:
+        fd = open_regular(path, os.O_RDWR, what="serving state")
+    except (OSError, UnsafePathError):  # none, or not one a follower could have opened
+        return
+    try:
+        if os.fstat(fd).st_size == SIZE and os.pread(fd, len(MAGIC), 0) == MAGIC:
+            os.pwrite(fd, _WORD.pack(1), _RETIRED)
+    finally:
+        os.close(fd)
 
 
 def _create_mapped(path: str, content: bytes) -> mmap.mmap:

@@ -36,7 +36,8 @@ from aiohttp.helpers import rfc822_formatted_time
 from aiohttp.http import SERVER_SOFTWARE
 
 from vibrato import apikeys
-from vibrato._native.httpq import RequestReader
+from vibrato._native.httpq import RequestReader, query_answer
+from vibrato.engine.planner import shape_results
 from vibrato.index import FiniteArray
 from vibrato.server import handlers
 from vibrato.server import state as K
@@ -119,17 +120,21 @@ class FastQuery:
         vector = reader.query_vector(buf, FiniteArray)  # finite: the reader takes no other component
         if vector is None:
             return None
+        k, ef = reader.k, reader.ef
+        if not handlers.runs_inline(self.config, k, ef):
+            return None
         flt = reader.filter_json
+        if flt is None and k and not reader.include_metadata:
+            return self._respond(self._search_top, (vector, k, ef, reader.search_tier), k, ef, key_id,
+                                 reader.request_id, client, started)
         if flt is not None:
             try:
                 flt = self.query_filter(flt)
             except Exception:  # noqa: BLE001 - the regular route answers the error
                 return None
-        req = {"vector": vector, "k": reader.k, "ef": reader.ef, "include_metadata": reader.include_metadata,
+        req = {"vector": vector, "k": k, "ef": ef, "include_metadata": reader.include_metadata,
                "filter": flt, "search_tier": reader.search_tier}
-        if not handlers.runs_inline(self.config, req):
-            return None
-        return self._respond(req, key_id, reader.request_id, client, started)
+        return self._respond(self._search, (req,), k, ef, key_id, reader.request_id, client, started)
 
     def answer(self, message, body: bytes, client: str, conn) -> bytes | None:
         """The whole HTTP response for a candidate message, or None: let the regular route answer.
@@ -154,25 +159,44 @@ class FastQuery:
             req = handlers.parse_and_validate(body, self.validate)
         except Exception:  # noqa: BLE001 - the regular route answers the error
             return None
-        if not handlers.runs_inline(self.config, req):
+        if not handlers.runs_inline(self.config, req["k"], req["ef"]):
             return None
-        return self._respond(req, key_id, headers.get("x-request-id"), client, started)
+        return self._respond(self._search, (req,), req["k"], req["ef"], key_id, headers.get("x-request-id"),
+                             client, started)
 
-    def _respond(self, req, key_id: str, rid: str | None, client: str, started) -> bytes | None:
-        """Search a validated request and return its response, with the regular route's bookkeeping;
-        None (nothing recorded) when the engine raises: the regular route answers (and logs) it."""
+    def _search(self, req) -> tuple[bytes, float]:
+        """The regular route's search of a validated request: (JSON payload, engine seconds)."""
+        results, secs = handlers.search(self.engine, req)
+        return orjson.dumps(handlers.query_payload(results, secs)), secs
+
+    def _search_top(self, vector, k: int, ef: int, search_tier: str) -> tuple[bytes, float]:
+        """_search of a query without a filter or metadata (the common one): the engine's unshaped
+        top-k written as JSON in one native pass (httpq.query_answer), the same bytes."""
+        t0 = time.perf_counter()
+        ids, scores = self.engine.query_top(vector, k, ef, search_tier)
+        secs = time.perf_counter() - t0
+        payload = query_answer(ids, orjson.dumps(scores, option=orjson.OPT_SERIALIZE_NUMPY),
+                               orjson.dumps(secs * 1000.0))
+        if payload is None:  # a score whose digits only the general shaping writes right
+            payload = orjson.dumps(handlers.query_payload(shape_results(ids, scores), secs))
+        return payload, secs
+
+    def _respond(self, search, args, k: int, ef: int, key_id: str, rid: str | None, client: str,
+                 started) -> bytes | None:
+        """`search(*args)` (_search or _search_top) and its response, with the regular route's
+        bookkeeping; None (nothing recorded) when the engine raises: the regular route answers (and
+        logs) it."""
         if not valid_request_id(rid):
             rid = new_request_id()
         token = REQUEST_ID.set(rid)
         try:
             try:
-                results, secs = handlers.search(self.engine, req)
+                payload, secs = search(*args)
             except Exception:  # noqa: BLE001 - the regular route answers (and logs) it
                 return None
-            payload = orjson.dumps(handlers.query_payload(results, secs))
             self.metrics.observe_search("query", secs)
             record_request(self.app, "POST", PATH, self.policy, 200, started, rid, key_id, client,
-                           handlers.query_audit_details(req))
+                           handlers.query_audit_details(k, ef))
         finally:
             REQUEST_ID.reset(token)
         return b"".join((_HEAD, str(len(payload)).encode("ascii"), b"\r\nDate: ",

@@ -163,12 +163,12 @@ INLINE_MAX_EF = 256
 INLINE_MAX_FRAMES = 256
 
 
-def runs_inline(config, req) -> bool:
-    return config.inline_search and req["k"] <= INLINE_MAX_K and req["ef"] <= INLINE_MAX_EF
+def runs_inline(config, k: int, ef: int) -> bool:
+    return config.inline_search and k <= INLINE_MAX_K and ef <= INLINE_MAX_EF
 
 
 def runs_identify_inline(request: web.Request, req) -> bool:
-    return (runs_inline(request.app[K.CONFIG], req) and len(req["vectors"]) <= INLINE_MAX_FRAMES
+    return (runs_inline(request.app[K.CONFIG], req["k"], req["ef"]) and len(req["vectors"]) <= INLINE_MAX_FRAMES
             and request.app[K.INFLIGHT].count == 1)
 
 
@@ -182,8 +182,8 @@ def query_payload(results, secs: float) -> dict:
     return {"data": {"results": results, "query_time_ms": secs * 1000.0}}
 
 
-def query_audit_details(req) -> dict:
-    return {"k": req["k"], "ef": req["ef"]}
+def query_audit_details(k: int, ef: int) -> dict:
+    return {"k": k, "ef": ef}
 
 
 async def query(request: web.Request) -> web.Response:
@@ -191,12 +191,12 @@ async def query(request: web.Request) -> web.Response:
     here, by server/fastpath.py, with the same functions."""
     req = await parse(request, "query")
     engine = request.app[K.ENGINE]
-    if runs_inline(request.app[K.CONFIG], req):
+    if runs_inline(request.app[K.CONFIG], req["k"], req["ef"]):
         results, secs = search(engine, req)
     else:
         results, secs = await _blocking(request, search, engine, req)
     request.app[K.METRICS].observe_search("query", secs)
-    request[K.AUDIT_DETAILS] = query_audit_details(req)
+    request[K.AUDIT_DETAILS] = query_audit_details(req["k"], req["ef"])
     return json_response(query_payload(results, secs))
 
 
