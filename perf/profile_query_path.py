@@ -59,6 +59,7 @@ async def steps(config, engine, token, q, reps):
     from aiohttp.http_parser import HttpRequestParser
     from aiohttp.test_utils import TestClient, TestServer
 
+    from vibrato.engine import planner
     from vibrato.engine.validation import check_vector
     from vibrato.server import create_app, fastpath, handlers
     from vibrato.server.logs import REQUEST_ID
@@ -85,13 +86,18 @@ async def steps(config, engine, token, q, reps):
         results, secs = handlers.search(engine, req)
         payload = orjson.dumps(handlers.query_payload(results, secs))
         started = (time.time(), time.perf_counter())
-        seg = engine.view().segments[0]
+        view = engine.view()
+        seg = view.segments[0]
         vec = check_vector(q, q.shape[0])
         Q1 = np.ascontiguousarray(q.reshape(1, -1))
         rows = {
             "native walk (Graph.search)": lambda: seg.index._g.search(Q1, 10, 64, None, 0, 0, 1, seg.id_start,
                                                                       None, None, 0),
             "HnswIndex.search": lambda: seg.index.search(vec, 10, 64),
+            "native walk, one query (Graph.search_one)": lambda: seg.index._g.search_one(vec, 10, 64, seg.id_start),
+            "HnswIndex.search_one": lambda: seg.index.search_one(vec, 10, 64),
+            "engine.view()": engine.view,
+            "planner.search (the walk alone)": lambda: planner.search(view, vec, 10, 64, None, "all"),
             "Engine.query": lambda: engine.query(vec, k=10, ef=64, filter=None, search_tier="all",
                                                  include_metadata=False),
             "aiohttp: parse the head": lambda: parser.feed_data(raw),

@@ -130,3 +130,14 @@ def test_access_lines_match_the_logging_path(captured):
     assert abs(fast.pop("ts") - slow.pop("ts")) < 5 and fast.pop("time")[:10] == slow.pop("time")[:10]
     assert fast == slow == {"level": "info", "logger": "vibrato.access", "msg": "request",
                             "request_id": "req-access", **fields}
+
+
+def test_the_time_field_is_the_utc_time_of_ts_across_seconds():
+    """json_line reuses the last line's second for "time": lines in and out of order, across second
+    and day boundaries, each carry their own UTC time, ms truncated as before."""
+    import datetime
+    for created in (1796575924.381, 1796575924.9995, 1796575925.0001, 1796575924.5, 86399.999, 86400.0, 0.0):
+        line = json.loads(logs.json_line(created, "info", "x", "m", None, None))
+        want = datetime.datetime.fromtimestamp(int(created), datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+        assert line["time"] == f"{want}.{int(created * 1000) % 1000:03d}Z"
+        assert line["ts"] == round(created, 3)

@@ -255,11 +255,9 @@ class HnswIndex:
             ids, scores = self.search(q, k=k, ef=ef)
             found = int(np.count_nonzero(ids[0] >= 0))
             return ids[0, :found], scores[0, :found]
-        self._begin_search()
-        try:
-            return self._g.search_one(q, k, ef, self._base)
-        finally:
-            self._end_search()
+        # no _begin_search: the native graph itself refuses a search during add() and an add()
+        # during a search (under the GIL), which is all this call needs
+        return self._g.search_one(q, k, ef, self._base)
 
     def build_scan_codes(self) -> None:
         """Keep an int8 copy of the vectors (d + 4 bytes per row, in RAM) for filtered exact scans and

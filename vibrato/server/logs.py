@@ -79,10 +79,18 @@ class JsonFormatter(logging.Formatter):
                          getattr(record, "fields", None), exc)
 
 
+_second = (None, "")  # (whole second, its "%Y-%m-%dT%H:%M:%S"): most lines fall in the last line's second
+
+
 def json_line(created: float, level: str, logger: str, msg: str, request_id, fields, exc=None) -> str:
     """One log line: ts, time, level, logger, msg, request_id (when there is one), the fields, exc."""
-    out = {"ts": round(created, 3),
-           "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created)) + f".{int(created * 1000) % 1000:03d}Z",
+    global _second
+    sec, stamp = _second
+    if sec != int(created):
+        sec = int(created)
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+        _second = (sec, stamp)  # one tuple, swapped whole: safe for any thread
+    out = {"ts": round(created, 3), "time": f"{stamp}.{int(created * 1000) % 1000:03d}Z",
            "level": level, "logger": logger, "msg": msg}
     if request_id is not None:
         out["request_id"] = request_id
