@@ -8,7 +8,10 @@ a git worktree); this machine's .venv runs both, each with PYTHONPATH set to its
 servers get the same rows (perf/bench_http.py's 100k set, checkpointed and compacted as in
 perf/bench_wrk.py) and stay up; `wrk -t2 -c16` runs then alternate between them (A B, B A, ...), so
 drift on the machine hits both alike, which separate bench_wrk runs minutes apart do not on this
-noisy 2-core machine. Prints each run and the medians of requests/s, server CPU per request (the
+noisy 2-core machine. The rows are loaded once (by the old checkout) and each server serves its own
+copy of that data dir, so both walk the same graph; each server runs from its checkout's directory
+(`python -m` puts the working directory first on sys.path: before this, both servers of a checkout
+A/B run from /work/main ran the new code). Prints each run and the medians of requests/s, server CPU per request (the
 whole process tree, /proc) and wrk's p50 / p99, with the ratio new/old.
 """
 import argparse
@@ -48,14 +51,26 @@ def main():
     truth = H.exact_top10(x, queries)
     servers, runs = {}, {"old": [], "new": []}
     try:
+        # One data dir, loaded by the old checkout, then copied: both serve the same segment files
+        # (two graph builds differ, and with them the walks' cost).
+        loaded = Path(tempfile.mkdtemp(prefix="ab_wrk_load_"))
+        first = W.Vibrato(loaded, args.workers, checkout=os.path.abspath(args.old))
+        os.environ["PYTHONPATH"] = os.path.abspath(args.old)
+        try:
+            first.start()
+            print("loaded", asyncio.run(W.load(first, x, queries, truth, _LoadArgs)), flush=True)
+        finally:
+            first.stop()
         for name, tree in (("old", args.old), ("new", args.new)):
             tmp = Path(tempfile.mkdtemp(prefix=f"ab_wrk_{name}_"))
+            shutil.copytree(loaded / "vibrato", tmp / "vibrato", symlinks=True,
+                            ignore=shutil.ignore_patterns("*.sock"))  # the stopped server's sockets
             os.environ["PYTHONPATH"] = os.path.abspath(tree)  # the server process runs this checkout
             os.environ["VIBRATO_BENCH_SERVER_ARGS"] = args.old_args if name == "old" else args.new_args
-            server = W.Vibrato(tmp, args.workers)
+            server = W.Vibrato(tmp, args.workers, checkout=os.path.abspath(tree))
             servers[name] = (server, tmp)
-            server.start()
-            print(name, asyncio.run(W.load(server, x, queries, truth, _LoadArgs)), flush=True)
+            server.start(first.headers)
+        shutil.rmtree(loaded, ignore_errors=True)
         for r in range(args.rounds):
             for name in ("old", "new") if r % 2 == 0 else ("new", "old"):
                 server, tmp = servers[name]

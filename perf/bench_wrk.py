@@ -126,11 +126,16 @@ def run_wrk(wrk: str, url: str, script: str, threads: int, conns: int, secs: flo
 
 # ---------------------------------------------------------------------------- servers
 class Vibrato(H.Vibrato):
-    def __init__(self, workdir, workers: int | None = None):
+    def __init__(self, workdir, workers: int | None = None, checkout=None):
         super().__init__(workdir)
         self.workers = workers
+        # the checkout the server runs: `python -m` puts its working directory first on sys.path
+        # (before PYTHONPATH), so it runs from there
+        self.checkout = checkout
 
-    def start(self):
+    def start(self, headers=None):
+        """Start the server; `headers`: those of a data dir that already has its key (a copy of a
+        loaded one): no bootstrap key is printed then, so wait for readiness instead."""
         cmd = [sys.executable, "-m", "vibrato.cli", "serve-v2", "--data-dir", str(self.workdir / "vibrato"),
                "--dim", "128", "--host", "127.0.0.1", "--port", str(self.port), "--bootstrap-admin-key", "true",
                "--checkpoint-interval-secs", "3600", "--compaction-interval-secs", "3600",
@@ -138,7 +143,11 @@ class Vibrato(H.Vibrato):
                *(["--query-workers", str(self.workers)] if self.workers else []),  # None: the server's default
                *os.environ.get("VIBRATO_BENCH_SERVER_ARGS", "").split()]
         self.log = open(self.workdir / "vibrato.log", "w")
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True)
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True, cwd=self.checkout)
+        if headers is not None:
+            self.headers = dict(headers)
+            asyncio.run(_ready(self))
+            return
         line = self.proc.stdout.readline()
         assert line.startswith("BOOTSTRAP_ADMIN_KEY="), line
         self.headers = {"Authorization": f"Bearer {line.strip().split('=', 1)[1]}",
@@ -165,6 +174,12 @@ class Vibrato(H.Vibrato):
                     if (await r.json())["data"]["state"] == "idle":
                         break
         return time.perf_counter() - t0
+
+
+async def _ready(server):
+    import aiohttp
+    async with aiohttp.ClientSession() as session:
+        await server.wait_ready(session)
 
 
 class Chroma(H.Chroma):
