@@ -393,6 +393,45 @@ def test_a_query_on_one_whole_segment_takes_the_walk_alone_with_the_merged_order
         eng.close()
 
 
+def test_the_walk_alone_is_decided_once_per_view_and_every_change_makes_a_new_view(tmp_path):
+    """SegmentSet.view() hands every query the same View until a change; planner.walk_alone decides
+    once per view and tier. An ingest, a delete, a checkpoint or a compaction makes a new view, so a
+    query never walks alone over rows it must not return or past rows it must."""
+    rng = np.random.default_rng(34)
+    X = unit(rng, 900, 16)
+    eng = Engine.open(tmp_path / "d", dim=16, background=False)
+    try:
+        eng.ingest_batch([{"vector": v} for v in X[:800]])
+        eng.checkpoint()
+        while eng.compact()["state"] != "idle":
+            pass
+        view = eng.view()
+        assert eng.view() is view and eng.view().alone is view.alone
+        seg = planner.walk_alone(view, "all")
+        assert seg is view.segments[0] and view.alone == {"all": seg}
+        assert planner.walk_alone(view, "archive") is None and planner.walk_alone(view, "active") is seg
+        # an ingest: the new row is hot, so no walk alone on the next view, and it is found
+        eng.ingest(X[850])
+        hot_view = eng.view()
+        assert hot_view is not view and planner.walk_alone(hot_view, "all") is None
+        assert eng.query(X[850], k=1, search_tier="all", include_metadata=False)[0]["id"] == 800
+        assert planner.walk_alone(hot_view, "archive") is None  # the one segment is active (L1)
+        eng.checkpoint()
+        while eng.compact()["state"] != "idle":
+            pass
+        view = eng.view()
+        assert planner.walk_alone(view, "all") is not None
+        # a delete: the segment has a dead row, so it is walked with its mask, and the row is gone
+        top = eng.query(X[7], k=1, search_tier="all", include_metadata=False)[0]["id"]
+        eng.delete([top])
+        after = eng.view()
+        assert after is not view and planner.walk_alone(after, "all") is None
+        assert top not in [r["id"] for r in eng.query(X[7], k=10, search_tier="all", include_metadata=False)]
+        assert eng.view() is after
+    finally:
+        eng.close()
+
+
 def test_a_selective_scan_reads_the_rows_its_evaluation_keeps(tiered, monkeypatch):
     """A scan step of an untouched segment under a selective filter carries the allowed rows as uint32,
     listed once per evaluation (Allowed.rows_in), and the native scan reading them returns what the

@@ -201,12 +201,13 @@ def archive_beam(seg, k, ef) -> int:
 # ------------------------------------------------------------------------------------------ execute
 def search(view, q, k: int, ef: int, allowed, search_tier: str):
     """Top-k (ids int64, scores float32) over the view, best first (ties by id)."""
+    if allowed is None:
+        seg = walk_alone(view, search_tier)
+        if seg is not None:
+            return seg.index.search_one(q, k, max(ef, k))
     steps = plan(view, allowed, k, ef, search_tier)
-    if len(steps) == 1:
-        # One segment holds every row searched (a compacted collection, nothing in the hot tier): its
-        # walk or scan returns distinct ids best first, ties to the lower id, which is already the
-        # merged order. The common query's path, without the general one's per-step work.
-        if _whole_segment_walk(steps[0]):
+    if len(steps) == 1:  # one step's order is already the merged order (walk_alone)
+        if _whole_segment_walk(steps[0]):  # a filter that allows every row of the one segment
             return steps[0].target.index.search_one(q, k, max(ef, k))
         if steps[0].kind == "scan":
             return _run(steps[0], q, k, ef)
@@ -217,6 +218,23 @@ def search(view, q, k: int, ef: int, allowed, search_tier: str):
             ids.append(i)
             scores.append(s)
     return merge_topk(ids, scores, k)
+
+
+def walk_alone(view, search_tier: str):
+    """The segment whose walk alone answers a query without a filter on `view`, or None.
+
+    When one segment holds every row searched (a compacted collection, nothing in the hot tier, no
+    row deleted) its walk returns distinct ids best first, ties to the lower id: already the merged
+    order, so the common query needs no plan, step or merge. Without a filter the plan depends only
+    on the view and the tier, and a view never changes (state.SegmentSet makes a new one at every
+    change, deletes included), so this is decided once per view and tier."""
+    memo = view.alone
+    if search_tier in memo:
+        return memo[search_tier]
+    steps = plan(view, None, 1, 1, search_tier)
+    seg = steps[0].target if len(steps) == 1 and _whole_segment_walk(steps[0]) else None
+    memo[search_tier] = seg
+    return seg
 
 
 def _whole_segment_walk(step: Step) -> bool:

@@ -123,11 +123,22 @@ class SegmentSet:
         self._room = threading.Condition(self._lock)  # ingest backpressure (reserve / release)
         self._reserved = 0       # rows of ingests admitted and not yet appended
         self.waiting = 0         # ingests waiting for room: the checkpointer drains the tier for them
+        self._view = None        # the last view(), until the next change (_changed)
 
     # -------------------------------------------------------------- reads
     def view(self) -> View:
+        """The snapshot of the searchable state: one View object shared by every query until the next
+        change, so what a query decides once per view (planner.walk_alone) is decided once."""
         with self._lock:
-            return View(self._segments, self._hot.view())
+            view = self._view
+            if view is None:
+                view = self._view = View(self._segments, self._hot.view())
+            return view
+
+    def _changed(self):
+        """Under the lock, by every change of the segments, the hot rows or what is live: the next
+        view() is a new one."""
+        self._view = None
 
     @property
     def handles(self) -> tuple:
@@ -201,6 +212,7 @@ class SegmentSet:
         """Recovery, before segments load: handles built with `dead_ranges` mark these ids not live
         (tiers.SegmentHandle), and the filter index stops allowing any of them it already holds."""
         with self._lock:
+            self._changed()
             self._dead_ranges = tuple((int(lo), int(hi)) for lo, hi in ranges)
             for lo, hi in self._dead_ranges:
                 self.filters.kill_range(lo, hi)
@@ -208,6 +220,7 @@ class SegmentSet:
     def set_deleted(self, ids):
         """Recovery and a follower's start, before segments load: the deleted ids (sorted)."""
         with self._lock:
+            self._changed()
             self._deleted = np.array(ids, dtype=np.int64)
             self._deleted.flags.writeable = False
             self.filters.kill_ids(self._deleted)
@@ -219,6 +232,7 @@ class SegmentSet:
         if ids.shape[0] == 0:
             return 0
         with self._lock:
+            self._changed()
             merged = np.union1d(self._deleted, ids)
             merged.flags.writeable = False
             self._deleted = merged
@@ -228,6 +242,7 @@ class SegmentSet:
     def add(self, handles):
         """Recovery: publish loaded segments and index their filter columns."""
         with self._lock:
+            self._changed()
             for h in handles:
                 h.kill(self._deleted)
             self._segments = _sorted(self._segments + tuple(handles))
@@ -241,6 +256,7 @@ class SegmentSet:
         an added segment, are hidden. The filter index is by id: it already holds every row of `add`
         that it ever held hot (a follower indexes the rest first, `index_columns`)."""
         with self._lock:
+            self._changed()
             for h in add:  # built from rows read before a delete that committed since
                 h.kill(self._deleted)
             gone = {s.id for s in remove}
@@ -255,6 +271,7 @@ class SegmentSet:
         """A follower: index the filter columns of the rows of `handles` the filter index has not seen
         (ids at or past its size; ids are indexed in ascending order, so the rest are known)."""
         with self._lock:
+            self._changed()
             for h in handles:  # before their columns are indexed (swap masks them again: no-op)
                 h.kill(self._deleted)
             for h in sorted(handles, key=lambda s: s.id_start):
@@ -282,6 +299,7 @@ class SegmentSet:
         """Ingest and the hot-tail rebuild: committed rows become visible to the next view."""
         bpm = np.array([m[3] for m in metas], dtype=np.float32)
         with self._lock:
+            self._changed()
             self._hot.append(ids, lsns, vectors, metas)
             self.filters.add_rows(ids, bpm, [m[4] for m in metas])
             if self._deleted.shape[0] and self._deleted[-1] >= ids[0]:

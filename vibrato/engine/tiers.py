@@ -128,6 +128,7 @@ class View:
     def __init__(self, segments: tuple, hot: HotView):
         self.segments = tuple(sorted(segments, key=_id_start))
         self.hot = hot
+        self.alone = {}  # planner.walk_alone's answer per search tier, decided once per view
 
     @functools.cached_property
     def _starts(self) -> np.ndarray:
