@@ -109,7 +109,7 @@ async def steps(config, engine, token, q, reps):
             "fast path: engine call (handlers.search)": lambda: handlers.search(engine, req),
             "fast path: response JSON": lambda: orjson.dumps(handlers.query_payload(results, secs)),
             "fast path: engine call, plain (Engine.query_top)": lambda: engine.query_top(vec, 10, 64, "all"),
-            "fast path: response JSON, plain (httpq.query_answer)": lambda: fq._search_top(vec, 10, 64, "all"),
+            "fast path: response JSON, plain (httpq.query_answer)": lambda: fq._search_top(vec, 10, 64, "all", None),
             "fast path: metrics + access line + audit row": lambda: (
                 fq.metrics.observe_search("query", secs),
                 record_request(app, "POST", fastpath.PATH, fq.policy, 200, started, "req_1", "k", "127.0.0.1",

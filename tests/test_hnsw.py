@@ -504,6 +504,35 @@ def test_codes_topk_over_rows_without_a_graph(small):
         native.codes_topk(q[0][:-1], codes, scale, x, 5, 40)
 
 
+def test_a_filtered_scan_on_codes_keeps_the_rows_a_heap_would(small):
+    """The segment scan on int8 codes keeps its best `depth` rows by quickselect over a buffer; the
+    hot chunk's codes_topk keeps them with a heap. Over the same allowed rows (ascending, so ties
+    break to the same lower row) both rescore the same rows: the same ids and scores, with many
+    exact ties on the codes and on the scores."""
+    _, x, q = small
+    rng = np.random.default_rng(12)
+    x = x[:3000].copy()
+    x[1000:1400] = x[rng.integers(0, 50, 400)]  # duplicates: ties on the codes and the exact scores
+    idx = HnswIndex(32, m=8, ef_construction=40, seed=3)
+    idx.add(x, threads=1)
+    idx.build_scan_codes()
+    codes, scale = kernels.scan_codes(x)
+    for share in (0.3, 0.6, 1.0 - 1e-3):
+        mask = rng.random(3000) < share
+        rows = np.flatnonzero(mask)
+        for qi, k, ef in ((q[0], 10, 64), (x[1000], 10, 10), (q[3], 3, 200), (x[5], 40, 64)):
+            depth = min(max(8 * k, ef), native.MAX_EF)
+            want = native.codes_topk(qi, codes[rows], scale[rows], x[rows], k, depth)
+            for listed in (None, rows.astype(np.uint32)):
+                before = idx.stats()
+                ids, scores = idx.search(qi, k=k, ef=ef, allowed=mask, mode="scan", allowed_rows=listed)
+                np.testing.assert_array_equal(ids[0], rows[want[0]])
+                np.testing.assert_array_equal(scores[0], want[1])
+                after = idx.stats()  # every allowed row scored on its code, exactly `depth` rescored
+                assert after["scan_code_searches"] == before["scan_code_searches"] + 1
+                assert after["distances"] - before["distances"] == rows.shape[0] + depth
+
+
 def test_scan_codes_are_dropped_by_add_and_skipped_for_few_rows(small):
     _, x, q = small
     idx = HnswIndex(32, m=8, ef_construction=40, seed=3)

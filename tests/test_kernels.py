@@ -126,6 +126,9 @@ def test_sq8_dot_every_level_matches_numpy(level, d):
     assert D.dot_sq8(q, codes, scale, np.empty(0, np.int64), level=level).shape == (0,)
     every = D.dot_sq8(q, codes, scale, level=level)  # every row, contiguous
     np.testing.assert_array_equal(every[ids], got)
+    for n in (1, 2, 3, 5, 7, 123):  # by id, four rows at a time and the rest one by one: the same sums
+        some = rng.choice(500, n).astype(np.int64)
+        np.testing.assert_array_equal(D.dot_sq8(q, codes, scale, some, level=level), every[some])
     import vibrato.kernels as K
     np.testing.assert_array_equal(K.scan_codes(X)[0], codes)
 

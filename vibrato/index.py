@@ -245,19 +245,31 @@ class HnswIndex:
         finally:
             self._end_search()
 
-    def search_one(self, q, k: int, ef: int):
-        """search(q, k, ef) of one query q (dim,) without a filter, without the padding: (ids int64
+    def search_one(self, q, k: int, ef: int, allowed=None, *, mode: str = "auto", allowed_count: int | None = None,
+                   allowed_rows=None):
+        """search(q, k, ef, allowed, ...) of one query q (dim,), without the padding: (ids int64
         (found,), scores float32 (found,)), best first, ties to the lower id. For the serving path: a
-        FiniteArray q (the engine's validation made it) and 1 <= k <= ef <= MAX_EF skip search()'s
-        argument conversion, ~20% of a warm walk; anything else goes through search()."""
+        FiniteArray q (the engine's validation made it), 1 <= k <= ef <= MAX_EF and, with a filter, a
+        C-contiguous bool mask over the rows with its allowed_count skip search()'s argument
+        conversion (~20% of a warm walk); anything else goes through search()."""
         if (type(q) is not FiniteArray or q.shape != (self.dim,) or not q.flags.c_contiguous
-                or type(k) is not int or type(ef) is not int or not 1 <= k <= ef <= _hnsw.MAX_EF):
-            ids, scores = self.search(q, k=k, ef=ef)
+                or type(k) is not int or type(ef) is not int or not 1 <= k <= ef <= _hnsw.MAX_EF
+                or mode not in _MODES or (allowed is not None and (type(allowed) is not np.ndarray or allowed.dtype != np.bool_
+                                             or not allowed.flags.c_contiguous or type(allowed_count) is not int))):
+            ids, scores = self.search(q, k=k, ef=ef, allowed=allowed, mode=mode, allowed_count=allowed_count,
+                                      allowed_rows=allowed_rows)
             found = int(np.count_nonzero(ids[0] >= 0))
             return ids[0, :found], scores[0, :found]
         # no _begin_search: the native graph itself refuses a search during add() and an add()
         # during a search (under the GIL), which is all this call needs
-        return self._g.search_one(q, k, ef, self._base)
+        if allowed is None:
+            return self._g.search_one(q, k, ef, self._base)
+        if not 0 <= allowed_count <= allowed.shape[0]:
+            raise ValueError(f"allowed_count must be in [0, {allowed.shape[0]}], got {allowed_count}")
+        if allowed_rows is not None and (type(allowed_rows) is not np.ndarray or allowed_rows.dtype != np.uint32):
+            raise ValueError(f"allowed_rows must be the mask's {allowed_count} rows as uint32")
+        return self._g.search_one(q, k, ef, self._base, allowed.view(np.uint8), allowed_count, _MODES[mode],
+                                  allowed_rows)
 
     def build_scan_codes(self) -> None:
         """Keep an int8 copy of the vectors (d + 4 bytes per row, in RAM) for filtered exact scans and

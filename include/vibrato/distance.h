@@ -83,15 +83,26 @@ static inline void vb_prefetch_row(const float *row, size_t d) {
         }                                                                                                     \
     }
 
-#define VB_DEFINE_SQ8_IDS(name, pair, attr)                                                                   \
+#define VB_SQ8_PREFETCH_ROW(codes, ids, j, n, d)                                                              \
+    if ((j) + VB_SQ8_PREFETCH_AHEAD < (n)) {                                                                  \
+        const int8_t *row = (codes) + (size_t)(ids)[(j) + VB_SQ8_PREFETCH_AHEAD] * (d);                      \
+        for (size_t b = 0; b < (d) && b < 256; b += 64) VB_PREFETCH(row + b);                                 \
+    }
+/* Four rows per step through x4 (the ISA's joint kernel), the last n % 4 one at a time. */
+#define VB_DEFINE_SQ8_IDS(name, pair, x4, attr)                                                               \
     attr static void name(float *restrict out, const int16_t *restrict q, float qscale,                      \
                           const int8_t *restrict codes, const float *restrict scale, size_t d,               \
                           const uint32_t *restrict ids, size_t n) {                                          \
-        for (size_t j = 0; j < n; j++) {                                                                      \
-            if (j + VB_SQ8_PREFETCH_AHEAD < n) {                                                              \
-                const int8_t *row = codes + (size_t)ids[j + VB_SQ8_PREFETCH_AHEAD] * d;                      \
-                for (size_t b = 0; b < d && b < 256; b += 64) VB_PREFETCH(row + b);                          \
-            }                                                                                                 \
+        size_t j = 0;                                                                                         \
+        for (; j + 4 <= n; j += 4) {                                                                          \
+            for (size_t t = 0; t < 4; t++) { VB_SQ8_PREFETCH_ROW(codes, ids, j + t, n, d) }                   \
+            int32_t s[4];                                                                                     \
+            x4(q, codes + (size_t)ids[j] * d, codes + (size_t)ids[j + 1] * d, codes + (size_t)ids[j + 2] * d, \
+               codes + (size_t)ids[j + 3] * d, d, s);                                                         \
+            for (size_t t = 0; t < 4; t++) out[j + t] = qscale * scale[ids[j + t]] * (float)s[t];             \
+        }                                                                                                     \
+        for (; j < n; j++) {                                                                                  \
+            VB_SQ8_PREFETCH_ROW(codes, ids, j, n, d)                                                          \
             out[j] = qscale * scale[ids[j]] * (float)pair(q, codes + (size_t)ids[j] * d, d);                 \
         }                                                                                                     \
     }
@@ -110,7 +121,7 @@ static inline void vb_prefetch_row(const float *row, size_t d) {
     VB_DEFINE_IDS(vb_dot_ids_f32_##isa, int64_t, vb_dot_f32_##isa, attr)                                      \
     VB_DEFINE_IDS(vb_l2sq_ids_f32_##isa, int64_t, vb_l2sq_f32_##isa, attr)                                    \
     VB_DEFINE_IDS(vb_dot_ids32_f32_##isa, uint32_t, vb_dot_f32_##isa, attr)                                   \
-    VB_DEFINE_SQ8_IDS(vb_dot_sq8_ids32_##isa, vb_dot_sq8_##isa, attr)                                         \
+    VB_DEFINE_SQ8_IDS(vb_dot_sq8_ids32_##isa, vb_dot_sq8_##isa, vb_dot_sq8_x4_##isa, attr)                                         \
     VB_DEFINE_SQ8_NY(vb_dot_sq8_ny_##isa, vb_dot_sq8_##isa, attr)                                             \
     static const vb_distance_ops_t vb_ops_##isa = {                                                           \
         level,                   vb_dot_f32_##isa,       vb_l2sq_f32_##isa,       vb_dot_ny_f32_##isa,        \

@@ -51,6 +51,9 @@
 
 #include "vibrato/common.h"
 #include "vibrato/crc32c.h"
+#if defined(__x86_64__) && defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 #include "vibrato/distance.h"
 #include "vibrato/heap.h"
 #include "vibrato/parallel.h"
@@ -989,6 +992,21 @@ static inline void vb_hnsw_emit(vb_pair_t *top, size_t n, size_t k, int64_t *row
     }
 }
 
+/* Whether any of v[0..16) >= t (false for NaN): -v <= worst, the test of vb_hnsw_offer, exactly, as
+ * negation is. SSE2 is in every x86-64 CPU; elsewhere the compiler gets the plain loop. */
+static inline int vb_any_at_least16(const float *v, float t) {
+#if defined(VB_X86_64) && defined(__SSE2__)
+    __m128 tt = _mm_set1_ps(t);
+    __m128 a = _mm_or_ps(_mm_cmpge_ps(_mm_loadu_ps(v), tt), _mm_cmpge_ps(_mm_loadu_ps(v + 4), tt));
+    __m128 b = _mm_or_ps(_mm_cmpge_ps(_mm_loadu_ps(v + 8), tt), _mm_cmpge_ps(_mm_loadu_ps(v + 12), tt));
+    return _mm_movemask_ps(_mm_or_ps(a, b)) != 0;
+#else
+    int any = 0;
+    for (int j = 0; j < 16; j++) any |= v[j] >= t;
+    return any;
+#endif
+}
+
 /* Offer a block of scored rows to a top-k max-heap. Once it is full, a row worse than its worst is
  * dropped on one compare against a register (most rows of a scan), not the tie-aware heap compare. */
 static inline void vb_hnsw_offer(vb_pair_t *top, size_t *ntop, size_t k, const uint32_t *ids,
@@ -1000,13 +1018,23 @@ static inline void vb_hnsw_offer(vb_pair_t *top, size_t *ntop, size_t k, const u
     }
     if (i == m || k == 0) return;
     float worst = top[0].d;
-    for (; i < m; i++) {
-        float d = -dots[i];
-        if (d > worst) continue;
-        vb_pair_t p = {d, ids[i]};
-        if (vb_pair_lt(p, top[0])) {
-            vb_maxheap_replace_top(top, *ntop, p);
-            worst = top[0].d;
+    while (i < m) {
+        /* 16 rows on one test (the compiler vectorises it): most rows of a scan are worse than the
+         * heap's worst, and a compare and branch per row cost a fifth of a filtered scan (perf). A
+         * NaN score is never taken (vb_pair_lt is false for it), so "not <=" skips it as well. */
+        if (i + 16 <= m && !vb_any_at_least16(dots + i, -worst)) {
+            i += 16;
+            continue;
+        }
+        size_t e = i + 16 <= m ? i + 16 : m;
+        for (; i < e; i++) {
+            float d = -dots[i];
+            if (!(d <= worst)) continue;
+            vb_pair_t p = {d, ids[i]};
+            if (vb_pair_lt(p, top[0])) {
+                vb_maxheap_replace_top(top, *ntop, p);
+                worst = top[0].d;
+            }
         }
     }
 }
@@ -1095,29 +1123,96 @@ static inline void vb_hnsw_scan(const vb_hnsw_t *h, vb_hnsw_ctx_t *c, const vb_d
  * `list`) into the c->top max-heap; returns how many it holds. vb_hnsw_rescore then scores them
  * exactly.
  */
+/* Keep the `keep` least of p[0..n) by vb_pair_lt (distinct ids: a strict order) in p[0..keep), in
+ * no particular order: quickselect with a median-of-three pivot. */
+static inline void vb_pairs_keep_least(vb_pair_t *p, size_t n, size_t keep) {
+    if (keep >= n) return;
+    size_t lo = 0, hi = n; /* lo <= keep < hi; p[0..lo) < p[lo..n) and p[0..hi) < p[hi..n) */
+    while (hi - lo > 1) {
+        size_t mid = lo + (hi - lo) / 2;
+        vb_pair_t t;
+#define VB_SWAP_PAIRS(a, b) (t = p[a], p[a] = p[b], p[b] = t)
+        if (vb_pair_lt(p[mid], p[lo])) VB_SWAP_PAIRS(mid, lo);
+        if (vb_pair_lt(p[hi - 1], p[lo])) VB_SWAP_PAIRS(hi - 1, lo);
+        if (vb_pair_lt(p[mid], p[hi - 1])) VB_SWAP_PAIRS(mid, hi - 1); /* p[hi - 1]: the median */
+        vb_pair_t piv = p[hi - 1];
+        size_t s = lo;
+        /* branchless Lomuto: p[lo..s) < piv <= p[s..i); the swap is harmless when p[i] >= piv */
+        for (size_t i = lo; i < hi - 1; i++) {
+            size_t lt = (p[i].d < piv.d) | ((p[i].d == piv.d) & (p[i].id < piv.id));
+            VB_SWAP_PAIRS(i, s);
+            s += lt;
+        }
+        VB_SWAP_PAIRS(s, hi - 1);
+#undef VB_SWAP_PAIRS
+        if (s == keep) return;
+        if (s < keep) lo = s + 1;
+        else hi = s;
+    }
+}
+
+/* The best `depth` of the offered rows, kept as a buffer of up to 2 * depth pairs (c->cand, free
+ * during a scan) and a threshold: a row scoring below the worst of a kept best `depth` cannot
+ * enter, and a full buffer is cut back to its best `depth` by quickselect. A heap did the same with
+ * a sift-down per entering row, whose coin-flip compares mispredicted (most of a filtered scan's
+ * time outside the kernel, perf). Same rows kept: the best `depth` by (score, id) are unique. */
+typedef struct {
+    vb_pair_t *buf;
+    size_t n, depth;
+    float floor; /* rows below it cannot be among the best `depth` */
+} vb_scan_keep_t;
+
+static inline void vb_scan_keep_cut(vb_scan_keep_t *kp) {
+    vb_pairs_keep_least(kp->buf, kp->n, kp->depth);
+    kp->n = kp->depth;
+    float worst = kp->buf[0].d;
+    for (size_t i = 1; i < kp->n; i++) worst = kp->buf[i].d > worst ? kp->buf[i].d : worst;
+    kp->floor = -worst;
+}
+
+static inline void vb_scan_keep_offer(vb_scan_keep_t *kp, const uint32_t *ids, const float *dots, size_t m) {
+    for (size_t i = 0; i < m;) {
+        if (i + 16 <= m && !vb_any_at_least16(dots + i, kp->floor)) {
+            i += 16;
+            continue;
+        }
+        size_t e = i + 16 <= m ? i + 16 : m;
+        for (; i < e; i++) { /* written always, kept when it passes: no branch per row */
+            kp->buf[kp->n].d = -dots[i];
+            kp->buf[kp->n].id = ids[i];
+            kp->n += dots[i] >= kp->floor;
+            if (kp->n == 2 * kp->depth) vb_scan_keep_cut(kp);
+        }
+    }
+}
+
 static inline size_t vb_hnsw_scan_sq8(const vb_hnsw_t *h, vb_hnsw_ctx_t *c, const vb_distance_ops_t *ops,
                                       const vb_hnsw_sq8_t *sq, const float *restrict q, size_t depth,
                                       const uint8_t *mask, const uint32_t *list, size_t list_len) {
-    size_t ntop = 0, n = h->n, d = h->d;
+    size_t n = h->n, d = h->d;
     float qs = vb_sq8_query(q, d, c->q16);
+    /* cand holds 2 * depth + 16 (vb_hnsw_ctx_reserve): room for the one write past a cut's trigger */
+    vb_scan_keep_t kp = {c->cand, 0, depth, -INFINITY};
     if (list) {
         for (size_t b = 0; b < list_len; b += VB_HNSW_SCAN_BLOCK) {
             size_t m = list_len - b < VB_HNSW_SCAN_BLOCK ? list_len - b : VB_HNSW_SCAN_BLOCK;
             ops->dot_sq8_ids32(c->dist, c->q16, qs, sq->codes, sq->scale, d, list + b, m);
-            vb_hnsw_offer(c->top, &ntop, depth, list + b, c->dist, m);
+            vb_scan_keep_offer(&kp, list + b, c->dist, m);
         }
-        return ntop;
+    } else {
+        /* Full batches of allowed rows, not fixed row blocks: the kernel's prefetch runs ahead within
+         * a batch, so a sparse block's few rows would each wait for memory. */
+        for (size_t r = 0; r < n;) {
+            size_t m = vb_mask_collect(mask, r, n, c->ids, VB_HNSW_SCAN_BLOCK);
+            if (!m) break;
+            r = m == VB_HNSW_SCAN_BLOCK ? (size_t)c->ids[m - 1] + 1 : n;
+            ops->dot_sq8_ids32(c->dist, c->q16, qs, sq->codes, sq->scale, d, c->ids, m);
+            vb_scan_keep_offer(&kp, c->ids, c->dist, m);
+        }
     }
-    /* Full batches of allowed rows, not fixed row blocks: the kernel's prefetch runs ahead within
-     * a batch, so a sparse block's few rows would each wait for memory. */
-    for (size_t r = 0; r < n;) {
-        size_t m = vb_mask_collect(mask, r, n, c->ids, VB_HNSW_SCAN_BLOCK);
-        if (!m) break;
-        r = m == VB_HNSW_SCAN_BLOCK ? (size_t)c->ids[m - 1] + 1 : n;
-        ops->dot_sq8_ids32(c->dist, c->q16, qs, sq->codes, sq->scale, d, c->ids, m);
-        vb_hnsw_offer(c->top, &ntop, depth, c->ids, c->dist, m);
-    }
-    return ntop;
+    if (kp.n > depth) vb_scan_keep_cut(&kp);
+    memcpy(c->top, kp.buf, kp.n * sizeof(vb_pair_t)); /* vb_hnsw_rescore reads c->top, heaps in c->cand */
+    return kp.n;
 }
 
 /* Rows rescored exactly after a scan on the int8 codes, per result asked for (at least the beam). */

@@ -154,6 +154,28 @@ cdef class Graph:
         self.searches += 1
         return 0
 
+    cdef int _filter_args(self, mask, size_t allowed, allowed_rows, const uint8_t **mp,
+                          const uint32_t **gp) except -1:
+        """Checked pointers into a search's mask (uint8 (n,)) and allowed rows (uint32 (allowed,));
+        NULL for None. The caller keeps both objects alive for the search."""
+        cdef const uint8_t[::1] mv
+        cdef const uint32_t[::1] gv
+        mp[0] = NULL
+        gp[0] = NULL
+        if mask is not None:
+            mv = mask
+            if <size_t>mv.shape[0] != self.h.n:
+                raise ValueError(f"mask has {mv.shape[0]} entries, the index has {self.h.n} rows")
+            if self.h.n:
+                mp[0] = &mv[0]
+        if allowed_rows is not None:
+            gv = allowed_rows
+            if mp[0] == NULL or <size_t>gv.shape[0] != allowed:
+                raise ValueError(f"allowed_rows has {gv.shape[0]} rows, the mask allows {allowed}")
+            if allowed:
+                gp[0] = &gv[0]
+        return 0
+
     def search(self, const float[:, ::1] q not None, size_t k, size_t ef, mask=None, size_t allowed=0,
                int mode=0, size_t threads=1, int64_t base=0, luts=None, codes=None, size_t rerank=0,
                allowed_rows=None):
@@ -192,22 +214,9 @@ cdef class Graph:
             return rows, scores
         cdef int64_t[:, ::1] rv = rows
         cdef float[:, ::1] sv = scores
-        cdef const uint8_t[::1] mv
         cdef const uint8_t *mp = NULL
-        if mask is not None:
-            mv = mask
-            if <size_t>mv.shape[0] != self.h.n:
-                raise ValueError(f"mask has {mv.shape[0]} entries, the index has {self.h.n} rows")
-            if self.h.n:
-                mp = &mv[0]
-        cdef const uint32_t[::1] gv
         cdef const uint32_t *gp = NULL
-        if allowed_rows is not None:
-            gv = allowed_rows
-            if mp == NULL or <size_t>gv.shape[0] != allowed:
-                raise ValueError(f"allowed_rows has {gv.shape[0]} rows, the mask allows {allowed}")
-            if allowed:
-                gp = &gv[0]
+        self._filter_args(mask, allowed, allowed_rows, &mp, &gp)
         cdef int rc
         self._enter()
         try:
@@ -225,12 +234,16 @@ cdef class Graph:
                     rp[i] += base
         return rows, scores
 
-    def search_one(self, const float[::1] q not None, size_t k, size_t ef, int64_t base=0):
-        """search() of one query q (d,) without a mask or codes, as 1-d arrays without the padding:
-        (ids int64 (found,), scores float32 (found,)), best first. The serving path's walk: one
+    def search_one(self, const float[::1] q not None, size_t k, size_t ef, int64_t base=0, mask=None,
+                   size_t allowed=0, int mode=0, allowed_rows=None):
+        """search() of one query q (d,) without codes, as 1-d arrays without the padding: (ids int64
+        (found,), scores float32 (found,)), best first. The serving path's walk or scan: one
         argument check and no reshaping or slicing left to the caller."""
         if <size_t>q.shape[0] != self.h.d:
             raise ValueError(f"the query has dimension {q.shape[0]}, the index has {self.h.d}")
+        cdef const uint8_t *mp = NULL
+        cdef const uint32_t *gp = NULL
+        self._filter_args(mask, allowed, allowed_rows, &mp, &gp)
         rows = np.empty(k, dtype=np.int64)
         scores = np.empty(k, dtype=np.float32)
         if k == 0:
@@ -241,7 +254,7 @@ cdef class Graph:
         self._enter()
         try:
             with nogil:
-                rc = vb_hnsw_search(&self.h, _ops, &q[0], 1, k, ef, NULL, 0, 0, 1, NULL, NULL, 0, 0, NULL,
+                rc = vb_hnsw_search(&self.h, _ops, &q[0], 1, k, ef, mp, allowed, mode, 1, NULL, NULL, 0, 0, gp,
                                     &rv[0], &sv[0])
         finally:
             self.searches -= 1

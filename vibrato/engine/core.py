@@ -64,13 +64,17 @@ class Searcher:
         self.counters.add(Counter.QUERY)
         return out
 
-    def query_top(self, q, k: int, ef: int, search_tier: str):
-        """query() of a checked vector without a filter or metadata, unshaped: (ids int64, scores
-        float32) best first (planner.shape_results gives query()'s list). For the server's fast path,
-        whose request reader checked what query() checks: q a FiniteArray of dim, 1 <= k <= max_k,
-        ef <= max_ef, a known search_tier."""
+    def query_top(self, q, k: int, ef: int, search_tier: str, filter=None):
+        """query() without metadata, unshaped: (ids int64, scores float32) best first
+        (planner.shape_results gives query()'s list). For the server's fast path, whose request
+        reader and validator checked what query() checks: q a FiniteArray of dim, 1 <= k <= max_k,
+        ef <= max_ef, a known search_tier, filter None or a QueryFilter."""
         self._require_ready()
-        ids, scores = _planner.search(self.view(), check_vector(q, self.dim), k, ef, None, search_tier)
+        q = check_vector(q, self.dim)
+        flt = check_filter(filter, self.config.limits)
+        view = self.view()  # first: a follower catches up here, filter index included
+        allowed = self.segment_set.filters.evaluate(flt) if flt is not None else None
+        ids, scores = _planner.search(view, q, k, ef, allowed, search_tier)
         self.counters.add(Counter.QUERY)
         return ids, scores
 

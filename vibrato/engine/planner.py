@@ -264,9 +264,8 @@ def _run(step: Step, q, k, ef):
         return _graph(step, q.reshape(1, -1), k, ef, 1)[0]
     if step.kind == "scan":
         t.ensure_scan_codes()
-        ids, scores = t.index.search(q, k=k, ef=max(ef, k), allowed=step.mask, mode="scan",
-                                     allowed_count=step.count, allowed_rows=step.rows)
-        return _unpadded(ids[0], scores[0])
+        return t.index.search_one(q, k, max(ef, k), step.mask, mode="scan", allowed_count=step.count,
+                                  allowed_rows=step.rows)
     # pq
     rows, _approx = t.pq.adc_scan(q, t.codes, _pq_candidates(t, k, ef), step.mask)
     rows = np.asarray(rows, dtype=np.int64)

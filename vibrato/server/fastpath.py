@@ -45,6 +45,8 @@ from vibrato.server.logs import REQUEST_ID
 from vibrato.server.middlewares import new_request_id, record_request, valid_request_id
 
 PATH = "/v2/query"
+FILTER_MEMO = 1024  # distinct filter objects remembered by their bytes (FastQuery._filter)
+_REFUSED = object()
 
 _HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
 _SERVER = f"\r\nServer: {SERVER_SOFTWARE}\r\nx-request-id: ".encode("ascii")
@@ -73,6 +75,7 @@ class FastQuery:
         self.inflight = app[K.INFLIGHT]
         self.policy = app[K.POLICIES][PATH]
         self.max_body = min(config.limits.max_body_bytes, handlers.LARGE_BODY)
+        self._filters = {}  # _filter's memo: filter JSON bytes -> QueryFilter or None
         # the connections' reads are framed and read by this one reader (one event loop thread)
         self.reader = RequestReader(config.dim, config.limits.max_k, config.limits.max_ef)
 
@@ -124,14 +127,13 @@ class FastQuery:
         if not handlers.runs_inline(self.config, k, ef):
             return None
         flt = reader.filter_json
-        if flt is None and k and not reader.include_metadata:
-            return self._respond(self._search_top, (vector, k, ef, reader.search_tier), k, ef, key_id,
-                                 reader.request_id, client, started)
         if flt is not None:
-            try:
-                flt = self.query_filter(flt)
-            except Exception:  # noqa: BLE001 - the regular route answers the error
+            flt = self._filter(flt)
+            if flt is _REFUSED:
                 return None
+        if k and not reader.include_metadata:
+            return self._respond(self._search_top, (vector, k, ef, reader.search_tier, flt), k, ef, key_id,
+                                 reader.request_id, client, started)
         req = {"vector": vector, "k": k, "ef": ef, "include_metadata": reader.include_metadata,
                "filter": flt, "search_tier": reader.search_tier}
         return self._respond(self._search, (req,), k, ef, key_id, reader.request_id, client, started)
@@ -164,16 +166,33 @@ class FastQuery:
         return self._respond(self._search, (req,), req["k"], req["ef"], key_id, headers.get("x-request-id"),
                              client, started)
 
+    def _filter(self, raw: bytes):
+        """The QueryFilter (or None) of a filter object's JSON bytes, as the validator makes it, or
+        _REFUSED: the regular route answers the error. Clients repeat their filters, so the last
+        FILTER_MEMO distinct ones are remembered by their bytes (a QueryFilter is immutable)."""
+        memo = self._filters
+        got = memo.get(raw, _REFUSED)
+        if got is not _REFUSED:
+            return got
+        try:
+            got = self.query_filter(raw)
+        except Exception:  # noqa: BLE001 - the regular route answers the error
+            return _REFUSED
+        if len(memo) >= FILTER_MEMO:
+            memo.clear()
+        memo[raw] = got
+        return got
+
     def _search(self, req) -> tuple[bytes, float]:
         """The regular route's search of a validated request: (JSON payload, engine seconds)."""
         results, secs = handlers.search(self.engine, req)
         return orjson.dumps(handlers.query_payload(results, secs)), secs
 
-    def _search_top(self, vector, k: int, ef: int, search_tier: str) -> tuple[bytes, float]:
-        """_search of a query without a filter or metadata (the common one): the engine's unshaped
-        top-k written as JSON in one native pass (httpq.query_answer), the same bytes."""
+    def _search_top(self, vector, k: int, ef: int, search_tier: str, flt) -> tuple[bytes, float]:
+        """_search of a query without metadata (the common one): the engine's unshaped top-k written
+        as JSON in one native pass (httpq.query_answer), the same bytes."""
         t0 = time.perf_counter()
-        ids, scores = self.engine.query_top(vector, k, ef, search_tier)
+        ids, scores = self.engine.query_top(vector, k, ef, search_tier, flt)
         secs = time.perf_counter() - t0
         payload = query_answer(ids, orjson.dumps(scores, option=orjson.OPT_SERIALIZE_NUMPY),
                                orjson.dumps(secs * 1000.0))

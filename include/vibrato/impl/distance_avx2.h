@@ -98,4 +98,13 @@ VB_TARGET("avx2,fma") static VB_ALWAYS_INLINE int32_t vb_dot_sq8_avx2(const int1
     return s;
 }
 
+VB_TARGET("avx2,fma") static VB_ALWAYS_INLINE void vb_dot_sq8_x4_avx2(const int16_t *restrict q, const int8_t *c0,
+                                                                     const int8_t *c1, const int8_t *c2,
+                                                                     const int8_t *c3, size_t d, int32_t *out) {
+    out[0] = vb_dot_sq8_avx2(q, c0, d);
+    out[1] = vb_dot_sq8_avx2(q, c1, d);
+    out[2] = vb_dot_sq8_avx2(q, c2, d);
+    out[3] = vb_dot_sq8_avx2(q, c3, d);
+}
+
 #endif /* VB_X86_64 */

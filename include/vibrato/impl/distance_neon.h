@@ -51,5 +51,6 @@ static float vb_l2sq_f32_neon(const float *restrict a, const float *restrict b, 
 }
 /* The int8 scan codes use the scalar kernel, which the compiler vectorises for NEON. */
 #define vb_dot_sq8_neon vb_dot_sq8_scalar
+#define vb_dot_sq8_x4_neon vb_dot_sq8_x4_scalar
 
 #endif /* VB_AARCH64 */

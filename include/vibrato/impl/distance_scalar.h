@@ -51,3 +51,12 @@ static VB_ALWAYS_INLINE int32_t vb_dot_sq8_scalar(const int16_t *restrict q, con
     if (i < d) s0 += (int32_t)q[i] * c[i];
     return s0 + s1;
 }
+
+/* vb_dot_sq8 of four rows at once (the ISAs with a joint reduction override it). */
+static VB_ALWAYS_INLINE void vb_dot_sq8_x4_scalar(const int16_t *restrict q, const int8_t *c0, const int8_t *c1,
+                                                  const int8_t *c2, const int8_t *c3, size_t d, int32_t *out) {
+    out[0] = vb_dot_sq8_scalar(q, c0, d);
+    out[1] = vb_dot_sq8_scalar(q, c1, d);
+    out[2] = vb_dot_sq8_scalar(q, c2, d);
+    out[3] = vb_dot_sq8_scalar(q, c3, d);
+}
