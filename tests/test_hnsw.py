@@ -504,15 +504,27 @@ def test_codes_topk_over_rows_without_a_graph(small):
         native.codes_topk(q[0][:-1], codes, scale, x, 5, 40)
 
 
-def test_a_filtered_scan_on_codes_keeps_the_rows_a_heap_would(small):
-    """The segment scan on int8 codes keeps its best `depth` rows by quickselect over a buffer; the
-    hot chunk's codes_topk keeps them with a heap. Over the same allowed rows (ascending, so ties
-    break to the same lower row) both rescore the same rows: the same ids and scores, with many
-    exact ties on the codes and on the scores."""
+def _codes_scan_reference(q, codes, scale, x, rows, k, depth):
+    """What a scan on int8 codes returns, in numpy: the best `depth` of `rows` by their code scores
+    (ties to the lower row), rescored exactly, the best k of those (ties to the lower row)."""
+    from vibrato._native import distance as D
+    code_scores = D.dot_sq8(q, codes, scale, rows.astype(np.int64))
+    kept = rows[np.lexsort((rows, -code_scores))[:depth]]
+    exact = kernels.dot_many(q, x, kept.astype(np.int64), threads=1)
+    best = np.lexsort((kept, -exact))[:k]
+    return kept[best], exact[best]
+
+
+def test_scans_on_codes_keep_the_best_rows_by_code_then_rescore(small):
+    """A segment's filtered scan on int8 codes and a hot chunk's codes_topk keep their best `depth`
+    rows by quickselect over a thresholded buffer: exactly the best `depth` by (code score, row), with
+    many exact ties on the codes and on the scores, rescored to the exact best k; exactly `depth`
+    rows are rescored (the distance counter)."""
     _, x, q = small
     rng = np.random.default_rng(12)
     x = x[:3000].copy()
     x[1000:1400] = x[rng.integers(0, 50, 400)]  # duplicates: ties on the codes and the exact scores
+    x[2000:2300] = x[7]  # more copies of one row than `depth`: the cut falls inside a tie
     idx = HnswIndex(32, m=8, ef_construction=40, seed=3)
     idx.add(x, threads=1)
     idx.build_scan_codes()
@@ -520,14 +532,17 @@ def test_a_filtered_scan_on_codes_keeps_the_rows_a_heap_would(small):
     for share in (0.3, 0.6, 1.0 - 1e-3):
         mask = rng.random(3000) < share
         rows = np.flatnonzero(mask)
-        for qi, k, ef in ((q[0], 10, 64), (x[1000], 10, 10), (q[3], 3, 200), (x[5], 40, 64)):
+        for qi, k, ef in ((q[0], 10, 64), (x[1000], 10, 10), (q[3], 3, 200), (x[5], 40, 64), (x[7], 10, 64)):
             depth = min(max(8 * k, ef), native.MAX_EF)
-            want = native.codes_topk(qi, codes[rows], scale[rows], x[rows], k, depth)
+            want_rows, want_scores = _codes_scan_reference(qi, codes, scale, x, rows, k, depth)
+            hot = native.codes_topk(qi, codes[rows], scale[rows], x[rows], k, depth)
+            np.testing.assert_array_equal(rows[hot[0]], want_rows)
+            np.testing.assert_array_equal(hot[1], want_scores)
             for listed in (None, rows.astype(np.uint32)):
                 before = idx.stats()
                 ids, scores = idx.search(qi, k=k, ef=ef, allowed=mask, mode="scan", allowed_rows=listed)
-                np.testing.assert_array_equal(ids[0], rows[want[0]])
-                np.testing.assert_array_equal(scores[0], want[1])
+                np.testing.assert_array_equal(ids[0], want_rows)
+                np.testing.assert_array_equal(scores[0], want_scores)
                 after = idx.stats()  # every allowed row scored on its code, exactly `depth` rescored
                 assert after["scan_code_searches"] == before["scan_code_searches"] + 1
                 assert after["distances"] - before["distances"] == rows.shape[0] + depth

@@ -248,14 +248,10 @@ class HnswIndex:
     def search_one(self, q, k: int, ef: int, allowed=None, *, mode: str = "auto", allowed_count: int | None = None,
                    allowed_rows=None):
         """search(q, k, ef, allowed, ...) of one query q (dim,), without the padding: (ids int64
-        (found,), scores float32 (found,)), best first, ties to the lower id. For the serving path: a
-        FiniteArray q (the engine's validation made it), 1 <= k <= ef <= MAX_EF and, with a filter, a
-        C-contiguous bool mask over the rows with its allowed_count skip search()'s argument
-        conversion (~20% of a warm walk); anything else goes through search()."""
-        if (type(q) is not FiniteArray or q.shape != (self.dim,) or not q.flags.c_contiguous
-                or type(k) is not int or type(ef) is not int or not 1 <= k <= ef <= _hnsw.MAX_EF
-                or mode not in _MODES or (allowed is not None and (type(allowed) is not np.ndarray or allowed.dtype != np.bool_
-                                             or not allowed.flags.c_contiguous or type(allowed_count) is not int))):
+        (found,), scores float32 (found,)), best first, ties to the lower id. For the serving path:
+        arguments as the engine and planner make them (_direct) skip search()'s conversion (~20% of
+        a warm walk); anything else, errors included, goes through search()."""
+        if not self._direct(q, k, ef, allowed, mode, allowed_count, allowed_rows):
             ids, scores = self.search(q, k=k, ef=ef, allowed=allowed, mode=mode, allowed_count=allowed_count,
                                       allowed_rows=allowed_rows)
             found = int(np.count_nonzero(ids[0] >= 0))
@@ -264,12 +260,23 @@ class HnswIndex:
         # during a search (under the GIL), which is all this call needs
         if allowed is None:
             return self._g.search_one(q, k, ef, self._base)
-        if not 0 <= allowed_count <= allowed.shape[0]:
-            raise ValueError(f"allowed_count must be in [0, {allowed.shape[0]}], got {allowed_count}")
-        if allowed_rows is not None and (type(allowed_rows) is not np.ndarray or allowed_rows.dtype != np.uint32):
-            raise ValueError(f"allowed_rows must be the mask's {allowed_count} rows as uint32")
         return self._g.search_one(q, k, ef, self._base, allowed.view(np.uint8), allowed_count, _MODES[mode],
                                   allowed_rows)
+
+    def _direct(self, q, k, ef, allowed, mode, allowed_count, allowed_rows) -> bool:
+        """Whether search_one's arguments are already what the native search takes: a FiniteArray q
+        (the engine's validation made it), 1 <= k <= ef <= MAX_EF, a known mode and, with a filter, a
+        C-contiguous bool mask over the rows with its allowed_count and, if any, uint32 rows (their
+        number and the mask's length are checked natively)."""
+        if (type(q) is not FiniteArray or q.shape != (self.dim,) or not q.flags.c_contiguous
+                or type(k) is not int or type(ef) is not int or not 1 <= k <= ef <= _hnsw.MAX_EF
+                or mode not in _MODES):
+            return False
+        if allowed is None:
+            return True
+        return (type(allowed) is np.ndarray and allowed.dtype == np.bool_ and allowed.flags.c_contiguous
+                and type(allowed_count) is int and 0 <= allowed_count <= allowed.shape[0]
+                and (allowed_rows is None or (type(allowed_rows) is np.ndarray and allowed_rows.dtype == np.uint32)))
 
     def build_scan_codes(self) -> None:
         """Keep an int8 copy of the vectors (d + 4 bytes per row, in RAM) for filtered exact scans and

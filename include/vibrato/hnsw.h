@@ -1151,8 +1151,8 @@ static inline void vb_pairs_keep_least(vb_pair_t *p, size_t n, size_t keep) {
     }
 }
 
-/* The best `depth` of the offered rows, kept as a buffer of up to 2 * depth pairs (c->cand, free
- * during a scan) and a threshold: a row scoring below the worst of a kept best `depth` cannot
+/* The best `depth` of the offered rows (a scan on int8 codes: a segment's, vb_hnsw_scan_sq8, or a
+ * hot chunk's, vb_sq8_topk), kept as a buffer of up to 2 * depth pairs and a threshold: a row scoring below the worst of a kept best `depth` cannot
  * enter, and a full buffer is cut back to its best `depth` by quickselect. A heap did the same with
  * a sift-down per entering row, whose coin-flip compares mispredicted (most of a filtered scan's
  * time outside the kernel, perf). Same rows kept: the best `depth` by (score, id) are unique. */
@@ -1287,24 +1287,26 @@ static inline int vb_sq8_topk(const vb_distance_ops_t *ops, const float *restric
                               int64_t *rows, float *scores) {
     if (depth < k) depth = k;
     if (depth > n) depth = n;
-    /* one block: the heaps (depth + 1 and k + 1 pairs), a batch's scores and rows, the int16 query */
-    size_t npairs = depth + k + 2;
+    /* one block: the kept rows (2 * depth pairs, vb_scan_keep_t) and the rescore heap (k + 1), a
+     * batch's scores and rows, the int16 query */
+    size_t npairs = 2 * depth + k + 1;
     void *block = malloc(npairs * sizeof(vb_pair_t) + VB_HNSW_SCAN_BLOCK * (sizeof(float) + sizeof(uint32_t)) +
                          (d ? d : 1) * sizeof(int16_t));
     if (!block) return VB_ENOMEM;
-    vb_pair_t *top = (vb_pair_t *)block;
-    float *dist = (float *)(top + npairs);
+    vb_pair_t *kept = (vb_pair_t *)block;
+    float *dist = (float *)(kept + npairs);
     uint32_t *ids = (uint32_t *)(dist + VB_HNSW_SCAN_BLOCK);
     int16_t *q16 = (int16_t *)(ids + VB_HNSW_SCAN_BLOCK);
     float qs = vb_sq8_query(q, d, q16);
-    size_t ntop = 0;
+    vb_scan_keep_t kp = {kept, 0, depth, -INFINITY};
     for (size_t b = 0; b < n; b += VB_HNSW_SCAN_BLOCK) {
         size_t m = n - b < VB_HNSW_SCAN_BLOCK ? n - b : VB_HNSW_SCAN_BLOCK;
         ops->dot_sq8_ny(dist, q16, qs, codes + b * d, scale + b, d, m);
         for (size_t i = 0; i < m; i++) ids[i] = (uint32_t)(b + i);
-        vb_hnsw_offer(top, &ntop, depth, ids, dist, m);
+        vb_scan_keep_offer(&kp, ids, dist, m);
     }
-    vb_rescore_rows(ops, q, x, d, top, ntop, k, top + depth + 1, rows, scores);
+    if (kp.n > depth) vb_scan_keep_cut(&kp);
+    vb_rescore_rows(ops, q, x, d, kept, kp.n, k, kept + 2 * depth, rows, scores);
     free(block);
     return VB_OK;
 }

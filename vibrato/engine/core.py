@@ -58,8 +58,7 @@ class Searcher:
         if k == 0:
             self.counters.add(Counter.QUERY)
             return []
-        view = self.view()  # first: a follower catches up here, filter index included
-        allowed = self.segment_set.filters.evaluate(flt) if flt is not None else None
+        view, allowed = self._view_allowed(flt)
         out = _planner.query(view, q, k, ef, allowed, search_tier, include_metadata)
         self.counters.add(Counter.QUERY)
         return out
@@ -71,12 +70,16 @@ class Searcher:
         ef <= max_ef, a known search_tier, filter None or a QueryFilter."""
         self._require_ready()
         q = check_vector(q, self.dim)
-        flt = check_filter(filter, self.config.limits)
-        view = self.view()  # first: a follower catches up here, filter index included
-        allowed = self.segment_set.filters.evaluate(flt) if flt is not None else None
+        view, allowed = self._view_allowed(check_filter(filter, self.config.limits))
         ids, scores = _planner.search(view, q, k, ef, allowed, search_tier)
         self.counters.add(Counter.QUERY)
         return ids, scores
+
+    def _view_allowed(self, flt):
+        """The view a query searches and its filter's evaluation (None without one). The view comes
+        first: a follower catches up there, its filter index included."""
+        view = self.view()
+        return view, (self.segment_set.filters.evaluate(flt) if flt is not None else None)
 
     def identify(self, vectors, k: int = 5, ef: int = 100, search_tier: str = "all",
                  include_metadata: bool = True) -> list[dict]:
